@@ -4,4 +4,5 @@
 //! listener → front door → token → dial → RFB negotiation → relay → close and audit.
 //! [`conn`] is the only module that knows that order.
 
+pub mod front;
 pub mod rfb;

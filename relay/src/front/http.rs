@@ -1,0 +1,192 @@
+//! HTTP/1.1 request and response heads, parsed from bytes with hard size limits.
+
+use std::fmt::Write as _;
+
+/// Most headers a request may carry; browsers send about 15 on a WebSocket upgrade.
+const MAX_HEADERS: usize = 48;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    pub target: String,
+    /// Names lower-cased, in arrival order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl RequestHead {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// True when a comma-separated header (Connection, Upgrade, ...) holds `token`.
+    pub fn header_has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// The path part of the target, without the query.
+    pub fn path(&self) -> &str {
+        self.target.split_once('?').map_or(&self.target, |(p, _)| p)
+    }
+
+    pub fn query(&self) -> Option<&str> {
+        self.target.split_once('?').map(|(_, q)| q)
+    }
+
+    /// Whether the client wants the connection kept open after the response.
+    pub fn keep_alive(&self) -> bool {
+        !self.header_has_token("connection", "close")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("request head is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("malformed HTTP head: {0}")]
+    Malformed(String),
+}
+
+impl HeadError {
+    pub fn reject(&self) -> Reject {
+        match self {
+            HeadError::TooLarge(_) => Reject::new(431, "Request Header Fields Too Large", self.to_string()),
+            HeadError::Malformed(_) => Reject::new(400, "Bad Request", self.to_string()),
+        }
+    }
+}
+
+/// Parses a request head from the start of `buf`. `Ok(None)` means more bytes are
+/// needed; the head and its length come back once the blank line has arrived.
+pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let status = req.parse(buf).map_err(|e| HeadError::Malformed(e.to_string()))?;
+    let httparse::Status::Complete(len) = status else {
+        return if buf.len() >= max { Err(HeadError::TooLarge(max)) } else { Ok(None) };
+    };
+    if len > max {
+        return Err(HeadError::TooLarge(max));
+    }
+    if req.version != Some(1) {
+        return Err(HeadError::Malformed("only HTTP/1.1 is spoken here".into()));
+    }
+    let headers = req
+        .headers
+        .iter()
+        .map(|h| {
+            let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Malformed(format!("header {} is not UTF-8", h.name)))?;
+            Ok((h.name.to_ascii_lowercase(), value.trim().to_string()))
+        })
+        .collect::<Result<_, HeadError>>()?;
+    let head = RequestHead {
+        method: req.method.unwrap_or_default().to_string(),
+        target: req.path.unwrap_or_default().to_string(),
+        headers,
+    };
+    Ok(Some((head, len)))
+}
+
+/// Parses a response head (the hypervisor's answer to an `internal_access_path` CONNECT);
+/// returns its status code and length.
+pub fn parse_response(buf: &[u8], max: usize) -> Result<Option<(u16, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf).map_err(|e| HeadError::Malformed(e.to_string()))? {
+        httparse::Status::Complete(len) if len <= max => Ok(Some((resp.code.unwrap_or(0), len))),
+        httparse::Status::Partial if buf.len() < max => Ok(None),
+        _ => Err(HeadError::TooLarge(max)),
+    }
+}
+
+/// An HTTP refusal: status, reason phrase and a short plain-text explanation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub status: u16,
+    pub phrase: &'static str,
+    pub message: String,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Reject {
+    pub fn new(status: u16, phrase: &'static str, message: impl Into<String>) -> Self {
+        Reject { status, phrase, message: message.into(), headers: Vec::new() }
+    }
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let body = format!("{}\n", self.message);
+        let mut head = response_head(self.status, self.phrase, "text/plain; charset=utf-8", body.len() as u64, false);
+        for (name, value) in &self.headers {
+            head.insert_str(head.len() - 2, &format!("{name}: {value}\r\n"));
+        }
+        let mut out = head.into_bytes();
+        out.extend_from_slice(body.as_bytes());
+        out
+    }
+}
+
+/// A response head with a body of `len` bytes.
+pub fn response_head(status: u16, phrase: &str, content_type: &str, len: u64, keep_alive: bool) -> String {
+    let mut h = String::with_capacity(160);
+    let _ = write!(h, "HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\n");
+    h.push_str("X-Content-Type-Options: nosniff\r\n");
+    h.push_str(if keep_alive { "Connection: keep-alive\r\n" } else { "Connection: close\r\n" });
+    h.push_str("\r\n");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPGRADE: &[u8] = b"GET /?token=abc HTTP/1.1\r\nHost: relay:6080\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\nEXTRA";
+
+    #[test]
+    fn parses_a_browser_upgrade_and_leaves_the_rest() {
+        let (head, len) = parse_request(UPGRADE, 8192).unwrap().unwrap();
+        assert_eq!(&UPGRADE[len..], b"EXTRA");
+        assert_eq!(head.method, "GET");
+        assert_eq!(head.path(), "/");
+        assert_eq!(head.query(), Some("token=abc"));
+        assert_eq!(head.header("host"), Some("relay:6080"));
+        assert!(head.header_has_token("connection", "upgrade"));
+        for cut in 0..len - 1 {
+            assert_eq!(parse_request(&UPGRADE[..cut], 8192), Ok(None), "prefix {cut}");
+        }
+    }
+
+    #[test]
+    fn oversize_and_malformed_heads_are_refused() {
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(9000));
+        assert_eq!(parse_request(big.as_bytes(), 8192), Err(HeadError::TooLarge(8192)));
+        assert!(matches!(parse_request(b"GET / HTTP/1.0\r\n\r\n", 8192), Err(HeadError::Malformed(_))));
+        assert!(matches!(parse_request(b"\x16\x03\x01\x02\x00\x01", 8192), Err(HeadError::Malformed(_))));
+        let many: String = (0..60).map(|i| format!("X-{i}: y\r\n")).collect();
+        let req = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert!(matches!(parse_request(req.as_bytes(), 8192), Err(HeadError::Malformed(_))));
+    }
+
+    #[test]
+    fn response_status_with_rfb_bytes_behind_it() {
+        let buf = b"HTTP/1.1 200 OK\r\n\r\nRFB 003.008\n";
+        let (code, len) = parse_response(buf, 4096).unwrap().unwrap();
+        assert_eq!(code, 200);
+        assert_eq!(&buf[len..], b"RFB 003.008\n");
+        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n", 4096), Ok(None));
+    }
+
+    #[test]
+    fn reject_is_a_complete_response() {
+        let r = Reject::new(403, "Forbidden", "invalid token").with_header("X-A", "b").to_bytes();
+        let text = String::from_utf8(r).unwrap();
+        assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"));
+        assert!(text.contains("X-A: b\r\n\r\ninvalid token\n"));
+        assert!(text.contains("Content-Length: 14\r\n"));
+    }
+}

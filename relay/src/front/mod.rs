@@ -1,0 +1,28 @@
+//! Front doors: what a connection asks for before any RFB is spoken.
+//!
+//! Everything here is pure request/response logic over bytes already read; the I/O
+//! lives in [`crate::conn`] and [`web`]'s file serving.
+
+pub mod http;
+pub mod origin;
+pub mod token_param;
+pub mod web;
+pub mod ws;
+pub mod ws_stream;
+
+/// Which front door a request came through; used in logs and access URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Door {
+    WebSocket,
+    Connect,
+}
+
+impl std::fmt::Display for Door {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Door::WebSocket => "websocket",
+            Door::Connect => "connect",
+        })
+    }
+}
