@@ -4,5 +4,13 @@
 //! listener → front door → token → dial → RFB negotiation → relay → close and audit.
 //! [`conn`] is the only module that knows that order.
 
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod conn;
+pub mod dial;
+pub mod session;
+pub mod telemetry;
 pub mod front;
+pub mod relay;
 pub mod rfb;

@@ -6,6 +6,7 @@
 //! ClientInit/ServerInit and everything after passes through untouched, whatever
 //! version each side negotiated (those messages do not differ between 3.3, 3.7 and 3.8).
 
+pub mod drive;
 pub mod hypervisor;
 pub mod vnc_auth;
 pub mod viewer;

@@ -1,0 +1,175 @@
+//! The embedded token store: a bounded map in this process.
+
+use super::store::{Filter, StoreError, StoreFuture, TokenRejection, TokenStore};
+use super::token::{TokenHash, TokenRecord};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+pub struct MemoryStore {
+    tokens: Mutex<HashMap<TokenHash, TokenRecord>>,
+    max_tokens: usize,
+}
+
+impl MemoryStore {
+    pub fn new(max_tokens: usize) -> Self {
+        MemoryStore { tokens: Mutex::new(HashMap::new()), max_tokens }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<TokenHash, TokenRecord>> {
+        // A panic while holding the lock cannot leave a record half-written (every
+        // mutation is a single insert/remove/assign), so a poisoned map is still sound.
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn validate(&self, hash: TokenHash, now: u64, redeem: bool) -> Result<TokenRecord, TokenRejection> {
+        let mut map = self.map();
+        // The key is a SHA-256 of the token: comparing it leaks nothing about the token.
+        let record = map.get_mut(&hash).ok_or(TokenRejection::Unknown)?;
+        record.usable(now)?;
+        if redeem {
+            record.last_touched = now;
+            record.used = true;
+        }
+        Ok(record.clone())
+    }
+}
+
+fn ready<T: Send + 'static>(v: T) -> StoreFuture<'static, T> {
+    Box::pin(std::future::ready(Ok(v)))
+}
+
+impl TokenStore for MemoryStore {
+    fn insert(&self, hash: TokenHash, record: TokenRecord) -> StoreFuture<'_, ()> {
+        let mut map = self.map();
+        if map.len() >= self.max_tokens {
+            let now = record.created;
+            map.retain(|_, r| !r.dead(now));
+            if map.len() >= self.max_tokens {
+                return Box::pin(std::future::ready(Err(StoreError::Full(self.max_tokens))));
+            }
+        }
+        map.insert(hash, record);
+        ready(())
+    }
+
+    fn redeem(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>> {
+        ready(self.validate(hash, now, true))
+    }
+
+    fn check(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>> {
+        ready(self.validate(hash, now, false))
+    }
+
+    fn touch(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, bool> {
+        let mut map = self.map();
+        let found = map.get_mut(&hash).map(|r| r.last_touched = r.last_touched.max(now)).is_some();
+        ready(found)
+    }
+
+    fn delete(&self, hash: TokenHash) -> StoreFuture<'_, bool> {
+        ready(self.map().remove(&hash).is_some())
+    }
+
+    fn delete_instance(&self, instance: &str) -> StoreFuture<'_, usize> {
+        let mut map = self.map();
+        let before = map.len();
+        map.retain(|_, r| r.instance != instance);
+        ready(before - map.len())
+    }
+
+    fn list(&self, filter: Filter, now: u64) -> StoreFuture<'_, Vec<TokenRecord>> {
+        let map = self.map();
+        let mut found: Vec<TokenRecord> = map
+            .values()
+            .filter(|r| !r.dead(now))
+            .filter(|r| match &filter {
+                Filter::Instance(i) => &r.instance == i,
+                Filter::Host(h) => &r.target.host == h,
+                Filter::All => true,
+            })
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        ready(found)
+    }
+
+    fn sweep(&self, now: u64) -> StoreFuture<'_, usize> {
+        let mut map = self.map();
+        let before = map.len();
+        map.retain(|_, r| !r.dead(now));
+        ready(before - map.len())
+    }
+
+    fn len(&self) -> StoreFuture<'_, usize> {
+        ready(self.map().len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::token::{NewToken, Target, generate};
+
+    fn new_token(instance: &str, host: &str, single_use: bool) -> NewToken {
+        NewToken {
+            instance: instance.into(),
+            console: "novnc".into(),
+            target: Target { host: host.into(), port: 5900, internal_access_path: None },
+            ttl: None,
+            idle_timeout: None,
+            single_use,
+            hypervisor_schemes: None,
+            hypervisor_password: None,
+        }
+    }
+
+    async fn add(store: &MemoryStore, req: NewToken, now: u64) -> TokenHash {
+        let hash = TokenHash::of(&generate());
+        store.insert(hash, TokenRecord::new(&hash, req, now, 600, 120)).await.unwrap();
+        hash
+    }
+
+    #[tokio::test]
+    async fn expiry_idle_and_touch() {
+        let store = MemoryStore::new(10);
+        let t = add(&store, new_token("vm1", "hv1", false), 1000).await;
+        assert!(store.check(t, 1000).await.unwrap().is_ok());
+        assert_eq!(store.check(t, 1120).await.unwrap().unwrap_err(), TokenRejection::Idle);
+        assert!(store.touch(t, 1100).await.unwrap());
+        assert!(store.check(t, 1150).await.unwrap().is_ok(), "a touch keeps it from lapsing");
+        assert_eq!(store.check(t, 1600).await.unwrap().unwrap_err(), TokenRejection::Expired);
+        assert_eq!(store.check(TokenHash::of("nope"), 1000).await.unwrap().unwrap_err(), TokenRejection::Unknown);
+    }
+
+    #[tokio::test]
+    async fn single_use_is_used_once() {
+        let store = MemoryStore::new(10);
+        let t = add(&store, new_token("vm1", "hv1", true), 1000).await;
+        assert!(store.check(t, 1001).await.unwrap().is_ok(), "checking does not consume");
+        assert!(store.redeem(t, 1001).await.unwrap().is_ok());
+        assert_eq!(store.redeem(t, 1002).await.unwrap().unwrap_err(), TokenRejection::AlreadyUsed);
+    }
+
+    #[tokio::test]
+    async fn lookups_delete_sweep_and_bound() {
+        let store = MemoryStore::new(3);
+        let a = add(&store, new_token("vm1", "hv1", false), 1000).await;
+        add(&store, new_token("vm1", "hv2", false), 1001).await;
+        add(&store, new_token("vm2", "hv1", false), 1002).await;
+        assert_eq!(store.list(Filter::Instance("vm1".into()), 1003).await.unwrap().len(), 2);
+        assert_eq!(store.list(Filter::Host("hv1".into()), 1003).await.unwrap().len(), 2);
+        let hash = TokenHash::of("x");
+        let full = store.insert(hash, TokenRecord::new(&hash, new_token("vm3", "h", false), 1003, 600, 120)).await;
+        assert_eq!(full, Err(StoreError::Full(3)));
+        assert!(store.delete(a).await.unwrap());
+        assert!(!store.delete(a).await.unwrap());
+        assert_eq!(store.delete_instance("vm1").await.unwrap(), 1);
+        assert_eq!(store.sweep(5000).await.unwrap(), 1);
+        assert_eq!(store.len().await.unwrap(), 0);
+        // A full store makes room by forgetting dead tokens first.
+        let store = MemoryStore::new(1);
+        add(&store, new_token("vm1", "h", false), 1000).await;
+        add(&store, new_token("vm2", "h", false), 9000).await;
+        assert_eq!(store.len().await.unwrap(), 1);
+    }
+}

@@ -1,0 +1,8 @@
+//! Console tokens: what a token grants, how it is made, and where it is kept.
+
+pub mod memory;
+pub mod store;
+pub mod token;
+
+pub use store::{StoreError, TokenRejection, TokenStore};
+pub use token::{NewToken, Target, TokenHash, TokenRecord};

@@ -1,0 +1,56 @@
+//! The storage interface behind console tokens. The embedded store is
+//! [`super::memory::MemoryStore`]; a shared (Redis) store implements the same trait.
+
+use super::token::{TokenHash, TokenRecord};
+use std::future::Future;
+use std::pin::Pin;
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Why a token does not open a console. Shown to clients as it is: it names no secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenRejection {
+    #[error("unknown console token")]
+    Unknown,
+    #[error("console token expired")]
+    Expired,
+    #[error("console token lapsed after going unused")]
+    Idle,
+    #[error("console token was already used")]
+    AlreadyUsed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("token store is full ({0} tokens)")]
+    Full(usize),
+    #[error("token store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Selects tokens for listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    Instance(String),
+    Host(String),
+    All,
+}
+
+pub trait TokenStore: Send + Sync + 'static {
+    fn insert(&self, hash: TokenHash, record: TokenRecord) -> StoreFuture<'_, ()>;
+    /// Validates a token for a new connection: consumes a single-use token and
+    /// counts as a touch.
+    fn redeem(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>>;
+    /// Validates without side effects.
+    fn check(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>>;
+    /// Marks the token as in use at `now` (live sessions do this); false if unknown.
+    fn touch(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, bool>;
+    fn delete(&self, hash: TokenHash) -> StoreFuture<'_, bool>;
+    /// Deletes every token of an instance; returns how many.
+    fn delete_instance(&self, instance: &str) -> StoreFuture<'_, usize>;
+    fn list(&self, filter: Filter, now: u64) -> StoreFuture<'_, Vec<TokenRecord>>;
+    /// Forgets expired, lapsed and used-up tokens; returns how many.
+    fn sweep(&self, now: u64) -> StoreFuture<'_, usize>;
+    fn len(&self) -> StoreFuture<'_, usize>;
+}

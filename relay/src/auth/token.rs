@@ -1,0 +1,167 @@
+//! The token itself and its record. Only the SHA-256 of a token is ever kept; the
+//! token text exists in the reply to whoever created it and in the console URL.
+
+use crate::rfb::hypervisor::Scheme;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Random bytes in a token (256 bits), shown as 43 URL-safe base64 characters.
+pub const TOKEN_BYTES: usize = 32;
+
+/// The SHA-256 of a token: the store's key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TokenHash {
+    pub fn of(token: &str) -> TokenHash {
+        TokenHash(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// A short, non-secret name for the token, safe for logs and listings.
+    pub fn id(&self) -> String {
+        self.0[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenHash({})", self.id())
+    }
+}
+
+/// Makes a fresh token from the operating system's CSPRNG (via rand's thread RNG,
+/// which reseeds from it).
+pub fn generate() -> String {
+    let mut bytes = [0u8; TOKEN_BYTES];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Where a token leads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    /// Sent as `CONNECT <path> HTTP/1.1` to the hypervisor before RFB (XenServer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_access_path: Option<String>,
+}
+
+/// What a caller asks for when creating a token.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct NewToken {
+    pub instance: String,
+    #[serde(default = "default_console")]
+    pub console: String,
+    #[serde(flatten)]
+    pub target: Target,
+    /// Seconds until the token expires; the configured default when absent.
+    #[serde(default)]
+    pub ttl: Option<u64>,
+    /// Seconds a token may go unused (no connection, no live session) before it lapses.
+    #[serde(default)]
+    pub idle_timeout: Option<u64>,
+    #[serde(default)]
+    pub single_use: bool,
+    /// Overrides the configured hypervisor-side schemes for this console.
+    #[serde(default)]
+    pub hypervisor_schemes: Option<Vec<Scheme>>,
+    /// The hypervisor's VNC password for this console.
+    #[serde(default, skip_serializing)]
+    pub hypervisor_password: Option<String>,
+}
+
+fn default_console() -> String {
+    "novnc".into()
+}
+
+/// A stored token. Times are Unix seconds.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub instance: String,
+    pub console: String,
+    #[serde(flatten)]
+    pub target: Target,
+    pub created: u64,
+    pub expires: u64,
+    pub last_touched: u64,
+    pub idle_timeout: u64,
+    pub single_use: bool,
+    pub used: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor_schemes: Option<Vec<Scheme>>,
+    /// Kept for the hypervisor handshake; never serialized to clients or logs.
+    #[serde(skip)]
+    pub hypervisor_password: Option<String>,
+}
+
+impl std::fmt::Debug for TokenRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRecord")
+            .field("id", &self.id)
+            .field("instance", &self.instance)
+            .field("target", &self.target)
+            .field("expires", &self.expires)
+            .field("single_use", &self.single_use)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenRecord {
+    pub fn new(hash: &TokenHash, req: NewToken, now: u64, ttl: u64, idle_timeout: u64) -> TokenRecord {
+        TokenRecord {
+            id: hash.id(),
+            instance: req.instance,
+            console: req.console,
+            target: req.target,
+            created: now,
+            expires: now.saturating_add(req.ttl.unwrap_or(ttl)),
+            last_touched: now,
+            idle_timeout: req.idle_timeout.unwrap_or(idle_timeout),
+            single_use: req.single_use,
+            used: false,
+            hypervisor_schemes: req.hypervisor_schemes,
+            hypervisor_password: req.hypervisor_password,
+        }
+    }
+
+    /// Whether the token may still open a console at `now`, and if not, why.
+    pub fn usable(&self, now: u64) -> Result<(), super::TokenRejection> {
+        use super::TokenRejection::*;
+        if now >= self.expires {
+            Err(Expired)
+        } else if self.idle_timeout > 0 && now >= self.last_touched.saturating_add(self.idle_timeout) {
+            Err(Idle)
+        } else if self.single_use && self.used {
+            Err(AlreadyUsed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether the store may forget it.
+    pub fn dead(&self, now: u64) -> bool {
+        self.usable(now).is_err()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_long_random_and_url_safe() {
+        let a = generate();
+        let b = generate();
+        assert_eq!(a.len(), 43);
+        assert_ne!(a, b);
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert_eq!(TokenHash::of(&a), TokenHash::of(&a));
+        assert_ne!(TokenHash::of(&a), TokenHash::of(&b));
+        assert_eq!(TokenHash::of(&a).id().len(), 12);
+    }
+}

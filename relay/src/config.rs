@@ -1,0 +1,249 @@
+//! Configuration: TOML, every field optional, defaults embedded. The documented sample
+//! is `relay.example.toml` at the top of the repository; a test keeps the two in step.
+
+use crate::rfb::hypervisor::Scheme;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: Listen,
+    pub public: Public,
+    pub tokens: Tokens,
+    pub websocket: WebSocket,
+    pub hypervisor: Hypervisor,
+    pub limits: Limits,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    /// WebSocket door (noVNC) and the static web client.
+    pub websocket: Option<SocketAddr>,
+    /// XVP-style CONNECT door for native viewers.
+    pub connect: Option<SocketAddr>,
+    /// Control socket path; when absent, see [`default_control_path`].
+    pub control: Option<PathBuf>,
+    /// A noVNC checkout to serve on the WebSocket listener.
+    pub web: Option<PathBuf>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            websocket: Some(([0, 0, 0, 0], 6080).into()),
+            connect: Some(([0, 0, 0, 0], 6081).into()),
+            control: None,
+            web: None,
+        }
+    }
+}
+
+/// How clients reach relay, for the access URLs a new token comes with.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Public {
+    /// e.g. `https://console.example.com/vnc_lite.html`; derived from the listener when absent.
+    pub novnc_base_url: Option<String>,
+    /// e.g. `http://console.example.com:6081/console`; derived from the listener when absent.
+    pub connect_base_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tokens {
+    pub ttl_secs: u64,
+    /// A token unused (no new connection, no live session) for this long lapses; 0 = never.
+    pub idle_timeout_secs: u64,
+    pub max_tokens: usize,
+    pub sweep_interval_secs: u64,
+    /// How often live sessions mark their token as in use.
+    pub touch_interval_secs: u64,
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Tokens { ttl_secs: 600, idle_timeout_secs: 600, max_tokens: 100_000, sweep_interval_secs: 30, touch_interval_secs: 30 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocket {
+    /// Origins allowed besides the Host the request came to: full origins
+    /// (`https://dash.example.com`) or bare host names.
+    pub allowed_origins: Vec<String>,
+    /// Believe `X-Forwarded-Proto` (only behind a TLS-terminating proxy you run).
+    pub trust_forwarded_proto: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Hypervisor {
+    /// Schemes relay may use towards hypervisors, most preferred first.
+    pub auth_schemes: Vec<Scheme>,
+    /// VNC password used when a token carries none.
+    pub vnc_password: Option<String>,
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for Hypervisor {
+    fn default() -> Self {
+        Hypervisor { auth_schemes: vec![Scheme::None, Scheme::Vnc], vnc_password: None, connect_timeout_secs: 5 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_sessions: usize,
+    pub max_sessions_per_instance: usize,
+    pub max_header_bytes: usize,
+    /// From accept to the end of both RFB handshakes.
+    pub handshake_timeout_secs: u64,
+    /// Largest WebSocket message accepted from a viewer.
+    pub max_ws_message_bytes: usize,
+    pub relay_buffer_bytes: usize,
+    /// End a console after this long with no byte either way; 0 = never.
+    pub session_idle_timeout_secs: u64,
+    pub half_close_timeout_secs: u64,
+    /// Requests served on one keep-alive connection of the web client.
+    pub max_requests_per_connection: usize,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 20_000,
+            max_sessions: 10_000,
+            max_sessions_per_instance: 16,
+            max_header_bytes: 8192,
+            handshake_timeout_secs: 15,
+            max_ws_message_bytes: 4 << 20,
+            relay_buffer_bytes: 32 << 10,
+            session_idle_timeout_secs: 0,
+            half_close_timeout_secs: 30,
+            max_requests_per_connection: 200,
+            shutdown_grace_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `relay=debug`; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { format: LogFormat::Text, filter: "info".into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if self.listen.websocket.is_none() && self.listen.connect.is_none() {
+            return bad("listen: at least one of websocket and connect is needed");
+        }
+        if self.hypervisor.auth_schemes.is_empty() {
+            return bad("hypervisor.auth_schemes is empty: relay could not authenticate to any hypervisor");
+        }
+        if let Some(pw) = &self.hypervisor.vnc_password {
+            crate::rfb::vnc_auth::check_password(pw).map_err(|e| ConfigError::Invalid(format!("hypervisor.vnc_password: {e}")))?;
+        }
+        if self.tokens.ttl_secs == 0 {
+            return bad("tokens.ttl_secs must be at least 1");
+        }
+        if self.limits.relay_buffer_bytes < 1024 || self.limits.max_header_bytes < 512 {
+            return bad("limits: relay_buffer_bytes must be at least 1024 and max_header_bytes at least 512");
+        }
+        if let Some(web) = &self.listen.web
+            && !web.is_dir()
+        {
+            return Err(ConfigError::Invalid(format!("listen.web: {} is not a directory", web.display())));
+        }
+        Ok(())
+    }
+
+    pub fn control_path(&self) -> PathBuf {
+        self.listen.control.clone().unwrap_or_else(default_control_path)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.handshake_timeout_secs)
+    }
+}
+
+/// `$RELAY_CONTROL`, else `$XDG_RUNTIME_DIR/relay/control.sock`, else
+/// `/run/relay/control.sock` for root, else `/tmp/relay-<uid>/control.sock`.
+pub fn default_control_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("RELAY_CONTROL") {
+        return p.into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return Path::new(&dir).join("relay/control.sock");
+    }
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
+    if uid == 0 { "/run/relay/control.sock".into() } else { format!("/tmp/relay-{uid}/control.sock").into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../../relay.example.toml");
+        let sample: Config = toml::from_str(text).expect("relay.example.toml parses");
+        let defaults = Config::default();
+        // The sample documents the defaults: every value in it is the default value.
+        assert_eq!(toml::to_string(&sample).unwrap(), toml::to_string(&defaults).unwrap());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("[limits]\nmax_conections = 3\n").is_err());
+        let mut c = Config::default();
+        c.hypervisor.vnc_password = Some("123456789".into());
+        assert!(c.validate().is_err());
+        c.hypervisor.vnc_password = None;
+        c.hypervisor.auth_schemes.clear();
+        assert!(c.validate().is_err());
+    }
+}

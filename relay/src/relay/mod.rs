@@ -1,0 +1,88 @@
+//! The established byte relay, after both handshakes.
+//!
+//! A back-end takes an [`Established`] pair and returns how the session [`Ended`];
+//! nothing upstream knows which back-end ran. [`copy`] is the portable userspace relay;
+//! kernel back-ends (sockmap, io_uring) take raw TCP pairs.
+
+pub mod copy;
+mod pump;
+
+use crate::front::ws_stream::WsByteStream;
+use crate::session::ByteCounters;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// One side of a session, as the relay sees it.
+pub trait Peer: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Makes the next close a reset (RST) instead of a FIN, to pass a peer's reset on.
+    fn reset_on_close(&self) {}
+}
+
+impl Peer for TcpStream {
+    fn reset_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+/// A WebSocket has no reset; dropping it closes the TCP connection under it.
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Peer for WsByteStream<S> {}
+
+/// Both sides after the handshakes, with bytes each has sent that the handshakes read
+/// but did not consume (they go out first, in order).
+pub struct Established<V, H> {
+    pub viewer: V,
+    pub viewer_buffered: Vec<u8>,
+    pub hypervisor: H,
+    pub hypervisor_buffered: Vec<u8>,
+}
+
+/// What a relay needs from the session around it.
+pub struct Control {
+    pub bytes: Arc<ByteCounters>,
+    /// Becomes `Some(reason)` when the session must end (forced disconnect, shutdown).
+    pub stop: watch::Receiver<Option<String>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes buffered per direction.
+    pub buffer_bytes: usize,
+    /// End the session after this long with no byte either way.
+    pub idle_timeout: Option<Duration>,
+    /// After one side has finished sending, how long the other may go on.
+    pub half_close_timeout: Duration,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    ViewerClosed,
+    HypervisorClosed,
+    ViewerReset,
+    HypervisorReset,
+    ViewerError(String),
+    HypervisorError(String),
+    /// Ended from outside (forced disconnect, shutdown), with the reason given.
+    Stopped(String),
+    Idle,
+    HalfCloseTimeout,
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::ViewerClosed => f.write_str("viewer closed"),
+            Ended::HypervisorClosed => f.write_str("hypervisor closed"),
+            Ended::ViewerReset => f.write_str("viewer reset the connection"),
+            Ended::HypervisorReset => f.write_str("hypervisor reset the connection"),
+            Ended::ViewerError(e) => write!(f, "viewer error: {e}"),
+            Ended::HypervisorError(e) => write!(f, "hypervisor error: {e}"),
+            Ended::Stopped(r) => write!(f, "disconnected: {r}"),
+            Ended::Idle => f.write_str("idle timeout"),
+            Ended::HalfCloseTimeout => f.write_str("half-closed too long"),
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The registry of live sessions: who is connected to which instance, their byte
+//! counters, and the handle that ends them (forced disconnect).
+
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+use crate::auth::TokenHash;
+use crate::front::Door;
+
+/// Bytes relayed so far, per direction; shared with the relay that counts them.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    pub to_hypervisor: AtomicU64,
+    pub to_viewer: AtomicU64,
+}
+
+impl ByteCounters {
+    pub fn snapshot(&self) -> (u64, u64) {
+        (self.to_hypervisor.load(Ordering::Relaxed), self.to_viewer.load(Ordering::Relaxed))
+    }
+}
+
+/// What the registry knows about a live session.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub instance: String,
+    pub token_id: String,
+    pub door: Door,
+    pub viewer: SocketAddr,
+    pub hypervisor: String,
+    pub started: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionView {
+    #[serde(flatten)]
+    pub info: SessionInfo,
+    pub bytes_to_hypervisor: u64,
+    pub bytes_to_viewer: u64,
+}
+
+struct Entry {
+    info: SessionInfo,
+    token: TokenHash,
+    bytes: Arc<ByteCounters>,
+    stop: watch::Sender<Option<String>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sessions: HashMap<u64, Entry>,
+    by_instance: HashMap<String, HashSet<u64>>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegisterError {
+    #[error("relay is at its limit of {0} sessions")]
+    TooManySessions(usize),
+    #[error("instance already has {0} live consoles, the most allowed")]
+    TooManyForInstance(usize),
+}
+
+pub struct Registry {
+    inner: Mutex<Inner>,
+    max_sessions: usize,
+    max_per_instance: usize,
+}
+
+/// A registered session. Dropping it unregisters the session.
+pub struct SessionHandle {
+    registry: Arc<Registry>,
+    pub id: u64,
+    pub bytes: Arc<ByteCounters>,
+    /// Becomes `Some(reason)` when the session is to end.
+    pub stop: watch::Receiver<Option<String>>,
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        self.registry.remove(self.id);
+    }
+}
+
+impl Registry {
+    pub fn new(max_sessions: usize, max_per_instance: usize) -> Arc<Self> {
+        Arc::new(Registry { inner: Mutex::new(Inner::default()), max_sessions, max_per_instance })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every mutation below completes before anything can panic, so a poisoned
+        // lock still guards consistent maps.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(self: &Arc<Self>, info: SessionInfo, token: TokenHash) -> Result<SessionHandle, RegisterError> {
+        let mut inner = self.lock();
+        if inner.sessions.len() >= self.max_sessions {
+            return Err(RegisterError::TooManySessions(self.max_sessions));
+        }
+        let ids = inner.by_instance.entry(info.instance.clone()).or_default();
+        if ids.len() >= self.max_per_instance {
+            return Err(RegisterError::TooManyForInstance(self.max_per_instance));
+        }
+        ids.insert(info.id);
+        let (stop, stop_rx) = watch::channel(None);
+        let bytes = Arc::new(ByteCounters::default());
+        let id = info.id;
+        inner.sessions.insert(id, Entry { info, token, bytes: bytes.clone(), stop });
+        Ok(SessionHandle { registry: self.clone(), id, bytes, stop: stop_rx })
+    }
+
+    fn remove(&self, id: u64) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.sessions.remove(&id) {
+            let instance = &entry.info.instance;
+            if let Some(ids) = inner.by_instance.get_mut(instance) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    inner.by_instance.remove(instance);
+                }
+            }
+        }
+    }
+
+    /// Tells every live session of `instance` to end; returns how many were told.
+    pub fn disconnect_instance(&self, instance: &str, reason: &str) -> usize {
+        let inner = self.lock();
+        let Some(ids) = inner.by_instance.get(instance) else { return 0 };
+        ids.iter()
+            .filter_map(|id| inner.sessions.get(id))
+            .map(|e| e.stop.send_replace(Some(reason.to_string())))
+            .count()
+    }
+
+    /// Tells every live session to end (shutdown).
+    pub fn disconnect_all(&self, reason: &str) -> usize {
+        let inner = self.lock();
+        inner.sessions.values().map(|e| e.stop.send_replace(Some(reason.to_string()))).count()
+    }
+
+    pub fn list(&self, instance: Option<&str>) -> Vec<SessionView> {
+        let inner = self.lock();
+        let mut views: Vec<SessionView> = inner
+            .sessions
+            .values()
+            .filter(|e| instance.is_none_or(|i| e.info.instance == i))
+            .map(|e| {
+                let (up, down) = e.bytes.snapshot();
+                SessionView { info: e.info.clone(), bytes_to_hypervisor: up, bytes_to_viewer: down }
+            })
+            .collect();
+        views.sort_by_key(|v| v.info.id);
+        views
+    }
+
+    /// Tokens behind live sessions, to keep them from lapsing while in use.
+    pub fn live_tokens(&self) -> Vec<TokenHash> {
+        let inner = self.lock();
+        let set: HashSet<TokenHash> = inner.sessions.values().map(|e| e.token).collect();
+        set.into_iter().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: u64, instance: &str) -> SessionInfo {
+        SessionInfo {
+            id,
+            instance: instance.into(),
+            token_id: "t".into(),
+            door: Door::Connect,
+            viewer: "127.0.0.1:1".parse().unwrap(),
+            hypervisor: "h:5900".into(),
+            started: 0,
+        }
+    }
+
+    #[test]
+    fn disconnect_reaches_only_that_instance_and_drop_unregisters() {
+        let reg = Registry::new(10, 2);
+        let a1 = reg.register(info(1, "a"), TokenHash::of("x")).unwrap();
+        let a2 = reg.register(info(2, "a"), TokenHash::of("x")).unwrap();
+        let b = reg.register(info(3, "b"), TokenHash::of("y")).unwrap();
+        assert_eq!(reg.register(info(4, "a"), TokenHash::of("x")).err(), Some(RegisterError::TooManyForInstance(2)));
+        assert_eq!(reg.live_tokens().len(), 2);
+        assert_eq!(reg.disconnect_instance("a", "reset"), 2);
+        assert_eq!(a1.stop.borrow().as_deref(), Some("reset"));
+        assert_eq!(a2.stop.borrow().as_deref(), Some("reset"));
+        assert_eq!(*b.stop.borrow(), None);
+        drop((a1, a2));
+        assert_eq!(reg.list(None).len(), 1);
+        assert_eq!(reg.disconnect_instance("a", "reset"), 0);
+        drop(b);
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn global_limit() {
+        let reg = Registry::new(1, 5);
+        let _a = reg.register(info(1, "a"), TokenHash::of("x")).unwrap();
+        assert_eq!(reg.register(info(2, "b"), TokenHash::of("x")).err(), Some(RegisterError::TooManySessions(1)));
+    }
+}
