@@ -286,9 +286,9 @@ impl Conn {
             session = self.id,
             viewer = %self.peer,
             hypervisor = %format!("{}:{}", record.target.host, record.target.port),
-            viewer_rfb = ?viewer_done.version,
+            viewer_rfb = %viewer_done.version,
             viewer_security = viewer_done.security,
-            hypervisor_rfb = ?hv_done.version,
+            hypervisor_rfb = %hv_done.version,
             hypervisor_security = hv_done.security,
             handshake_ms = started.elapsed().as_millis() as u64,
         );

@@ -6,11 +6,16 @@
 
 pub mod app;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod control;
+pub mod ctl;
 pub mod dial;
-pub mod session;
-pub mod telemetry;
 pub mod front;
 pub mod relay;
 pub mod rfb;
+pub mod run;
+pub mod server;
+pub mod session;
+pub mod telemetry;

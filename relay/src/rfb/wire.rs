@@ -24,6 +24,16 @@ pub enum Version {
 
 pub const VERSION_LEN: usize = 12;
 
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Version::V3_3 => "3.3",
+            Version::V3_7 => "3.7",
+            Version::V3_8 => "3.8",
+        })
+    }
+}
+
 impl Version {
     pub fn greeting(self) -> &'static [u8; VERSION_LEN] {
         match self {

@@ -1,0 +1,126 @@
+//! The command line: `relay run`, `relay check-config`, `relay ctl ...`.
+
+use crate::config::LogFormat;
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "relay", version, about = "Console proxy for cloud VMs: noVNC/WebSocket and CONNECT doors to hypervisor VNC servers")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the appliance (embedded defaults unless --config is given).
+    Run(RunArgs),
+    /// Check a configuration file and print the effective configuration.
+    CheckConfig { file: PathBuf },
+    /// Talk to a running relay over its control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// WebSocket door and web client, e.g. 0.0.0.0:6080.
+    #[arg(long)]
+    pub ws_listen: Option<SocketAddr>,
+    /// CONNECT door for native viewers, e.g. 0.0.0.0:6081.
+    #[arg(long)]
+    pub connect_listen: Option<SocketAddr>,
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// A noVNC checkout to serve (e.g. /usr/share/novnc).
+    #[arg(long)]
+    pub web: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The control socket (default: as `relay run` picks it).
+    #[arg(long, global = true)]
+    pub control: Option<PathBuf>,
+    /// Print the reply as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Console tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Live consoles.
+    Sessions {
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Counters.
+    Stats,
+    /// Per-instance operations.
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Issue a console token for an instance's VNC server.
+    Create {
+        #[arg(long)]
+        instance: String,
+        /// The hypervisor's VNC host.
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        /// Seconds until it expires (default from the configuration).
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// Seconds it may go unused before it lapses.
+        #[arg(long)]
+        idle_timeout: Option<u64>,
+        /// Sent as `CONNECT <path> HTTP/1.1` to the hypervisor before RFB.
+        #[arg(long)]
+        internal_access_path: Option<String>,
+        /// The token opens one console, once.
+        #[arg(long)]
+        single_use: bool,
+        /// The console kind recorded with the token.
+        #[arg(long, default_value = "novnc")]
+        console: String,
+        /// The hypervisor's VNC password for this console.
+        #[arg(long)]
+        hypervisor_password: Option<String>,
+    },
+    /// Is the token valid, and what does it open?
+    Check { token: String },
+    /// Mark the token as in use now.
+    Touch { token: String },
+    Delete { token: String },
+    /// Tokens of an instance or of a hypervisor host.
+    List {
+        #[arg(long, conflicts_with = "host")]
+        instance: Option<String>,
+        #[arg(long)]
+        host: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceCommand {
+    /// End every live console of the instance, on every door.
+    Reset {
+        id: String,
+        /// Also delete the instance's tokens.
+        #[arg(long)]
+        revoke: bool,
+    },
+}

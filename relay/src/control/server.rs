@@ -1,0 +1,92 @@
+//! The control socket server. The socket is mode 0600 in a directory relay makes
+//! private, and each peer's credentials are checked: only relay's own user (or root)
+//! may use it.
+
+use super::handler::handle;
+use super::proto::{ControlError, Envelope, ErrorKind, MAX_LINE, Reply};
+use crate::app::App;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+/// Binds the socket. Refuses to take over a socket another relay is serving.
+pub async fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is in use by a running relay", path.display())));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(app: Arc<App>, listener: UnixListener, path: PathBuf) {
+    let owner = std::fs::metadata(&path).map(|m| m.uid()).ok();
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_client(&app, stream, owner).await {
+                debug!(error = %e, "control client ended");
+            }
+        });
+    }
+}
+
+async fn serve_client(app: &App, mut stream: UnixStream, owner: Option<u32>) -> io::Result<()> {
+    let uid = stream.peer_cred()?.uid();
+    if uid != 0 && Some(uid) != owner {
+        warn!(uid, "control socket: peer is not relay's user; refused");
+        let reply = Reply::from(Err(ControlError::new(ErrorKind::Forbidden, "only relay's own user may use the control socket")));
+        return write_reply(&mut stream, &reply).await;
+    }
+    let (read, mut write) = stream.split();
+    let mut reader = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        // Read at most one line's worth; a longer line is an error, not a bigger buffer.
+        let n = (&mut reader).take(MAX_LINE as u64 + 1).read_line(&mut line).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if n > MAX_LINE {
+            let reply = Reply::from(Err(ControlError::new(ErrorKind::BadRequest, format!("request longer than {MAX_LINE} bytes"))));
+            return write_reply(&mut write, &reply).await;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<Envelope>(&line) {
+            Ok(envelope) => Reply::from(handle(app, envelope).await),
+            Err(e) => Reply::from(Err(ControlError::new(ErrorKind::BadRequest, format!("not a valid request: {e}")))),
+        };
+        write_reply(&mut write, &reply).await?;
+    }
+}
+
+async fn write_reply<W: AsyncWriteExt + Unpin>(w: &mut W, reply: &Reply) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    w.write_all(&bytes).await
+}

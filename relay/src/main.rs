@@ -1,0 +1,18 @@
+use clap::Parser;
+use relay::cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => relay::run::run(args),
+        Command::CheckConfig { file } => relay::run::check_config(&file),
+        Command::Ctl(args) => relay::run::ctl(args),
+    };
+    match result {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("relay: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! What each top-level command does, kept out of `main.rs`.
+
+use crate::cli::{CtlArgs, RunArgs};
+use crate::config::Config;
+use crate::{ctl, server, telemetry};
+use std::io::Write as _;
+use std::path::Path;
+
+pub fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(a) = args.ws_listen {
+        config.listen.websocket = Some(a);
+    }
+    if let Some(a) = args.connect_listen {
+        config.listen.connect = Some(a);
+    }
+    if let Some(p) = args.control {
+        config.listen.control = Some(p);
+    }
+    if let Some(w) = args.web {
+        config.listen.web = Some(w);
+    }
+    if let Some(f) = args.log_format {
+        config.log.format = f;
+    }
+    telemetry::init(&config.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(server::run(
+        config,
+        |bound| {
+            // One line on stdout for people and scripts; the log has the details.
+            println!("relay listening: {bound}");
+            let _ = std::io::stdout().flush();
+        },
+        server::shutdown_signal(),
+    ))?;
+    Ok(0)
+}
+
+pub fn check_config(path: &Path) -> anyhow::Result<u8> {
+    let config = Config::load(path)?;
+    print!("{}", toml::to_string(&config)?);
+    eprintln!("{}: OK", path.display());
+    Ok(0)
+}
+
+pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    Ok(runtime.block_on(ctl::run(args)) as u8)
+}

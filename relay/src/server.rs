@@ -1,0 +1,133 @@
+//! Listeners, the connection limit, housekeeping, and graceful shutdown.
+
+use crate::app::{App, unix_now};
+use crate::config::Config;
+use crate::conn::{self, Listener};
+use crate::control;
+use anyhow::Context as _;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+/// Where a running relay listens (the real ports when the config asked for port 0).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub websocket: Option<SocketAddr>,
+    pub connect: Option<SocketAddr>,
+    pub control: PathBuf,
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
+        write!(f, "websocket={} connect={} control={}", show(self.websocket), show(self.connect), self.control.display())
+    }
+}
+
+/// Runs relay until `shutdown` completes, then drains. `on_bound` learns the addresses
+/// once every listener is up.
+pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config.validate()?;
+    let ws = bind(config.listen.websocket).await.context("websocket listener")?;
+    let connect = bind(config.listen.connect).await.context("connect listener")?;
+    // Access URLs name the real ports.
+    config.listen.websocket = ws.as_ref().map(|l| l.local_addr()).transpose()?;
+    config.listen.connect = connect.as_ref().map(|l| l.local_addr()).transpose()?;
+    let control_path = config.control_path();
+    let control_listener = control::server::bind(&control_path)
+        .await
+        .with_context(|| format!("control socket {}", control_path.display()))?;
+    let app = App::new(config);
+    let bound = Bound { websocket: app.config.listen.websocket, connect: app.config.listen.connect, control: control_path.clone() };
+    info!(%bound, web = ?app.config.listen.web, "relay listening");
+    info!(backend = "copy", "relay back-end: portable userspace copy");
+    on_bound(&bound);
+
+    let max = app.config.limits.max_connections;
+    let permits = Arc::new(Semaphore::new(max));
+    let mut tasks = JoinSet::new();
+    for (listener, kind) in [(ws, Listener::WebSocket), (connect, Listener::Connect)] {
+        if let Some(listener) = listener {
+            tasks.spawn(accept_loop(app.clone(), listener, kind, permits.clone()));
+        }
+    }
+    tasks.spawn(control::server::serve(app.clone(), control_listener, control_path.clone()));
+    tasks.spawn(housekeeping(app.clone()));
+
+    shutdown.await;
+    info!("shutting down: no new connections; ending live consoles");
+    tasks.abort_all();
+    let ended = app.sessions.disconnect_all("relay shutting down");
+    let grace = Duration::from_secs(app.config.limits.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, permits.acquire_many(max as u32)).await.is_ok();
+    if !drained {
+        warn!(grace_secs = grace.as_secs(), "some connections were still open at the end of the grace period");
+    }
+    let _ = std::fs::remove_file(&control_path);
+    info!(sessions_ended = ended, "relay stopped");
+    Ok(())
+}
+
+async fn bind(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(a) => Ok(Some(TcpListener::bind(a).await.with_context(|| format!("cannot listen on {a}"))?)),
+        None => Ok(None),
+    }
+}
+
+async fn accept_loop(app: Arc<App>, listener: TcpListener, kind: Listener, permits: Arc<Semaphore>) {
+    loop {
+        // At the connection limit, stop accepting: the kernel's backlog pushes back.
+        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    conn::handle(app, stream, peer, kind).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Usually out of file descriptors; back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Sweeps dead tokens and keeps the tokens of live sessions from lapsing.
+async fn housekeeping(app: Arc<App>) {
+    let cfg = &app.config.tokens;
+    let period = Duration::from_secs(cfg.sweep_interval_secs.min(cfg.touch_interval_secs).max(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = unix_now();
+        for hash in app.sessions.live_tokens() {
+            let _ = app.tokens.touch(hash, now).await;
+        }
+        match app.tokens.sweep(now).await {
+            Ok(0) => {}
+            Ok(n) => debug!(swept = n, "forgot dead tokens"),
+            Err(e) => warn!(error = %e, "token sweep failed"),
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
