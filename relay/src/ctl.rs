@@ -41,7 +41,7 @@ fn to_request(command: CtlCommand) -> Request {
                     idle_timeout,
                     single_use,
                     hypervisor_schemes: None,
-                    hypervisor_password,
+                    hypervisor_password: hypervisor_password.map(crate::auth::Secret),
                 })
             }
             TokenCommand::Check { token } => Request::TokenCheck { token },

@@ -5,4 +5,4 @@ pub mod store;
 pub mod token;
 
 pub use store::{StoreError, TokenRejection, TokenStore};
-pub use token::{NewToken, Target, TokenHash, TokenRecord};
+pub use token::{NewToken, Secret, Target, TokenHash, TokenRecord};

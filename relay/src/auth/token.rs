@@ -40,6 +40,17 @@ pub fn generate() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// A password or key that must never reach a log: `Debug` prints `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Where a token leads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
@@ -70,8 +81,8 @@ pub struct NewToken {
     #[serde(default)]
     pub hypervisor_schemes: Option<Vec<Scheme>>,
     /// The hypervisor's VNC password for this console.
-    #[serde(default, skip_serializing)]
-    pub hypervisor_password: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor_password: Option<Secret>,
 }
 
 fn default_console() -> String {
@@ -96,7 +107,7 @@ pub struct TokenRecord {
     pub hypervisor_schemes: Option<Vec<Scheme>>,
     /// Kept for the hypervisor handshake; never serialized to clients or logs.
     #[serde(skip)]
-    pub hypervisor_password: Option<String>,
+    pub hypervisor_password: Option<Secret>,
 }
 
 impl std::fmt::Debug for TokenRecord {

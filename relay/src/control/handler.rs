@@ -72,7 +72,7 @@ async fn create(app: &App, req: NewToken) -> Result<Value, ControlError> {
         return bad("internal_access_path must be 1 to 2048 visible characters without spaces".into());
     }
     if let Some(pw) = &req.hypervisor_password {
-        if let Err(e) = check_password(pw) {
+        if let Err(e) = check_password(&pw.0) {
             return bad(format!("hypervisor_password: {e}"));
         }
     }

@@ -1,0 +1,170 @@
+//! The command-line contract, through the real `relay` binary: `run` prints where it
+//! listens, `ctl` manages tokens and instances over the control socket, `check-config`
+//! validates files, and SIGTERM stops cleanly.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const RELAY: &str = env!("CARGO_BIN_EXE_relay");
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("relay-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+struct Running {
+    child: Child,
+    ws: String,
+    connect: String,
+    control: PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path) -> Running {
+    let control = dir.join("control.sock");
+    let mut child = Command::new(RELAY)
+        .args(["run", "--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--control"])
+        .arg(&control)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    // "relay listening: websocket=A connect=B control=C"
+    let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name)).unwrap_or_else(|| panic!("{name} in {line:?}")).to_string();
+    Running { ws: field("websocket="), connect: field("connect="), control, child }
+}
+
+fn ctl(r: &Running, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(RELAY).arg("ctl").arg("--control").arg(&r.control).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn ctl_json(r: &Running, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (code, out, err) = ctl(r, &all);
+    assert_eq!(code, 0, "relay ctl {args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn run_prints_its_addresses_and_ctl_manages_tokens() {
+    let dir = scratch("tokens");
+    let r = start(&dir);
+    assert!(r.ws.starts_with("127.0.0.1:") && r.connect.starts_with("127.0.0.1:"));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&r.control).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "control socket is private");
+
+    let created = ctl_json(&r, &["token", "create", "--instance", "vm-a", "--host", "hv1.example", "--port", "5901", "--ttl", "60"]);
+    let token = created["token"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 43);
+    let novnc = created["urls"]["novnc"].as_str().unwrap();
+    assert_eq!(novnc, format!("http://{}/vnc_lite.html?path=%3Ftoken%3D{token}", r.ws));
+    assert_eq!(created["urls"]["connect"].as_str().unwrap(), format!("http://{}/console?token={token}", r.connect));
+
+    let checked = ctl_json(&r, &["token", "check", &token]);
+    assert_eq!(checked["valid"], true);
+    assert_eq!(checked["token"]["host"], "hv1.example");
+    assert!(!checked.to_string().contains(&token), "the token is not echoed back");
+    ctl_json(&r, &["token", "create", "--instance", "vm-b", "--host", "hv1.example", "--port", "5902"]);
+    assert_eq!(ctl_json(&r, &["token", "list", "--instance", "vm-a"])["tokens"].as_array().unwrap().len(), 1);
+    assert_eq!(ctl_json(&r, &["token", "list", "--host", "hv1.example"])["tokens"].as_array().unwrap().len(), 2);
+    ctl_json(&r, &["token", "touch", &token]);
+    ctl_json(&r, &["token", "delete", &token]);
+    let (code, out, _) = ctl(&r, &["token", "check", &token]);
+    assert_eq!(code, 1, "an invalid token fails the command");
+    assert!(out.contains("invalid: unknown console token"), "{out}");
+    let (code, _, err) = ctl(&r, &["token", "delete", &token]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not_found"), "{err}");
+
+    let reset = ctl_json(&r, &["instance", "reset", "vm-b", "--revoke"]);
+    assert_eq!(reset["disconnected"], 0);
+    assert_eq!(reset["revoked"], 1);
+    assert_eq!(ctl_json(&r, &["sessions"])["sessions"].as_array().unwrap().len(), 0);
+    assert_eq!(ctl_json(&r, &["stats"])["tokens"], 0);
+
+    let (code, _, err) = ctl(&r, &["token", "create", "--instance", "vm", "--host", "h", "--port", "5900", "--hypervisor-password", "waytoolongpw"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("at most 8"), "{err}");
+}
+
+#[test]
+fn a_bad_request_gets_a_typed_error_not_a_dropped_connection() {
+    let dir = scratch("proto");
+    let r = start(&dir);
+    let mut s = std::os::unix::net::UnixStream::connect(&r.control).unwrap();
+    s.write_all(b"{\"v\":1,\"op\":\"no_such_op\"}\n{\"v\":9,\"op\":\"stats\"}\nnot json\n{\"op\":\"stats\"}\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let replies: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(replies.len(), 4, "{text}");
+    assert_eq!(replies[0]["error"]["kind"], "bad_request");
+    assert_eq!(replies[1]["error"]["kind"], "unsupported_version");
+    assert_eq!(replies[2]["error"]["kind"], "bad_request");
+    assert_eq!(replies[3]["ok"], true);
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_removes_the_socket() {
+    let dir = scratch("term");
+    let mut r = start(&dir);
+    // A connection mid-request must not hold the shutdown beyond the grace period.
+    let mut idle = TcpStream::connect(&r.ws).unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let pid = r.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = r.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "relay did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    assert!(!r.control.exists());
+}
+
+#[test]
+fn check_config_accepts_the_sample_and_explains_mistakes() {
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay.example.toml");
+    let out = Command::new(RELAY).arg("check-config").arg(&sample).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = scratch("config");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[limits]\nmax_sesions = 4\n").unwrap();
+    let out = Command::new(RELAY).arg("check-config").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `max_sesions`"), "{err}");
+}
+
+#[test]
+fn a_second_relay_does_not_steal_the_control_socket() {
+    let dir = scratch("steal");
+    let r = start(&dir);
+    let out = Command::new(RELAY)
+        .args(["run", "--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--control"])
+        .arg(&r.control)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by a running relay"));
+    assert_eq!(ctl_json(&r, &["stats"])["sessions_active"], 0, "the first relay still answers");
+}
