@@ -1,1 +1,94 @@
-fn main() {}
+//! Project tasks: `cargo xtask deps | test | ci`.
+//!
+//! `deps` installs what the tests need on a Debian machine, idempotently: it checks
+//! before it installs, so a second run takes a second.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Debian packages the integration tests use: a real hypervisor VNC server, a real
+/// browser, and Debian's noVNC checkout (served by relay as nova does).
+const APT_PACKAGES: &[&str] = &["qemu-system-x86", "chromium", "novnc"];
+
+fn main() -> Result<()> {
+    let task = std::env::args().nth(1).unwrap_or_default();
+    let root = root();
+    match task.as_str() {
+        "deps" => deps(&root),
+        "test" => {
+            deps(&root)?;
+            test(&root)
+        }
+        "ci" => {
+            deps(&root)?;
+            run(Command::new("cargo").args(["fmt", "--all", "--check"]).current_dir(&root))?;
+            run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]).current_dir(&root))?;
+            test(&root)
+        }
+        _ => {
+            eprintln!("usage: cargo xtask <deps|test|ci>\n  deps  install test dependencies (Debian packages, npm packages)\n  test  deps, then every test\n  ci    deps, format and lint checks, then every test");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn deps(root: &Path) -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if !missing.is_empty() {
+        let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
+        let apt = |args: &[&str]| {
+            let mut c = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+            if !sudo.is_empty() {
+                c.arg("apt-get");
+            }
+            c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+            c
+        };
+        run(&mut apt(&["update", "-qq"]))?;
+        let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+        run(install.args(&missing))?;
+    }
+    let browser = root.join("tests/browser");
+    let marker = browser.join("node_modules/.package-lock.json");
+    let fresh = modified(&marker).is_some_and(|m| modified(&browser.join("package-lock.json")).is_some_and(|l| m >= l));
+    if !fresh {
+        run(Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--loglevel=error"]).current_dir(&browser))?;
+    }
+    Ok(())
+}
+
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+fn test(root: &Path) -> Result<()> {
+    // Tests that need QEMU, Chromium or noVNC fail instead of skipping when these are
+    // set up: a missing tool must not pass silently here.
+    run(Command::new("cargo").args(["test", "--workspace", "--locked"]).env("RELAY_TEST_REQUIRE_ALL", "1").current_dir(root))
+}

@@ -1,0 +1,20 @@
+//! Request heads from anyone on the network: parsing, then everything a door derives
+//! from the head (token, Origin, upgrade, web path), must never panic.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use relay::front::{http, origin, token_param, web, ws};
+
+fuzz_target!(|data: &[u8]| {
+    let _ = http::parse_response(data, 4096);
+    if let Ok(Some((head, len))) = http::parse_request(data, 8192) {
+        assert!(len <= data.len());
+        let _ = token_param::from_request(&head);
+        let _ = origin::check(head.header("origin"), head.header("host"), "http", &["panel.example".into()]);
+        if let Ok(up) = ws::check(&head) {
+            let _ = up.response();
+        }
+        if let Ok(path) = web::resolve(std::path::Path::new("/srv/web"), head.path()) {
+            assert!(path.starts_with("/srv/web"));
+        }
+    }
+});

@@ -1,0 +1,174 @@
+//! A relay running inside the test process on ephemeral ports, with helpers to reach
+//! its doors and its control socket the way real clients do.
+
+use anyhow::{Context, bail};
+use relay::auth::{NewToken, Secret, Target};
+use relay::config::Config;
+use relay::control::client::request;
+use relay::control::proto::{Envelope, Request};
+use relay::front::ws_stream::WsByteStream;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type WsViewer = WsByteStream<MaybeTlsStream<TcpStream>>;
+
+pub struct TestRelay {
+    pub ws: SocketAddr,
+    pub connect: SocketAddr,
+    pub control: PathBuf,
+    pub dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A private scratch directory per call, removed by its owner.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!("relay-test-{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+impl TestRelay {
+    pub async fn start() -> TestRelay {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts relay on 127.0.0.1 ephemeral ports after `adjust` has had its say.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestRelay {
+        let dir = scratch_dir("relay");
+        let mut config = Config::default();
+        config.listen.websocket = Some("127.0.0.1:0".parse().unwrap());
+        config.listen.connect = Some("127.0.0.1:0".parse().unwrap());
+        config.listen.control = Some(dir.join("control.sock"));
+        config.limits.handshake_timeout_secs = 5;
+        config.limits.shutdown_grace_secs = 2;
+        adjust(&mut config);
+        let (bound_tx, bound_rx) = oneshot::channel();
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(relay::server::run(
+            config,
+            move |b| {
+                let _ = bound_tx.send(b.clone());
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let bound = bound_rx.await.expect("relay started");
+        TestRelay {
+            ws: bound.websocket.unwrap_or(([127, 0, 0, 1], 9).into()),
+            connect: bound.connect.unwrap_or(([127, 0, 0, 1], 9).into()),
+            control: bound.control,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn ctl(&self, req: Request) -> anyhow::Result<Value> {
+        Ok(request(&self.control, &Envelope::new(req)).await?)
+    }
+
+    /// A token for `instance` whose console is the VNC server at `hypervisor`.
+    pub async fn token(&self, instance: &str, hypervisor: SocketAddr) -> String {
+        self.token_with(new_token(instance, hypervisor)).await
+    }
+
+    pub async fn token_with(&self, req: NewToken) -> String {
+        let reply = self.ctl(Request::TokenCreate(req)).await.expect("token create");
+        reply["token"].as_str().expect("token in reply").to_string()
+    }
+
+    /// Opens the CONNECT door. Returns the stream after a 200, or the status line.
+    pub async fn connect_door(&self, token: &str) -> Result<TcpStream, String> {
+        let mut s = TcpStream::connect(self.connect).await.map_err(|e| e.to_string())?;
+        s.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+        let head = read_head(&mut s).await.map_err(|e| e.to_string())?;
+        if head == "HTTP/1.1 200 OK\r\n\r\n" { Ok(s) } else { Err(head) }
+    }
+
+    /// Opens the WebSocket door at `path_and_query` (e.g. `/?token=T`) with extra headers.
+    pub async fn websocket(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Result<WsViewer, tokio_tungstenite::tungstenite::Error> {
+        let mut req = format!("ws://{}{path_and_query}", self.ws).into_client_request()?;
+        req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
+        for (name, value) in headers {
+            req.headers_mut().insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        let (ws, _resp): (WebSocketStream<_>, _) = tokio_tungstenite::connect_async(req).await?;
+        Ok(WsByteStream::new(ws))
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("relay task").expect("relay ran cleanly");
+        }
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn new_token(instance: &str, hypervisor: SocketAddr) -> NewToken {
+    NewToken {
+        instance: instance.into(),
+        console: "novnc".into(),
+        target: Target { host: hypervisor.ip().to_string(), port: hypervisor.port(), internal_access_path: None },
+        ttl: None,
+        idle_timeout: None,
+        single_use: false,
+        hypervisor_schemes: None,
+        hypervisor_password: None,
+    }
+}
+
+pub fn with_hypervisor_password(mut t: NewToken, password: &str) -> NewToken {
+    t.hypervisor_password = Some(Secret(password.into()));
+    t
+}
+
+/// Reads an HTTP head (through the blank line) byte by byte, so nothing after it is
+/// consumed; then, for an error status, the rest of the response too.
+pub async fn read_head(s: &mut TcpStream) -> anyhow::Result<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await? == 0 {
+            bail!("closed after {:?}", String::from_utf8_lossy(&head));
+        }
+        head.push(byte[0]);
+        if head.len() > 16 << 10 {
+            bail!("head too long");
+        }
+    }
+    let mut text = String::from_utf8(head).context("head is UTF-8")?;
+    if !text.starts_with("HTTP/1.1 200") {
+        let mut body = String::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.read_to_string(&mut body)).await;
+        text.push_str(&body);
+    }
+    Ok(text)
+}
