@@ -125,13 +125,13 @@ impl Conn {
                 Ok(Err(reject)) => {
                     debug!(status = reject.status, reason = %reject.message, "bad request");
                     bump(&self.app.counters.connections_refused);
-                    let _ = stream.write_all(&reject.to_bytes()).await;
+                    send_and_close(stream, &reject.to_bytes()).await;
                     return None;
                 }
                 Err(_) => {
                     // Quietly for an idle keep-alive connection; with a 408 mid-request.
                     if !buf.is_empty() {
-                        let _ = stream.write_all(&Reject::new(408, "Request Timeout", "request head too slow").to_bytes()).await;
+                        send_and_close(stream, &Reject::new(408, "Request Timeout", "request head too slow").to_bytes()).await;
                     }
                     return None;
                 }
@@ -162,9 +162,12 @@ impl Conn {
         };
         match response {
             Ok(bytes) => stream.write_all(&bytes).await.is_ok(),
+            // A missing file leaves the connection usable; anything else ends it.
+            Err(reject) if reject.status == 404 => stream.write_all(&reject.to_bytes()).await.is_ok(),
             Err(reject) => {
                 debug!(status = reject.status, path = head.path(), "web request refused");
-                stream.write_all(&reject.to_bytes()).await.is_ok() && reject.status == 404
+                send_and_close(stream, &reject.to_bytes()).await;
+                false
             }
         }
     }
@@ -193,8 +196,7 @@ impl Conn {
     async fn refuse(&self, stream: &mut TcpStream, reject: &Reject, req: &ConsoleRequest) {
         bump(&self.app.counters.connections_refused);
         info!(target: AUDIT, event = "refused", door = %req.door, status = reject.status, reason = %reject.message);
-        let _ = stream.write_all(&reject.to_bytes()).await;
-        let _ = stream.shutdown().await;
+        send_and_close(stream, &reject.to_bytes()).await;
     }
 
     /// From a redeemed token to the end of the console.
@@ -209,7 +211,8 @@ impl Conn {
                 if let Err(e) = &dialed {
                     warn!(target: AUDIT, event = "hypervisor_failed", stage = "dial", error = %e);
                     bump(&self.app.counters.hypervisor_failures);
-                    let _ = stream.write_all(&Reject::new(502, "Bad Gateway", "console unavailable: cannot reach the hypervisor").to_bytes()).await;
+                    let reply = Reject::new(502, "Bad Gateway", "console unavailable: cannot reach the hypervisor");
+                    send_and_close(&mut stream, &reply.to_bytes()).await;
                     return;
                 }
                 if stream.write_all(CONNECT_OK).await.is_err() {
@@ -346,6 +349,26 @@ impl Conn {
             duration_ms = started.elapsed().as_millis() as u64,
         );
     }
+}
+
+/// Sends a final response and closes so that the client reads it: closing with unread
+/// input would make the kernel send a reset, which can destroy the response in flight.
+/// So: FIN first, then discard what the client still sends, bounded in bytes and time.
+async fn send_and_close(stream: &mut TcpStream, response: &[u8]) {
+    if stream.write_all(response).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = 256usize << 10;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// Reads until a whole request head is in `buf`. `Ok(None)`: closed before a request.

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub type WsViewer = WsByteStream<MaybeTlsStream<TcpStream>>;
@@ -103,7 +103,7 @@ impl TestRelay {
         let mut req = format!("ws://{}{path_and_query}", self.ws).into_client_request()?;
         req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
         for (name, value) in headers {
-            req.headers_mut().insert(*name, HeaderValue::from_str(value).unwrap());
+            req.headers_mut().insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
         }
         let (ws, _resp): (WebSocketStream<_>, _) = tokio_tungstenite::connect_async(req).await?;
         Ok(WsByteStream::new(ws))

@@ -1,0 +1,116 @@
+//! Requests that must not get a console, on both doors, each with a clear HTTP answer
+//! and a closed connection; and the web client's files.
+
+use relay_tests::relay_server::{TestRelay, new_token, read_head, scratch_dir};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+/// A hypervisor address nothing listens on: refusals happen before relay dials.
+const NOWHERE: &str = "127.0.0.1:9";
+
+fn status(err: WsError) -> u16 {
+    match err {
+        WsError::Http(resp) => resp.status().as_u16(),
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+}
+
+async fn raw(relay_addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(relay_addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.expect("relay closes").unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn websocket_refusals() {
+    let relay = TestRelay::start().await;
+    let token = relay.token("vm", NOWHERE.parse().unwrap()).await;
+
+    let cross_site = relay.websocket(&format!("/?token={token}"), &[("Origin", "http://evil.example")]).await;
+    assert_eq!(status(cross_site.err().unwrap()), 403);
+    assert_eq!(status(relay.websocket("/", &[]).await.err().unwrap()), 400, "no token");
+    assert_eq!(status(relay.websocket("/?token=AAAA", &[]).await.err().unwrap()), 403, "unknown token");
+
+    let mut short = new_token("vm", NOWHERE.parse().unwrap());
+    short.ttl = Some(1);
+    let short = relay.token_with(short).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(status(relay.websocket(&format!("/?token={short}"), &[]).await.err().unwrap()), 403, "expired");
+
+    // The cross-site attempt above did not spend the token: Origin is checked first.
+    let check = relay.ctl(relay::control::proto::Request::TokenCheck { token: token.clone() }).await.unwrap();
+    assert_eq!(check["valid"], true);
+    let stats = relay.ctl(relay::control::proto::Request::Stats).await.unwrap();
+    assert_eq!(stats["counters"]["token_rejections"], 2);
+    assert_eq!(stats["sessions_active"], 0);
+}
+
+#[tokio::test]
+async fn connect_door_refusals_say_why() {
+    let relay = TestRelay::start().await;
+    let err = relay.connect_door("AAAA").await.unwrap_err();
+    assert!(err.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{err}");
+    assert!(err.ends_with("unknown console token\n"), "{err}");
+
+    let mut once = new_token("vm", NOWHERE.parse().unwrap());
+    once.single_use = true;
+    let once = relay.token_with(once).await;
+    let first = relay.connect_door(&once).await.unwrap_err();
+    assert!(first.starts_with("HTTP/1.1 502 Bad Gateway"), "hypervisor down: {first}");
+    assert!(first.contains("cannot reach the hypervisor"), "{first}");
+    assert!(!first.contains("127.0.0.1:9"), "the viewer is not told internal addresses: {first}");
+    let second = relay.connect_door(&once).await.unwrap_err();
+    assert!(second.ends_with("console token was already used\n"), "{second}");
+
+    let get = raw(relay.connect, b"GET /console?token=x HTTP/1.1\r\n\r\n").await;
+    assert!(get.starts_with("HTTP/1.1 405 "), "{get}");
+    let none = raw(relay.connect, b"CONNECT /console HTTP/1.1\r\n\r\n").await;
+    assert!(none.starts_with("HTTP/1.1 400 ") && none.contains("no console token"), "{none}");
+}
+
+#[tokio::test]
+async fn malformed_oversize_and_slow_requests_are_closed() {
+    let relay = TestRelay::start_with(|c| c.limits.handshake_timeout_secs = 1).await;
+    let garbage = raw(relay.connect, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03").await;
+    assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage:?}");
+    let big = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(10_000));
+    assert!(raw(relay.ws, big.as_bytes()).await.starts_with("HTTP/1.1 431 "));
+    let slow = raw(relay.ws, b"GET /?token=x HTTP/1.1\r\nHost: a\r\n").await;
+    assert!(slow.starts_with("HTTP/1.1 408 "), "{slow:?}");
+    // A connection that never sends anything is closed quietly after the timeout.
+    assert_eq!(raw(relay.connect, b"").await, "");
+}
+
+#[tokio::test]
+async fn web_client_files_are_served_and_traversal_is_not() {
+    let web = scratch_dir("web");
+    std::fs::create_dir_all(web.join("core")).unwrap();
+    std::fs::write(web.join("vnc_lite.html"), "<html>lite</html>").unwrap();
+    std::fs::write(web.join("core/rfb.js"), "export default 1;").unwrap();
+    std::fs::write(web.parent().unwrap().join("secret.txt"), "secret").unwrap();
+    let root = web.clone();
+    let relay = TestRelay::start_with(move |c| c.listen.web = Some(root)).await;
+
+    let mut s = TcpStream::connect(relay.ws).await.unwrap();
+    s.write_all(b"GET /vnc_lite.html HTTP/1.1\r\nHost: a\r\n\r\nGET /core/rfb.js HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let first = read_head(&mut s).await.unwrap();
+    assert!(first.contains("Content-Type: text/html") && first.contains("Content-Length: 17"), "{first}");
+    let mut body = [0u8; 17];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(&body, b"<html>lite</html>");
+    let second = read_head(&mut s).await.unwrap();
+    assert!(second.contains("Content-Type: text/javascript"), "keep-alive serves the next request: {second}");
+
+    for path in ["/../secret.txt", "/%2e%2e/secret.txt", "/core/../../secret.txt", "/nope.html"] {
+        let reply = raw(relay.ws, format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 404 "), "{path}: {reply}");
+        assert!(!reply.contains("secret"), "{path}");
+    }
+    let post = raw(relay.ws, b"POST /vnc_lite.html HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+    assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+    let _ = std::fs::remove_dir_all(&web);
+}
