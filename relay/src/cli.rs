@@ -99,6 +99,9 @@ pub enum TokenCommand {
         /// The hypervisor's VNC password for this console.
         #[arg(long)]
         hypervisor_password: Option<String>,
+        /// Also set the instance's console password, which viewers must give.
+        #[arg(long)]
+        password: Option<String>,
     },
     /// Is the token valid, and what does it open?
     Check { token: String },
@@ -116,11 +119,33 @@ pub enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum InstanceCommand {
+    /// The console password viewers must give.
+    #[command(subcommand)]
+    Password(PasswordCommand),
     /// End every live console of the instance, on every door.
     Reset {
         id: String,
         /// Also delete the instance's tokens.
         #[arg(long)]
         revoke: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PasswordCommand {
+    /// Set (or reset) the instance's console password: at most 8 printable ASCII characters.
+    Set {
+        id: String,
+        #[arg(long)]
+        password: String,
+        /// End the instance's live consoles, so everyone must give the new password.
+        #[arg(long)]
+        disconnect: bool,
+    },
+    /// Remove the console password.
+    Clear {
+        id: String,
+        #[arg(long)]
+        disconnect: bool,
     },
 }

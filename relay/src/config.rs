@@ -16,6 +16,7 @@ pub struct Config {
     pub websocket: WebSocket,
     pub hypervisor: Hypervisor,
     pub limits: Limits,
+    pub passwords: Passwords,
     pub log: Log,
 }
 
@@ -132,6 +133,28 @@ impl Default for Limits {
             max_requests_per_connection: 200,
             shutdown_grace_secs: 5,
         }
+    }
+}
+
+/// Console passwords that viewers must give (set per instance over the control socket).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Passwords {
+    /// Consecutive wrong passwords, per instance and per source address, before lock-out.
+    pub max_failures: u32,
+    /// Seconds a lock-out lasts.
+    pub lockout_secs: u64,
+    /// Seconds a viewer has to answer the password prompt (a person is typing).
+    pub entry_timeout_secs: u64,
+    /// Most instances and sources whose failures are remembered at once.
+    pub max_tracked: usize,
+    /// Most instances with a console password.
+    pub max_instances: usize,
+}
+
+impl Default for Passwords {
+    fn default() -> Self {
+        Passwords { max_failures: 5, lockout_secs: 300, entry_timeout_secs: 120, max_tracked: 100_000, max_instances: 100_000 }
     }
 }
 

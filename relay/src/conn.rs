@@ -11,6 +11,7 @@ use crate::front::{Door, origin, token_param, web, ws};
 use crate::relay::{self, Control, Ended, Established, Peer};
 use crate::rfb::drive::{DriveError, drive};
 use crate::rfb::hypervisor::{HypervisorAuth, HypervisorDone, HypervisorHandshake};
+use crate::rfb::RfbError;
 use crate::rfb::viewer::{ViewerAuth, ViewerHandshake};
 use crate::session::{SessionHandle, SessionInfo};
 use crate::telemetry::{AUDIT, bump};
@@ -256,20 +257,20 @@ impl Conn {
                 Err(())
             }
         };
-        let viewer_machine = match &hypervisor {
-            Ok(_) => {
-                let mut challenge = [0u8; 16];
-                rand::rng().fill_bytes(&mut challenge);
-                ViewerHandshake::new(ViewerAuth::None, challenge)
-            }
+        let (viewer_machine, deadline, wants_password) = match &hypervisor {
+            Ok(_) => self.viewer_machine(&record.instance).await,
             Err(()) => {
                 bump(&self.app.counters.hypervisor_failures);
-                ViewerHandshake::refuse("console unavailable: the hypervisor could not be reached or refused relay")
+                let refusal = ViewerHandshake::refuse("console unavailable: the hypervisor could not be reached or refused relay");
+                (refusal, self.deadline, false)
             }
         };
-        let viewer_done = timeout_at(self.deadline, drive(viewer_machine, &mut viewer, &mut viewer_buf)).await;
+        let viewer_done = timeout_at(deadline, drive(viewer_machine, &mut viewer, &mut viewer_buf)).await;
+        if wants_password {
+            self.audit_password(&record.instance, &viewer_done);
+        }
         let (hypervisor, done, hv_buf) = match (hypervisor, viewer_done) {
-            (Ok((stream, done, buf)), Ok(Ok(viewer_done))) => ((stream), (done, viewer_done), buf),
+            (Ok((stream, done, buf)), Ok(Ok(viewer_done))) => (stream, (done, viewer_done), buf),
             (hypervisor, viewer_done) => {
                 if hypervisor.is_ok() {
                     let error = match viewer_done {
@@ -306,6 +307,48 @@ impl Conn {
         let relay_started = Instant::now();
         let ended = relay::copy::run(pair, control, limits).await;
         self.finish(&session, ended, relay_started, hash).await;
+    }
+
+    /// What the viewer must prove: nothing, or the instance's console password (unless
+    /// lock-out refuses the attempt outright). Password entry gets its own deadline: a
+    /// person is typing.
+    async fn viewer_machine(&self, instance: &str) -> (ViewerHandshake, tokio::time::Instant, bool) {
+        let password = match self.app.passwords.get(instance).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "password store failed");
+                return (ViewerHandshake::refuse("console unavailable: password store unavailable"), self.deadline, false);
+            }
+        };
+        let Some(password) = password else {
+            return (ViewerHandshake::new(ViewerAuth::None, challenge()), self.deadline, false);
+        };
+        if let Err(locked) = self.app.lockout.check(instance, self.peer.ip(), unix_now()) {
+            bump(&self.app.counters.viewer_auth_failures);
+            info!(target: AUDIT, event = "viewer_auth", outcome = "locked_out", source = %self.peer.ip(), detail = %locked);
+            return (ViewerHandshake::refuse(locked.to_string()), self.deadline, false);
+        }
+        let entry = Duration::from_secs(self.app.config.passwords.entry_timeout_secs);
+        let deadline = self.deadline.max(tokio::time::Instant::now() + entry);
+        (ViewerHandshake::new(ViewerAuth::Password(password.0), challenge()), deadline, true)
+    }
+
+    /// One audit event per password attempt, and the lock-out bookkeeping.
+    fn audit_password<T>(&self, instance: &str, result: &Result<Result<T, DriveError>, tokio::time::error::Elapsed>) {
+        let source = self.peer.ip();
+        match result {
+            Ok(Ok(_)) => {
+                self.app.lockout.success(instance, source);
+                info!(target: AUDIT, event = "viewer_auth", outcome = "success", source = %source);
+            }
+            Ok(Err(DriveError::Rfb(RfbError::WrongPassword))) => {
+                bump(&self.app.counters.viewer_auth_failures);
+                let locked = self.app.lockout.failure(instance, source, unix_now());
+                info!(target: AUDIT, event = "viewer_auth", outcome = "wrong_password", source = %source, locked_out = locked.is_some());
+            }
+            Ok(Err(e)) => info!(target: AUDIT, event = "viewer_auth", outcome = "abandoned", source = %source, error = %e),
+            Err(_) => info!(target: AUDIT, event = "viewer_auth", outcome = "timed_out", source = %source),
+        }
     }
 
     /// Returns the hypervisor socket, how its handshake went, and bytes it sent beyond it.
@@ -349,6 +392,13 @@ impl Conn {
             duration_ms = started.elapsed().as_millis() as u64,
         );
     }
+}
+
+/// Fresh random bytes for a VNC authentication challenge.
+fn challenge() -> [u8; 16] {
+    let mut c = [0u8; 16];
+    rand::rng().fill_bytes(&mut c);
+    c
 }
 
 /// Sends a final response and closes so that the client reads it: closing with unread

@@ -1,7 +1,8 @@
 //! `relay ctl`: turns command-line arguments into control requests and prints replies.
 
 use crate::auth::{NewToken, Target};
-use crate::cli::{CtlArgs, CtlCommand, InstanceCommand, TokenCommand};
+use crate::auth::Secret;
+use crate::cli::{CtlArgs, CtlCommand, InstanceCommand, PasswordCommand, TokenCommand};
 use crate::config::default_control_path;
 use crate::control::client::request;
 use crate::control::proto::{Envelope, Request};
@@ -32,7 +33,7 @@ pub async fn run(args: CtlArgs) -> i32 {
 fn to_request(command: CtlCommand) -> Request {
     match command {
         CtlCommand::Token(t) => match t {
-            TokenCommand::Create { instance, host, port, ttl, idle_timeout, internal_access_path, single_use, console, hypervisor_password } => {
+            TokenCommand::Create { instance, host, port, ttl, idle_timeout, internal_access_path, single_use, console, hypervisor_password, password } => {
                 Request::TokenCreate(NewToken {
                     instance,
                     console,
@@ -41,7 +42,8 @@ fn to_request(command: CtlCommand) -> Request {
                     idle_timeout,
                     single_use,
                     hypervisor_schemes: None,
-                    hypervisor_password: hypervisor_password.map(crate::auth::Secret),
+                    hypervisor_password: hypervisor_password.map(Secret),
+                    password: password.map(Secret),
                 })
             }
             TokenCommand::Check { token } => Request::TokenCheck { token },
@@ -52,6 +54,12 @@ fn to_request(command: CtlCommand) -> Request {
         CtlCommand::Sessions { instance } => Request::Sessions { instance },
         CtlCommand::Stats => Request::Stats,
         CtlCommand::Instance(InstanceCommand::Reset { id, revoke }) => Request::InstanceReset { instance: id, revoke },
+        CtlCommand::Instance(InstanceCommand::Password(PasswordCommand::Set { id, password, disconnect })) => {
+            Request::InstancePasswordSet { instance: id, password: Secret(password), disconnect }
+        }
+        CtlCommand::Instance(InstanceCommand::Password(PasswordCommand::Clear { id, disconnect })) => {
+            Request::InstancePasswordClear { instance: id, disconnect }
+        }
     }
 }
 
@@ -118,6 +126,9 @@ fn human_printer(req: &Request) -> fn(&Value) {
             for (k, c) in v.get("counters").and_then(Value::as_object).into_iter().flatten() {
                 println!("{k}: {c}");
             }
+        },
+        Request::InstancePasswordSet { .. } | Request::InstancePasswordClear { .. } => |v| {
+            println!("instance {}: console password {}; disconnected {} live console(s)", s(v, "instance"), s(v, "password"), n(v, "disconnected"));
         },
         Request::InstanceReset { .. } => |v| {
             println!("instance {}: disconnected {} live console(s), revoked {} token(s)", s(v, "instance"), n(v, "disconnected"), n(v, "revoked"));

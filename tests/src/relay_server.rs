@@ -142,6 +142,7 @@ pub fn new_token(instance: &str, hypervisor: SocketAddr) -> NewToken {
         single_use: false,
         hypervisor_schemes: None,
         hypervisor_password: None,
+        password: None,
     }
 }
 

@@ -120,6 +120,7 @@ mod tests {
             single_use,
             hypervisor_schemes: None,
             hypervisor_password: None,
+            password: None,
         }
     }
 

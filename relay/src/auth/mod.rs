@@ -1,6 +1,8 @@
 //! Console tokens: what a token grants, how it is made, and where it is kept.
 
+pub mod lockout;
 pub mod memory;
+pub mod passwords;
 pub mod store;
 pub mod token;
 

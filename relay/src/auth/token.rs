@@ -83,6 +83,9 @@ pub struct NewToken {
     /// The hypervisor's VNC password for this console.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hypervisor_password: Option<Secret>,
+    /// Sets the instance's console password (viewers must give it) with the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
 }
 
 fn default_console() -> String {

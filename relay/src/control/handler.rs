@@ -46,6 +46,20 @@ pub async fn handle(app: &App, envelope: Envelope) -> Result<Value, ControlError
             "sessions_active": app.sessions.len(),
             "tokens": store.len().await.map_err(unavailable)?,
         })),
+        Request::InstancePasswordSet { instance, password, disconnect } => {
+            if let Err(e) = check_password(&password.0) {
+                return Err(ControlError::new(ErrorKind::BadRequest, format!("password: {e}")));
+            }
+            app.passwords.set(&instance, password).await.map_err(store_error)?;
+            Ok(password_changed(app, &instance, "set", disconnect))
+        }
+        Request::InstancePasswordClear { instance, disconnect } => {
+            let had = app.passwords.clear(&instance).await.map_err(unavailable)?;
+            if !had {
+                return Err(ControlError::new(ErrorKind::NotFound, "the instance has no console password"));
+            }
+            Ok(password_changed(app, &instance, "cleared", disconnect))
+        }
         Request::InstanceReset { instance, revoke } => {
             let revoked = if revoke { store.delete_instance(&instance).await.map_err(unavailable)? } else { 0 };
             let disconnected = app.sessions.disconnect_instance(&instance, "console reset by operator");
@@ -71,20 +85,27 @@ async fn create(app: &App, req: NewToken) -> Result<Value, ControlError> {
     {
         return bad("internal_access_path must be 1 to 2048 visible characters without spaces".into());
     }
+    if let Some(pw) = &req.password
+        && let Err(e) = check_password(&pw.0)
+    {
+        return bad(format!("password: {e}"));
+    }
     if let Some(pw) = &req.hypervisor_password {
         if let Err(e) = check_password(&pw.0) {
             return bad(format!("hypervisor_password: {e}"));
         }
+    }
+    let mut req = req;
+    if let Some(pw) = req.password.take() {
+        app.passwords.set(&req.instance, pw).await.map_err(store_error)?;
+        info!(target: AUDIT, event = "console_password_set", instance = %req.instance, via = "token_create");
     }
     let cfg = &app.config.tokens;
     let text = token::generate();
     let hash = TokenHash::of(&text);
     let record = TokenRecord::new(&hash, req, unix_now(), cfg.ttl_secs, cfg.idle_timeout_secs);
     let (id, instance, expires) = (record.id.clone(), record.instance.clone(), record.expires);
-    app.tokens.insert(hash, record).await.map_err(|e| match e {
-        StoreError::Full(_) => ControlError::new(ErrorKind::Full, e.to_string()),
-        StoreError::Unavailable(_) => unavailable(e),
-    })?;
+    app.tokens.insert(hash, record).await.map_err(store_error)?;
     info!(target: AUDIT, event = "token_created", token_id = %id, instance = %instance, expires);
     Ok(json!({
         "token": text,
@@ -117,6 +138,21 @@ fn access_urls(app: &App, token: &str) -> Value {
 
 fn found(yes: bool, v: Value) -> Result<Value, ControlError> {
     if yes { Ok(v) } else { Err(ControlError::new(ErrorKind::NotFound, "no such token")) }
+}
+
+/// Audits a password change and, when asked, ends the instance's live consoles
+/// (QEMU keeps clients connected across a password change; only relay can end them).
+fn password_changed(app: &App, instance: &str, change: &str, disconnect: bool) -> Value {
+    let disconnected = if disconnect { app.sessions.disconnect_instance(instance, "console password changed") } else { 0 };
+    info!(target: AUDIT, event = "console_password_changed", instance = %instance, change, disconnected);
+    json!({ "instance": instance, "password": change, "disconnected": disconnected })
+}
+
+fn store_error(e: StoreError) -> ControlError {
+    match e {
+        StoreError::Full(_) => ControlError::new(ErrorKind::Full, e.to_string()),
+        StoreError::Unavailable(_) => unavailable(e),
+    }
 }
 
 fn unavailable(e: StoreError) -> ControlError {

@@ -1,6 +1,6 @@
 //! Requests and replies of the control protocol (version 1).
 
-use crate::auth::NewToken;
+use crate::auth::{NewToken, Secret};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -39,6 +39,19 @@ pub enum Request {
         instance: Option<String>,
     },
     Stats,
+    /// Sets the console password viewers must give; `disconnect` ends live consoles.
+    InstancePasswordSet {
+        instance: String,
+        password: Secret,
+        #[serde(default)]
+        disconnect: bool,
+    },
+    /// Removes the console password; `disconnect` ends live consoles.
+    InstancePasswordClear {
+        instance: String,
+        #[serde(default)]
+        disconnect: bool,
+    },
     /// Ends every live console of the instance, and with `revoke` deletes its tokens.
     InstanceReset {
         instance: String,

@@ -1,0 +1,50 @@
+//! Console passwords, per instance. The clear password is kept because VNC
+//! authentication needs it to compute the DES check; it lives only here, never in logs,
+//! listings or replies.
+
+use super::store::StoreFuture;
+use super::token::Secret;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+pub trait PasswordStore: Send + Sync + 'static {
+    fn set(&self, instance: &str, password: Secret) -> StoreFuture<'_, ()>;
+    /// False when the instance had no password.
+    fn clear(&self, instance: &str) -> StoreFuture<'_, bool>;
+    fn get(&self, instance: &str) -> StoreFuture<'_, Option<Secret>>;
+}
+
+/// The embedded password store.
+pub struct MemoryPasswords {
+    map: Mutex<HashMap<String, Secret>>,
+    max: usize,
+}
+
+impl MemoryPasswords {
+    pub fn new(max: usize) -> Self {
+        MemoryPasswords { map: Mutex::new(HashMap::new()), max }
+    }
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Secret>> {
+        // Single inserts and removes only: a poisoned map is still consistent.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl PasswordStore for MemoryPasswords {
+    fn set(&self, instance: &str, password: Secret) -> StoreFuture<'_, ()> {
+        let mut map = self.map();
+        if map.len() >= self.max && !map.contains_key(instance) {
+            return Box::pin(std::future::ready(Err(super::StoreError::Full(self.max))));
+        }
+        map.insert(instance.to_string(), password);
+        Box::pin(std::future::ready(Ok(())))
+    }
+    fn clear(&self, instance: &str) -> StoreFuture<'_, bool> {
+        let removed = self.map().remove(instance).is_some();
+        Box::pin(std::future::ready(Ok(removed)))
+    }
+    fn get(&self, instance: &str) -> StoreFuture<'_, Option<Secret>> {
+        let found = self.map().get(instance).cloned();
+        Box::pin(std::future::ready(Ok(found)))
+    }
+}
