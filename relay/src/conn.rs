@@ -358,6 +358,7 @@ impl Conn {
         let auth = HypervisorAuth {
             schemes: record.hypervisor_schemes.clone().unwrap_or_else(|| cfg.auth_schemes.clone()),
             vnc_password: record.hypervisor_password.as_ref().map(|s| s.0.clone()).or_else(|| cfg.vnc_password.clone()),
+            plain_username: None,
         };
         match timeout_at(self.deadline, drive(HypervisorHandshake::new(auth), &mut stream, &mut buffered)).await {
             Ok(Ok(done)) => Ok((stream, done, buffered)),

@@ -6,7 +6,7 @@ use relay::rfb::hypervisor::{HypervisorAuth, HypervisorHandshake, Scheme};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, data)) = data.split_first() else { return };
-    let auth = HypervisorAuth { schemes: vec![Scheme::Vnc, Scheme::None], vnc_password: Some("pw".into()) };
+    let auth = HypervisorAuth { schemes: vec![Scheme::Vencrypt, Scheme::Vnc, Scheme::None], vnc_password: Some("pw".into()), plain_username: Some("u".into()) };
     let mut machine = HypervisorHandshake::new(auth);
     let mut out = Vec::new();
     let cut = (cut as usize).min(data.len());

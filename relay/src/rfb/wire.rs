@@ -89,6 +89,10 @@ impl<'a> Input<'a> {
             &rest[..n]
         })
     }
+    /// The next `n` bytes without consuming them.
+    pub fn peek(&self, n: usize) -> Option<&'a [u8]> {
+        self.rest().get(..n)
+    }
     pub fn u8_peek(&self) -> Option<u8> {
         self.rest().first().copied()
     }
