@@ -7,6 +7,8 @@ use crate::auth::memory::MemoryStore;
 use crate::auth::passwords::{MemoryPasswords, PasswordStore};
 use crate::config::Config;
 use crate::session::Registry;
+use crate::tls::{self, FrontTls, Ktls};
+use tokio_rustls::TlsConnector;
 use crate::telemetry::Counters;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,17 +21,43 @@ pub struct App {
     pub lockout: Lockout,
     pub sessions: Arc<Registry>,
     pub counters: Counters,
+    /// The front doors' TLS identity, when configured.
+    pub front_tls: Option<FrontTls>,
+    /// relay's TLS client towards VeNCrypt hypervisors, when configured.
+    pub hypervisor_tls: Option<TlsConnector>,
+    pub ktls: Ktls,
     next_id: AtomicU64,
 }
 
 impl App {
-    pub fn new(config: Config) -> Arc<App> {
+    /// Builds the shared state; fails on unreadable TLS material.
+    pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
+        let front_tls = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => Some(FrontTls::load(cert, key)?),
+            _ => None,
+        };
+        let h = &config.hypervisor;
+        let hypervisor_tls = match &h.vencrypt_ca_certs {
+            Some(ca) => Some(tls::hypervisor_connector(ca, h.vencrypt_client_cert.as_deref(), h.vencrypt_client_key.as_deref())?),
+            None => None,
+        };
         let tokens = Arc::new(MemoryStore::new(config.tokens.max_tokens));
         let sessions = Registry::new(config.limits.max_sessions, config.limits.max_sessions_per_instance);
         let p = &config.passwords;
         let passwords = Arc::new(MemoryPasswords::new(p.max_instances));
         let lockout = Lockout::new(p.max_failures, p.lockout_secs, p.max_tracked);
-        Arc::new(App { config, tokens, passwords, lockout, sessions, counters: Counters::default(), next_id: AtomicU64::new(1) })
+        Ok(Arc::new(App {
+            config,
+            tokens,
+            passwords,
+            lockout,
+            sessions,
+            counters: Counters::default(),
+            front_tls,
+            hypervisor_tls,
+            ktls: tls::probe_ktls(),
+            next_id: AtomicU64::new(1),
+        }))
     }
 
     /// A process-unique id for a connection (and the session it may become).

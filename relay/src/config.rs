@@ -17,7 +17,20 @@ pub struct Config {
     pub hypervisor: Hypervisor,
     pub limits: Limits,
     pub passwords: Passwords,
+    pub tls: Tls,
     pub log: Log,
+}
+
+/// TLS on the front doors (`https://`, `wss://`, CONNECT over TLS). With a certificate
+/// configured, each connection is told apart by its first byte, so one port serves both.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain; reloaded with the key on SIGHUP.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Refuse connections that do not start with TLS.
+    pub ssl_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,11 +103,26 @@ pub struct Hypervisor {
     /// VNC password used when a token carries none.
     pub vnc_password: Option<String>,
     pub connect_timeout_secs: u64,
+    /// VeNCrypt: CA bundle that hypervisor certificates must chain to.
+    pub vencrypt_ca_certs: Option<PathBuf>,
+    /// VeNCrypt: relay's client certificate and key (hypervisors with verify-peer=yes).
+    pub vencrypt_client_cert: Option<PathBuf>,
+    pub vencrypt_client_key: Option<PathBuf>,
+    /// VeNCrypt X509Plain: user name sent with `vnc_password` inside TLS.
+    pub plain_username: Option<String>,
 }
 
 impl Default for Hypervisor {
     fn default() -> Self {
-        Hypervisor { auth_schemes: vec![Scheme::None, Scheme::Vnc], vnc_password: None, connect_timeout_secs: 5 }
+        Hypervisor {
+            auth_schemes: vec![Scheme::None, Scheme::Vnc],
+            vnc_password: None,
+            connect_timeout_secs: 5,
+            vencrypt_ca_certs: None,
+            vencrypt_client_cert: None,
+            vencrypt_client_key: None,
+            plain_username: None,
+        }
     }
 }
 
@@ -208,6 +236,15 @@ impl Config {
         }
         if let Some(pw) = &self.hypervisor.vnc_password {
             crate::rfb::vnc_auth::check_password(pw).map_err(|e| ConfigError::Invalid(format!("hypervisor.vnc_password: {e}")))?;
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls: cert and key go together");
+        }
+        if self.tls.ssl_only && self.tls.cert.is_none() {
+            return bad("tls.ssl_only needs tls.cert and tls.key");
+        }
+        if self.hypervisor.auth_schemes.contains(&Scheme::Vencrypt) && self.hypervisor.vencrypt_ca_certs.is_none() {
+            return bad("hypervisor.auth_schemes has vencrypt: set hypervisor.vencrypt_ca_certs to verify hypervisors");
         }
         if self.tokens.ttl_secs == 0 {
             return bad("tokens.ttl_secs must be at least 1");

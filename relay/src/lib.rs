@@ -19,3 +19,5 @@ pub mod run;
 pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod tls;
+pub mod transport;

@@ -1,6 +1,7 @@
 //! Listeners, the connection limit, housekeeping, and graceful shutdown.
 
 use crate::app::{App, unix_now};
+use crate::tls::Ktls;
 use crate::config::Config;
 use crate::conn::{self, Listener};
 use crate::control;
@@ -43,10 +44,18 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
     let control_listener = control::server::bind(&control_path)
         .await
         .with_context(|| format!("control socket {}", control_path.display()))?;
-    let app = App::new(config);
+    let app = App::new(config)?;
     let bound = Bound { websocket: app.config.listen.websocket, connect: app.config.listen.connect, control: control_path.clone() };
     info!(%bound, web = ?app.config.listen.web, "relay listening");
     info!(backend = "copy", "relay back-end: portable userspace copy");
+    match (&app.ktls, app.front_tls.is_some() || app.hypervisor_tls.is_some()) {
+        (Ktls::Available, _) => info!("kTLS: available in this kernel; TLS sessions are still carried by rustls in userspace"),
+        (Ktls::Unavailable(why), true) => info!(reason = %why, "kTLS: unavailable; TLS stays in userspace (rustls)"),
+        (Ktls::Unavailable(why), false) => debug!(reason = %why, "kTLS: unavailable"),
+    }
+    if app.front_tls.is_some() {
+        info!(ssl_only = app.config.tls.ssl_only, "front doors accept TLS (https, wss, CONNECT over TLS)");
+    }
     on_bound(&bound);
 
     let max = app.config.limits.max_connections;
@@ -59,6 +68,7 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
     }
     tasks.spawn(control::server::serve(app.clone(), control_listener, control_path.clone()));
     tasks.spawn(housekeeping(app.clone()));
+    tasks.spawn(reload_on_sighup(app.clone()));
 
     shutdown.await;
     info!("shutting down: no new connections; ending live consoles");
@@ -125,6 +135,21 @@ async fn housekeeping(app: Arc<App>) {
             Ok(0) => {}
             Ok(n) => debug!(swept = n, "forgot dead tokens"),
             Err(e) => warn!(error = %e, "token sweep failed"),
+        }
+    }
+}
+
+/// Reloads the front doors' certificate on SIGHUP; live sessions are untouched.
+async fn reload_on_sighup(app: Arc<App>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        match &app.front_tls {
+            Some(tls) => match tls.reload() {
+                Ok(()) => info!("SIGHUP: front TLS certificate reloaded"),
+                Err(e) => warn!(error = %format!("{e:#}"), "SIGHUP: certificate reload failed; keeping the current one"),
+            },
+            None => info!("SIGHUP: no TLS certificate configured; nothing to reload"),
         }
     }
 }

@@ -124,7 +124,8 @@ fn access_urls(app: &App, token: &str) -> Value {
         addr.map(|a| {
             let host = if a.ip().is_unspecified() { "localhost".to_string() } else { a.ip().to_string() };
             let host = if a.is_ipv6() && host != "localhost" { format!("[{host}]") } else { host };
-            format!("http://{host}:{}{path}", a.port())
+            let scheme = if app.front_tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{host}:{}{path}", a.port())
         })
     };
     let novnc = public.novnc_base_url.clone().or_else(|| base(listen.websocket, "/vnc_lite.html"));

@@ -143,6 +143,14 @@ pub trait Handshake {
     fn advance(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, Progress<Self::Done>);
 }
 
+/// A machine driven in phases (VeNCrypt: before and inside TLS) is lent, not moved.
+impl<H: Handshake> Handshake for &mut H {
+    type Done = H::Done;
+    fn advance(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, Progress<H::Done>) {
+        (**self).advance(input, out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

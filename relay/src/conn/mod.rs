@@ -1,0 +1,114 @@
+//! The pipeline for one connection, and the only place that knows its order:
+//! request head → front door → token → dial → RFB negotiation (hypervisor side, then
+//! viewer side) → relay → audit. The steps themselves live in [`request`] and
+//! [`negotiate`].
+
+mod negotiate;
+mod request;
+
+use request::send_and_close;
+
+use crate::app::{App, unix_now};
+use crate::auth::TokenHash;
+use crate::front::http::{Reject, RequestHead};
+use crate::front::{Door, token_param};
+use crate::session::SessionInfo;
+use crate::telemetry::{AUDIT, bump};
+use crate::transport::Transport;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tracing::{Instrument, info, info_span, warn};
+
+/// Which listener accepted the connection, and so which doors it may open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// WebSocket door and the static web client.
+    WebSocket,
+    /// XVP-style CONNECT door.
+    Connect,
+}
+
+/// The answer a CONNECT viewer gets before raw RFB.
+const CONNECT_OK: &[u8] = b"HTTP/1.1 200 OK\r\n\r\n";
+
+pub async fn handle(app: Arc<App>, stream: TcpStream, peer: SocketAddr, listener: Listener) {
+    let id = app.next_id();
+    bump(&app.counters.connections_accepted);
+    let _ = stream.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + app.config.handshake_timeout();
+    let conn = Conn { app, id, peer, deadline };
+    async move {
+        let Some(transport) = conn.accept_tls(stream).await else { return };
+        conn.run(transport, listener).await
+    }
+    .instrument(info_span!("conn", id, %peer))
+    .await
+}
+
+struct Conn {
+    app: Arc<App>,
+    id: u64,
+    peer: SocketAddr,
+    /// When the current phase (a request head, or the handshakes) must be over.
+    deadline: tokio::time::Instant,
+}
+
+/// A request that asked for a console, with the bytes that followed its head.
+struct ConsoleRequest {
+    head: RequestHead,
+    rest: Vec<u8>,
+    door: Door,
+}
+
+impl Conn {
+    async fn run(mut self, mut stream: Transport, listener: Listener) {
+        let Some(req) = self.read_console_request(&mut stream, listener).await else { return };
+        // The handshakes share one deadline from here: a slow peer cannot hold a
+        // connection open before its console exists.
+        self.deadline = tokio::time::Instant::now() + self.app.config.handshake_timeout();
+        if let Err(reject) = self.check_door(&req, stream.is_tls()) {
+            self.refuse(&mut stream, &reject, &req).await;
+            return;
+        }
+        let Some(token) = token_param::from_request(&req.head) else {
+            let reject = Reject::new(400, "Bad Request", "no console token in the request");
+            self.refuse(&mut stream, &reject, &req).await;
+            return;
+        };
+        let hash = TokenHash::of(&token);
+        drop(token);
+        let record = match self.app.tokens.redeem(hash, unix_now()).await {
+            Ok(Ok(record)) => record,
+            Ok(Err(rejection)) => {
+                bump(&self.app.counters.token_rejections);
+                info!(target: AUDIT, event = "token_rejected", token_id = %hash.id(), door = %req.door, reason = %rejection);
+                self.refuse(&mut stream, &Reject::new(403, "Forbidden", rejection.to_string()), &req).await;
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "token store failed");
+                self.refuse(&mut stream, &Reject::new(503, "Service Unavailable", "token store unavailable"), &req).await;
+                return;
+            }
+        };
+        let info = SessionInfo {
+            id: self.id,
+            instance: record.instance.clone(),
+            token_id: record.id.clone(),
+            door: req.door,
+            viewer: self.peer,
+            hypervisor: format!("{}:{}", record.target.host, record.target.port),
+            started: unix_now(),
+        };
+        let session = match self.app.sessions.register(info, hash) {
+            Ok(s) => s,
+            Err(e) => {
+                self.refuse(&mut stream, &Reject::new(503, "Service Unavailable", e.to_string()), &req).await;
+                return;
+            }
+        };
+        let span = info_span!("session", instance = %record.instance, token_id = %record.id, door = %req.door);
+        self.console(stream, req, record, hash, session).instrument(span).await
+    }
+}

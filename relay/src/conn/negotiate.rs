@@ -1,0 +1,250 @@
+//! From a redeemed token to the end of the console: dial, both RFB handshakes (with
+//! VeNCrypt TLS towards the hypervisor and the console password towards the viewer),
+//! the relay, and the closing audit.
+
+use super::{CONNECT_OK, Conn, ConsoleRequest, send_and_close};
+use crate::app::unix_now;
+use crate::auth::{TokenHash, TokenRecord};
+use crate::dial::{DialError, Dialed, dial};
+use crate::front::Door;
+use crate::front::http::Reject;
+use crate::front::ws;
+use crate::front::ws_stream::WsByteStream;
+use crate::relay::{self, Control, Ended, Established, Peer};
+use crate::rfb::RfbError;
+use crate::rfb::drive::{DriveError, drive};
+use crate::rfb::hypervisor::{HypervisorAuth, HypervisorDone, HypervisorHandshake};
+use crate::rfb::viewer::{ViewerAuth, ViewerHandshake};
+use crate::session::SessionHandle;
+use crate::telemetry::{AUDIT, bump};
+use crate::transport::Transport;
+use rand::RngCore;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::time::timeout_at;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::{info, warn};
+
+impl Conn {
+    /// From a redeemed token to the end of the console.
+    pub(super) async fn console(self, mut stream: Transport, req: ConsoleRequest, record: TokenRecord, hash: TokenHash, session: SessionHandle) {
+        let timeout = Duration::from_secs(self.app.config.hypervisor.connect_timeout_secs);
+        let dialed = match timeout_at(self.deadline, dial(&record.target, timeout)).await {
+            Ok(r) => r,
+            Err(_) => Err(DialError::Timeout(format!("{}:{}", record.target.host, record.target.port))),
+        };
+        match req.door {
+            Door::Connect => {
+                if let Err(e) = &dialed {
+                    warn!(target: AUDIT, event = "hypervisor_failed", stage = "dial", error = %e);
+                    bump(&self.app.counters.hypervisor_failures);
+                    let reply = Reject::new(502, "Bad Gateway", "console unavailable: cannot reach the hypervisor");
+                    send_and_close(&mut stream, &reply.to_bytes()).await;
+                    return;
+                }
+                if stream.write_all(CONNECT_OK).await.is_err() {
+                    return;
+                }
+                self.negotiate(stream, req.rest, dialed, &record, hash, session).await
+            }
+            Door::WebSocket => {
+                let upgrade = ws::check(&req.head).expect("checked before the token was spent");
+                if stream.write_all(&upgrade.response()).await.is_err() {
+                    return;
+                }
+                let limits = &self.app.config.limits;
+                let config = WebSocketConfig::default()
+                    .read_buffer_size(16 << 10)
+                    .write_buffer_size(limits.relay_buffer_bytes)
+                    .max_write_buffer_size(limits.relay_buffer_bytes.saturating_mul(4).max(1 << 20))
+                    .max_message_size(Some(limits.max_ws_message_bytes))
+                    .max_frame_size(Some(limits.max_ws_message_bytes));
+                let ws = WebSocketStream::from_partially_read(stream, req.rest, Role::Server, Some(config)).await;
+                self.negotiate(WsByteStream::new(ws), Vec::new(), dialed, &record, hash, session).await
+            }
+        }
+    }
+
+    /// Both RFB handshakes, then the relay.
+    async fn negotiate<V: Peer>(
+        self,
+        mut viewer: V,
+        mut viewer_buf: Vec<u8>,
+        dialed: Result<Dialed, DialError>,
+        record: &TokenRecord,
+        hash: TokenHash,
+        session: SessionHandle,
+    ) {
+        let started = Instant::now();
+        let hypervisor = match dialed {
+            Ok(d) => self.hypervisor_handshake(d, record).await,
+            Err(e) => {
+                warn!(target: AUDIT, event = "hypervisor_failed", stage = "dial", error = %e);
+                Err(())
+            }
+        };
+        let (viewer_machine, deadline, wants_password) = match &hypervisor {
+            Ok(_) => self.viewer_machine(&record.instance).await,
+            Err(()) => {
+                bump(&self.app.counters.hypervisor_failures);
+                let refusal = ViewerHandshake::refuse("console unavailable: the hypervisor could not be reached or refused relay");
+                (refusal, self.deadline, false)
+            }
+        };
+        let viewer_done = timeout_at(deadline, drive(viewer_machine, &mut viewer, &mut viewer_buf)).await;
+        if wants_password {
+            self.audit_password(&record.instance, &viewer_done);
+        }
+        let (hypervisor, done, hv_buf) = match (hypervisor, viewer_done) {
+            (Ok((stream, done, buf)), Ok(Ok(viewer_done))) => (stream, (done, viewer_done), buf),
+            (hypervisor, viewer_done) => {
+                if hypervisor.is_ok() {
+                    let error = match viewer_done {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
+                    info!(target: AUDIT, event = "viewer_handshake_failed", error = %error);
+                }
+                return;
+            }
+        };
+        let (hv_done, viewer_done) = done;
+        bump(&self.app.counters.sessions_started);
+        info!(
+            target: AUDIT,
+            event = "session_start",
+            session = self.id,
+            viewer = %self.peer,
+            hypervisor = %format!("{}:{}", record.target.host, record.target.port),
+            viewer_rfb = %viewer_done.version,
+            viewer_security = viewer_done.security,
+            hypervisor_rfb = %hv_done.version,
+            hypervisor_security = hv_done.security,
+            handshake_ms = started.elapsed().as_millis() as u64,
+        );
+        let cfg = &self.app.config.limits;
+        let limits = relay::Limits {
+            buffer_bytes: cfg.relay_buffer_bytes,
+            idle_timeout: (cfg.session_idle_timeout_secs > 0).then(|| Duration::from_secs(cfg.session_idle_timeout_secs)),
+            half_close_timeout: Duration::from_secs(cfg.half_close_timeout_secs),
+        };
+        let control = Control { bytes: session.bytes.clone(), stop: session.stop.clone() };
+        let pair = Established { viewer, viewer_buffered: viewer_buf, hypervisor, hypervisor_buffered: hv_buf };
+        let relay_started = Instant::now();
+        let ended = relay::copy::run(pair, control, limits).await;
+        self.finish(&session, ended, relay_started, hash).await;
+    }
+
+    /// What the viewer must prove: nothing, or the instance's console password (unless
+    /// lock-out refuses the attempt outright). Password entry gets its own deadline: a
+    /// person is typing.
+    async fn viewer_machine(&self, instance: &str) -> (ViewerHandshake, tokio::time::Instant, bool) {
+        let password = match self.app.passwords.get(instance).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "password store failed");
+                return (ViewerHandshake::refuse("console unavailable: password store unavailable"), self.deadline, false);
+            }
+        };
+        let Some(password) = password else {
+            return (ViewerHandshake::new(ViewerAuth::None, challenge()), self.deadline, false);
+        };
+        if let Err(locked) = self.app.lockout.check(instance, self.peer.ip(), unix_now()) {
+            bump(&self.app.counters.viewer_auth_failures);
+            info!(target: AUDIT, event = "viewer_auth", outcome = "locked_out", source = %self.peer.ip(), detail = %locked);
+            return (ViewerHandshake::refuse(locked.to_string()), self.deadline, false);
+        }
+        let entry = Duration::from_secs(self.app.config.passwords.entry_timeout_secs);
+        let deadline = self.deadline.max(tokio::time::Instant::now() + entry);
+        (ViewerHandshake::new(ViewerAuth::Password(password.0), challenge()), deadline, true)
+    }
+
+    /// One audit event per password attempt, and the lock-out bookkeeping.
+    fn audit_password<T>(&self, instance: &str, result: &Result<Result<T, DriveError>, tokio::time::error::Elapsed>) {
+        let source = self.peer.ip();
+        match result {
+            Ok(Ok(_)) => {
+                self.app.lockout.success(instance, source);
+                info!(target: AUDIT, event = "viewer_auth", outcome = "success", source = %source);
+            }
+            Ok(Err(DriveError::Rfb(RfbError::WrongPassword))) => {
+                bump(&self.app.counters.viewer_auth_failures);
+                let locked = self.app.lockout.failure(instance, source, unix_now());
+                info!(target: AUDIT, event = "viewer_auth", outcome = "wrong_password", source = %source, locked_out = locked.is_some());
+            }
+            Ok(Err(e)) => info!(target: AUDIT, event = "viewer_auth", outcome = "abandoned", source = %source, error = %e),
+            Err(_) => info!(target: AUDIT, event = "viewer_auth", outcome = "timed_out", source = %source),
+        }
+    }
+
+    /// Runs the hypervisor side; for VeNCrypt, starts TLS (verifying the hypervisor's
+    /// certificate against the CA and its host name) and finishes inside it. Returns the
+    /// hypervisor connection, how it went, and bytes it sent beyond the handshake.
+    async fn hypervisor_handshake(&self, dialed: Dialed, record: &TokenRecord) -> Result<(Transport, HypervisorDone, Vec<u8>), ()> {
+        let Dialed { mut stream, mut buffered } = dialed;
+        let cfg = &self.app.config.hypervisor;
+        let auth = HypervisorAuth {
+            schemes: record.hypervisor_schemes.clone().unwrap_or_else(|| cfg.auth_schemes.clone()),
+            vnc_password: record.hypervisor_password.as_ref().map(|s| s.0.clone()).or_else(|| cfg.vnc_password.clone()),
+            plain_username: cfg.plain_username.clone(),
+        };
+        let fail = |stage: &str, error: String| {
+            warn!(target: AUDIT, event = "hypervisor_failed", stage, error = %error);
+        };
+        let mut machine = HypervisorHandshake::new(auth);
+        let first = match timeout_at(self.deadline, drive(&mut machine, &mut stream, &mut buffered)).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => return Err(fail(if matches!(e, DriveError::Rfb(_)) { "rfb" } else { "io" }, e.to_string())),
+            Err(_) => return Err(fail("rfb", "handshake timed out".into())),
+        };
+        let Some(subtype) = first.start_tls else { return Ok((Transport::Plain(stream), first, buffered)) };
+        if !buffered.is_empty() {
+            return Err(fail("vencrypt", "hypervisor sent data before the TLS handshake".into()));
+        }
+        let Some(connector) = &self.app.hypervisor_tls else {
+            return Err(fail("vencrypt", "VeNCrypt needs hypervisor.vencrypt_ca_certs".into()));
+        };
+        let Ok(name) = rustls::pki_types::ServerName::try_from(record.target.host.clone()) else {
+            return Err(fail("tls", format!("{:?} is not a valid TLS server name", record.target.host)));
+        };
+        let mut tls = match timeout_at(self.deadline, connector.connect(name, stream)).await {
+            Ok(Ok(tls)) => Transport::ClientTls(Box::new(tls)),
+            Ok(Err(e)) => return Err(fail("tls", format!("TLS with the hypervisor failed ({subtype:?}): {e}"))),
+            Err(_) => return Err(fail("tls", "TLS handshake with the hypervisor timed out".into())),
+        };
+        match timeout_at(self.deadline, drive(&mut machine, &mut tls, &mut buffered)).await {
+            Ok(Ok(done)) => Ok((tls, done, buffered)),
+            Ok(Err(e)) => Err(fail("vencrypt", e.to_string())),
+            Err(_) => Err(fail("vencrypt", "handshake timed out inside TLS".into())),
+        }
+    }
+
+    async fn finish(&self, session: &SessionHandle, ended: Ended, started: Instant, hash: TokenHash) {
+        let (up, down) = session.bytes.snapshot();
+        let counters = &self.app.counters;
+        counters.bytes_to_hypervisor.fetch_add(up, Ordering::Relaxed);
+        counters.bytes_to_viewer.fetch_add(down, Ordering::Relaxed);
+        bump(&counters.sessions_ended);
+        // The token was in use until now: it lapses from here, not from its last redeem.
+        let _ = self.app.tokens.touch(hash, unix_now()).await;
+        info!(
+            target: AUDIT,
+            event = "session_end",
+            session = self.id,
+            viewer = %self.peer,
+            reason = %ended,
+            bytes_to_hypervisor = up,
+            bytes_to_viewer = down,
+            duration_ms = started.elapsed().as_millis() as u64,
+        );
+    }
+}
+
+/// Fresh random bytes for a VNC authentication challenge.
+fn challenge() -> [u8; 16] {
+    let mut c = [0u8; 16];
+    rand::rng().fill_bytes(&mut c);
+    c
+}

@@ -1,0 +1,173 @@
+//! The request phase: TLS or not, request heads, the web client's files, door checks
+//! and refusals.
+
+use super::{Conn, ConsoleRequest, Listener};
+use crate::front::http::{Reject, RequestHead, parse_request};
+use crate::front::{Door, origin, web, ws};
+use crate::telemetry::{AUDIT, bump};
+use crate::transport::Transport;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout_at;
+use tracing::{debug, info};
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+impl Conn {
+    /// With TLS configured, tells TLS from plain by the first byte (one port serves
+    /// `http`/`ws` and `https`/`wss`) and completes the TLS handshake in time.
+    pub(super) async fn accept_tls(&self, stream: TcpStream) -> Option<Transport> {
+        let Some(tls) = &self.app.front_tls else { return Some(Transport::Plain(stream)) };
+        let mut first = [0u8; 1];
+        let peeked = timeout_at(self.deadline, stream.peek(&mut first)).await;
+        if !matches!(peeked, Ok(Ok(1))) {
+            return None;
+        }
+        if first[0] != TLS_HANDSHAKE {
+            if !self.app.config.tls.ssl_only {
+                return Some(Transport::Plain(stream));
+            }
+            bump(&self.app.counters.connections_refused);
+            info!(target: AUDIT, event = "refused", status = 400, reason = "plain connection; TLS required");
+            let mut plain = stream;
+            send_and_close(&mut plain, &Reject::new(400, "Bad Request", "this relay accepts TLS only (https://, wss://)").to_bytes()).await;
+            return None;
+        }
+        match timeout_at(self.deadline, tls.acceptor().accept(stream)).await {
+            Ok(Ok(s)) => Some(Transport::ServerTls(Box::new(s))),
+            Ok(Err(e)) => {
+                bump(&self.app.counters.connections_refused);
+                info!(target: AUDIT, event = "refused", reason = %format!("TLS handshake failed: {e}"));
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Reads request heads until one asks for a console; serves the web client's files
+    /// on the way (keep-alive). `None` when the connection is done.
+    pub(super) async fn read_console_request(&mut self, stream: &mut Transport, listener: Listener) -> Option<ConsoleRequest> {
+        let limits = &self.app.config.limits;
+        let mut buf = Vec::with_capacity(1024);
+        for _ in 0..limits.max_requests_per_connection {
+            self.deadline = tokio::time::Instant::now() + self.app.config.handshake_timeout();
+            let head = match timeout_at(self.deadline, read_head(stream, &mut buf, limits.max_header_bytes)).await {
+                Ok(Ok(Some(head))) => head,
+                Ok(Ok(None)) => return None,
+                Ok(Err(reject)) => {
+                    debug!(status = reject.status, reason = %reject.message, "bad request");
+                    bump(&self.app.counters.connections_refused);
+                    send_and_close(stream, &reject.to_bytes()).await;
+                    return None;
+                }
+                Err(_) => {
+                    // Quietly for an idle keep-alive connection; with a 408 mid-request.
+                    if !buf.is_empty() {
+                        send_and_close(stream, &Reject::new(408, "Request Timeout", "request head too slow").to_bytes()).await;
+                    }
+                    return None;
+                }
+            };
+            let (head, len) = head;
+            let rest = buf.split_off(len);
+            buf.clear();
+            match listener {
+                Listener::Connect => return Some(ConsoleRequest { head, rest, door: Door::Connect }),
+                Listener::WebSocket if ws::is_upgrade(&head) => return Some(ConsoleRequest { head, rest, door: Door::WebSocket }),
+                Listener::WebSocket => {
+                    if !self.serve_web(stream, &head).await || !head.keep_alive() {
+                        return None;
+                    }
+                    buf = rest;
+                }
+            }
+        }
+        None
+    }
+
+    /// Serves one file of the web client; false when the connection should close.
+    async fn serve_web(&self, stream: &mut Transport, head: &RequestHead) -> bool {
+        bump(&self.app.counters.web_requests);
+        let response = match &self.app.config.listen.web {
+            Some(root) => web::respond(root, head).await,
+            None => Err(Reject::new(404, "Not Found", "relay serves no web client here (see listen.web); consoles open over WebSocket")),
+        };
+        match response {
+            Ok(bytes) => stream.write_all(&bytes).await.is_ok(),
+            // A missing file leaves the connection usable; anything else ends it.
+            Err(reject) if reject.status == 404 => stream.write_all(&reject.to_bytes()).await.is_ok(),
+            Err(reject) => {
+                debug!(status = reject.status, path = head.path(), "web request refused");
+                send_and_close(stream, &reject.to_bytes()).await;
+                false
+            }
+        }
+    }
+
+    /// Door-specific checks that come before the token is spent.
+    pub(super) fn check_door(&self, req: &ConsoleRequest, tls: bool) -> Result<(), Reject> {
+        match req.door {
+            Door::Connect if req.head.method != "CONNECT" => {
+                Err(Reject::new(405, "Method Not Allowed", "this door takes CONNECT /console?token=TOKEN"))
+            }
+            Door::Connect => Ok(()),
+            Door::WebSocket => {
+                ws::check(&req.head)?;
+                let cfg = &self.app.config.websocket;
+                let forwarded = cfg.trust_forwarded_proto.then(|| req.head.header("x-forwarded-proto")).flatten();
+                let scheme = match forwarded {
+                    Some(p) if p.eq_ignore_ascii_case("https") => "https",
+                    _ if tls => "https",
+                    _ => "http",
+                };
+                origin::check(req.head.header("origin"), req.head.header("host"), scheme, &cfg.allowed_origins)
+                    .map_err(|e| Reject::new(403, "Forbidden", e))
+            }
+        }
+    }
+
+    pub(super) async fn refuse(&self, stream: &mut Transport, reject: &Reject, req: &ConsoleRequest) {
+        bump(&self.app.counters.connections_refused);
+        info!(target: AUDIT, event = "refused", door = %req.door, status = reject.status, reason = %reject.message);
+        send_and_close(stream, &reject.to_bytes()).await;
+    }
+}
+
+/// Sends a final response and closes so that the client reads it: closing with unread
+/// input would make the kernel send a reset, which can destroy the response in flight.
+/// So: FIN first, then discard what the client still sends, bounded in bytes and time.
+pub(super) async fn send_and_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, response: &[u8]) {
+    if stream.write_all(response).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = 256usize << 10;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+/// Reads until a whole request head is in `buf`. `Ok(None)`: closed before a request.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>, max: usize) -> Result<Option<(RequestHead, usize)>, Reject> {
+    let mut chunk = [0u8; 2048];
+    loop {
+        if !buf.is_empty()
+            && let Some(head) = parse_request(buf, max).map_err(|e| e.reject())?
+        {
+            return Ok(Some(head));
+        }
+        let n = stream.read(&mut chunk).await.map_err(|e| Reject::new(400, "Bad Request", e.to_string()))?;
+        if n == 0 {
+            return if buf.is_empty() { Ok(None) } else { Err(Reject::new(400, "Bad Request", "connection closed mid-request")) };
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
