@@ -153,6 +153,8 @@ async function main() {
     timeout: Math.min(opts.timeoutMs, 30000),
   });
   log('browser', browser.version());
+  const deadline = started + opts.timeoutMs;
+  const result = { state: null, reason: null, width: 0, height: 0, colours: 0 };
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   const page = await context.newPage();
 
@@ -163,7 +165,11 @@ async function main() {
     log('console.' + m.type(), text);
     consoleLog.push(text);
     if (consoleLog.length > 20) consoleLog.shift();
-    if (SECURITY_LOG.test(text) && !securityLog) securityLog = text;
+    if (SECURITY_LOG.test(text) && !securityLog) securityLog = text.replace(/[\u0000-\u001f]+/g, ' ').replace(/ \)/, ')');
+  });
+  page.on('websocket', (ws) => {
+    log('websocket', ws.url());
+    result.websocket = ws.url();
   });
   page.on('pageerror', (e) => { log('pageerror', e.message); consoleLog.push('pageerror: ' + e.message); });
   // vnc_lite.html asks for the password with window.prompt().
@@ -180,8 +186,6 @@ async function main() {
     } catch (e) { log('dialog error', e.message); }
   });
 
-  const deadline = started + opts.timeoutMs;
-  const result = { state: null, reason: null, width: 0, height: 0, colours: 0 };
   const finish = async (ok, reason) => {
     result.ok = ok;
     if (reason !== undefined) result.reason = reason;
@@ -238,7 +242,8 @@ async function main() {
     if (s.state !== lastState) log('state', s.state, s.reason || '');
     lastState = s.state;
     result.state = s.state;
-    result.reason = s.reason ?? null;
+    // QEMU NUL-terminates its security failure reason; drop control characters.
+    result.reason = s.reason == null ? null : String(s.reason).replace(/[\u0000-\u001f]+/g, ' ').trim();
     if (s.desktopName) result.desktopName = s.desktopName;
 
     if (s.state === 'credentials') {

@@ -1,0 +1,95 @@
+//! TLS on the front doors: CONNECT over TLS, wss for browsers, ssl_only, and a client
+//! that does not trust relay's certificate.
+
+use relay_tests::pki::{Ca, Role};
+use relay_tests::relay_server::{TestRelay, scratch_dir};
+use relay_tests::tls_client;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+async fn tls_relay(ssl_only: bool) -> (TestRelay, Ca) {
+    let ca = Ca::new("relay test CA");
+    let dir = scratch_dir("front-tls");
+    let issued = ca.issue_files(&dir, "relay", Role::Server, &["localhost", "127.0.0.1"], false);
+    let relay = TestRelay::start_with(move |c| {
+        c.tls.cert = Some(issued.cert);
+        c.tls.key = Some(issued.key);
+        c.tls.ssl_only = ssl_only;
+    })
+    .await;
+    (relay, ca)
+}
+
+async fn read_all<S: AsyncReadExt + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn connect_door_over_tls_and_plain_on_the_same_port() {
+    let (relay, ca) = tls_relay(false).await;
+    let mut tls = tls_client::connect(&ca.cert_pem(), relay.connect, "localhost").await.expect("relay's certificate verifies");
+    tls.write_all(b"CONNECT /console?token=nope HTTP/1.1\r\n\r\n").await.unwrap();
+    let reply = read_all(&mut tls).await;
+    assert!(reply.starts_with("HTTP/1.1 403 Forbidden"), "{reply}");
+
+    let mut plain = TcpStream::connect(relay.connect).await.unwrap();
+    plain.write_all(b"CONNECT /console?token=nope HTTP/1.1\r\n\r\n").await.unwrap();
+    assert!(read_all(&mut plain).await.starts_with("HTTP/1.1 403 Forbidden"));
+}
+
+#[tokio::test]
+async fn wss_upgrade_checks_origin_as_https() {
+    let (relay, ca) = tls_relay(true).await;
+    let token = relay.token("vm", "127.0.0.1:9".parse().unwrap()).await;
+    let ws_over_tls = |origin: &'static str| {
+        let ca = ca.cert_pem();
+        let token = token.clone();
+        let addr = relay.ws;
+        async move {
+            let tls = tls_client::connect(&ca, addr, "localhost").await.unwrap();
+            let mut req = format!("wss://localhost:{}/?token={token}", addr.port()).into_client_request().unwrap();
+            req.headers_mut().insert("Origin", origin.parse().unwrap());
+            req.headers_mut().insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+            tokio_tungstenite::client_async(req, tls).await
+        }
+    };
+    let http_origin = ws_over_tls("http://localhost").await;
+    match http_origin {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403, "an http page may not open a wss console"),
+        other => panic!("expected 403, got {:?}", other.map(|_| ())),
+    }
+    let (ws, resp) = ws_over_tls("https://localhost").await.expect("same-origin wss upgrade");
+    assert_eq!(resp.status(), 101);
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "binary");
+    drop(ws);
+}
+
+#[tokio::test]
+async fn ssl_only_refuses_plain_connections() {
+    let (relay, ca) = tls_relay(true).await;
+    let mut plain = TcpStream::connect(relay.ws).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let reply = read_all(&mut plain).await;
+    assert!(reply.starts_with("HTTP/1.1 400 ") && reply.contains("TLS only"), "{reply}");
+    // A TLS client is still served.
+    let mut tls = tls_client::connect(&ca.cert_pem(), relay.ws, "localhost").await.unwrap();
+    tls.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    assert!(read_all(&mut tls).await.starts_with("HTTP/1.1 404 "));
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_trust_relay_fails_the_handshake() {
+    let (relay, _ca) = tls_relay(false).await;
+    let stranger = Ca::new("some other CA");
+    let err = tls_client::connect(&stranger.cert_pem(), relay.connect, "localhost").await.err().expect("untrusted");
+    assert!(err.to_string().contains("UnknownIssuer") || err.to_string().contains("invalid peer certificate"), "{err}");
+    let (relay2, ca) = tls_relay(false).await;
+    let err = tls_client::connect(&ca.cert_pem(), relay2.connect, "other.example").await.err().expect("wrong name");
+    assert!(err.to_string().contains("NotValidForName") || err.to_string().contains("not valid for"), "{err}");
+    // Still serving after failed handshakes.
+    assert!(tls_client::connect(&ca.cert_pem(), relay2.connect, "localhost").await.is_ok());
+}
