@@ -91,8 +91,10 @@ pub struct WebSocket {
     /// Origins allowed besides the Host the request came to: full origins
     /// (`https://dash.example.com`) or bare host names.
     pub allowed_origins: Vec<String>,
-    /// Believe `X-Forwarded-Proto` (only behind a TLS-terminating proxy you run).
-    pub trust_forwarded_proto: bool,
+    /// Believe `X-Forwarded-Proto` and `X-Forwarded-For` (only behind a reverse proxy you
+    /// run): the first for the Origin check, the second as the viewer's address in audit
+    /// events and per-source lock-out.
+    pub trust_forwarded_headers: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -15,7 +15,7 @@ use crate::front::{Door, token_param};
 use crate::session::SessionInfo;
 use crate::telemetry::{AUDIT, bump};
 use crate::transport::Transport;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{Instrument, info, info_span, warn};
@@ -37,7 +37,7 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, peer: SocketAddr, listener
     bump(&app.counters.connections_accepted);
     let _ = stream.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + app.config.handshake_timeout();
-    let conn = Conn { app, id, peer, deadline };
+    let conn = Conn { app, id, peer, client: peer.ip(), deadline };
     async move {
         let Some(transport) = conn.accept_tls(stream).await else { return };
         conn.run(transport, listener).await
@@ -50,6 +50,8 @@ struct Conn {
     app: Arc<App>,
     id: u64,
     peer: SocketAddr,
+    /// The viewer's address: the peer's, or the proxy-reported one when trusted.
+    client: IpAddr,
     /// When the current phase (a request head, or the handshakes) must be over.
     deadline: tokio::time::Instant,
 }
@@ -67,6 +69,11 @@ impl Conn {
         // The handshakes share one deadline from here: a slow peer cannot hold a
         // connection open before its console exists.
         self.deadline = tokio::time::Instant::now() + self.app.config.handshake_timeout();
+        if self.app.config.websocket.trust_forwarded_headers
+            && let Some(client) = forwarded_for(&req.head)
+        {
+            self.client = client;
+        }
         if let Err(reject) = self.check_door(&req, stream.is_tls()) {
             self.refuse(&mut stream, &reject, &req).await;
             return;
@@ -108,7 +115,12 @@ impl Conn {
                 return;
             }
         };
-        let span = info_span!("session", instance = %record.instance, token_id = %record.id, door = %req.door);
+        let span = info_span!("session", instance = %record.instance, token_id = %record.id, door = %req.door, client = %self.client);
         self.console(stream, req, record, hash, session).instrument(span).await
     }
+}
+
+/// The client a trusted reverse proxy reports: the first `X-Forwarded-For` entry.
+fn forwarded_for(head: &RequestHead) -> Option<IpAddr> {
+    head.header("x-forwarded-for")?.split(',').next()?.trim().parse().ok()
 }

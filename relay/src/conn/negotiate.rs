@@ -134,7 +134,8 @@ impl Conn {
         let pair = Established { viewer, viewer_buffered: viewer_buf, hypervisor, hypervisor_buffered: hv_buf };
         let relay_started = Instant::now();
         let ended = relay::copy::run(pair, control, limits).await;
-        self.finish(&session, ended, relay_started, hash).await;
+        let viewer_auth = if viewer_done.security == crate::rfb::security::VNC { "password" } else { "none" };
+        self.finish(&session, ended, relay_started, hash, record, viewer_auth).await;
     }
 
     /// What the viewer must prove: nothing, or the instance's console password (unless
@@ -151,9 +152,9 @@ impl Conn {
         let Some(password) = password else {
             return (ViewerHandshake::new(ViewerAuth::None, challenge()), self.deadline, false);
         };
-        if let Err(locked) = self.app.lockout.check(instance, self.peer.ip(), unix_now()) {
+        if let Err(locked) = self.app.lockout.check(instance, self.client, unix_now()) {
             bump(&self.app.counters.viewer_auth_failures);
-            info!(target: AUDIT, event = "viewer_auth", outcome = "locked_out", source = %self.peer.ip(), detail = %locked);
+            info!(target: AUDIT, event = "viewer_auth", outcome = "locked_out", source = %self.client, detail = %locked);
             return (ViewerHandshake::refuse(locked.to_string()), self.deadline, false);
         }
         let entry = Duration::from_secs(self.app.config.passwords.entry_timeout_secs);
@@ -163,7 +164,7 @@ impl Conn {
 
     /// One audit event per password attempt, and the lock-out bookkeeping.
     fn audit_password<T>(&self, instance: &str, result: &Result<Result<T, DriveError>, tokio::time::error::Elapsed>) {
-        let source = self.peer.ip();
+        let source = self.client;
         match result {
             Ok(Ok(_)) => {
                 self.app.lockout.success(instance, source);
@@ -221,7 +222,7 @@ impl Conn {
         }
     }
 
-    async fn finish(&self, session: &SessionHandle, ended: Ended, started: Instant, hash: TokenHash) {
+    async fn finish(&self, session: &SessionHandle, ended: Ended, started: Instant, hash: TokenHash, record: &TokenRecord, viewer_auth: &str) {
         let (up, down) = session.bytes.snapshot();
         let counters = &self.app.counters;
         counters.bytes_to_hypervisor.fetch_add(up, Ordering::Relaxed);
@@ -233,7 +234,10 @@ impl Conn {
             target: AUDIT,
             event = "session_end",
             session = self.id,
+            instance = %record.instance,
             viewer = %self.peer,
+            hypervisor = %format!("{}:{}", record.target.host, record.target.port),
+            viewer_auth,
             reason = %ended,
             bytes_to_hypervisor = up,
             bytes_to_viewer = down,

@@ -116,7 +116,7 @@ impl Conn {
             Door::WebSocket => {
                 ws::check(&req.head)?;
                 let cfg = &self.app.config.websocket;
-                let forwarded = cfg.trust_forwarded_proto.then(|| req.head.header("x-forwarded-proto")).flatten();
+                let forwarded = cfg.trust_forwarded_headers.then(|| req.head.header("x-forwarded-proto")).flatten();
                 let scheme = match forwarded {
                     Some(p) if p.eq_ignore_ascii_case("https") => "https",
                     _ if tls => "https",
