@@ -10,6 +10,9 @@
 // Prints one JSON line on stdout; exit code 0 iff the expectation was met.
 
 import { chromium } from 'playwright-core';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 const USAGE = 'usage: node novnc.mjs --url URL ' +
   '[--expect connected|securityfailure|disconnected|credentials] ' +
@@ -22,7 +25,7 @@ const CHROMIUM_ARGS = [
 ];
 // Extra time allowed on top of --timeout-ms for launching and closing the
 // browser before the hard timeout kills everything.
-const HARD_TIMEOUT_SLACK_MS = 15000;
+const HARD_TIMEOUT_SLACK_MS = 10000;
 
 const started = Date.now();
 let emitted = false;
@@ -89,6 +92,20 @@ function pageUrl() {
   return u.href;
 }
 
+// If the driver itself is SIGKILLed, Playwright cannot close Chromium. Launch it
+// through a wrapper that asks the kernel to kill it when the driver dies
+// (setpriv --pdeathsig); its helper processes follow the browser process.
+let wrapperDir = null;
+function chromiumExecutable() {
+  const setpriv = '/usr/bin/setpriv';
+  if (!existsSync(setpriv)) return CHROMIUM;
+  wrapperDir = mkdtempSync(join(tmpdir(), 'relay-novnc-'));
+  const wrapper = join(wrapperDir, 'chromium');
+  const quoted = "'" + CHROMIUM.replace(/'/g, "'\\''") + "'";
+  writeFileSync(wrapper, `#!/bin/sh\nexec ${setpriv} --pdeathsig KILL ${quoted} "$@"\n`, { mode: 0o755 });
+  return wrapper;
+}
+
 let browser = null;
 
 async function shutdown(code) {
@@ -98,6 +115,7 @@ async function shutdown(code) {
     // browser.close() kills the Chromium process group; guard against a hang.
     await Promise.race([b.close().catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
   }
+  if (wrapperDir) rmSync(wrapperDir, { recursive: true, force: true });
   // Playwright's exit handler SIGKILLs any browser still running.
   process.exit(code);
 }
@@ -112,6 +130,9 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+// QEMU NUL-terminates its security failure reason; drop control characters.
+const clean = (text) => text == null ? null
+  : String(text).replace(/[\u0000-\u001f]+/g, ' ').replace(/ +\)/g, ')').trim();
 
 // Runs in the page: the console state, from whichever page this is.
 function readPageState() {
@@ -139,15 +160,19 @@ function readCanvas() {
 // Security failures in vnc_lite.html only show up as a failed connection in
 // the status text; noVNC logs the cause on the console.
 const SECURITY_LOG = /Security negotiation failed|Security handshake failed|Authentication failure/i;
+// noVNC's own error line for a failed connection, e.g. "Failed when connecting:
+// Connection closed (code: 1011, reason: ...)": the best reason for a disconnect.
+const NOVNC_FAILURE_LOG = /^(Failed when connecting|Failed while connected|Failed when disconnecting|RFB failure):/;
 
 async function main() {
   const consoleLog = [];
   let securityLog = null;
+  let failureLog = null;
   let promptSeen = false;
   let typed = false;
 
   browser = await chromium.launch({
-    executablePath: CHROMIUM,
+    executablePath: chromiumExecutable(),
     headless: true,
     args: CHROMIUM_ARGS,
     timeout: Math.min(opts.timeoutMs, 30000),
@@ -157,15 +182,32 @@ async function main() {
   const result = { state: null, reason: null, width: 0, height: 0, colours: 0 };
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   const page = await context.newPage();
+  page.setDefaultTimeout(opts.timeoutMs);
+  // page.evaluate() has no timeout of its own (a busy page never answers).
+  const evaluate = (fn) => {
+    let timer;
+    const expire = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error('page did not answer before the deadline')),
+        Math.max(0, deadline - Date.now()));
+    });
+    return Promise.race([page.evaluate(fn), expire]).finally(() => clearTimeout(timer));
+  };
 
   page.on('console', (m) => {
     if (m.type() !== 'error' && m.type() !== 'warning') return;
     const text = m.text();
-    if (/willReadFrequently/.test(text)) return; // our own canvas readback
+    // Our own canvas readback; failed loads are reported by the 'response' handler.
+    if (/willReadFrequently|^Failed to load resource/.test(text)) return;
     log('console.' + m.type(), text);
-    consoleLog.push(text);
+    consoleLog.push(clean(text));
     if (consoleLog.length > 20) consoleLog.shift();
-    if (SECURITY_LOG.test(text) && !securityLog) securityLog = text.replace(/[\u0000-\u001f]+/g, ' ').replace(/ \)/, ')');
+    if (NOVNC_FAILURE_LOG.test(text)) failureLog = clean(text);
+    if (SECURITY_LOG.test(text) && !securityLog) securityLog = clean(text);
+  });
+  page.on('response', (r) => {
+    if (r.status() < 400 || /\/favicon\.ico$/.test(new URL(r.url()).pathname)) return;
+    log('http', r.status(), r.url());
+    consoleLog.push(`HTTP ${r.status()} for ${r.url()}`);
   });
   page.on('websocket', (ws) => {
     log('websocket', ws.url());
@@ -232,7 +274,7 @@ async function main() {
   while (Date.now() < deadline) {
     let s;
     try {
-      s = classify(await page.evaluate(readPageState));
+      s = classify(await evaluate(readPageState));
     } catch (e) {
       // Navigation in progress or page crashed; retry until the deadline.
       log('evaluate failed', e.message.split('\n')[0]);
@@ -242,9 +284,9 @@ async function main() {
     if (s.state !== lastState) log('state', s.state, s.reason || '');
     lastState = s.state;
     result.state = s.state;
-    // QEMU NUL-terminates its security failure reason; drop control characters.
-    result.reason = s.reason == null ? null : String(s.reason).replace(/[\u0000-\u001f]+/g, ' ').trim();
+    result.reason = clean(s.reason);
     if (s.desktopName) result.desktopName = s.desktopName;
+    if (s.state === 'disconnected' && failureLog) result.reason = failureLog;
 
     if (s.state === 'credentials') {
       if (opts.expect === 'credentials') return finish(true);
@@ -260,14 +302,19 @@ async function main() {
     } else if (s.state === 'connected') {
       connectedAt ??= Date.now();
       if (opts.expect === 'connected') {
-        Object.assign(result, await page.evaluate(readCanvas));
+        // The guest may not have drawn anything yet: retry until the deadline.
+        try {
+          Object.assign(result, await evaluate(readCanvas));
+        } catch (e) {
+          log('reading canvas failed', e.message.split('\n')[0]);
+        }
         if (result.width > 0 && result.height > 0 && result.colours >= 2) return finish(true);
       } else if (opts.expect !== 'disconnected') {
         return finish(false, `expected ${opts.expect}, but the console connected`);
       }
     } else if (s.state === 'disconnected' || s.state === 'securityfailure') {
       if (opts.expect === s.state) return finish(true);
-      return finish(false, `expected ${opts.expect}, got ${s.state}` + (s.reason ? `: ${s.reason}` : ''));
+      return finish(false, `expected ${opts.expect}, got ${s.state}` + (result.reason ? `: ${result.reason}` : ''));
     }
     await sleep(100);
   }

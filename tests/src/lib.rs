@@ -1,3 +1,5 @@
 pub mod relay_server;
 pub mod pki;
 pub mod tls_client;
+pub mod env;
+pub mod browser;
