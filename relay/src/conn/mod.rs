@@ -17,6 +17,7 @@ use crate::telemetry::{AUDIT, bump};
 use crate::transport::Transport;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -65,7 +66,11 @@ struct ConsoleRequest {
 
 impl Conn {
     async fn run(mut self, mut stream: Transport, listener: Listener) {
-        let Some(req) = self.read_console_request(&mut stream, listener).await else { return };
+        let Some(req) = self.read_console_request(&mut stream, listener).await else {
+            // A clean end: a FIN, and under TLS a close_notify first.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.shutdown()).await;
+            return;
+        };
         // The handshakes share one deadline from here: a slow peer cannot hold a
         // connection open before its console exists.
         self.deadline = tokio::time::Instant::now() + self.app.config.handshake_timeout();
