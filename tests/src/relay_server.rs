@@ -46,6 +46,9 @@ impl TestRelay {
 
     /// Starts relay on 127.0.0.1 ephemeral ports after `adjust` has had its say.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestRelay {
+        // relay's log, captured per test and shown when one fails (RUST_LOG to change).
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         let dir = scratch_dir("relay");
         let mut config = Config::default();
         config.listen.websocket = Some("127.0.0.1:0".parse().unwrap());

@@ -22,28 +22,34 @@ pub async fn run<V: Peer, H: Peer>(pair: Established<V, H>, mut control: Control
     let mut down = Pump::new(hypervisor_buffered, limits.buffer_bytes);
     let bytes = control.bytes.clone();
     let mut first_eof: Option<Ended> = None;
-    let mut deadline = Deadline::new(limits);
+    let mut half_close_at: Option<Instant> = None;
+    let mut idle = IdleClock::new(limits.idle_timeout, bytes.snapshot());
+    // Which directions had finished when the loop last looked.
+    let mut seen = (false, false);
 
     let outcome = loop {
-        let moved = poll_fn(|cx| {
-            let before = bytes.snapshot();
-            let up_r = up.poll(cx, Pin::new(&mut viewer), Pin::new(&mut hypervisor), &bytes.to_hypervisor);
-            if let Poll::Ready(Err(e)) = up_r {
+        // Resolves only on an error or when a direction newly finishes: bytes flowing
+        // never wake this loop, only the pumps' own tasks.
+        let progress = poll_fn(|cx| {
+            if !up.finished()
+                && let Poll::Ready(Err(e)) = up.poll(cx, Pin::new(&mut viewer), Pin::new(&mut hypervisor), &bytes.to_hypervisor)
+            {
                 return Poll::Ready(Err(Failure::Up(e)));
             }
-            let down_r = down.poll(cx, Pin::new(&mut hypervisor), Pin::new(&mut viewer), &bytes.to_viewer);
-            if let Poll::Ready(Err(e)) = down_r {
+            if !down.finished()
+                && let Poll::Ready(Err(e)) = down.poll(cx, Pin::new(&mut hypervisor), Pin::new(&mut viewer), &bytes.to_viewer)
+            {
                 return Poll::Ready(Err(Failure::Down(e)));
             }
-            // Wake the outer loop whenever a direction finishes or bytes moved, so the
-            // idle and half-close clocks see it.
-            let finished = (up.finished(), down.finished());
-            if bytes.snapshot() != before || up_r.is_ready() || down_r.is_ready() {
-                Poll::Ready(Ok(finished))
-            } else {
-                Poll::Pending
-            }
+            let now = (up.finished(), down.finished());
+            if now != seen { Poll::Ready(Ok(now)) } else { Poll::Pending }
         });
+        let half_close = async {
+            match half_close_at {
+                Some(at) => sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             stop = control.stop.wait_for(Option::is_some) => {
@@ -53,19 +59,24 @@ pub async fn run<V: Peer, H: Peer>(pair: Established<V, H>, mut control: Control
                 };
                 break Err(Ended::Stopped(reason));
             }
-            r = moved => match r {
+            r = progress => match r {
                 Ok((true, true)) => break Ok(()),
-                Ok((up_done, down_done)) => {
-                    deadline.activity();
-                    if first_eof.is_none() && (up_done || down_done) {
-                        first_eof = Some(if up_done { Ended::ViewerClosed } else { Ended::HypervisorClosed });
-                        deadline.half_closed();
+                Ok(now) => {
+                    seen = now;
+                    if first_eof.is_none() {
+                        first_eof = Some(if now.0 { Ended::ViewerClosed } else { Ended::HypervisorClosed });
+                        half_close_at = Some(Instant::now() + limits.half_close_timeout);
                     }
                 }
                 Err(Failure::Up(e)) => break Err(failure(e, true, &viewer, &hypervisor)),
                 Err(Failure::Down(e)) => break Err(failure(e, false, &viewer, &hypervisor)),
             },
-            expired = deadline.wait() => break Err(expired),
+            _ = half_close => break Err(Ended::HalfCloseTimeout),
+            _ = idle.tick(), if idle.enabled() => {
+                if idle.expired(bytes.snapshot()) {
+                    break Err(Ended::Idle);
+                }
+            }
         }
     };
     match outcome {
@@ -100,36 +111,34 @@ fn failure<V: Peer, H: Peer>(e: PumpError, upstream: bool, viewer: &V, hyperviso
     }
 }
 
-/// The idle and half-close clocks.
-struct Deadline {
-    limits: Limits,
-    idle_at: Option<Instant>,
-    half_close_at: Option<Instant>,
+/// Idleness, checked on a coarse tick against the byte counters, so that busy sessions
+/// pay nothing per byte for it.
+struct IdleClock {
+    timeout: Option<Duration>,
+    tick: tokio::time::Interval,
+    last_bytes: (u64, u64),
+    last_change: Instant,
 }
 
-impl Deadline {
-    fn new(limits: Limits) -> Self {
-        let idle_at = limits.idle_timeout.map(|t| Instant::now() + t);
-        Deadline { limits, idle_at, half_close_at: None }
+impl IdleClock {
+    fn new(timeout: Option<Duration>, bytes: (u64, u64)) -> Self {
+        let period = timeout.map_or(Duration::from_secs(3600), |t| (t / 4).max(Duration::from_millis(100)));
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        IdleClock { timeout, tick, last_bytes: bytes, last_change: Instant::now() }
     }
-    fn activity(&mut self) {
-        if let Some(t) = self.limits.idle_timeout {
-            self.idle_at = Some(Instant::now() + t);
+    fn enabled(&self) -> bool {
+        self.timeout.is_some()
+    }
+    async fn tick(&mut self) {
+        self.tick.tick().await;
+    }
+    fn expired(&mut self, bytes: (u64, u64)) -> bool {
+        if bytes != self.last_bytes {
+            self.last_bytes = bytes;
+            self.last_change = Instant::now();
+            return false;
         }
-    }
-    fn half_closed(&mut self) {
-        self.half_close_at = Some(Instant::now() + self.limits.half_close_timeout);
-    }
-    async fn wait(&self) -> Ended {
-        let far = Instant::now() + Duration::from_secs(86400 * 365);
-        let idle = self.idle_at.unwrap_or(far);
-        let half = self.half_close_at.unwrap_or(far);
-        if idle <= half {
-            sleep_until(idle).await;
-            Ended::Idle
-        } else {
-            sleep_until(half).await;
-            Ended::HalfCloseTimeout
-        }
+        self.timeout.is_some_and(|t| self.last_change.elapsed() >= t)
     }
 }

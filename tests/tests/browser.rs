@@ -1,0 +1,77 @@
+//! Real noVNC in headless Chromium, loading its page from relay's web client and
+//! showing a real QEMU console through a console token.
+
+use relay::control::proto::Request;
+use relay_tests::browser::{assemble_web_root, open};
+use relay_tests::hypervisor::{Qemu, VncAuth};
+use relay_tests::relay_server::{TestRelay, scratch_dir};
+use relay_tests::env;
+use std::path::PathBuf;
+
+async fn relay_serving(web: PathBuf) -> TestRelay {
+    TestRelay::start_with(move |c| {
+        c.listen.web = Some(web);
+        // A person types the password in the password tests; the driver is quick.
+        c.limits.handshake_timeout_secs = 15;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn novnc_1_7_shows_the_qemu_console() {
+    if !env::qemu() || !env::browser() {
+        return;
+    }
+    let qemu = Qemu::start(VncAuth::None).await.unwrap();
+    let dir = scratch_dir("web");
+    let relay = relay_serving(assemble_web_root(&dir)).await;
+    let token = relay.token("vm-browser", qemu.addr()).await;
+    let url = format!("http://{}/console.html?path=%3Ftoken%3D{token}", relay.ws);
+    let shot = dir.join("console.png");
+    let seen = open(&url, "connected", &[], Some(&shot)).await;
+    assert!(seen.ok, "{:?}\n{}", seen.report, seen.stderr);
+    assert_eq!((seen.report["width"].as_u64(), seen.report["height"].as_u64()), (Some(720), Some(400)));
+    assert!(seen.report["colours"].as_u64().unwrap() >= 2, "the firmware screen has text on it");
+    let stats = relay.ctl(Request::Stats).await.unwrap();
+    assert_eq!(stats["counters"]["sessions_started"], 1);
+    assert!(stats["counters"]["bytes_to_viewer"].as_u64().unwrap() > 720 * 400, "a full framebuffer went to the browser");
+}
+
+#[tokio::test]
+async fn debian_novnc_opens_the_url_token_create_hands_out() {
+    if !env::qemu() || !env::browser() || !env::debian_novnc() {
+        return;
+    }
+    let qemu = Qemu::start(VncAuth::None).await.unwrap();
+    let relay = relay_serving("/usr/share/novnc".into()).await;
+    let reply = relay.ctl(Request::TokenCreate(relay_tests::relay_server::new_token("vm-nova", qemu.addr()))).await.unwrap();
+    let url = reply["urls"]["novnc"].as_str().unwrap().replace("localhost", "127.0.0.1");
+    assert!(url.contains("/vnc_lite.html?path=%3Ftoken%3D"), "{url}");
+    let seen = open(&url, "connected", &[], None).await;
+    assert!(seen.ok, "{:?}\n{}", seen.report, seen.stderr);
+}
+
+#[tokio::test]
+async fn console_password_prompt_right_and_wrong() {
+    if !env::qemu() || !env::browser() {
+        return;
+    }
+    // The hypervisor has its own VNC password; the viewer must give the console's.
+    let qemu = Qemu::start(VncAuth::Password("hvpass".into())).await.unwrap();
+    let dir = scratch_dir("web");
+    let relay = relay_serving(assemble_web_root(&dir)).await;
+    let mut req = relay_tests::relay_server::with_hypervisor_password(relay_tests::relay_server::new_token("vm-pw", qemu.addr()), "hvpass");
+    req.password = Some(relay::auth::Secret("s3cret".into()));
+    let token = relay.token_with(req).await;
+    let url = format!("http://{}/console.html?path=%3Ftoken%3D{token}", relay.ws);
+
+    let prompt = open(&url, "credentials", &[], None).await;
+    assert!(prompt.ok, "noVNC asks for the password: {:?}", prompt.report);
+    let wrong = open(&url, "securityfailure", &["--type-password", "nope"], None).await;
+    assert!(wrong.ok, "{:?}", wrong.report);
+    assert_eq!(wrong.report["reason"], "wrong console password");
+    let hypervisors = open(&url, "securityfailure", &["--type-password", "hvpass"], None).await;
+    assert!(hypervisors.ok, "the hypervisor's own password is not the console's: {:?}", hypervisors.report);
+    let right = open(&url, "connected", &["--type-password", "s3cret"], None).await;
+    assert!(right.ok, "{:?}\n{}", right.report, right.stderr);
+}

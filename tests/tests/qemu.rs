@@ -1,0 +1,54 @@
+//! Consoles of a real QEMU VNC server through both doors: security None and a VNC
+//! password on the hypervisor side, a full framebuffer read by a raw RFB viewer.
+
+use relay_tests::env;
+use relay_tests::hypervisor::{Qemu, VncAuth};
+use relay_tests::relay_server::{TestRelay, new_token, with_hypervisor_password};
+use relay_tests::viewer::{distinct_colours, framebuffer, handshake};
+
+#[tokio::test]
+async fn connect_door_full_framebuffer_from_qemu() {
+    if !env::qemu() {
+        return;
+    }
+    let qemu = Qemu::start(VncAuth::None).await.unwrap();
+    let relay = TestRelay::start().await;
+    let token = relay.token("vm-q1", qemu.addr()).await;
+    let mut viewer = relay.connect_door(&token).await.expect("200 from the CONNECT door");
+    let init = handshake(&mut viewer, b"RFB 003.008\n", None).await.expect("RFB through relay");
+    assert!(init.width >= 640 && init.height >= 400, "{init:?}");
+    let pixels = framebuffer(&mut viewer, &init).await.expect("a full framebuffer update");
+    assert!(pixels.len() >= 640 * 400 * 4);
+    assert!(distinct_colours(&pixels) >= 2, "the firmware screen is not blank");
+}
+
+#[tokio::test]
+async fn websocket_door_with_hypervisor_password_and_rfb_33_viewer() {
+    if !env::qemu() {
+        return;
+    }
+    let qemu = Qemu::start(VncAuth::Password("hvpw".into())).await.unwrap();
+    let relay = TestRelay::start().await;
+    let token = relay.token_with(with_hypervisor_password(new_token("vm-q2", qemu.addr()), "hvpw")).await;
+    let mut viewer = relay.websocket(&format!("/?token={token}"), &[]).await.expect("upgrade");
+    // An RFB 3.3 viewer: relay speaks 3.3 to it and 3.8 with VNC auth to QEMU.
+    let init = handshake(&mut viewer, b"RFB 003.003\n", None).await.expect("RFB through relay");
+    let pixels = framebuffer(&mut viewer, &init).await.unwrap();
+    assert!(distinct_colours(&pixels) >= 2);
+}
+
+#[tokio::test]
+async fn wrong_hypervisor_password_reaches_the_viewer_as_a_reason() {
+    if !env::qemu() {
+        return;
+    }
+    let qemu = Qemu::start(VncAuth::Password("hvpw".into())).await.unwrap();
+    let relay = TestRelay::start().await;
+    let token = relay.token_with(with_hypervisor_password(new_token("vm-q3", qemu.addr()), "wrong")).await;
+    let mut viewer = relay.connect_door(&token).await.unwrap();
+    let err = handshake(&mut viewer, b"RFB 003.008\n", None).await.expect_err("refused");
+    assert!(err.to_string().contains("console unavailable"), "{err}");
+    let stats = relay.ctl(relay::control::proto::Request::Stats).await.unwrap();
+    assert_eq!(stats["counters"]["hypervisor_failures"], 1);
+    assert_eq!(stats["counters"]["sessions_started"], 0);
+}
