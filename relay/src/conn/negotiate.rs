@@ -217,6 +217,15 @@ impl Conn {
         };
         match timeout_at(self.deadline, drive(&mut machine, &mut tls, &mut buffered)).await {
             Ok(Ok(done)) => Ok((tls, done, buffered)),
+            // Under TLS 1.3 a hypervisor that rejects (or misses) relay's client
+            // certificate says so only by closing after the handshake.
+            Ok(Err(e @ (DriveError::Io(_) | DriveError::Closed))) if cfg.vencrypt_client_cert.is_none() => Err(fail(
+                "vencrypt",
+                format!("{e} (the hypervisor may require a client certificate: set hypervisor.vencrypt_client_cert and _key)"),
+            )),
+            Ok(Err(e @ (DriveError::Io(_) | DriveError::Closed))) => {
+                Err(fail("vencrypt", format!("{e} (the hypervisor may have rejected relay's client certificate)")))
+            }
             Ok(Err(e)) => Err(fail("vencrypt", e.to_string())),
             Err(_) => Err(fail("vencrypt", "handshake timed out inside TLS".into())),
         }
