@@ -1,0 +1,122 @@
+//! Console passwords: VNC authentication towards viewers, lock-out, and changing a
+//! password while consoles are live.
+
+use relay::auth::Secret;
+use relay::control::proto::Request;
+use relay_tests::fake_hypervisor::{FakeVnc, Script};
+use relay_tests::relay_server::{TestRelay, new_token};
+use relay_tests::viewer::{ViewerError, handshake};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const RFB38: &[u8; 12] = b"RFB 003.008\n";
+const RFB33: &[u8; 12] = b"RFB 003.003\n";
+
+async fn set_password(relay: &TestRelay, instance: &str, password: &str, disconnect: bool) -> serde_json::Value {
+    let req = Request::InstancePasswordSet { instance: instance.into(), password: Secret(password.into()), disconnect };
+    relay.ctl(req).await.unwrap()
+}
+
+/// One attempt through the CONNECT door with `password`.
+async fn attempt(relay: &TestRelay, token: &str, version: &[u8; 12], password: Option<&str>) -> Result<tokio::net::TcpStream, ViewerError> {
+    let mut s = relay.connect_door(token).await.unwrap();
+    handshake(&mut s, version, password).await.map(|_| s)
+}
+
+#[tokio::test]
+async fn viewers_need_the_password_in_38_and_33() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let relay = TestRelay::start().await;
+    let token = relay.token("vm-pw", hv.addr()).await;
+    assert!(attempt(&relay, &token, RFB38, None).await.is_ok(), "no password yet");
+    set_password(&relay, "vm-pw", "s3cret", false).await;
+
+    assert!(matches!(attempt(&relay, &token, RFB38, None).await, Err(ViewerError::NeedsPassword)), "only VNC auth is offered");
+    match attempt(&relay, &token, RFB38, Some("wrong")).await {
+        Err(ViewerError::AuthFailed(why)) => assert_eq!(why, "wrong console password"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(attempt(&relay, &token, RFB33, Some("wrong")).await, Err(ViewerError::AuthFailed(_))));
+    assert!(attempt(&relay, &token, RFB38, Some("s3cret")).await.is_ok());
+    assert!(attempt(&relay, &token, RFB33, Some("s3cret")).await.is_ok());
+    // The WebSocket door asks the same.
+    let mut ws = relay.websocket(&format!("/?token={token}"), &[]).await.unwrap();
+    assert!(handshake(&mut ws, RFB38, Some("s3cret")).await.is_ok());
+
+    // Nothing lists the password.
+    let listed = relay.ctl(Request::TokenList { instance: Some("vm-pw".into()), host: None }).await.unwrap();
+    assert!(!listed.to_string().contains("s3cret"));
+    let stats = relay.ctl(Request::Stats).await.unwrap();
+    assert_eq!(stats["counters"]["viewer_auth_failures"], 2);
+
+    relay.ctl(Request::InstancePasswordClear { instance: "vm-pw".into(), disconnect: false }).await.unwrap();
+    assert!(attempt(&relay, &token, RFB38, None).await.is_ok(), "cleared");
+}
+
+#[tokio::test]
+async fn repeated_failures_lock_out_the_instance_and_the_source_then_expire() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.passwords.max_failures = 3;
+        c.passwords.lockout_secs = 2;
+    })
+    .await;
+    let token = relay.token("vm-lock", hv.addr()).await;
+    let other = relay.token("vm-other", hv.addr()).await;
+    set_password(&relay, "vm-lock", "right", false).await;
+    set_password(&relay, "vm-other", "right2", false).await;
+    for _ in 0..3 {
+        assert!(matches!(attempt(&relay, &token, RFB38, Some("guess")).await, Err(ViewerError::AuthFailed(_))));
+    }
+    match attempt(&relay, &token, RFB38, Some("right")).await {
+        Err(ViewerError::Refused(why)) => assert!(why.contains("too many wrong passwords for this console"), "{why}"),
+        other => panic!("even the right password is refused while locked out: {other:?}"),
+    }
+    match attempt(&relay, &other, RFB38, Some("right2")).await {
+        Err(ViewerError::Refused(why)) => assert!(why.contains("your address"), "{why}"),
+        other => panic!("the same source is locked out of other consoles too: {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(attempt(&relay, &token, RFB38, Some("right")).await.is_ok(), "the lock-out expires");
+}
+
+#[tokio::test]
+async fn changing_the_password_with_and_without_disconnect() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let relay = TestRelay::start().await;
+    let token = relay.token("vm-chg", hv.addr()).await;
+    set_password(&relay, "vm-chg", "first", false).await;
+    let mut live = attempt(&relay, &token, RFB38, Some("first")).await.unwrap();
+
+    // Without --disconnect the live console goes on; new viewers need the new password.
+    assert_eq!(set_password(&relay, "vm-chg", "second", false).await["disconnected"], 0);
+    live.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    live.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    assert!(attempt(&relay, &token, RFB38, Some("first")).await.is_err());
+    let mut newer = attempt(&relay, &token, RFB38, Some("second")).await.unwrap();
+
+    // With --disconnect both live consoles end.
+    assert_eq!(set_password(&relay, "vm-chg", "third", true).await["disconnected"], 2);
+    for s in [&mut live, &mut newer] {
+        let ended = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut Vec::new())).await;
+        assert!(ended.is_ok(), "the live console was ended");
+    }
+}
+
+#[tokio::test]
+async fn passwords_rfb_cannot_carry_are_refused_with_a_reason() {
+    let relay = TestRelay::start().await;
+    for bad in ["123456789", "", "pässwd"] {
+        let req = Request::InstancePasswordSet { instance: "vm".into(), password: Secret(bad.into()), disconnect: false };
+        let err = relay.ctl(req).await.unwrap_err().to_string();
+        assert!(err.contains("bad_request"), "{bad:?}: {err}");
+    }
+    let mut req = new_token("vm", "127.0.0.1:9".parse().unwrap());
+    req.password = Some(Secret("waytoolong".into()));
+    let err = relay.ctl(Request::TokenCreate(req)).await.unwrap_err().to_string();
+    assert!(err.contains("at most 8"), "{err}");
+    let err = relay.ctl(Request::InstancePasswordClear { instance: "vm".into(), disconnect: false }).await.unwrap_err().to_string();
+    assert!(err.contains("not_found"), "{err}");
+}
