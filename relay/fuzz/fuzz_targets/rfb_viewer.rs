@@ -1,23 +1,12 @@
 //! A hostile or broken viewer: any bytes, cut anywhere.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use relay::rfb::Handshake;
 use relay::rfb::viewer::{ViewerAuth, ViewerHandshake};
+
+mod split_feed;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, data)) = data.split_first() else { return };
     let auth = if cut % 2 == 0 { ViewerAuth::None } else { ViewerAuth::Password("pw".into()) };
-    let mut machine = ViewerHandshake::new(auth, [7; 16]);
-    let mut out = Vec::new();
-    let cut = (cut as usize).min(data.len());
-    let mut buf = data[..cut].to_vec();
-    for rest in [&data[cut..], &[][..]] {
-        let (used, progress) = machine.advance(&buf, &mut out);
-        assert!(used <= buf.len());
-        if !matches!(progress, relay::rfb::Progress::NeedMore) {
-            return;
-        }
-        buf.drain(..used);
-        buf.extend_from_slice(rest);
-    }
+    split_feed::feed(ViewerHandshake::new(auth, [7; 16]), cut, data);
 });
