@@ -16,7 +16,7 @@ import { join } from 'node:path';
 
 const USAGE = 'usage: node novnc.mjs --url URL ' +
   '[--expect connected|securityfailure|disconnected|credentials] ' +
-  '[--password PW] [--type-password PW] [--screenshot FILE] [--timeout-ms N] [--verbose]';
+  '[--password PW] [--type-password PW] [--screenshot FILE] [--timeout-ms N] [--chromium-arg ARG]... [--verbose]';
 const EXPECTS = ['connected', 'securityfailure', 'disconnected', 'credentials'];
 const CHROMIUM = process.env.RELAY_CHROMIUM || '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -42,7 +42,7 @@ function emit(result) {
 }
 
 function parseArgs(argv) {
-  const opts = { expect: 'connected', timeoutMs: 20000, verbose: false };
+  const opts = { expect: 'connected', timeoutMs: 20000, verbose: false, chromiumArgs: [] };
   const valueOpts = {
     '--url': 'url', '--expect': 'expect', '--password': 'password',
     '--type-password': 'typePassword', '--screenshot': 'screenshot', '--timeout-ms': 'timeoutMs',
@@ -58,12 +58,14 @@ function parseArgs(argv) {
     if (arg === '--verbose') { opts.verbose = true; continue; }
     if (arg === '--help' || arg === '-h') { process.stderr.write(USAGE + '\n'); process.exit(0); }
     const key = valueOpts[arg];
-    if (!key) throw new Error(`unknown argument ${arg}`);
+    if (!key && arg !== '--chromium-arg') throw new Error(`unknown argument ${arg}`);
     if (value === undefined) {
       if (i + 1 >= argv.length) throw new Error(`${arg} needs a value`);
       value = argv[++i];
     }
-    opts[key] = value;
+    // Repeatable: extra Chromium switches, e.g. trusting a test certificate by its key.
+    if (arg === '--chromium-arg') opts.chromiumArgs.push(value);
+    else opts[key] = value;
   }
   if (!opts.url) throw new Error('--url is required');
   if (!EXPECTS.includes(opts.expect)) throw new Error(`--expect must be one of ${EXPECTS.join(', ')}`);
@@ -174,7 +176,7 @@ async function main() {
   browser = await chromium.launch({
     executablePath: chromiumExecutable(),
     headless: true,
-    args: CHROMIUM_ARGS,
+    args: [...CHROMIUM_ARGS, ...opts.chromiumArgs],
     timeout: Math.min(opts.timeoutMs, 30000),
   });
   log('browser', browser.version());

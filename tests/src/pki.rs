@@ -47,6 +47,13 @@ impl Ca {
 
     /// Issues a certificate for `names` (DNS names or IP addresses).
     pub fn issue(&self, role: Role, names: &[&str], expired: bool) -> (String, String) {
+        let (cert, key, _) = self.issue_with_spki(role, names, expired);
+        (cert, key)
+    }
+
+    /// Like `issue`, also returning the SHA-256 of the key's SubjectPublicKeyInfo in
+    /// base64, as Chromium's `--ignore-certificate-errors-spki-list` takes it.
+    pub fn issue_with_spki(&self, role: Role, names: &[&str], expired: bool) -> (String, String, String) {
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("relay-test"));
         params.extended_key_usages = vec![match role {
@@ -60,7 +67,10 @@ impl Ca {
         }
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let spki = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&key)));
+        (cert.pem(), key.serialize_pem(), spki)
     }
 
     /// Issues a certificate and writes it as `<dir>/<stem>.pem` and `<dir>/<stem>-key.pem`.

@@ -85,3 +85,32 @@ async fn console_password_prompt_right_and_wrong() {
     let right = open(&url, "connected", &["--type-password", "s3cret"], None).await;
     assert!(right.ok, "{:?}\n{}", right.report, right.stderr);
 }
+
+#[tokio::test]
+async fn novnc_over_wss_with_a_test_certificate() {
+    if !env::qemu() || !env::browser() {
+        return;
+    }
+    use relay_tests::pki::{Ca, Role};
+    let qemu = Qemu::start(VncAuth::None).await.unwrap();
+    let dir = scratch_dir("wss");
+    let ca = Ca::new("browser test CA");
+    let (cert, key, spki) = ca.issue_with_spki(Role::Server, &["localhost", "127.0.0.1"], false);
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let web = assemble_web_root(&dir.join("web"));
+    let relay = TestRelay::start_with(move |c| {
+        c.listen.web = Some(web);
+        c.tls.cert = Some(cert_file);
+        c.tls.key = Some(key_file);
+        c.tls.ssl_only = true;
+    })
+    .await;
+    let token = relay.token("vm-wss", qemu.addr()).await;
+    let url = format!("https://localhost:{}/console.html?path=%3Ftoken%3D{token}", relay.ws.port());
+    let trust = format!("--ignore-certificate-errors-spki-list={spki}");
+    let seen = open(&url, "connected", &["--chromium-arg", &trust], None).await;
+    assert!(seen.ok, "{:?}\n{}", seen.report, seen.stderr);
+    assert!(seen.report["websocket"].as_str().unwrap_or("").starts_with("wss://"), "{:?}", seen.report);
+}

@@ -163,3 +163,31 @@ async fn expired_vencrypt_server(cert: String, key: String) -> std::net::SocketA
     });
     addr
 }
+
+#[tokio::test]
+async fn tls_on_both_legs_connect_viewer_to_x509_qemu() {
+    if !env::qemu() {
+        return;
+    }
+    use tokio::io::AsyncWriteExt;
+    let p = pki();
+    let front_ca = Ca::new("front CA");
+    let front = front_ca.issue_files(&p.dir, "front", Role::Server, &["localhost"], false);
+    let (ca_file, client) = (p.dir.join("ca.pem"), p.client.clone());
+    let relay = TestRelay::start_with(move |c| {
+        vencrypt(c, &ca_file, Some(&client));
+        c.tls.cert = Some(front.cert);
+        c.tls.key = Some(front.key);
+        c.tls.ssl_only = true;
+    })
+    .await;
+    let hv = qemu(&p.ca, &p.dir, &["127.0.0.1"], false, Some("hvpw")).await;
+    let token = relay.token_with(with_hypervisor_password(new_token("vm-both", hv.addr()), "hvpw")).await;
+    let mut tls = relay_tests::tls_client::connect(&front_ca.cert_pem(), relay.connect, "localhost").await.unwrap();
+    tls.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+    let mut ok = [0u8; 19];
+    tokio::io::AsyncReadExt::read_exact(&mut tls, &mut ok).await.unwrap();
+    assert_eq!(&ok, b"HTTP/1.1 200 OK\r\n\r\n");
+    let init = handshake(&mut tls, b"RFB 003.008\n", None).await.expect("RFB inside TLS on both legs");
+    assert!(distinct_colours(&framebuffer(&mut tls, &init).await.unwrap()) >= 2);
+}
