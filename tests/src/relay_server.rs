@@ -112,6 +112,13 @@ impl TestRelay {
         Ok(WsByteStream::new(ws))
     }
 
+    /// The WebSocket door at frame level, for tests of the framing itself.
+    pub async fn websocket_frames(&self, path_and_query: &str) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        let mut req = format!("ws://{}{path_and_query}", self.ws).into_client_request().unwrap();
+        req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
+        tokio_tungstenite::connect_async(req).await.expect("upgrade").0
+    }
+
     pub async fn stop(mut self) {
         self.shutdown().await;
     }
