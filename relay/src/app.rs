@@ -7,12 +7,12 @@ use crate::auth::memory::MemoryStore;
 use crate::auth::passwords::{MemoryPasswords, PasswordStore};
 use crate::config::Config;
 use crate::session::Registry;
-use crate::tls::{self, FrontTls, Ktls};
-use tokio_rustls::TlsConnector;
 use crate::telemetry::Counters;
+use crate::tls::{self, FrontTls, Ktls};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+use tokio_rustls::TlsConnector;
 
 pub struct App {
     pub config: Config,

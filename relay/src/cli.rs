@@ -104,10 +104,16 @@ pub enum TokenCommand {
         password: Option<String>,
     },
     /// Is the token valid, and what does it open?
-    Check { token: String },
+    Check {
+        token: String,
+    },
     /// Mark the token as in use now.
-    Touch { token: String },
-    Delete { token: String },
+    Touch {
+        token: String,
+    },
+    Delete {
+        token: String,
+    },
     /// Tokens of an instance or of a hypervisor host.
     List {
         #[arg(long, conflicts_with = "host")]

@@ -48,12 +48,7 @@ pub struct Listen {
 
 impl Default for Listen {
     fn default() -> Self {
-        Listen {
-            websocket: Some(([0, 0, 0, 0], 6080).into()),
-            connect: Some(([0, 0, 0, 0], 6081).into()),
-            control: None,
-            web: None,
-        }
+        Listen { websocket: Some(([0, 0, 0, 0], 6080).into()), connect: Some(([0, 0, 0, 0], 6081).into()), control: None, web: None }
     }
 }
 

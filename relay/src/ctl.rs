@@ -1,7 +1,7 @@
 //! `relay ctl`: turns command-line arguments into control requests and prints replies.
 
-use crate::auth::{NewToken, Target};
 use crate::auth::Secret;
+use crate::auth::{NewToken, Target};
 use crate::cli::{CtlArgs, CtlCommand, InstanceCommand, PasswordCommand, TokenCommand};
 use crate::config::default_control_path;
 use crate::control::client::request;
@@ -33,19 +33,28 @@ pub async fn run(args: CtlArgs) -> i32 {
 fn to_request(command: CtlCommand) -> Request {
     match command {
         CtlCommand::Token(t) => match t {
-            TokenCommand::Create { instance, host, port, ttl, idle_timeout, internal_access_path, single_use, console, hypervisor_password, password } => {
-                Request::TokenCreate(NewToken {
-                    instance,
-                    console,
-                    target: Target { host, port, internal_access_path },
-                    ttl,
-                    idle_timeout,
-                    single_use,
-                    hypervisor_schemes: None,
-                    hypervisor_password: hypervisor_password.map(Secret),
-                    password: password.map(Secret),
-                })
-            }
+            TokenCommand::Create {
+                instance,
+                host,
+                port,
+                ttl,
+                idle_timeout,
+                internal_access_path,
+                single_use,
+                console,
+                hypervisor_password,
+                password,
+            } => Request::TokenCreate(NewToken {
+                instance,
+                console,
+                target: Target { host, port, internal_access_path },
+                ttl,
+                idle_timeout,
+                single_use,
+                hypervisor_schemes: None,
+                hypervisor_password: hypervisor_password.map(Secret),
+                password: password.map(Secret),
+            }),
             TokenCommand::Check { token } => Request::TokenCheck { token },
             TokenCommand::Touch { token } => Request::TokenTouch { token },
             TokenCommand::Delete { token } => Request::TokenDelete { token },
@@ -98,7 +107,7 @@ fn human_printer(req: &Request) -> fn(&Value) {
         Request::TokenTouch { .. } => |_| println!("touched"),
         Request::TokenDelete { .. } => |_| println!("deleted"),
         Request::TokenList { .. } => |v| {
-            println!("{:<13} {:<24} {:<28} {:>11} {}", "ID", "INSTANCE", "TARGET", "EXPIRES", "FLAGS");
+            println!("{:<13} {:<24} {:<28} {:>11} FLAGS", "ID", "INSTANCE", "TARGET", "EXPIRES");
             for t in v.get("tokens").and_then(Value::as_array).into_iter().flatten() {
                 let target = format!("{}:{}", s(t, "host"), n(t, "port"));
                 let flags = if t.get("single_use") == Some(&Value::Bool(true)) { "single-use" } else { "" };
@@ -106,7 +115,10 @@ fn human_printer(req: &Request) -> fn(&Value) {
             }
         },
         Request::Sessions { .. } => |v| {
-            println!("{:>6} {:<24} {:<10} {:<22} {:<22} {:>12} {:>12}", "ID", "INSTANCE", "DOOR", "VIEWER", "HYPERVISOR", "TO-HV", "TO-VIEWER");
+            println!(
+                "{:>6} {:<24} {:<10} {:<22} {:<22} {:>12} {:>12}",
+                "ID", "INSTANCE", "DOOR", "VIEWER", "HYPERVISOR", "TO-HV", "TO-VIEWER"
+            );
             for x in v.get("sessions").and_then(Value::as_array).into_iter().flatten() {
                 println!(
                     "{:>6} {:<24} {:<10} {:<22} {:<22} {:>12} {:>12}",
@@ -128,10 +140,20 @@ fn human_printer(req: &Request) -> fn(&Value) {
             }
         },
         Request::InstancePasswordSet { .. } | Request::InstancePasswordClear { .. } => |v| {
-            println!("instance {}: console password {}; disconnected {} live console(s)", s(v, "instance"), s(v, "password"), n(v, "disconnected"));
+            println!(
+                "instance {}: console password {}; disconnected {} live console(s)",
+                s(v, "instance"),
+                s(v, "password"),
+                n(v, "disconnected")
+            );
         },
         Request::InstanceReset { .. } => |v| {
-            println!("instance {}: disconnected {} live console(s), revoked {} token(s)", s(v, "instance"), n(v, "disconnected"), n(v, "revoked"));
+            println!(
+                "instance {}: disconnected {} live console(s), revoked {} token(s)",
+                s(v, "instance"),
+                n(v, "disconnected"),
+                n(v, "revoked")
+            );
         },
     }
 }

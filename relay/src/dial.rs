@@ -38,9 +38,7 @@ pub struct Dialed {
 pub async fn dial(target: &Target, connect_timeout: Duration) -> Result<Dialed, DialError> {
     let name = format!("{}:{}", target.host, target.port);
     let attempt = async {
-        let addrs = tokio::net::lookup_host((target.host.as_str(), target.port))
-            .await
-            .map_err(|e| DialError::Resolve(name.clone(), e))?;
+        let addrs = tokio::net::lookup_host((target.host.as_str(), target.port)).await.map_err(|e| DialError::Resolve(name.clone(), e))?;
         let mut last = None;
         for addr in addrs {
             match TcpStream::connect(addr).await {

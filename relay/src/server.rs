@@ -1,10 +1,10 @@
 //! Listeners, the connection limit, housekeeping, and graceful shutdown.
 
 use crate::app::{App, unix_now};
-use crate::tls::Ktls;
 use crate::config::Config;
 use crate::conn::{self, Listener};
 use crate::control;
+use crate::tls::Ktls;
 use anyhow::Context as _;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,9 +41,8 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
     config.listen.websocket = ws.as_ref().map(|l| l.local_addr()).transpose()?;
     config.listen.connect = connect.as_ref().map(|l| l.local_addr()).transpose()?;
     let control_path = config.control_path();
-    let control_listener = control::server::bind(&control_path)
-        .await
-        .with_context(|| format!("control socket {}", control_path.display()))?;
+    let control_listener =
+        control::server::bind(&control_path).await.with_context(|| format!("control socket {}", control_path.display()))?;
     let app = App::new(config)?;
     let bound = Bound { websocket: app.config.listen.websocket, connect: app.config.listen.connect, control: control_path.clone() };
     info!(%bound, web = ?app.config.listen.web, "relay listening");

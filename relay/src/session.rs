@@ -131,16 +131,21 @@ impl Registry {
     pub fn disconnect_instance(&self, instance: &str, reason: &str) -> usize {
         let inner = self.lock();
         let Some(ids) = inner.by_instance.get(instance) else { return 0 };
-        ids.iter()
-            .filter_map(|id| inner.sessions.get(id))
-            .map(|e| e.stop.send_replace(Some(reason.to_string())))
-            .count()
+        let mut told = 0;
+        for entry in ids.iter().filter_map(|id| inner.sessions.get(id)) {
+            entry.stop.send_replace(Some(reason.to_string()));
+            told += 1;
+        }
+        told
     }
 
     /// Tells every live session to end (shutdown).
     pub fn disconnect_all(&self, reason: &str) -> usize {
         let inner = self.lock();
-        inner.sessions.values().map(|e| e.stop.send_replace(Some(reason.to_string()))).count()
+        for entry in inner.sessions.values() {
+            entry.stop.send_replace(Some(reason.to_string()));
+        }
+        inner.sessions.len()
     }
 
     pub fn list(&self, instance: Option<&str>) -> Vec<SessionView> {

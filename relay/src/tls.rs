@@ -106,7 +106,9 @@ pub fn probe_ktls() -> Ktls {
     };
     match attempt() {
         Ok(()) => Ktls::Available,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ktls::Unavailable("kernel has no TLS upper-layer protocol (CONFIG_TLS off)".into()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            Ktls::Unavailable("kernel has no TLS upper-layer protocol (CONFIG_TLS off)".into())
+        }
         Err(e) => Ktls::Unavailable(format!("probe failed: {e}")),
     }
 }

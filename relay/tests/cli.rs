@@ -44,7 +44,8 @@ fn start(dir: &Path) -> Running {
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     // "relay listening: websocket=A connect=B control=C"
-    let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name)).unwrap_or_else(|| panic!("{name} in {line:?}")).to_string();
+    let field =
+        |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name)).unwrap_or_else(|| panic!("{name} in {line:?}")).to_string();
     Running { ws: field("websocket="), connect: field("connect="), control, child }
 }
 
@@ -98,7 +99,8 @@ fn run_prints_its_addresses_and_ctl_manages_tokens() {
     assert_eq!(ctl_json(&r, &["sessions"])["sessions"].as_array().unwrap().len(), 0);
     assert_eq!(ctl_json(&r, &["stats"])["tokens"], 0);
 
-    let (code, _, err) = ctl(&r, &["token", "create", "--instance", "vm", "--host", "h", "--port", "5900", "--hypervisor-password", "waytoolongpw"]);
+    let (code, _, err) =
+        ctl(&r, &["token", "create", "--instance", "vm", "--host", "h", "--port", "5900", "--hypervisor-password", "waytoolongpw"]);
     assert_eq!(code, 2);
     assert!(err.contains("at most 8"), "{err}");
 }

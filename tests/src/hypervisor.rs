@@ -15,7 +15,10 @@ pub enum VncAuth {
     Password(String),
     /// `tls-creds-x509` from `dir` (ca-cert.pem, server-cert.pem, server-key.pem),
     /// demanding a client certificate; with a password the sub-type is X509Vnc.
-    X509 { dir: PathBuf, password: Option<String> },
+    X509 {
+        dir: PathBuf,
+        password: Option<String>,
+    },
     /// `tls-creds-anon`: the anonymous-TLS sub-types relay must refuse.
     AnonTls,
 }

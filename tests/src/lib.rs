@@ -1,8 +1,8 @@
-pub mod relay_server;
-pub mod pki;
-pub mod tls_client;
-pub mod env;
 pub mod browser;
-pub mod hypervisor;
-pub mod viewer;
+pub mod env;
 pub mod fake_hypervisor;
+pub mod hypervisor;
+pub mod pki;
+pub mod relay_server;
+pub mod tls_client;
+pub mod viewer;

@@ -2,8 +2,7 @@
 //! for QEMU's VNC server, client certificates for relay, and deliberately bad ones.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    date_time_ymd,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, date_time_ymd,
 };
 use std::path::{Path, PathBuf};
 
@@ -69,7 +68,8 @@ impl Ca {
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         use base64::Engine as _;
         use sha2::Digest as _;
-        let spki = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&key)));
+        let spki =
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&key)));
         (cert.pem(), key.serialize_pem(), spki)
     }
 

@@ -96,13 +96,19 @@ impl TestRelay {
     /// Opens the CONNECT door. Returns the stream after a 200, or the status line.
     pub async fn connect_door(&self, token: &str) -> Result<TcpStream, String> {
         let mut s = TcpStream::connect(self.connect).await.map_err(|e| e.to_string())?;
-        s.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+        s.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         let head = read_head(&mut s).await.map_err(|e| e.to_string())?;
         if head == "HTTP/1.1 200 OK\r\n\r\n" { Ok(s) } else { Err(head) }
     }
 
     /// Opens the WebSocket door at `path_and_query` (e.g. `/?token=T`) with extra headers.
-    pub async fn websocket(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Result<WsViewer, tokio_tungstenite::tungstenite::Error> {
+    pub async fn websocket(
+        &self,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<WsViewer, tokio_tungstenite::tungstenite::Error> {
         let mut req = format!("ws://{}{path_and_query}", self.ws).into_client_request()?;
         req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
         for (name, value) in headers {

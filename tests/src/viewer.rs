@@ -45,11 +45,19 @@ async fn reason<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, ViewerError> 
 }
 
 /// Negotiates as a viewer speaking `version`, then ClientInit (shared) and ServerInit.
-pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, version: &[u8; 12], password: Option<&str>) -> Result<ServerInit, ViewerError> {
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    version: &[u8; 12],
+    password: Option<&str>,
+) -> Result<ServerInit, ViewerError> {
     tokio::time::timeout(Duration::from_secs(20), negotiate(s, version, password)).await.map_err(|_| ViewerError::Timeout)?
 }
 
-async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, version: &[u8; 12], password: Option<&str>) -> Result<ServerInit, ViewerError> {
+async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    version: &[u8; 12],
+    password: Option<&str>,
+) -> Result<ServerInit, ViewerError> {
     let mut greeting = [0u8; 12];
     s.read_exact(&mut greeting).await?;
     if !greeting.starts_with(b"RFB ") {
@@ -141,7 +149,12 @@ async fn read_frame<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, w: &mut usize,
             0 => {
                 s.read_u8().await?;
                 for _ in 0..s.read_u16().await? {
-                    let (x, y, rw, rh) = (s.read_u16().await? as usize, s.read_u16().await? as usize, s.read_u16().await? as usize, s.read_u16().await? as usize);
+                    let (x, y, rw, rh) = (
+                        s.read_u16().await? as usize,
+                        s.read_u16().await? as usize,
+                        s.read_u16().await? as usize,
+                        s.read_u16().await? as usize,
+                    );
                     match s.read_i32().await? {
                         -223 => {
                             // The screen changed size: start over at the new one.

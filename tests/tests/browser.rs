@@ -3,9 +3,9 @@
 
 use relay::control::proto::Request;
 use relay_tests::browser::{assemble_web_root, open};
+use relay_tests::env;
 use relay_tests::hypervisor::{Qemu, VncAuth};
 use relay_tests::relay_server::{TestRelay, scratch_dir};
-use relay_tests::env;
 use std::path::PathBuf;
 
 async fn relay_serving(web: PathBuf) -> TestRelay {

@@ -85,10 +85,10 @@ async fn ssl_only_refuses_plain_connections() {
 async fn a_client_that_does_not_trust_relay_fails_the_handshake() {
     let (relay, _ca) = tls_relay(false).await;
     let stranger = Ca::new("some other CA");
-    let err = tls_client::connect(&stranger.cert_pem(), relay.connect, "localhost").await.err().expect("untrusted");
+    let Err(err) = tls_client::connect(&stranger.cert_pem(), relay.connect, "localhost").await else { panic!("untrusted") };
     assert!(err.to_string().contains("UnknownIssuer") || err.to_string().contains("invalid peer certificate"), "{err}");
     let (relay2, ca) = tls_relay(false).await;
-    let err = tls_client::connect(&ca.cert_pem(), relay2.connect, "other.example").await.err().expect("wrong name");
+    let Err(err) = tls_client::connect(&ca.cert_pem(), relay2.connect, "other.example").await else { panic!("wrong name") };
     assert!(err.to_string().contains("NotValidForName") || err.to_string().contains("not valid for"), "{err}");
     // Still serving after failed handshakes.
     assert!(tls_client::connect(&ca.cert_pem(), relay2.connect, "localhost").await.is_ok());

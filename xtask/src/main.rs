@@ -27,7 +27,9 @@ fn main() -> Result<()> {
             test(&root)
         }
         _ => {
-            eprintln!("usage: cargo xtask <deps|test|ci>\n  deps  install test dependencies (Debian packages, npm packages)\n  test  deps, then every test\n  ci    deps, format and lint checks, then every test");
+            eprintln!(
+                "usage: cargo xtask <deps|test|ci>\n  deps  install test dependencies (Debian packages, npm packages)\n  test  deps, then every test\n  ci    deps, format and lint checks, then every test"
+            );
             std::process::exit(2);
         }
     }

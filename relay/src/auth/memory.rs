@@ -103,6 +103,10 @@ impl TokenStore for MemoryStore {
     fn len(&self) -> StoreFuture<'_, usize> {
         ready(self.map().len())
     }
+
+    fn is_empty(&self) -> StoreFuture<'_, bool> {
+        ready(self.map().is_empty())
+    }
 }
 
 #[cfg(test)]

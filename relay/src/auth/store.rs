@@ -53,4 +53,5 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Forgets expired, lapsed and used-up tokens; returns how many.
     fn sweep(&self, now: u64) -> StoreFuture<'_, usize>;
     fn len(&self) -> StoreFuture<'_, usize>;
+    fn is_empty(&self) -> StoreFuture<'_, bool>;
 }

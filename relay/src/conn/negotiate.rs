@@ -27,9 +27,19 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{info, warn};
 
+/// The hypervisor side failed; the reason is already in the audit log.
+struct HypervisorFailed;
+
 impl Conn {
     /// From a redeemed token to the end of the console.
-    pub(super) async fn console(self, mut stream: Transport, req: ConsoleRequest, record: TokenRecord, hash: TokenHash, session: SessionHandle) {
+    pub(super) async fn console(
+        self,
+        mut stream: Transport,
+        req: ConsoleRequest,
+        record: TokenRecord,
+        hash: TokenHash,
+        session: SessionHandle,
+    ) {
         let timeout = Duration::from_secs(self.app.config.hypervisor.connect_timeout_secs);
         let dialed = match timeout_at(self.deadline, dial(&record.target, timeout)).await {
             Ok(r) => r,
@@ -82,12 +92,12 @@ impl Conn {
             Ok(d) => self.hypervisor_handshake(d, record).await,
             Err(e) => {
                 warn!(target: AUDIT, event = "hypervisor_failed", stage = "dial", error = %e);
-                Err(())
+                Err(HypervisorFailed)
             }
         };
         let (viewer_machine, deadline, wants_password) = match &hypervisor {
             Ok(_) => self.viewer_machine(&record.instance).await,
-            Err(()) => {
+            Err(HypervisorFailed) => {
                 bump(&self.app.counters.hypervisor_failures);
                 let refusal = ViewerHandshake::refuse("console unavailable: the hypervisor could not be reached or refused relay");
                 (refusal, self.deadline, false)
@@ -183,7 +193,11 @@ impl Conn {
     /// Runs the hypervisor side; for VeNCrypt, starts TLS (verifying the hypervisor's
     /// certificate against the CA and its host name) and finishes inside it. Returns the
     /// hypervisor connection, how it went, and bytes it sent beyond the handshake.
-    async fn hypervisor_handshake(&self, dialed: Dialed, record: &TokenRecord) -> Result<(Transport, HypervisorDone, Vec<u8>), ()> {
+    async fn hypervisor_handshake(
+        &self,
+        dialed: Dialed,
+        record: &TokenRecord,
+    ) -> Result<(Transport, HypervisorDone, Vec<u8>), HypervisorFailed> {
         let Dialed { mut stream, mut buffered } = dialed;
         let cfg = &self.app.config.hypervisor;
         let auth = HypervisorAuth {
@@ -193,6 +207,7 @@ impl Conn {
         };
         let fail = |stage: &str, error: String| {
             warn!(target: AUDIT, event = "hypervisor_failed", stage, error = %error);
+            HypervisorFailed
         };
         let mut machine = HypervisorHandshake::new(auth);
         let first = match timeout_at(self.deadline, drive(&mut machine, &mut stream, &mut buffered)).await {
@@ -231,7 +246,15 @@ impl Conn {
         }
     }
 
-    async fn finish(&self, session: &SessionHandle, ended: Ended, started: Instant, hash: TokenHash, record: &TokenRecord, viewer_auth: &str) {
+    async fn finish(
+        &self,
+        session: &SessionHandle,
+        ended: Ended,
+        started: Instant,
+        hash: TokenHash,
+        record: &TokenRecord,
+        viewer_auth: &str,
+    ) {
         let (up, down) = session.bytes.snapshot();
         let counters = &self.app.counters;
         counters.bytes_to_hypervisor.fetch_add(up, Ordering::Relaxed);

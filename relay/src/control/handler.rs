@@ -11,7 +11,10 @@ use tracing::info;
 
 pub async fn handle(app: &App, envelope: Envelope) -> Result<Value, ControlError> {
     if envelope.v != VERSION {
-        return Err(ControlError::new(ErrorKind::UnsupportedVersion, format!("protocol version {} is not spoken; use {VERSION}", envelope.v)));
+        return Err(ControlError::new(
+            ErrorKind::UnsupportedVersion,
+            format!("protocol version {} is not spoken; use {VERSION}", envelope.v),
+        ));
     }
     let now = unix_now();
     let store = &app.tokens;
@@ -21,7 +24,9 @@ pub async fn handle(app: &App, envelope: Envelope) -> Result<Value, ControlError
             Ok(record) => Ok(json!({ "valid": true, "token": record })),
             Err(rejection) => Ok(json!({ "valid": false, "reason": rejection, "message": rejection.to_string() })),
         },
-        Request::TokenTouch { token } => found(store.touch(TokenHash::of(&token), now).await.map_err(unavailable)?, json!({ "touched": true })),
+        Request::TokenTouch { token } => {
+            found(store.touch(TokenHash::of(&token), now).await.map_err(unavailable)?, json!({ "touched": true }))
+        }
         Request::TokenDelete { token } => {
             let hash = TokenHash::of(&token);
             let deleted = store.delete(hash).await.map_err(unavailable)?;
@@ -90,10 +95,10 @@ async fn create(app: &App, req: NewToken) -> Result<Value, ControlError> {
     {
         return bad(format!("password: {e}"));
     }
-    if let Some(pw) = &req.hypervisor_password {
-        if let Err(e) = check_password(&pw.0) {
-            return bad(format!("hypervisor_password: {e}"));
-        }
+    if let Some(pw) = &req.hypervisor_password
+        && let Err(e) = check_password(&pw.0)
+    {
+        return bad(format!("hypervisor_password: {e}"));
     }
     let mut req = req;
     if let Some(pw) = req.password.take() {

@@ -25,9 +25,15 @@ fn version() -> u32 {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     TokenCreate(NewToken),
-    TokenCheck { token: String },
-    TokenTouch { token: String },
-    TokenDelete { token: String },
+    TokenCheck {
+        token: String,
+    },
+    TokenTouch {
+        token: String,
+    },
+    TokenDelete {
+        token: String,
+    },
     TokenList {
         #[serde(default)]
         instance: Option<String>,

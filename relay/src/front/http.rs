@@ -20,11 +20,7 @@ impl RequestHead {
 
     /// True when a comma-separated header (Connection, Upgrade, ...) holds `token`.
     pub fn header_has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .flat_map(|(_, v)| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
+        self.headers.iter().filter(|(n, _)| n == name).flat_map(|(_, v)| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
     }
 
     /// The path part of the target, without the query.
@@ -82,11 +78,8 @@ pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<(RequestHead, usiz
             Ok((h.name.to_ascii_lowercase(), value.trim().to_string()))
         })
         .collect::<Result<_, HeadError>>()?;
-    let head = RequestHead {
-        method: req.method.unwrap_or_default().to_string(),
-        target: req.path.unwrap_or_default().to_string(),
-        headers,
-    };
+    let head =
+        RequestHead { method: req.method.unwrap_or_default().to_string(), target: req.path.unwrap_or_default().to_string(), headers };
     Ok(Some((head, len)))
 }
 

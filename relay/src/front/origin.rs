@@ -56,7 +56,9 @@ pub fn check(origin: Option<&str>, host_header: Option<&str>, scheme: &str, allo
     let origin = Origin::parse(origin_text).ok_or_else(|| format!("Origin {origin_text:?} is not a valid origin"))?;
     for entry in allowed {
         match Origin::parse(entry) {
-            Some(full) if full.scheme == origin.scheme && full.host == origin.host && full.port_or_default() == origin.port_or_default() => {
+            Some(full)
+                if full.scheme == origin.scheme && full.host == origin.host && full.port_or_default() == origin.port_or_default() =>
+            {
                 return Ok(());
             }
             None if entry.eq_ignore_ascii_case(&origin.host) && origin.scheme == scheme => return Ok(()),

@@ -20,14 +20,10 @@ fn from_query(query: &str) -> Option<String> {
 }
 
 fn from_cookies(head: &RequestHead) -> Option<String> {
-    head.headers
-        .iter()
-        .filter(|(n, _)| n == "cookie")
-        .flat_map(|(_, v)| v.split(';'))
-        .find_map(|c| {
-            let (name, value) = c.trim().split_once('=')?;
-            (name == "token").then(|| decode(value))?
-        })
+    head.headers.iter().filter(|(n, _)| n == "cookie").flat_map(|(_, v)| v.split(';')).find_map(|c| {
+        let (name, value) = c.trim().split_once('=')?;
+        (name == "token").then(|| decode(value))?
+    })
 }
 
 fn decode(value: &str) -> Option<String> {
@@ -51,10 +47,7 @@ mod tests {
     fn query_path_form_and_cookie() {
         assert_eq!(from_request(&head("GET /?token=a-b_c HTTP/1.1\r\n\r\n")).as_deref(), Some("a-b_c"));
         assert_eq!(from_request(&head("GET /websockify?x=1&token=t%2D1 HTTP/1.1\r\n\r\n")).as_deref(), Some("t-1"));
-        assert_eq!(
-            from_request(&head("GET /websockify HTTP/1.1\r\nCookie: a=b; token=ck; c=d\r\n\r\n")).as_deref(),
-            Some("ck")
-        );
+        assert_eq!(from_request(&head("GET /websockify HTTP/1.1\r\nCookie: a=b; token=ck; c=d\r\n\r\n")).as_deref(), Some("ck"));
         assert_eq!(
             from_request(&head("GET /?token=q HTTP/1.1\r\nCookie: token=ck\r\n\r\n")).as_deref(),
             Some("q"),

@@ -12,9 +12,7 @@ pub const MAX_FILE_BYTES: u64 = 16 << 20;
 /// `/` serves `vnc.html`, the full noVNC client, when there is no `index.html`.
 pub fn resolve(root: &Path, request_path: &str) -> Result<PathBuf, Reject> {
     let not_found = || Reject::new(404, "Not Found", "no such file");
-    let decoded = percent_decode_str(request_path)
-        .decode_utf8()
-        .map_err(|_| Reject::new(400, "Bad Request", "path is not UTF-8"))?;
+    let decoded = percent_decode_str(request_path).decode_utf8().map_err(|_| Reject::new(400, "Bad Request", "path is not UTF-8"))?;
     if !decoded.starts_with('/') || decoded.contains('\0') || decoded.contains('\\') {
         return Err(Reject::new(400, "Bad Request", "bad path"));
     }

@@ -25,20 +25,14 @@ pub fn check(head: &RequestHead) -> Result<Upgrade, Reject> {
         return Err(Reject::new(400, "Bad Request", "Connection: Upgrade is missing"));
     }
     if head.header("sec-websocket-version") != Some("13") {
-        return Err(Reject::new(426, "Upgrade Required", "only WebSocket version 13 is spoken")
-            .with_header("Sec-WebSocket-Version", "13"));
+        return Err(Reject::new(426, "Upgrade Required", "only WebSocket version 13 is spoken").with_header("Sec-WebSocket-Version", "13"));
     }
     let key = head.header("sec-websocket-key").unwrap_or("");
     if !valid_key(key) {
         return Err(Reject::new(400, "Bad Request", "Sec-WebSocket-Key is missing or malformed"));
     }
-    let offered: Vec<&str> = head
-        .headers
-        .iter()
-        .filter(|(n, _)| n == "sec-websocket-protocol")
-        .flat_map(|(_, v)| v.split(','))
-        .map(str::trim)
-        .collect();
+    let offered: Vec<&str> =
+        head.headers.iter().filter(|(n, _)| n == "sec-websocket-protocol").flat_map(|(_, v)| v.split(',')).map(str::trim).collect();
     let protocol = if offered.contains(&"binary") {
         Some("binary")
     } else if offered.is_empty() {
@@ -53,10 +47,7 @@ pub fn check(head: &RequestHead) -> Result<Upgrade, Reject> {
 /// A key is 16 random bytes in base64: 24 characters ending in "==".
 fn valid_key(key: &str) -> bool {
     use base64::Engine as _;
-    key.len() == 24
-        && base64::engine::general_purpose::STANDARD
-            .decode(key)
-            .is_ok_and(|k| k.len() == 16)
+    key.len() == 24 && base64::engine::general_purpose::STANDARD.decode(key).is_ok_and(|k| k.len() == 16)
 }
 
 impl Upgrade {
@@ -102,7 +93,8 @@ mod tests {
     fn bad_upgrades_get_the_right_status() {
         assert_eq!(check(&head("Sec-WebSocket-Version: 8\r\n")).unwrap_err().status, 426);
         assert_eq!(check(&head("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: base64\r\n")).unwrap_err().status, 400);
-        let raw = "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n";
+        let raw =
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n";
         let h = parse_request(raw.as_bytes(), 8192).unwrap().unwrap().0;
         assert_eq!(check(&h).unwrap_err().status, 400);
     }

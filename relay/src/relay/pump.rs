@@ -39,7 +39,13 @@ impl Pump {
 
     /// Moves bytes until the reader would block (Pending), or the reader's EOF has been
     /// passed on as a shutdown of the writer (Ready(Ok)).
-    pub fn poll<R, W>(&mut self, cx: &mut Context<'_>, mut reader: Pin<&mut R>, mut writer: Pin<&mut W>, counter: &AtomicU64) -> Poll<Result<(), PumpError>>
+    pub fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+        counter: &AtomicU64,
+    ) -> Poll<Result<(), PumpError>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,

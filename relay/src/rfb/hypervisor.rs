@@ -1,6 +1,6 @@
 //! relay as the RFB client of the hypervisor's VNC server, up to SecurityResult.
 
-use super::wire::{Handshake, Input, Progress, Version, VERSION_LEN};
+use super::wire::{Handshake, Input, Progress, VERSION_LEN, Version};
 use super::{RfbError, security, vnc_auth};
 
 /// A security scheme relay may use towards the hypervisor, in preference order.

@@ -8,8 +8,8 @@
 
 pub mod drive;
 pub mod hypervisor;
-pub mod vnc_auth;
 pub mod viewer;
+pub mod vnc_auth;
 mod wire;
 
 pub use wire::{Handshake, Progress, Version};

@@ -3,7 +3,7 @@
 //! The viewer never learns how relay authenticated to the hypervisor: it sees None, or
 //! VNC authentication when the instance has a console password of its own.
 
-use super::wire::{Handshake, Input, Progress, Version, VERSION_LEN, put_reason};
+use super::wire::{Handshake, Input, Progress, VERSION_LEN, Version, put_reason};
 use super::{RfbError, security, vnc_auth};
 
 /// What the viewer must prove before it gets the console.

@@ -38,10 +38,7 @@ pub fn check_password(password: &str) -> Result<(), String> {
         return Err("the password is empty".into());
     }
     if password.len() > MAX_PASSWORD_LEN {
-        return Err(format!(
-            "the password is {} bytes; VNC authentication carries at most {MAX_PASSWORD_LEN}",
-            password.len()
-        ));
+        return Err(format!("the password is {} bytes; VNC authentication carries at most {MAX_PASSWORD_LEN}", password.len()));
     }
     if !password.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         return Err("the password must be printable ASCII (VNC viewers cannot send other characters reliably)".into());
@@ -58,9 +55,7 @@ mod tests {
         // Expected bytes from `openssl enc -des-ecb -nopad -K 0e86ceceeef64e26`
         // ("password" with each byte's bits reversed) over this challenge.
         let challenge: [u8; 16] = core::array::from_fn(|i| i as u8);
-        let expected = [
-            0xb8, 0x66, 0x92, 0x41, 0x25, 0xc8, 0xee, 0xbb, 0x9d, 0xeb, 0xc1, 0xdb, 0x61, 0xc5, 0x38, 0xe2,
-        ];
+        let expected = [0xb8, 0x66, 0x92, 0x41, 0x25, 0xc8, 0xee, 0xbb, 0x9d, 0xeb, 0xc1, 0xdb, 0x61, 0xc5, 0x38, 0xe2];
         assert_eq!(response(b"password", &challenge), expected);
         assert!(verify(b"password", &challenge, &expected));
         assert!(!verify(b"passwore", &challenge, &expected));
