@@ -182,3 +182,27 @@ async fn instance_reset_ends_that_instances_consoles_on_both_doors_only() {
     let left = relay.ctl(Request::Sessions { instance: None }).await.unwrap();
     assert_eq!(left["sessions"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_live_console_keeps_its_token_from_lapsing() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.tokens.touch_interval_secs = 1;
+        c.tokens.sweep_interval_secs = 1;
+    })
+    .await;
+    let mut in_use = new_token("vm-touch", hv.addr());
+    in_use.idle_timeout = Some(2);
+    let in_use = relay.token_with(in_use).await;
+    let mut unused = new_token("vm-touch", hv.addr());
+    unused.idle_timeout = Some(2);
+    let unused = relay.token_with(unused).await;
+
+    let mut raw = relay.connect_door(&in_use).await.unwrap();
+    handshake(&mut raw, RFB38, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let check = |token: String| relay.ctl(Request::TokenCheck { token });
+    assert_eq!(check(in_use.clone()).await.unwrap()["valid"], true, "touched while its console is live");
+    assert_eq!(check(unused).await.unwrap()["valid"], false, "an unused token lapses");
+    echo_roundtrip(&mut raw, b"still relaying").await;
+}
