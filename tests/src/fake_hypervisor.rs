@@ -26,6 +26,11 @@ pub enum After {
     ResetAfter(usize),
     /// Read and discard forever; never close (a hypervisor ignoring the viewer's FIN).
     Hold,
+    /// Send this many pattern bytes, then FIN; keep reading until the viewer's EOF.
+    SendThenFin(usize),
+    /// Send pattern bytes as fast as the connection takes them, `total` in all, then
+    /// FIN; `FakeVnc::sent` counts what has been written so far.
+    Flood(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -35,11 +40,14 @@ pub struct Script {
     /// Expect `CONNECT <path> HTTP/1.1` first and answer with this status; with 200 the
     /// RFB greeting goes out in the same write as the reply.
     pub connect_status: Option<u16>,
+    /// Send ServerInit with SecurityResult, before the ClientInit arrives, so bytes are
+    /// already in flight when relay hands the session to its relay.
+    pub eager_init: bool,
 }
 
 impl Script {
     pub fn echo() -> Script {
-        Script { security: Security::None, after: After::Echo, connect_status: None }
+        Script { security: Security::None, after: After::Echo, connect_status: None, eager_init: false }
     }
     pub fn after(after: After) -> Script {
         Script { after, ..Script::echo() }
@@ -52,7 +60,19 @@ pub const SERVER_INIT_LEN: usize = 24 + 4;
 pub struct FakeVnc {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     task: JoinHandle<()>,
+}
+
+/// What the fake saw, across its connections.
+#[derive(Default)]
+pub struct Shared {
+    /// Pattern bytes written so far (Flood, SendThenFin, ResetAfter).
+    pub sent: AtomicUsize,
+    /// Bytes received after ServerInit.
+    pub received: AtomicUsize,
+    /// How each connection's reading side ended: "eof", "reset" or "error: ...".
+    pub ends: std::sync::Mutex<Vec<String>>,
 }
 
 impl FakeVnc {
@@ -60,17 +80,23 @@ impl FakeVnc {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let shared = Arc::new(Shared::default());
+        let (count, seen) = (accepted.clone(), shared.clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                let script = script.clone();
+                let (script, seen) = (script.clone(), seen.clone());
                 tokio::spawn(async move {
-                    let _ = serve(stream, script).await;
+                    let end = match serve(stream, script, &seen).await {
+                        Ok(()) => "eof".to_string(),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset".to_string(),
+                        Err(e) => format!("error: {e}"),
+                    };
+                    seen.ends.lock().unwrap().push(end);
                 });
             }
         });
-        FakeVnc { addr, accepted, task }
+        FakeVnc { addr, accepted, shared, task }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -80,6 +106,14 @@ impl FakeVnc {
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
+
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    pub fn sent(&self) -> usize {
+        self.shared.sent.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for FakeVnc {
@@ -88,7 +122,7 @@ impl Drop for FakeVnc {
     }
 }
 
-async fn serve(mut s: TcpStream, script: Script) -> std::io::Result<()> {
+async fn serve(mut s: TcpStream, script: Script, seen: &Shared) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut greeting = b"RFB 003.008\n".to_vec();
     if let Some(status) = script.connect_status {
@@ -131,26 +165,69 @@ async fn serve(mut s: TcpStream, script: Script) -> std::io::Result<()> {
             }
         }
     }
-    s.write_u32(0).await?;
-    s.read_u8().await?; // ClientInit
-    let mut init = vec![0, 64, 0, 48, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0];
-    init.extend_from_slice(&4u32.to_be_bytes());
-    init.extend_from_slice(b"fake");
-    s.write_all(&init).await?;
+    let mut init = 0u32.to_be_bytes().to_vec(); // SecurityResult OK
+    let mut server_init = vec![0, 64, 0, 48, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0];
+    server_init.extend_from_slice(&4u32.to_be_bytes());
+    server_init.extend_from_slice(b"fake");
+    if script.eager_init {
+        init.extend_from_slice(&server_init);
+        s.write_all(&init).await?;
+        s.read_u8().await?; // ClientInit
+    } else {
+        s.write_all(&init).await?;
+        s.read_u8().await?; // ClientInit
+        s.write_all(&server_init).await?;
+    }
     match script.after {
         After::Echo => {
             let (mut r, mut w) = s.split();
-            tokio::io::copy(&mut r, &mut w).await?;
+            let n = tokio::io::copy(&mut r, &mut w).await?;
+            seen.received.fetch_add(n as usize, Ordering::SeqCst);
             w.shutdown().await
         }
+        After::SendThenFin(n) => {
+            s.write_all(&pattern(0, n)).await?;
+            seen.sent.fetch_add(n, Ordering::SeqCst);
+            s.shutdown().await?;
+            drain(&mut s, seen).await
+        }
+        After::Flood(total) => {
+            let (mut r, mut w) = s.split();
+            let flood = async {
+                let chunk = pattern(0, 1 << 16);
+                let mut sent = 0;
+                while sent < total {
+                    // Chunks are whole multiples of 251 from the start, so the pattern
+                    // continues across them: (i % 251) at every offset i.
+                    let n = (total - sent).min(chunk.len() / 251 * 251);
+                    w.write_all(&chunk[..n]).await?;
+                    sent += n;
+                    seen.sent.fetch_add(n, Ordering::SeqCst);
+                }
+                w.shutdown().await
+            };
+            let read = async {
+                let mut sink = [0u8; 4096];
+                loop {
+                    match r.read(&mut sink).await {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => {
+                            seen.received.fetch_add(n, Ordering::SeqCst);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            let (a, b) = tokio::join!(flood, read);
+            a.and(b)
+        }
         After::Hold => {
-            let mut sink = [0u8; 4096];
-            while s.read(&mut sink).await? > 0 {}
+            drain(&mut s, seen).await?;
             std::future::pending().await
         }
         After::ResetAfter(n) => {
-            let pattern: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
-            s.write_all(&pattern).await?;
+            s.write_all(&pattern(0, n)).await?;
+            seen.sent.fetch_add(n, Ordering::SeqCst);
             s.set_zero_linger()?;
             Ok(())
         }
@@ -160,4 +237,22 @@ async fn serve(mut s: TcpStream, script: Script) -> std::io::Result<()> {
 async fn write_reason<S: AsyncWrite + AsyncRead + Unpin>(s: &mut S, why: &str) -> std::io::Result<()> {
     s.write_u32(why.len() as u32).await?;
     s.write_all(why.as_bytes()).await
+}
+
+/// `n` bytes of the pattern `(i % 251)` starting at offset `from`.
+pub fn pattern(from: usize, n: usize) -> Vec<u8> {
+    (from..from + n).map(|i| (i % 251) as u8).collect()
+}
+
+/// Reads until EOF, counting; an error (a reset) is returned.
+async fn drain(s: &mut TcpStream, seen: &Shared) -> std::io::Result<()> {
+    let mut sink = [0u8; 4096];
+    loop {
+        match s.read(&mut sink).await? {
+            0 => return Ok(()),
+            n => {
+                seen.received.fetch_add(n, Ordering::SeqCst);
+            }
+        }
+    }
 }
