@@ -120,3 +120,22 @@ async fn passwords_rfb_cannot_carry_are_refused_with_a_reason() {
     let err = relay.ctl(Request::InstancePasswordClear { instance: "vm".into(), disconnect: false }).await.unwrap_err().to_string();
     assert!(err.contains("not_found"), "{err}");
 }
+
+#[tokio::test]
+async fn reset_ends_a_viewer_waiting_at_the_password_prompt() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let relay = TestRelay::start().await;
+    let token = relay.token("vm-prompt", hv.addr()).await;
+    set_password(&relay, "vm-prompt", "pw", false).await;
+    let mut s = relay.connect_door(&token).await.unwrap();
+    let mut greeting = [0u8; 12];
+    s.read_exact(&mut greeting).await.unwrap();
+    s.write_all(b"RFB 003.008\n\x02").await.unwrap();
+    let mut offer_and_challenge = [0u8; 2 + 16];
+    s.read_exact(&mut offer_and_challenge).await.unwrap();
+    // A person is typing; meanwhile the operator resets the instance.
+    let reset = relay.ctl(Request::InstanceReset { instance: "vm-prompt".into(), revoke: false }).await.unwrap();
+    assert_eq!(reset["disconnected"], 1);
+    let ended = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut Vec::new())).await;
+    assert!(ended.is_ok(), "the prompt ended with the reset, not after the password");
+}

@@ -79,10 +79,13 @@ impl Conn {
         {
             self.client = client;
         }
-        if let Err(reject) = self.check_door(&req, stream.is_tls()) {
-            self.refuse(&mut stream, &reject, &req).await;
-            return;
-        }
+        let upgrade = match self.check_door(&req, stream.is_tls()) {
+            Ok(upgrade) => upgrade,
+            Err(reject) => {
+                self.refuse(&mut stream, &reject, &req).await;
+                return;
+            }
+        };
         let Some(token) = token_param::from_request(&req.head) else {
             let reject = Reject::new(400, "Bad Request", "no console token in the request");
             self.refuse(&mut stream, &reject, &req).await;
@@ -121,7 +124,7 @@ impl Conn {
             }
         };
         let span = info_span!("session", instance = %record.instance, token_id = %record.id, door = %req.door, client = %self.client);
-        self.console(stream, req, record, hash, session).instrument(span).await
+        self.console(stream, req, upgrade, record, hash, session).instrument(span).await
     }
 }
 

@@ -6,7 +6,6 @@ use super::{CONNECT_OK, Conn, ConsoleRequest, send_and_close};
 use crate::app::unix_now;
 use crate::auth::{TokenHash, TokenRecord};
 use crate::dial::{DialError, Dialed, dial};
-use crate::front::Door;
 use crate::front::http::Reject;
 use crate::front::ws;
 use crate::front::ws_stream::WsByteStream;
@@ -36,6 +35,7 @@ impl Conn {
         self,
         mut stream: Transport,
         req: ConsoleRequest,
+        upgrade: Option<ws::Upgrade>,
         record: TokenRecord,
         hash: TokenHash,
         session: SessionHandle,
@@ -45,8 +45,8 @@ impl Conn {
             Ok(r) => r,
             Err(_) => Err(DialError::Timeout(format!("{}:{}", record.target.host, record.target.port))),
         };
-        match req.door {
-            Door::Connect => {
+        match upgrade {
+            None => {
                 if let Err(e) = &dialed {
                     warn!(target: AUDIT, event = "hypervisor_failed", stage = "dial", error = %e);
                     bump(&self.app.counters.hypervisor_failures);
@@ -59,8 +59,7 @@ impl Conn {
                 }
                 self.negotiate(stream, req.rest, dialed, &record, hash, session).await
             }
-            Door::WebSocket => {
-                let upgrade = ws::check(&req.head).expect("checked before the token was spent");
+            Some(upgrade) => {
                 if stream.write_all(&upgrade.response()).await.is_err() {
                     return;
                 }
@@ -103,7 +102,15 @@ impl Conn {
                 (refusal, self.deadline, false)
             }
         };
-        let viewer_done = timeout_at(deadline, drive(viewer_machine, &mut viewer, &mut viewer_buf)).await;
+        // A forced disconnect also ends a viewer still at the password prompt.
+        let mut stop = session.stop.clone();
+        let viewer_done = tokio::select! {
+            done = timeout_at(deadline, drive(viewer_machine, &mut viewer, &mut viewer_buf)) => done,
+            _ = stop.wait_for(Option::is_some) => {
+                info!(target: AUDIT, event = "viewer_handshake_failed", error = "disconnected during the handshake");
+                return;
+            }
+        };
         if wants_password {
             self.audit_password(&record.instance, &viewer_done);
         }

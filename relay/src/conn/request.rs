@@ -106,15 +106,16 @@ impl Conn {
         }
     }
 
-    /// Door-specific checks that come before the token is spent.
-    pub(super) fn check_door(&self, req: &ConsoleRequest, tls: bool) -> Result<(), Reject> {
+    /// Door-specific checks that come before the token is spent; for the WebSocket door,
+    /// the upgrade it agreed to.
+    pub(super) fn check_door(&self, req: &ConsoleRequest, tls: bool) -> Result<Option<ws::Upgrade>, Reject> {
         match req.door {
             Door::Connect if req.head.method != "CONNECT" => {
                 Err(Reject::new(405, "Method Not Allowed", "this door takes CONNECT /console?token=TOKEN"))
             }
-            Door::Connect => Ok(()),
+            Door::Connect => Ok(None),
             Door::WebSocket => {
-                ws::check(&req.head)?;
+                let upgrade = ws::check(&req.head)?;
                 let cfg = &self.app.config.websocket;
                 let forwarded = cfg.trust_forwarded_headers.then(|| req.head.header("x-forwarded-proto")).flatten();
                 let scheme = match forwarded {
@@ -123,7 +124,8 @@ impl Conn {
                     _ => "http",
                 };
                 origin::check(req.head.header("origin"), req.head.header("host"), scheme, &cfg.allowed_origins)
-                    .map_err(|e| Reject::new(403, "Forbidden", e))
+                    .map_err(|e| Reject::new(403, "Forbidden", e))?;
+                Ok(Some(upgrade))
             }
         }
     }
