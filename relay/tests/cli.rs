@@ -33,12 +33,22 @@ impl Drop for Running {
 }
 
 fn start(dir: &Path) -> Running {
+    start_logging(dir, None)
+}
+
+/// Starts relay; with `log`, its stderr (the log, at debug level) goes to that file.
+fn start_logging(dir: &Path, log: Option<&Path>) -> Running {
     let control = dir.join("control.sock");
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+        None => Stdio::null(),
+    };
     let mut child = Command::new(RELAY)
         .args(["run", "--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--control"])
         .arg(&control)
+        .env("RUST_LOG", "debug")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -169,4 +179,41 @@ fn a_second_relay_does_not_steal_the_control_socket() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by a running relay"));
     assert_eq!(ctl_json(&r, &["stats"])["sessions_active"], 0, "the first relay still answers");
+}
+
+#[test]
+fn tokens_never_reach_the_log() {
+    let dir = scratch("log");
+    let log = dir.join("relay.log");
+    let r = start_logging(&dir, Some(&log));
+    let created = ctl_json(&r, &["token", "create", "--instance", "vm-log", "--host", "127.0.0.1", "--port", "9"]);
+    let token = created["token"].as_str().unwrap().to_string();
+    let use_it = |request: String, addr: &str| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        reply
+    };
+    // Through both doors (the hypervisor is down), and an unknown token.
+    assert!(use_it(format!("CONNECT /console?token={token} HTTP/1.1\r\n\r\n"), &r.connect).starts_with("HTTP/1.1 502"));
+    let upgrade = format!(
+        "GET /?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let mut ws = TcpStream::connect(&r.ws).unwrap();
+    ws.write_all(upgrade.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    ws.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    drop(ws);
+    let unknown = "x".repeat(43);
+    assert!(use_it(format!("CONNECT /console?token={unknown} HTTP/1.1\r\n\r\n"), &r.connect).starts_with("HTTP/1.1 403"));
+    ctl_json(&r, &["token", "delete", &token]);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(r);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("token_created") && text.contains("token_rejected") && text.contains("hypervisor_failed"), "{text}");
+    for secret in [&token, &unknown] {
+        assert!(!text.contains(&secret[..16]), "a token (or a 16-character piece of one) is in the log");
+    }
 }
