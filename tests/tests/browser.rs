@@ -87,13 +87,20 @@ async fn console_password_prompt_right_and_wrong() {
 }
 
 #[tokio::test]
-async fn novnc_over_wss_with_a_test_certificate() {
+async fn novnc_over_wss_to_a_qemu_demanding_x509_client_certificates() {
     if !env::qemu() || !env::browser() {
         return;
     }
+    use relay::rfb::hypervisor::Scheme;
     use relay_tests::pki::{Ca, Role};
-    let qemu = Qemu::start(VncAuth::None).await.unwrap();
     let dir = scratch_dir("wss");
+    // The hypervisor leg: QEMU with x509 credentials and verify-peer=on.
+    let hv_ca = Ca::new("hypervisor CA");
+    let hv_ca_file = hv_ca.write_cert(&dir.join("hv-ca.pem"));
+    let client = hv_ca.issue_files(&dir, "relay-client", Role::Client, &["relay.example"], false);
+    let creds = hv_ca.qemu_creds_dir(&dir.join("qemu"), &["127.0.0.1"], false);
+    let qemu = Qemu::start(VncAuth::X509 { dir: creds, password: None }).await.unwrap();
+    // The browser leg: wss with a certificate Chromium trusts by its key.
     let ca = Ca::new("browser test CA");
     let (cert, key, spki) = ca.issue_with_spki(Role::Server, &["localhost", "127.0.0.1"], false);
     let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -105,6 +112,10 @@ async fn novnc_over_wss_with_a_test_certificate() {
         c.tls.cert = Some(cert_file);
         c.tls.key = Some(key_file);
         c.tls.ssl_only = true;
+        c.hypervisor.auth_schemes = vec![Scheme::Vencrypt];
+        c.hypervisor.vencrypt_ca_certs = Some(hv_ca_file);
+        c.hypervisor.vencrypt_client_cert = Some(client.cert);
+        c.hypervisor.vencrypt_client_key = Some(client.key);
     })
     .await;
     let token = relay.token("vm-wss", qemu.addr()).await;
