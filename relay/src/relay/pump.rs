@@ -15,8 +15,13 @@ pub enum PumpError {
     Write(io::Error),
 }
 
+/// Where a pump's buffer starts: an idle console costs this much per direction.
+const INITIAL_BUFFER: usize = 4 << 10;
+
 pub struct Pump {
-    buf: Box<[u8]>,
+    buf: Vec<u8>,
+    /// The buffer grows up to this while reads keep filling it.
+    max: usize,
     start: usize,
     end: usize,
     read_eof: bool,
@@ -26,11 +31,11 @@ pub struct Pump {
 
 impl Pump {
     /// A pump whose first bytes out are `pending` (read earlier by a handshake).
-    pub fn new(pending: Vec<u8>, size: usize) -> Pump {
+    pub fn new(pending: Vec<u8>, max: usize) -> Pump {
         let end = pending.len();
         let mut buf = pending;
-        buf.resize(size.max(end), 0);
-        Pump { buf: buf.into_boxed_slice(), start: 0, end, read_eof: false, unflushed: false, finished: false }
+        buf.resize(INITIAL_BUFFER.min(max).max(end), 0);
+        Pump { buf, max, start: 0, end, read_eof: false, unflushed: false, finished: false }
     }
 
     pub fn finished(&self) -> bool {
@@ -69,6 +74,11 @@ impl Pump {
                 self.finished = true;
                 return Poll::Ready(Ok(()));
             }
+            // The last read filled the buffer: the stream is busy, so read more at a time.
+            if self.end == self.buf.len() && self.buf.len() < self.max {
+                let grown = (self.buf.len() * 2).min(self.max);
+                self.buf.resize(grown, 0);
+            }
             let mut rb = ReadBuf::new(&mut self.buf);
             match reader.as_mut().poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
@@ -87,5 +97,26 @@ impl Pump {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[tokio::test]
+    async fn starts_small_grows_when_busy_and_keeps_order() {
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let mut pump = Pump::new(b"early".to_vec(), 64 << 10);
+        assert_eq!(pump.buf.len(), INITIAL_BUFFER);
+        let mut reader = &data[..];
+        let mut out = Vec::new();
+        let counter = AtomicU64::new(0);
+        std::future::poll_fn(|cx| pump.poll(cx, Pin::new(&mut reader), Pin::new(&mut out), &counter)).await.map_err(|_| ()).unwrap();
+        assert_eq!(&out[..5], b"early", "bytes from the handshake go first");
+        assert!(out[5..] == data[..], "then every byte in order");
+        assert_eq!(pump.buf.len(), 64 << 10, "a busy stream grew the buffer to its bound");
+        assert_eq!(counter.load(Ordering::Relaxed), data.len() as u64 + 5);
     }
 }
