@@ -81,7 +81,7 @@ impl TokenStore for MemoryStore {
         let map = self.map();
         let mut found: Vec<TokenRecord> = map
             .values()
-            .filter(|r| !r.dead(now))
+            .filter(|r| r.usable(now).is_ok())
             .filter(|r| match &filter {
                 Filter::Instance(i) => &r.instance == i,
                 Filter::Host(h) => &r.target.host == h,
@@ -152,7 +152,10 @@ mod tests {
         let t = add(&store, new_token("vm1", "hv1", true), 1000).await;
         assert!(store.check(t, 1001).await.unwrap().is_ok(), "checking does not consume");
         assert!(store.redeem(t, 1001).await.unwrap().is_ok());
+        assert_eq!(store.sweep(1002).await.unwrap(), 0, "kept until it expires");
         assert_eq!(store.redeem(t, 1002).await.unwrap().unwrap_err(), TokenRejection::AlreadyUsed);
+        assert!(store.list(Filter::All, 1002).await.unwrap().is_empty(), "but no longer listed");
+        assert_eq!(store.sweep(1600).await.unwrap(), 1);
     }
 
     #[tokio::test]

@@ -157,9 +157,10 @@ impl TokenRecord {
         }
     }
 
-    /// Whether the store may forget it.
+    /// Whether the store may forget it: expired or lapsed. A used single-use token is
+    /// kept until then, so that a second attempt hears "already used", not "unknown".
     pub fn dead(&self, now: u64) -> bool {
-        self.usable(now).is_err()
+        matches!(self.usable(now), Err(super::TokenRejection::Expired | super::TokenRejection::Idle))
     }
 }
 
