@@ -206,3 +206,36 @@ async fn a_live_console_keeps_its_token_from_lapsing() {
     assert_eq!(check(unused).await.unwrap()["valid"], false, "an unused token lapses");
     echo_roundtrip(&mut raw, b"still relaying").await;
 }
+
+#[tokio::test]
+async fn garbage_from_the_hypervisor_or_the_viewer_ends_cleanly() {
+    // A "hypervisor" that is not a VNC server at all.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let not_vnc = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n").await;
+        }
+    });
+    let relay = TestRelay::start().await;
+    let token = relay.token("vm-garbage", not_vnc).await;
+    let mut raw = relay.connect_door(&token).await.unwrap();
+    match handshake(&mut raw, RFB38, None).await {
+        Err(ViewerError::Refused(why)) => assert!(why.starts_with("console unavailable"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A viewer that answers relay's greeting with something that is not RFB.
+    let hv = FakeVnc::start(Script::echo()).await;
+    let token = relay.token("vm-bad-viewer", hv.addr()).await;
+    let mut raw = relay.connect_door(&token).await.unwrap();
+    let mut greeting = [0u8; 12];
+    raw.read_exact(&mut greeting).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok() && rest.is_empty(), "closed without a console: {rest:?}");
+    let stats = relay.ctl(Request::Stats).await.unwrap();
+    assert_eq!(stats["counters"]["sessions_started"], 0);
+    assert_eq!(stats["counters"]["hypervisor_failures"], 1);
+}
