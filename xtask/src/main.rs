@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask deps | test | ci`.
+//! Project tasks: `cargo xtask deps | test | ci | bench`.
 //!
 //! `deps` installs what the tests need on a Debian machine, idempotently: it checks
 //! before it installs, so a second run takes a second.
@@ -26,9 +26,10 @@ fn main() -> Result<()> {
             run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]).current_dir(&root))?;
             test(&root)
         }
+        "bench" => bench(&root),
         _ => {
             eprintln!(
-                "usage: cargo xtask <deps|test|ci>\n  deps  install test dependencies (Debian packages, npm packages)\n  test  deps, then every test\n  ci    deps, format and lint checks, then every test"
+                "usage: cargo xtask <deps|test|ci|bench>\n  deps  install test dependencies (Debian packages, npm packages)\n  test  deps, then every test\n  ci    deps, format and lint checks, then every test\n  bench relay vs direct, socat, HAProxy, websockify (release build); writes docs/benchmarks.md\n        (`cargo xtask bench --help` lists relay-bench's options; `--no-install` skips apt)"
             );
             std::process::exit(2);
         }
@@ -93,4 +94,33 @@ fn test(root: &Path) -> Result<()> {
     // Tests that need QEMU, Chromium or noVNC fail instead of skipping when these are
     // set up: a missing tool must not pass silently here.
     run(Command::new("cargo").args(["test", "--workspace", "--locked"]).env("RELAY_TEST_REQUIRE_ALL", "1").current_dir(root))
+}
+
+/// Debian packages of the proxies relay is compared with. The bench skips (visibly) any
+/// that is missing, so installing them is best effort.
+const BENCH_APT_PACKAGES: &[&str] = &["socat", "haproxy", "websockify"];
+
+fn bench(root: &Path) -> Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(2).collect();
+    let no_install = args.iter().any(|a| a == "--no-install");
+    args.retain(|a| a != "--no-install");
+    let missing: Vec<&str> = BENCH_APT_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if !no_install && !missing.is_empty() && is_root() {
+        let apt = |extra: &[&str]| {
+            let mut c = Command::new("apt-get");
+            c.args(extra).env("DEBIAN_FRONTEND", "noninteractive");
+            c
+        };
+        let installed_ok =
+            run(&mut apt(&["update", "-qq"])).and_then(|()| run(apt(&["install", "-y", "-qq", "--no-install-recommends"]).args(&missing)));
+        if let Err(e) = installed_ok {
+            eprintln!("xtask: could not install {missing:?} ({e:#}); the bench skips what is missing");
+        }
+    }
+    run(Command::new("cargo").args(["build", "--release", "--locked", "-p", "relay", "-p", "relay-bench"]).current_dir(root))?;
+    if !args.iter().any(|a| a == "--doc" || a.starts_with("--doc=") || a == "--help" || a == "-h") {
+        args.push("--doc".into());
+        args.push(root.join("docs/benchmarks.md").to_string_lossy().into_owned());
+    }
+    run(Command::new("cargo").args(["run", "--release", "--locked", "--quiet", "-p", "relay-bench", "--"]).args(&args).current_dir(root))
 }

@@ -1,0 +1,422 @@
+//! relay-bench: relay's doors against a direct connection and against socat, HAProxy
+//! and websockify, all in one run on this machine's loopback. `cargo xtask bench` runs it.
+//!
+//! Everything runs here: a fake RFB hypervisor and the viewers in this process, the
+//! proxies as child processes (ended when the bench ends). See docs/benchmarks.md.
+
+mod client;
+mod hv;
+mod measure;
+mod procs;
+mod report;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use client::{Door, Target};
+use measure::Dir;
+use procs::Proc;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Bytes;
+
+#[derive(Debug, Parser)]
+#[command(name = "relay-bench", about = "Benchmark relay against a direct connection, socat, HAProxy and websockify (loopback only)")]
+pub struct Args {
+    /// The relay binary (default: `relay` beside this program).
+    #[arg(long)]
+    relay: Option<PathBuf>,
+    /// Bytes per direction for the one-connection runs (K, M, G suffixes are powers of 1024).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    bytes: u64,
+    /// Bytes per direction for the multi-connection runs, over all connections (default: --bytes).
+    #[arg(long, value_parser = parse_size)]
+    bytes_multi: Option<u64>,
+    /// Connections in the multi-connection runs.
+    #[arg(long, default_value_t = 8)]
+    conns: usize,
+    /// Bytes per write, for the viewers and for the fake hypervisor (one WebSocket message each).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    chunk: u64,
+    /// Time limit of one throughput run, in seconds: a slower path is measured on what
+    /// it moved by then.
+    #[arg(long, default_value_t = 5.0)]
+    run_secs: f64,
+    /// Ping-pong round trips per path.
+    #[arg(long, default_value_t = 20_000)]
+    pings: usize,
+    /// Rounds of the throughput runs (each figure is the median).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Handshakes per path.
+    #[arg(long, default_value_t = 3_000)]
+    handshakes: usize,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 32)]
+    inflight: usize,
+    /// Idle-session counts at which to read the proxy's memory.
+    #[arg(long, default_value = "2000,10000", value_delimiter = ',')]
+    idle: Vec<usize>,
+    /// Skip the idle-session memory runs.
+    #[arg(long)]
+    no_memory: bool,
+    /// Only these paths (direct, connect, ws, socat, haproxy, websockify); direct always runs.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Write the report (Markdown) to this file as well.
+    #[arg(long)]
+    doc: Option<PathBuf>,
+    /// A note to add to the report (repeatable).
+    #[arg(long)]
+    note: Vec<String>,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("not a size: {text:?}"))?;
+    let mult = match unit.trim_end_matches(['i', 'B', 'b']).to_ascii_uppercase().as_str() {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return Err(format!("unknown unit in {text:?}")),
+    };
+    Ok(n * mult)
+}
+
+/// The paths, in report order.
+pub const PATHS: &[(&str, &str)] = &[
+    ("direct", "direct (no proxy)"),
+    ("connect", "relay CONNECT door"),
+    ("ws", "relay WebSocket door"),
+    ("socat", "socat (TCP, fork)"),
+    ("haproxy", "HAProxy (mode tcp)"),
+    ("websockify", "websockify (WebSocket)"),
+];
+
+/// What was measured on one path.
+#[derive(Debug, Default)]
+pub struct PathResult {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub skipped: Option<String>,
+    pub error: Option<String>,
+    /// Every round's rate of: up 1, down 1, up N, down N.
+    pub throughput: [Vec<measure::Rate>; 4],
+    /// Proxy CPU seconds over the throughput runs, and bytes those runs moved.
+    pub cpu: Option<(f64, u64)>,
+    pub latency: Option<measure::Latency>,
+    pub handshakes: Option<measure::Handshakes>,
+}
+
+impl PathResult {
+    /// The median round of a throughput run (the faster middle one for an even count).
+    pub fn rate(&self, slot: usize) -> Option<measure::Rate> {
+        let mut rates = self.throughput[slot].clone();
+        rates.sort_by(|a, b| a.gb_per_sec().total_cmp(&b.gb_per_sec()));
+        rates.get(rates.len() / 2).copied()
+    }
+}
+
+#[derive(Debug)]
+pub struct MemoryResult {
+    pub label: &'static str,
+    pub outcome: Result<measure::IdleMemory, String>,
+}
+
+pub struct Run {
+    pub args: Args,
+    pub paths: Vec<PathResult>,
+    pub memory: Vec<MemoryResult>,
+    pub notes: Vec<String>,
+    pub nofile: u64,
+    pub elapsed: Duration,
+    /// CPU seconds that processes other than the bench and its children used meanwhile.
+    pub others_cpu: f64,
+    pub load_before: String,
+    pub load_after: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.conns == 0 || args.chunk == 0 || args.inflight == 0 || args.pings == 0 || args.repeat == 0 {
+        bail!("--conns, --chunk, --inflight, --pings and --repeat must be at least 1");
+    }
+    // Before any thread or child: the proxies inherit the limit.
+    let nofile = procs::raise_nofile(65_536);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The main future runs on this thread, so children are spawned from it and their
+    // parent-death signal is tied to the process's main thread.
+    runtime.block_on(async move {
+        tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(20 * 60), bench(args, nofile)) => r.context("the bench took over 20 minutes")?,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        }
+    })?;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+async fn bench(args: Args, nofile: u64) -> Result<()> {
+    let started = Instant::now();
+    let load_before = loadavg();
+    let busy_before = procs::machine_busy_secs();
+    let own_before = procs::tree_cpu_secs(std::process::id());
+    let wanted = |key: &str| key == "direct" || args.only.is_empty() || args.only.iter().any(|o| o == key);
+    let relay_bin = match &args.relay {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.parent().context("bench binary has no directory")?.join("relay"),
+    };
+    if !relay_bin.is_file() {
+        bail!("no relay binary at {} (build it: cargo build --release -p relay, or pass --relay)", relay_bin.display());
+    }
+    let dir = std::env::temp_dir().join(format!("relay-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = RemoveDir(dir.clone());
+
+    let chunk = args.chunk as usize;
+    let hv = hv::start(chunk).await?;
+    let payload: Bytes = (0..chunk).map(|i| (i * 13 + 5) as u8).collect::<Vec<u8>>().into();
+    eprintln!("relay-bench: fake hypervisor on {}, descriptor limit {nofile}", hv.addr);
+
+    // Memory first, each proxy freshly started: relay once per door, in a process of
+    // its own that serves nothing else.
+    let mut notes = Vec::new();
+    let mut memory = Vec::new();
+    let steps = idle_steps(&args, nofile, &mut notes);
+    if !steps.is_empty() {
+        for (key, label) in [("connect", "relay CONNECT door"), ("ws", "relay WebSocket door")] {
+            if !wanted(key) {
+                continue;
+            }
+            eprintln!("relay-bench: idle sessions through {label}: {steps:?}");
+            let outcome = relay_idle_memory(&relay_bin, &dir.join(format!("memory-{key}")), &hv, key, &steps).await;
+            if let Err(e) = &outcome {
+                eprintln!("relay-bench: {label}: {e}");
+            }
+            memory.push(MemoryResult { label, outcome });
+        }
+    }
+
+    let mut relay = procs::start_relay(&relay_bin, &dir)?;
+    let token = relay.token(hv.addr).await?;
+    eprintln!("relay-bench: relay pid {} websocket={} connect={}", relay.proc.pid(), relay.ws, relay.connect);
+
+    let mut paths: Vec<PathResult> = PATHS.iter().map(|&(key, label)| PathResult { key, label, ..Default::default() }).collect();
+    // Each path: where the viewer goes, and the proxy process whose CPU is counted.
+    let mut targets: Vec<Option<(Target, Option<u32>)>> = vec![None; PATHS.len()];
+    let mut extra_procs: Vec<Proc> = Vec::new();
+    let mut haproxy: Option<(u32, Target)> = None;
+    for (i, p) in paths.iter_mut().enumerate() {
+        if !wanted(p.key) {
+            p.skipped = Some("not selected (--only)".into());
+            continue;
+        }
+        let target = match p.key {
+            "direct" => Ok((Target { addr: hv.addr, door: Door::Raw }, None)),
+            "connect" => Ok((Target { addr: relay.connect, door: Door::Connect { token: token.clone() } }, Some(relay.proc.pid()))),
+            "ws" => Ok((Target { addr: relay.ws, door: Door::Ws { token: Some(token.clone()) } }, Some(relay.proc.pid()))),
+            key => {
+                if procs::which(key).is_none() {
+                    p.skipped = Some(format!("`{key}` not installed"));
+                    eprintln!("relay-bench: SKIPPING {key}: not installed");
+                    continue;
+                }
+                let started = match key {
+                    "socat" => procs::start_socat(hv.addr, &dir),
+                    "haproxy" => procs::start_haproxy(hv.addr, &dir, nofile),
+                    _ => procs::start_websockify(hv.addr, &dir),
+                };
+                match started {
+                    Ok((mut proc, addr)) => match procs::wait_listening(&mut proc, addr).await {
+                        Ok(()) => {
+                            let door = if key == "websockify" { Door::Ws { token: None } } else { Door::Raw };
+                            let pid = proc.pid();
+                            extra_procs.push(proc);
+                            if key == "haproxy" {
+                                haproxy = Some((pid, Target { addr, door: door.clone() }));
+                            }
+                            Ok((Target { addr, door }, Some(pid)))
+                        }
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match target {
+            Ok(t) => targets[i] = Some(t),
+            Err(e) => {
+                eprintln!("relay-bench: {} failed to start: {e:#}", p.key);
+                p.error = Some(format!("{e:#}"));
+            }
+        }
+    }
+
+    // HAProxy, freshly started and not yet used.
+    if let (false, Some((pid, target))) = (steps.is_empty(), &haproxy) {
+        let label = "HAProxy (mode tcp)";
+        eprintln!("relay-bench: idle sessions through {label}: {steps:?}");
+        let outcome = measure::idle_memory(target, *pid, &steps, async || None, IDLE_CAP).await.map_err(|e| format!("{e:#}"));
+        if let Err(e) = &outcome {
+            eprintln!("relay-bench: {label}: {e}");
+        }
+        memory.push(MemoryResult { label, outcome });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let cap = Duration::from_secs_f64(args.run_secs);
+    let bytes_multi = args.bytes_multi.unwrap_or(args.bytes);
+    // Throughput in rounds over all paths, so a burst of other work on the machine
+    // spreads over the paths instead of landing on one; each figure is the median.
+    for round in 1..=args.repeat {
+        eprintln!("relay-bench: throughput, round {round} of {}", args.repeat);
+        for (p, target) in paths.iter_mut().zip(&targets) {
+            let Some((target, pid)) = target else { continue };
+            if p.error.is_some() {
+                continue;
+            }
+            if let Err(e) = throughput_round(p, target, *pid, &hv, &args, cap, bytes_multi, &payload).await {
+                eprintln!("relay-bench: {}: {e:#}", p.key);
+                p.error = Some(format!("{e:#}"));
+            }
+            relay.proc.check_alive()?;
+        }
+    }
+    eprintln!("relay-bench: ping-pong and handshakes");
+    for (p, target) in paths.iter_mut().zip(&targets) {
+        let Some((target, _)) = target else { continue };
+        if p.error.is_some() {
+            continue;
+        }
+        if let Err(e) = latency_and_handshakes(p, target, &args).await {
+            eprintln!("relay-bench: {}: {e:#}", p.key);
+            p.error = Some(format!("{e:#}"));
+        }
+        relay.proc.check_alive()?;
+    }
+
+    let elapsed = started.elapsed();
+    let others = procs::machine_busy_secs() - busy_before - (procs::tree_cpu_secs(std::process::id()) - own_before);
+    let run = Run { args, paths, memory, notes, nofile, elapsed, others_cpu: others.max(0.0), load_before, load_after: loadavg() };
+    let text = report::markdown(&run, &relay_bin);
+    println!("{text}");
+    if let Some(doc) = &run.args.doc {
+        std::fs::write(doc, &text).with_context(|| format!("writing {}", doc.display()))?;
+        eprintln!("relay-bench: wrote {}", doc.display());
+    }
+    drop(extra_procs);
+    drop(relay);
+    Ok(())
+}
+
+const IDLE_CAP: Duration = Duration::from_secs(120);
+
+/// The idle-session counts to measure at. Each relayed session holds two descriptors in
+/// the proxy (and two in this process: viewer and fake hypervisor), so the descriptor
+/// limit caps the count.
+fn idle_steps(args: &Args, nofile: u64, notes: &mut Vec<String>) -> Vec<usize> {
+    if args.no_memory {
+        return Vec::new();
+    }
+    let most = (nofile.saturating_sub(200) / 2 / 100 * 100) as usize;
+    let mut steps: Vec<usize> = args.idle.iter().map(|&n| n.min(most)).filter(|&n| n > 0).collect();
+    steps.sort_unstable();
+    steps.dedup();
+    if let Some(&asked) = args.idle.iter().max()
+        && asked > most
+    {
+        notes.push(format!(
+            "{asked} idle sessions were asked for, but the descriptor limit here is {nofile} and could not be raised \
+             (RLIMIT_NOFILE's hard limit needs CAP_SYS_RESOURCE), and a relayed session holds two descriptors in the \
+             proxy: the largest step is {most}."
+        ));
+    }
+    steps
+}
+
+/// Idle-session memory of a relay process started for this alone.
+async fn relay_idle_memory(
+    relay_bin: &std::path::Path,
+    dir: &std::path::Path,
+    hv: &hv::Hypervisor,
+    door: &str,
+    steps: &[usize],
+) -> Result<measure::IdleMemory, String> {
+    let go = async {
+        std::fs::create_dir_all(dir)?;
+        let relay = procs::start_relay(relay_bin, dir)?;
+        let token = relay.token(hv.addr).await?;
+        let target = match door {
+            "connect" => Target { addr: relay.connect, door: Door::Connect { token } },
+            _ => Target { addr: relay.ws, door: Door::Ws { token: Some(token) } },
+        };
+        let live = async || relay.sessions_active().await.ok();
+        measure::idle_memory(&target, relay.proc.pid(), steps, live, IDLE_CAP).await
+    };
+    go.await.map_err(|e: anyhow::Error| format!("{e:#}"))
+}
+
+/// One round of the four throughput runs on one path; the proxy's CPU time over them
+/// is added to the path's total.
+#[allow(clippy::too_many_arguments)]
+async fn throughput_round(
+    p: &mut PathResult,
+    target: &Target,
+    pid: Option<u32>,
+    hv: &hv::Hypervisor,
+    args: &Args,
+    cap: Duration,
+    bytes_multi: u64,
+    payload: &Bytes,
+) -> Result<()> {
+    let cpu_before = pid.map(procs::tree_cpu_secs);
+    let runs =
+        [(Dir::Up, 1, args.bytes), (Dir::Down, 1, args.bytes), (Dir::Up, args.conns, bytes_multi), (Dir::Down, args.conns, bytes_multi)];
+    let mut moved = 0;
+    for (slot, (dir, conns, bytes)) in runs.into_iter().enumerate() {
+        let rate = measure::throughput(target, hv, dir, conns, bytes, cap, payload)
+            .await
+            .with_context(|| format!("throughput {dir:?} x{conns}"))?;
+        eprintln!(
+            "relay-bench:   {}: {dir:?} x{conns}: {:.3} GB/s ({} MB in {:.2} s{})",
+            p.key,
+            rate.gb_per_sec(),
+            rate.bytes / 1_000_000,
+            rate.secs,
+            if rate.capped { ", time limit" } else { "" }
+        );
+        moved += rate.bytes;
+        p.throughput[slot].push(rate);
+    }
+    if let (Some(pid), Some(before)) = (pid, cpu_before) {
+        let (cpu, bytes) = p.cpu.unwrap_or_default();
+        p.cpu = Some((cpu + procs::tree_cpu_secs(pid) - before, bytes + moved));
+    }
+    Ok(())
+}
+
+async fn latency_and_handshakes(p: &mut PathResult, target: &Target, args: &Args) -> Result<()> {
+    let lat = measure::latency(target, args.pings, Duration::from_secs(15)).await.context("latency")?;
+    eprintln!("relay-bench:   {}: ping-pong p50 {:.1} µs p99 {:.1} µs ({} round trips)", p.key, lat.p50_us, lat.p99_us, lat.count);
+    p.latency = Some(lat);
+    let hs = measure::handshakes(target, args.handshakes, args.inflight, Duration::from_secs(10)).await.context("handshakes")?;
+    eprintln!("relay-bench:   {}: handshakes {:.0}/s ({} ok, {} failed in {:.2} s)", p.key, hs.per_sec(), hs.ok, hs.failed, hs.secs);
+    p.handshakes = Some(hs);
+    Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+}
+
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
