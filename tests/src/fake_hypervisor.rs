@@ -59,7 +59,6 @@ pub const SERVER_INIT_LEN: usize = 24 + 4;
 
 pub struct FakeVnc {
     addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
@@ -79,12 +78,10 @@ impl FakeVnc {
     pub async fn start(script: Script) -> FakeVnc {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(Shared::default());
-        let (count, seen) = (accepted.clone(), shared.clone());
+        let seen = shared.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
                 let (script, seen) = (script.clone(), seen.clone());
                 tokio::spawn(async move {
                     let end = match serve(stream, script, &seen).await {
@@ -96,15 +93,11 @@ impl FakeVnc {
                 });
             }
         });
-        FakeVnc { addr, accepted, shared, task }
+        FakeVnc { addr, shared, task }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
     }
 
     pub fn shared(&self) -> &Shared {

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 pub struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
-    name: String,
 }
 
 /// A certificate and its key as PEM files.
@@ -31,7 +30,7 @@ impl Ca {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Ca { issuer, name: name.into() }
+        Ca { issuer }
     }
 
     pub fn cert_pem(&self) -> String {
@@ -91,9 +90,5 @@ impl Ca {
         std::fs::write(dir.join("server-cert.pem"), cert).unwrap();
         std::fs::write(dir.join("server-key.pem"), key).unwrap();
         dir.to_path_buf()
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 }

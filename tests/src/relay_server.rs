@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -27,7 +26,6 @@ pub struct TestRelay {
     pub control: PathBuf,
     pub dir: PathBuf,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 /// A private scratch directory per call, removed by its owner.
@@ -59,7 +57,8 @@ impl TestRelay {
         adjust(&mut config);
         let (bound_tx, bound_rx) = oneshot::channel();
         let (stop, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(relay::server::run(
+        // Stops when `stop` fires (on drop); the task ends with it.
+        tokio::spawn(relay::server::run(
             config,
             move |b| {
                 let _ = bound_tx.send(b.clone());
@@ -75,7 +74,6 @@ impl TestRelay {
             control: bound.control,
             dir,
             stop: Some(stop),
-            task: Some(task),
         }
     }
 
@@ -123,19 +121,6 @@ impl TestRelay {
         let mut req = format!("ws://{}{path_and_query}", self.ws).into_client_request().unwrap();
         req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
         tokio_tungstenite::connect_async(req).await.expect("upgrade").0
-    }
-
-    pub async fn stop(mut self) {
-        self.shutdown().await;
-    }
-
-    async fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.expect("relay task").expect("relay ran cleanly");
-        }
     }
 }
 

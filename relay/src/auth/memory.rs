@@ -100,12 +100,8 @@ impl TokenStore for MemoryStore {
         ready(before - map.len())
     }
 
-    fn len(&self) -> StoreFuture<'_, usize> {
+    fn count(&self) -> StoreFuture<'_, usize> {
         ready(self.map().len())
-    }
-
-    fn is_empty(&self) -> StoreFuture<'_, bool> {
-        ready(self.map().is_empty())
     }
 }
 
@@ -173,11 +169,11 @@ mod tests {
         assert!(!store.delete(a).await.unwrap());
         assert_eq!(store.delete_instance("vm1").await.unwrap(), 1);
         assert_eq!(store.sweep(5000).await.unwrap(), 1);
-        assert_eq!(store.len().await.unwrap(), 0);
+        assert_eq!(store.count().await.unwrap(), 0);
         // A full store makes room by forgetting dead tokens first.
         let store = MemoryStore::new(1);
         add(&store, new_token("vm1", "h", false), 1000).await;
         add(&store, new_token("vm2", "h", false), 9000).await;
-        assert_eq!(store.len().await.unwrap(), 1);
+        assert_eq!(store.count().await.unwrap(), 1);
     }
 }

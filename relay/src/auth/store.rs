@@ -52,6 +52,6 @@ pub trait TokenStore: Send + Sync + 'static {
     fn list(&self, filter: Filter, now: u64) -> StoreFuture<'_, Vec<TokenRecord>>;
     /// Forgets expired, lapsed and used-up tokens; returns how many.
     fn sweep(&self, now: u64) -> StoreFuture<'_, usize>;
-    fn len(&self) -> StoreFuture<'_, usize>;
-    fn is_empty(&self) -> StoreFuture<'_, bool>;
+    /// How many tokens are stored (usable or not yet swept).
+    fn count(&self) -> StoreFuture<'_, usize>;
 }

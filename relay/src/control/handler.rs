@@ -49,7 +49,7 @@ pub async fn handle(app: &App, envelope: Envelope) -> Result<Value, ControlError
         Request::Stats => Ok(json!({
             "counters": app.counters.view(),
             "sessions_active": app.sessions.len(),
-            "tokens": store.len().await.map_err(unavailable)?,
+            "tokens": store.count().await.map_err(unavailable)?,
         })),
         Request::InstancePasswordSet { instance, password, disconnect } => {
             if let Err(e) = check_password(&password.0) {
