@@ -139,3 +139,55 @@ async fn reset_ends_a_viewer_waiting_at_the_password_prompt() {
     let ended = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut Vec::new())).await;
     assert!(ended.is_ok(), "the prompt ended with the reset, not after the password");
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_lock_out_follows_x_forwarded_for() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.websocket.trust_forwarded_headers = true;
+        c.passwords.max_failures = 2;
+    })
+    .await;
+    let token = relay.token("vm-proxy", hv.addr()).await;
+    let other = relay.token("vm-proxy2", hv.addr()).await;
+    set_password(&relay, "vm-proxy", "pw", false).await;
+    set_password(&relay, "vm-proxy2", "pw2", false).await;
+    let from = |addr: &'static str, token: &str, password: &'static str| {
+        let path = format!("/?token={token}");
+        let relay = &relay;
+        async move {
+            let mut ws = relay.websocket(&path, &[("X-Forwarded-For", addr)]).await.unwrap();
+            handshake(&mut ws, RFB38, Some(password)).await.map(|_| ())
+        }
+    };
+    for _ in 0..2 {
+        assert!(matches!(from("203.0.113.7", &token, "guess").await, Err(ViewerError::AuthFailed(_))));
+    }
+    // Every viewer arrives from the proxy's address; only the guesser is locked out.
+    match from("203.0.113.7", &other, "pw2").await {
+        Err(ViewerError::Refused(why)) => assert!(why.contains("your address"), "{why}"),
+        other => panic!("the guessing client is locked out everywhere: {other:?}"),
+    }
+    assert!(from("198.51.100.9", &other, "pw2").await.is_ok(), "another client behind the same proxy is not");
+}
+
+#[tokio::test]
+async fn untrusted_x_forwarded_for_is_ignored() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let relay = TestRelay::start_with(|c| c.passwords.max_failures = 2).await;
+    let token = relay.token("vm-noproxy", hv.addr()).await;
+    let other = relay.token("vm-noproxy2", hv.addr()).await;
+    set_password(&relay, "vm-noproxy", "pw", false).await;
+    set_password(&relay, "vm-noproxy2", "pw2", false).await;
+    for spoofed in ["192.0.2.1", "192.0.2.2"] {
+        let mut ws = relay.websocket(&format!("/?token={token}"), &[("X-Forwarded-For", spoofed)]).await.unwrap();
+        assert!(matches!(handshake(&mut ws, RFB38, Some("guess")).await, Err(ViewerError::AuthFailed(_))));
+    }
+    // A guesser cannot dodge the per-source count by claiming a new address: on another
+    // console (so only the source's lock-out applies) it is still refused.
+    let mut ws = relay.websocket(&format!("/?token={other}"), &[("X-Forwarded-For", "192.0.2.3")]).await.unwrap();
+    match handshake(&mut ws, RFB38, Some("pw2")).await {
+        Err(ViewerError::Refused(why)) => assert!(why.contains("your address"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -114,3 +114,15 @@ async fn web_client_files_are_served_and_traversal_is_not() {
     assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
     let _ = std::fs::remove_dir_all(&web);
 }
+
+#[tokio::test]
+async fn x_forwarded_proto_counts_for_the_origin_scheme_only_when_trusted() {
+    let headers = [("Origin", "https://console.example"), ("Host", "console.example"), ("X-Forwarded-Proto", "https")];
+    let trusting = TestRelay::start_with(|c| c.websocket.trust_forwarded_headers = true).await;
+    let token = trusting.token("vm", NOWHERE.parse().unwrap()).await;
+    assert!(trusting.websocket(&format!("/?token={token}"), &headers).await.is_ok(), "https page behind a TLS proxy");
+
+    let plain = TestRelay::start().await;
+    let token = plain.token("vm", NOWHERE.parse().unwrap()).await;
+    assert_eq!(status(plain.websocket(&format!("/?token={token}"), &headers).await.err().unwrap()), 403);
+}
