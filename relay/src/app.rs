@@ -6,6 +6,7 @@ use crate::auth::lockout::Lockout;
 use crate::auth::memory::MemoryStore;
 use crate::auth::passwords::{MemoryPasswords, PasswordStore};
 use crate::config::Config;
+use crate::relay::backend::Relays;
 use crate::session::Registry;
 use crate::telemetry::Counters;
 use crate::tls::{self, FrontTls, Ktls};
@@ -26,6 +27,8 @@ pub struct App {
     /// relay's TLS client towards VeNCrypt hypervisors, when configured.
     pub hypervisor_tls: Option<TlsConnector>,
     pub ktls: Ktls,
+    /// The back-ends established consoles run on.
+    pub relays: Relays,
     next_id: AtomicU64,
 }
 
@@ -46,6 +49,7 @@ impl App {
         let p = &config.passwords;
         let passwords = Arc::new(MemoryPasswords::new(p.max_instances));
         let lockout = Lockout::new(p.max_failures, p.lockout_secs, p.max_tracked);
+        let relays = Relays::start(&config.relay, config.limits.max_sessions)?;
         Ok(Arc::new(App {
             config,
             tokens,
@@ -56,6 +60,7 @@ impl App {
             front_tls,
             hypervisor_tls,
             ktls: tls::probe_ktls(),
+            relays,
             next_id: AtomicU64::new(1),
         }))
     }

@@ -1,6 +1,6 @@
 //! The command line: `relay run`, `relay check-config`, `relay ctl ...`.
 
-use crate::config::LogFormat;
+use crate::config::{Backend, LogFormat};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +39,9 @@ pub struct RunArgs {
     pub web: Option<PathBuf>,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Back-end for established consoles (config: relay.backend).
+    #[arg(long, value_enum)]
+    pub relay: Option<Backend>,
 }
 
 #[derive(Debug, Args)]

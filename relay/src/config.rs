@@ -18,6 +18,7 @@ pub struct Config {
     pub limits: Limits,
     pub passwords: Passwords,
     pub tls: Tls,
+    pub relay: Relay,
     pub log: Log,
 }
 
@@ -161,6 +162,37 @@ impl Default for Limits {
     }
 }
 
+/// Which back-end relays established consoles' bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The best this machine allows, per kind of session (see README).
+    #[default]
+    Auto,
+    /// eBPF sockmap: raw sessions spliced in the kernel (root or CAP_BPF + CAP_NET_ADMIN).
+    Sockmap,
+    /// io_uring: splice for raw sessions, bounded read/unmask/write for WebSocket ones.
+    Uring,
+    /// The portable userspace relay.
+    Copy,
+}
+
+/// The established byte relay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Relay {
+    pub backend: Backend,
+    /// Kernel back-ends: bytes one direction may have in flight towards a receiver that has
+    /// not acknowledged them, per session; past it TCP pushes back on the sender.
+    pub in_flight_bytes: u64,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay { backend: Backend::Auto, in_flight_bytes: 4 << 20 }
+    }
+}
+
 /// Console passwords that viewers must give (set per instance over the control socket).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -248,6 +280,9 @@ impl Config {
         }
         if self.limits.relay_buffer_bytes < 1024 || self.limits.max_header_bytes < 512 {
             return bad("limits: relay_buffer_bytes must be at least 1024 and max_header_bytes at least 512");
+        }
+        if self.relay.in_flight_bytes < 64 << 10 {
+            return bad("relay.in_flight_bytes must be at least 65536");
         }
         if let Some(web) = &self.listen.web
             && !web.is_dir()

@@ -23,6 +23,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     if let Some(w) = args.web {
         config.listen.web = Some(w);
     }
+    if let Some(b) = args.relay {
+        config.relay.backend = b;
+    }
     if let Some(f) = args.log_format {
         config.log.format = f;
     }

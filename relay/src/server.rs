@@ -46,7 +46,6 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
     let app = App::new(config)?;
     let bound = Bound { websocket: app.config.listen.websocket, connect: app.config.listen.connect, control: control_path.clone() };
     info!(%bound, web = ?app.config.listen.web, "relay listening");
-    info!(backend = "copy", "relay back-end: portable userspace copy");
     match (&app.ktls, app.front_tls.is_some() || app.hypervisor_tls.is_some()) {
         (Ktls::Available, _) => info!("kTLS: available in this kernel; TLS sessions are still carried by rustls in userspace"),
         (Ktls::Unavailable(why), true) => info!(reason = %why, "kTLS: unavailable; TLS stays in userspace (rustls)"),

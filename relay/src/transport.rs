@@ -61,4 +61,13 @@ impl Peer for Transport {
     fn reset_on_close(&self) {
         let _ = self.tcp().set_zero_linger();
     }
+    fn is_plain_tcp(&self) -> bool {
+        matches!(self, Transport::Plain(_))
+    }
+    fn into_tcp(self) -> Option<TcpStream> {
+        match self {
+            Transport::Plain(s) => Some(s),
+            _ => None,
+        }
+    }
 }

@@ -29,3 +29,13 @@ pub fn browser() -> bool {
 pub fn debian_novnc() -> bool {
     have("Debian's novnc (/usr/share/novnc)", Path::new("/usr/share/novnc/vnc_lite.html").exists())
 }
+
+/// True when this process may load relay's eBPF program (a build with the object, and
+/// root or CAP_BPF + CAP_NET_ADMIN).
+pub fn sockmap() -> bool {
+    let loaded = relay::relay::sockmap::Sockmap::load(2, 1 << 20);
+    if let Err(e) = &loaded {
+        eprintln!("sockmap: {e}");
+    }
+    have("the sockmap back-end", loaded.is_ok())
+}

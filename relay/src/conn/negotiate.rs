@@ -150,9 +150,9 @@ impl Conn {
         let control = Control { bytes: session.bytes.clone(), stop: session.stop.clone() };
         let pair = Established { viewer, viewer_buffered: viewer_buf, hypervisor, hypervisor_buffered: hv_buf };
         let relay_started = Instant::now();
-        let ended = relay::copy::run(pair, control, limits).await;
+        let (ended, backend) = self.app.relays.run(pair, control, limits).await;
         let viewer_auth = if viewer_done.security == crate::rfb::security::VNC { "password" } else { "none" };
-        self.finish(&session, ended, relay_started, hash, record, viewer_auth).await;
+        self.finish(&session, (ended, backend.name()), relay_started, hash, record, viewer_auth).await;
     }
 
     /// What the viewer must prove: nothing, or the instance's console password (unless
@@ -256,7 +256,7 @@ impl Conn {
     async fn finish(
         &self,
         session: &SessionHandle,
-        ended: Ended,
+        (ended, backend): (Ended, &str),
         started: Instant,
         hash: TokenHash,
         record: &TokenRecord,
@@ -278,6 +278,7 @@ impl Conn {
             hypervisor = %format!("{}:{}", record.target.host, record.target.port),
             viewer_auth,
             reason = %ended,
+            relay = backend,
             bytes_to_hypervisor = up,
             bytes_to_viewer = down,
             duration_ms = started.elapsed().as_millis() as u64,

@@ -50,6 +50,7 @@ pub async fn handle(app: &App, envelope: Envelope) -> Result<Value, ControlError
             "counters": app.counters.view(),
             "sessions_active": app.sessions.len(),
             "tokens": store.count().await.map_err(unavailable)?,
+            "relay": app.relays.view(),
         })),
         Request::InstancePasswordSet { instance, password, disconnect } => {
             if let Err(e) = check_password(&password.0) {

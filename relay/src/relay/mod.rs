@@ -4,8 +4,10 @@
 //! nothing upstream knows which back-end ran. [`copy`] is the portable userspace relay;
 //! kernel back-ends (sockmap, io_uring) take raw TCP pairs.
 
+pub mod backend;
 pub mod copy;
 mod pump;
+pub mod sockmap;
 
 use crate::front::ws_stream::WsByteStream;
 use crate::session::ByteCounters;
@@ -19,11 +21,28 @@ use tokio::sync::watch;
 pub trait Peer: AsyncRead + AsyncWrite + Unpin + Send {
     /// Makes the next close a reset (RST) instead of a FIN, to pass a peer's reset on.
     fn reset_on_close(&self) {}
+    /// Bare TCP, nothing framed or encrypted in userspace: a kernel back-end may take it.
+    fn is_plain_tcp(&self) -> bool {
+        false
+    }
+    /// The TCP connection, when [`Peer::is_plain_tcp`].
+    fn into_tcp(self) -> Option<TcpStream>
+    where
+        Self: Sized,
+    {
+        None
+    }
 }
 
 impl Peer for TcpStream {
     fn reset_on_close(&self) {
         let _ = self.set_zero_linger();
+    }
+    fn is_plain_tcp(&self) -> bool {
+        true
+    }
+    fn into_tcp(self) -> Option<TcpStream> {
+        Some(self)
     }
 }
 

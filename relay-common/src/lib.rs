@@ -1,0 +1,56 @@
+//! The `#[repr(C)]` values of the BPF maps that relay (userspace) and relay-ebpf (the
+//! sk_skb verdict program) share. Both sides compile this one definition.
+#![no_std]
+
+/// Per socket, keyed by its socket cookie: where its bytes go and what the verdict
+/// program did with them. Written only by the program (serialized per socket), read by
+/// userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Cookie of the socket this one's bytes are redirected to.
+    pub peer: u64,
+    /// Bytes redirected to the peer's send path by the kernel.
+    pub redirected: u64,
+    /// Bytes passed to this socket's own receive queue, for userspace to relay.
+    pub passed: u64,
+    /// Bytes of retransmitted segments that overlapped bytes already relayed, cut off.
+    pub trimmed: u64,
+    /// [`MODE_REDIRECT`] or [`MODE_PASS`].
+    pub mode: u32,
+    /// How many times the direction fell back to userspace.
+    pub fallbacks: u32,
+    /// TCP sequence number of the next byte not yet relayed, once `seq_known`.
+    pub next_seq: u32,
+    pub seq_known: u32,
+}
+
+/// Per socket, keyed by its socket cookie: what userspace allows. Written only by
+/// userspace, read by the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// The program may redirect while `Flow::redirected` stays at or below this; past it
+    /// the direction passes to userspace, whose receive queue pushes back through TCP.
+    pub limit: u64,
+    /// Userspace has read and fully written this many passed bytes; when it equals
+    /// `Flow::passed` (nothing passed is still waiting) the program may redirect again.
+    pub resumed_at: u64,
+}
+
+pub const MODE_REDIRECT: u32 = 0;
+pub const MODE_PASS: u32 = 1;
+
+/// Map names, as the program declares them and userspace looks them up.
+pub const MAP_TARGETS: &str = "TARGETS";
+pub const MAP_VERDICT: &str = "VERDICT";
+pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_GRANTS: &str = "GRANTS";
+pub const PROGRAM: &str = "relay_verdict";
+
+// SAFETY: both are repr(C), made only of integers, with no padding (4×8+4×4 and 8+8
+// bytes), so every bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Flow {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Grant {}

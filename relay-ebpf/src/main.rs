@@ -1,0 +1,139 @@
+//! relay's sk_skb stream-verdict program: moves an established session's bytes from one
+//! socket's receive path straight to its peer's send path, inside the kernel.
+//!
+//! Each socket of a session has a [`Flow`] (what the program did) and a [`Grant`] (what
+//! userspace allows), keyed by socket cookie. The program is the only place a direction
+//! changes between "redirect" and "pass to userspace"; it runs serialized per socket, so
+//! no byte can overtake another. Past the grant's limit (bytes in flight towards a slow
+//! receiver) skbs go to the socket's own receive queue, where they count against its
+//! receive buffer and TCP's window pushes back on the sender.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
+use aya_ebpf::helpers::bpf_get_socket_cookie;
+use aya_ebpf::macros::{map, stream_verdict};
+use aya_ebpf::maps::{HashMap, SockHash};
+use aya_ebpf::programs::SkBuffContext;
+use relay_common::{Flow, Grant, MODE_PASS, MODE_REDIRECT};
+
+/// Where redirected bytes may go. No program is attached here: both sockets of a session
+/// enter this map before either enters [`VERDICT`], so the first redirect finds its peer.
+#[map(name = "TARGETS")]
+static TARGETS: SockHash<u64> = SockHash::with_max_entries(1024, 0);
+
+/// Sockets whose received bytes run through [`relay_verdict`].
+#[map(name = "VERDICT")]
+static VERDICT: SockHash<u64> = SockHash::with_max_entries(1024, 0);
+
+/// Not preallocated: a preallocated hash map recycles a replaced element at once, so a
+/// program still reading it could see another entry's values; these are freed after RCU.
+#[map(name = "FLOWS")]
+static FLOWS: HashMap<u64, Flow> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+#[map(name = "GRANTS")]
+static GRANTS: HashMap<u64, Grant> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+#[stream_verdict]
+pub fn relay_verdict(ctx: SkBuffContext) -> u32 {
+    let len = ctx.len() as u64;
+    // A bare FIN arrives as an empty skb; redirecting it would reset the peer. Dropped
+    // here, it still shows as end-of-stream to userspace, which forwards it in order.
+    if len == 0 {
+        return SK_DROP;
+    }
+    // SAFETY: the helper only reads the socket behind the context's own skb.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
+        // Not (or no longer) a relayed session: userspace's queue.
+        return SK_PASS;
+    };
+    // SAFETY: map values stay valid for the program's run; only this socket's verdict
+    // writes this entry, and verdicts for one socket never run concurrently.
+    let flow = unsafe { &mut *flow };
+    // SAFETY: as above; a concurrent userspace update replaces the element whole.
+    let (limit, resumed_at) = match unsafe { GRANTS.get(&cookie) } {
+        Some(g) => (g.limit, g.resumed_at),
+        None => (0, u64::MAX),
+    };
+    let len = match trim_overlap(&ctx, flow, len) {
+        Some(len) => len,
+        // Nothing new in it, or it could not be cut: forwarding it would corrupt the stream.
+        None => return SK_DROP,
+    };
+    if flow.mode == MODE_PASS && !(resumed_at == flow.passed && flow.redirected + len <= limit) {
+        flow.passed += len;
+        return SK_PASS;
+    }
+    if flow.redirected + len > limit {
+        return pass(flow, len);
+    }
+    let mut peer = flow.peer;
+    if TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32 != SK_PASS {
+        // The peer is gone (reset, closing): keep the bytes rather than drop what TCP
+        // has already acknowledged.
+        return pass(flow, len);
+    }
+    flow.mode = MODE_REDIRECT;
+    flow.redirected += len;
+    SK_PASS
+}
+
+/// The largest cut `bpf_skb_adjust_room` makes on an sk_skb at once.
+const MAX_CUT: u64 = 0xfff;
+
+/// Cuts the bytes of `ctx` that precede `flow.next_seq` and advances it; returns how many
+/// bytes remain. For sk_skb programs `cb[0]` is the first word of the skb's control block,
+/// where TCP keeps the segment's sequence number.
+fn trim_overlap(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> Option<u64> {
+    let seq = ctx.cb()[0];
+    let end = seq.wrapping_add(len as u32);
+    if flow.seq_known == 0 {
+        // The first skb after hand-off: userspace drained the queue before inserting the
+        // socket, so it starts exactly at the next unread byte.
+        flow.seq_known = 1;
+        flow.next_seq = end;
+        return Some(len);
+    }
+    let overlap = flow.next_seq.wrapping_sub(seq) as i32;
+    if overlap <= 0 {
+        flow.next_seq = end;
+        return Some(len);
+    }
+    let mut cut = overlap as u64;
+    if cut >= len {
+        return None;
+    }
+    flow.trimmed += cut;
+    let remaining = len - cut;
+    // Bounded for the verifier: 64 KiB segments need at most 17 cuts.
+    for _ in 0..24 {
+        if cut == 0 {
+            break;
+        }
+        let step = if cut > MAX_CUT { MAX_CUT } else { cut };
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            return None;
+        }
+        cut -= step;
+    }
+    if cut != 0 {
+        return None;
+    }
+    flow.next_seq = end;
+    Some(remaining)
+}
+
+fn pass(flow: &mut Flow, len: u64) -> u32 {
+    flow.mode = MODE_PASS;
+    flow.fallbacks += 1;
+    flow.passed += len;
+    SK_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,102 @@
+//! Which back-end relays an established session: decided once at start-up from what the
+//! kernel and permissions allow and what was asked for, logged, then applied per session
+//! by its kind (raw TCP on both sides, or anything else: WebSocket, TLS).
+
+use super::sockmap::{self, Sockmap};
+use super::{Control, Ended, Established, Limits, Peer, copy};
+use crate::config::{Backend, Relay};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+/// The back-end a kind of session runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    Sockmap,
+    Copy,
+}
+
+impl Choice {
+    pub fn name(self) -> &'static str {
+        match self {
+            Choice::Sockmap => "sockmap",
+            Choice::Copy => "copy",
+        }
+    }
+}
+
+/// The back-ends this process runs, chosen at start-up.
+pub struct Relays {
+    sockmap: Option<Sockmap>,
+    /// Sessions that are plain TCP on both sides after the handshakes (CONNECT door).
+    pub raw: Choice,
+    /// Everything else: WebSocket framing or TLS on either side.
+    pub framed: Choice,
+}
+
+impl Relays {
+    /// Probes the kernel and picks. An explicit request the machine cannot honour is an
+    /// error (an operator who asked for the kernel path should not silently get another);
+    /// `auto` takes the best available and says why in one log line.
+    pub fn start(config: &Relay, max_sessions: usize) -> anyhow::Result<Relays> {
+        let wants_sockmap = matches!(config.backend, Backend::Auto | Backend::Sockmap);
+        let loaded = wants_sockmap.then(|| Sockmap::load(max_sessions, config.in_flight_bytes));
+        let (sockmap, why_not) = match loaded {
+            Some(Ok(s)) => (Some(s), None),
+            Some(Err(e)) => (None, Some(e.to_string())),
+            None => (None, None),
+        };
+        let raw = match (config.backend, &sockmap, &why_not) {
+            (Backend::Sockmap, None, Some(why)) => anyhow::bail!("relay.backend = sockmap, but {why}"),
+            (Backend::Uring, _, _) => anyhow::bail!("relay.backend = uring: the io_uring back-end is not part of this build"),
+            (Backend::Auto | Backend::Sockmap, Some(_), _) => Choice::Sockmap,
+            _ => Choice::Copy,
+        };
+        let relays = Relays { sockmap, raw, framed: Choice::Copy };
+        match why_not {
+            Some(why) => warn!(
+                requested = ?config.backend,
+                raw = relays.raw.name(),
+                framed = relays.framed.name(),
+                "relay back-ends: sockmap unavailable: {why}"
+            ),
+            None => info!(
+                requested = ?config.backend,
+                raw = relays.raw.name(),
+                framed = relays.framed.name(),
+                in_flight_bytes = config.in_flight_bytes,
+                "relay back-ends chosen"
+            ),
+        }
+        Ok(relays)
+    }
+
+    /// For `stats`: the back-end per kind of session and, with sockmap, its map entries
+    /// (sockets in the verdict map, and flows), which must return to zero when idle.
+    pub fn view(&self) -> serde_json::Value {
+        let (flows, sockets) = self.sockmap.as_ref().map_or((0, 0), Sockmap::entries);
+        serde_json::json!({ "raw": self.raw.name(), "framed": self.framed.name(), "sockmap_flows": flows, "sockmap_sockets": sockets })
+    }
+
+    /// Relays one session on the back-end its kind was given; returns how it ended and
+    /// which back-end carried it.
+    pub async fn run<V: Peer, H: Peer>(&self, pair: Established<V, H>, mut control: Control, limits: Limits) -> (Ended, Choice) {
+        if let (Choice::Sockmap, Some(engine)) = (self.raw, &self.sockmap)
+            && pair.viewer.is_plain_tcp()
+            && pair.hypervisor.is_plain_tcp()
+        {
+            let Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered } = pair;
+            let (Some(viewer), Some(hypervisor)) = (viewer.into_tcp(), hypervisor.into_tcp()) else {
+                unreachable!("is_plain_tcp promised a TcpStream")
+            };
+            return match sockmap::run(engine, (viewer, viewer_buffered), (hypervisor, hypervisor_buffered), &mut control, limits).await {
+                Ok(ended) => (ended, Choice::Sockmap),
+                Err((viewer, hypervisor, why, viewer_buffered, hypervisor_buffered)) => {
+                    warn!(error = %why, "sockmap refused the session; relaying it in userspace");
+                    let pair: Established<TcpStream, TcpStream> = Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered };
+                    (copy::run(pair, control, limits).await, Choice::Copy)
+                }
+            };
+        }
+        (copy::run(pair, control, limits).await, Choice::Copy)
+    }
+}

@@ -1,0 +1,156 @@
+//! The sockmap back-end: an sk_skb verdict program (../relay-ebpf) moves an established
+//! raw session's bytes between its two sockets inside the kernel; userspace only watches
+//! for the ends and relays what the program hands back when a receiver falls behind.
+//!
+//! This module owns the loaded program and its four maps; [`session`] runs one session.
+
+mod session;
+mod tcp;
+
+pub use session::run;
+
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::SkSkb;
+use aya::{Ebpf, EbpfLoader};
+use relay_common::{Flow, Grant, MAP_FLOWS, MAP_GRANTS, MAP_TARGETS, MAP_VERDICT, PROGRAM};
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+
+/// The object relay's build script compiled from relay-ebpf, or empty when this build
+/// had no eBPF toolchain.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("RELAY_EBPF_OBJECT"));
+/// Why the object is empty, when it is.
+const MISSING: &str = env!("RELAY_EBPF_MISSING");
+
+/// Why the sockmap back-end cannot run here.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("this relay was built without its eBPF program ({0}); run `cargo xtask build-ebpf`")]
+    NotBuilt(&'static str),
+    #[error("loading eBPF needs root or CAP_BPF and CAP_NET_ADMIN: {0}")]
+    Permission(String),
+    #[error("the kernel refused the eBPF program: {0}")]
+    Kernel(String),
+}
+
+struct Maps {
+    targets: SockHash<MapData, u64>,
+    verdict: SockHash<MapData, u64>,
+    flows: HashMap<MapData, u64, Flow>,
+    grants: HashMap<MapData, u64, Grant>,
+}
+
+/// The loaded program and its maps, shared by every sockmap session.
+pub struct Sockmap {
+    maps: Mutex<Maps>,
+    /// Bytes one direction may have in flight in the kernel towards a receiver that has
+    /// not acknowledged them; past it TCP pushes back on the sender.
+    pub in_flight_cap: u64,
+    /// Keeps the program loaded and attached to the verdict map.
+    _ebpf: Ebpf,
+}
+
+impl Sockmap {
+    /// Loads and attaches the program, with maps sized for `max_sessions`.
+    pub fn load(max_sessions: usize, in_flight_cap: u64) -> Result<Self, Unavailable> {
+        if OBJECT.is_empty() {
+            return Err(Unavailable::NotBuilt(MISSING));
+        }
+        let entries = u32::try_from(max_sessions.saturating_mul(2).max(2)).unwrap_or(u32::MAX);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_TARGETS, entries)
+            .map_max_entries(MAP_VERDICT, entries)
+            .map_max_entries(MAP_FLOWS, entries)
+            .map_max_entries(MAP_GRANTS, entries)
+            .load(OBJECT)
+            .map_err(|e| classify(&e))?;
+        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| Unavailable::Kernel(format!("the program has no map {name}")));
+        let (targets, verdict, flows, grants) = (take(MAP_TARGETS)?, take(MAP_VERDICT)?, take(MAP_FLOWS)?, take(MAP_GRANTS)?);
+        let kernel = |e: &dyn std::fmt::Display| Unavailable::Kernel(e.to_string());
+        let maps = Maps {
+            targets: SockHash::try_from(targets).map_err(|e| kernel(&e))?,
+            verdict: SockHash::try_from(verdict).map_err(|e| kernel(&e))?,
+            flows: HashMap::try_from(flows).map_err(|e| kernel(&e))?,
+            grants: HashMap::try_from(grants).map_err(|e| kernel(&e))?,
+        };
+        let program: &mut SkSkb = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| Unavailable::Kernel(format!("the object has no program {PROGRAM}")))?
+            .try_into()
+            .map_err(|e| kernel(&e))?;
+        program.load().map_err(|e| classify(&e))?;
+        program.attach(maps.verdict.fd()).map_err(|e| classify(&e))?;
+        Ok(Sockmap { maps: Mutex::new(maps), in_flight_cap, _ebpf: ebpf })
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands a session's two sockets to the kernel: flows and grants first, then both
+    /// sockets as redirect targets, then both into the verdict map (so the first redirect
+    /// already finds its peer). On failure nothing is left behind.
+    fn attach(&self, a: (&impl AsRawFd, u64), b: (&impl AsRawFd, u64)) -> Result<(), aya::maps::MapError> {
+        let mut maps = self.maps();
+        let grant = Grant { limit: self.in_flight_cap, resumed_at: 0 };
+        let attached = (|| {
+            maps.flows.insert(a.1, Flow { peer: b.1, ..Flow::default() }, 0)?;
+            maps.flows.insert(b.1, Flow { peer: a.1, ..Flow::default() }, 0)?;
+            maps.grants.insert(a.1, grant, 0)?;
+            maps.grants.insert(b.1, grant, 0)?;
+            maps.targets.insert(a.1, a.0.as_raw_fd(), 0)?;
+            maps.targets.insert(b.1, b.0.as_raw_fd(), 0)?;
+            maps.verdict.insert(a.1, a.0.as_raw_fd(), 0)?;
+            maps.verdict.insert(b.1, b.0.as_raw_fd(), 0)
+        })();
+        if attached.is_err() {
+            drop(maps);
+            self.forget(a.1);
+            self.forget(b.1);
+        }
+        attached
+    }
+
+    /// Stops the program from touching a socket's bytes: later ones stay in its own queue.
+    fn release(&self, cookie: u64) {
+        let _ = self.maps().flows.remove(&cookie);
+    }
+
+    /// Removes every entry of a socket (closing a socket also drops its sockmap entries;
+    /// doing it here keeps the maps exact while the descriptor lives on).
+    fn forget(&self, cookie: u64) {
+        let mut maps = self.maps();
+        let _ = maps.verdict.remove(&cookie);
+        let _ = maps.targets.remove(&cookie);
+        let _ = maps.flows.remove(&cookie);
+        let _ = maps.grants.remove(&cookie);
+    }
+
+    fn flow(&self, cookie: u64) -> Option<Flow> {
+        self.maps().flows.get(&cookie, 0).ok()
+    }
+
+    fn grant(&self, cookie: u64, grant: Grant) {
+        let _ = self.maps().grants.insert(cookie, grant, 0);
+    }
+
+    /// Entries in the maps (flows and verdict sockets): for tests that check nothing leaks.
+    pub fn entries(&self) -> (usize, usize) {
+        let maps = self.maps();
+        (maps.flows.keys().count(), maps.verdict.keys().count())
+    }
+}
+
+fn classify(e: &dyn std::error::Error) -> Unavailable {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    if text.contains("Operation not permitted") || text.contains("Permission denied") {
+        Unavailable::Permission(text)
+    } else {
+        Unavailable::Kernel(text)
+    }
+}
