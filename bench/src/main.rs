@@ -90,8 +90,9 @@ fn parse_size(text: &str) -> Result<u64, String> {
 /// The paths, in report order.
 pub const PATHS: &[(&str, &str)] = &[
     ("direct", "direct (no proxy)"),
-    ("connect", "relay CONNECT door"),
-    ("ws", "relay WebSocket door"),
+    ("connect", "relay CONNECT, copy"),
+    ("connect-sockmap", "relay CONNECT, sockmap"),
+    ("ws", "relay WebSocket, copy"),
     ("socat", "socat (TCP, fork)"),
     ("haproxy", "HAProxy (mode tcp)"),
     ("websockify", "websockify (WebSocket)"),
@@ -108,6 +109,9 @@ pub struct PathResult {
     pub throughput: [Vec<measure::Rate>; 4],
     /// Proxy CPU seconds over the throughput runs, and bytes those runs moved.
     pub cpu: Option<(f64, u64)>,
+    /// The whole machine's busy CPU seconds over the same runs (viewers, fake hypervisor,
+    /// proxy, and kernel work done outside any process, such as a sockmap's kworkers).
+    pub machine_cpu: f64,
     pub latency: Option<measure::Latency>,
     pub handshakes: Option<measure::Handshakes>,
 }
@@ -188,7 +192,9 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
     let mut memory = Vec::new();
     let steps = idle_steps(&args, nofile, &mut notes);
     if !steps.is_empty() {
-        for (key, label) in [("connect", "relay CONNECT door"), ("ws", "relay WebSocket door")] {
+        for (key, label) in
+            [("connect", "relay CONNECT, copy"), ("connect-sockmap", "relay CONNECT, sockmap"), ("ws", "relay WebSocket, copy")]
+        {
             if !wanted(key) {
                 continue;
             }
@@ -201,7 +207,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         }
     }
 
-    let mut relay = procs::start_relay(&relay_bin, &dir)?;
+    let mut relay = procs::start_relay(&relay_bin, &dir, "copy")?;
     let token = relay.token(hv.addr).await?;
     eprintln!("relay-bench: relay pid {} websocket={} connect={}", relay.proc.pid(), relay.ws, relay.connect);
 
@@ -209,6 +215,8 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
     // Each path: where the viewer goes, and the proxy process whose CPU is counted.
     let mut targets: Vec<Option<(Target, Option<u32>)>> = vec![None; PATHS.len()];
     let mut extra_procs: Vec<Proc> = Vec::new();
+    // relay processes on the kernel back-ends, one per back-end.
+    let mut kernel_relays: Vec<procs::Relay> = Vec::new();
     let mut haproxy: Option<(u32, Target)> = None;
     for (i, p) in paths.iter_mut().enumerate() {
         if !wanted(p.key) {
@@ -219,6 +227,23 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             "direct" => Ok((Target { addr: hv.addr, door: Door::Raw }, None)),
             "connect" => Ok((Target { addr: relay.connect, door: Door::Connect { token: token.clone() } }, Some(relay.proc.pid()))),
             "ws" => Ok((Target { addr: relay.ws, door: Door::Ws { token: Some(token.clone()) } }, Some(relay.proc.pid()))),
+            kernel @ "connect-sockmap" => {
+                let backend = kernel.trim_start_matches("connect-");
+                let sub = dir.join(kernel);
+                let started =
+                    std::fs::create_dir_all(&sub).map_err(anyhow::Error::from).and_then(|()| procs::start_relay(&relay_bin, &sub, backend));
+                match started {
+                    Ok(other) => match other.token(hv.addr).await {
+                        Ok(t) => {
+                            let target = (Target { addr: other.connect, door: Door::Connect { token: t } }, Some(other.proc.pid()));
+                            kernel_relays.push(other);
+                            Ok(target)
+                        }
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
             key => {
                 if procs::which(key).is_none() {
                     p.skipped = Some(format!("`{key}` not installed"));
@@ -309,6 +334,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         eprintln!("relay-bench: wrote {}", doc.display());
     }
     drop(extra_procs);
+    drop(kernel_relays);
     drop(relay);
     Ok(())
 }
@@ -348,10 +374,11 @@ async fn relay_idle_memory(
 ) -> Result<measure::IdleMemory, String> {
     let go = async {
         std::fs::create_dir_all(dir)?;
-        let relay = procs::start_relay(relay_bin, dir)?;
+        let backend = door.strip_prefix("connect-").unwrap_or("copy");
+        let relay = procs::start_relay(relay_bin, dir, backend)?;
         let token = relay.token(hv.addr).await?;
         let target = match door {
-            "connect" => Target { addr: relay.connect, door: Door::Connect { token } },
+            "connect" | "connect-sockmap" => Target { addr: relay.connect, door: Door::Connect { token } },
             _ => Target { addr: relay.ws, door: Door::Ws { token: Some(token) } },
         };
         let live = async || relay.sessions_active().await.ok();
@@ -374,6 +401,7 @@ async fn throughput_round(
     payload: &Bytes,
 ) -> Result<()> {
     let cpu_before = pid.map(procs::tree_cpu_secs);
+    let machine_before = procs::machine_busy_secs();
     let runs =
         [(Dir::Up, 1, args.bytes), (Dir::Down, 1, args.bytes), (Dir::Up, args.conns, bytes_multi), (Dir::Down, args.conns, bytes_multi)];
     let mut moved = 0;
@@ -392,6 +420,7 @@ async fn throughput_round(
         moved += rate.bytes;
         p.throughput[slot].push(rate);
     }
+    p.machine_cpu += procs::machine_busy_secs() - machine_before;
     if let (Some(pid), Some(before)) = (pid, cpu_before) {
         let (cpu, bytes) = p.cpu.unwrap_or_default();
         p.cpu = Some((cpu + procs::tree_cpu_secs(pid) - before, bytes + moved));

@@ -76,7 +76,8 @@ pub struct Relay {
     pub control: PathBuf,
 }
 
-pub fn start_relay(binary: &Path, dir: &Path) -> Result<Relay> {
+/// Starts relay with its established sessions on `backend` (copy, sockmap, ...).
+pub fn start_relay(binary: &Path, dir: &Path, backend: &str) -> Result<Relay> {
     let control = dir.join("control.sock");
     let config = dir.join("relay.toml");
     std::fs::write(
@@ -101,6 +102,9 @@ max_sessions = 30000
 max_sessions_per_instance = 30000
 handshake_timeout_secs = 30
 shutdown_grace_secs = 1
+
+[relay]
+backend = "{backend}"
 
 [log]
 filter = "warn"

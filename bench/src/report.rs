@@ -116,18 +116,28 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
         w,
         "Throughput in GB/s (10⁹ bytes per second), latency in µs, each followed by its ratio to the direct connection \
          measured in the same run (for latency a ratio above 1 means slower). Proxy CPU is the proxy process's user + system \
-         time per GB moved over all throughput runs; direct has no proxy.\n"
+         time per GB moved over all throughput runs; direct has no proxy. Machine CPU is every core's busy time per GB over the \
+         same runs (viewers, fake hypervisor, proxy, and kernel work outside any process, such as a sockmap's kworkers \
+         and softirqs); in brackets, its excess over direct: what the proxy costs the machine, kernel work included.\n"
     );
     let _ = writeln!(
         w,
-        "| path | up, 1 conn | down, 1 conn | up, {conns} conns | down, {conns} conns | ping-pong p50 | ping-pong p99 | handshakes/s | proxy CPU s/GB |"
+        "| path | up, 1 conn | down, 1 conn | up, {conns} conns | down, {conns} conns | ping-pong p50 | ping-pong p99 | handshakes/s | proxy CPU s/GB | machine CPU s/GB (over direct) |"
     );
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|");
+    let machine_per_gb = |p: &crate::PathResult| {
+        p.cpu
+            .map(|(_, b)| b)
+            .or_else(|| (p.key == "direct").then(|| total_bytes(p)))
+            .filter(|&b| b > 0)
+            .map(|b| p.machine_cpu / (b as f64 / 1e9))
+    };
+    let direct_machine = direct.and_then(machine_per_gb);
     let relay_cpu = run.paths.iter().find(|p| p.key == "connect").and_then(|p| p.cpu).map(|(c, b)| c / (b as f64 / 1e9));
     let mut notes = Vec::new();
     for p in &run.paths {
         if let Some(why) = &p.skipped {
-            let _ = writeln!(w, "| {} | skipped: {why} | | | | | | | |", p.label);
+            let _ = writeln!(w, "| {} | skipped: {why} | | | | | | | | |", p.label);
             continue;
         }
         let mut cells = vec![p.label.to_string()];
@@ -163,10 +173,17 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
             (Some((cpu, bytes)), key) if bytes > 0 => {
                 let per_gb = cpu / (bytes as f64 / 1e9);
                 match relay_cpu {
-                    Some(r) if key != "connect" && key != "ws" && r > 0.0 => format!("{per_gb:.2} ({:.1}× relay CONNECT)", per_gb / r),
+                    Some(r) if !key.starts_with("connect") && key != "ws" && r > 0.0 => {
+                        format!("{per_gb:.2} ({:.1}× relay CONNECT)", per_gb / r)
+                    }
                     _ => format!("{per_gb:.2}"),
                 }
             }
+            _ => "–".into(),
+        });
+        cells.push(match (machine_per_gb(p), direct_machine) {
+            (Some(m), Some(d)) if p.key != "direct" => format!("{m:.2} (+{:.2})", m - d),
+            (Some(m), _) => format!("{m:.2}"),
             _ => "–".into(),
         });
         if let Some(e) = &p.error {
@@ -346,4 +363,9 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
+}
+
+/// Bytes a path's throughput runs moved (for direct, which has no proxy CPU entry).
+fn total_bytes(p: &crate::PathResult) -> u64 {
+    p.throughput.iter().flatten().map(|r| r.bytes).sum()
 }

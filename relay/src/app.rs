@@ -28,7 +28,7 @@ pub struct App {
     pub hypervisor_tls: Option<TlsConnector>,
     pub ktls: Ktls,
     /// The back-ends established consoles run on.
-    pub relays: Relays,
+    pub relays: Arc<Relays>,
     next_id: AtomicU64,
 }
 
@@ -49,7 +49,7 @@ impl App {
         let p = &config.passwords;
         let passwords = Arc::new(MemoryPasswords::new(p.max_instances));
         let lockout = Lockout::new(p.max_failures, p.lockout_secs, p.max_tracked);
-        let relays = Relays::start(&config.relay, config.limits.max_sessions)?;
+        let relays = Arc::new(Relays::start(&config.relay, config.limits.max_sessions)?);
         Ok(Arc::new(App {
             config,
             tokens,

@@ -102,11 +102,8 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener, kind: Listener, permi
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let app = app.clone();
-                tokio::spawn(async move {
-                    conn::handle(app, stream, peer, kind).await;
-                    drop(permit);
-                });
+                // The permit lives as long as the connection, console included.
+                tokio::spawn(conn::handle(app.clone(), stream, peer, kind, permit));
             }
             Err(e) => {
                 // Usually out of file descriptors; back off instead of spinning.

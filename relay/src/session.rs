@@ -16,11 +16,26 @@ use crate::front::Door;
 pub struct ByteCounters {
     pub to_hypervisor: AtomicU64,
     pub to_viewer: AtomicU64,
+    /// While the kernel relays the session: the socket cookies (viewer's, hypervisor's)
+    /// whose flow maps count the kernel's share, which the fields above leave out.
+    pub kernel: [AtomicU64; 2],
 }
 
 impl ByteCounters {
+    /// Bytes counted in userspace (all of them, once the session has ended).
     pub fn snapshot(&self) -> (u64, u64) {
         (self.to_hypervisor.load(Ordering::Relaxed), self.to_viewer.load(Ordering::Relaxed))
+    }
+
+    /// Live totals: `kernel` maps a socket cookie to the bytes the kernel has relayed from
+    /// that socket.
+    pub fn live(&self, kernel: impl Fn(u64) -> u64) -> (u64, u64) {
+        let (up, down) = self.snapshot();
+        let from = |i: usize| match self.kernel[i].load(Ordering::Relaxed) {
+            0 => 0,
+            cookie => kernel(cookie),
+        };
+        (up + from(0), down + from(1))
     }
 }
 
@@ -148,14 +163,15 @@ impl Registry {
         inner.sessions.len()
     }
 
-    pub fn list(&self, instance: Option<&str>) -> Vec<SessionView> {
+    /// Live sessions (of one instance); `kernel` gives the kernel-relayed bytes per socket.
+    pub fn list(&self, instance: Option<&str>, kernel: impl Fn(u64) -> u64) -> Vec<SessionView> {
         let inner = self.lock();
         let mut views: Vec<SessionView> = inner
             .sessions
             .values()
             .filter(|e| instance.is_none_or(|i| e.info.instance == i))
             .map(|e| {
-                let (up, down) = e.bytes.snapshot();
+                let (up, down) = e.bytes.live(&kernel);
                 SessionView { info: e.info.clone(), bytes_to_hypervisor: up, bytes_to_viewer: down }
             })
             .collect();
@@ -208,7 +224,7 @@ mod tests {
         assert_eq!(a2.stop.borrow().as_deref(), Some("reset"));
         assert_eq!(*b.stop.borrow(), None);
         drop((a1, a2));
-        assert_eq!(reg.list(None).len(), 1);
+        assert_eq!(reg.list(None, |_| 0).len(), 1);
         assert_eq!(reg.disconnect_instance("a", "reset"), 0);
         drop(b);
         assert!(reg.is_empty());

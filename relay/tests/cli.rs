@@ -217,3 +217,43 @@ fn tokens_never_reach_the_log() {
         assert!(!text.contains(&secret[..16]), "a token (or a 16-character piece of one) is in the log");
     }
 }
+
+/// `relay run` as an unprivileged user: the kernel refuses the eBPF program, so relay
+/// serves consoles in userspace and says why in one log line; asking for sockmap
+/// explicitly is then a start-up error.
+#[test]
+fn without_permission_for_ebpf_relay_runs_in_userspace_and_says_why() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("SKIPPED: needs root and setpriv to drop to an unprivileged user");
+        return;
+    }
+    let dir = scratch("noperm");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let log = dir.join("relay.log");
+    let unprivileged = |extra: &[&str]| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", RELAY, "run"])
+            .args(["--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--control"])
+            .arg(dir.join("control.sock"))
+            .args(extra);
+        cmd
+    };
+    let mut child = unprivileged(&[]).stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.starts_with("relay listening:"), "it serves anyway: {line:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let said: Vec<&str> = text.lines().filter(|l| l.contains("relay back-ends")).collect();
+    assert_eq!(said.len(), 1, "one line about the back-ends: {text}");
+    assert!(said[0].contains("sockmap unavailable") && said[0].contains("CAP_BPF"), "{}", said[0]);
+    assert!(said[0].contains("raw=\"copy\""), "{}", said[0]);
+
+    let out = unprivileged(&["--relay", "sockmap"]).output().unwrap();
+    assert!(!out.status.success(), "an explicit sockmap it cannot load is an error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("relay.backend = sockmap"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

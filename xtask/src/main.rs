@@ -1,7 +1,7 @@
-//! Project tasks: `cargo xtask deps | test | ci | bench`.
+//! Project tasks: `cargo xtask run | deps | build-ebpf | test | ci | bench`.
 //!
-//! `deps` installs what the tests need on a Debian machine, idempotently: it checks
-//! before it installs, so a second run takes a second.
+//! `deps` and `build-ebpf` install what they need on a Debian machine, idempotently: they
+//! check before they install, so a second run takes a second.
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -16,12 +16,26 @@ fn main() -> Result<()> {
     let root = root();
     match task.as_str() {
         "deps" => deps(&root),
+        "build-ebpf" => {
+            ebpf_toolchain()?;
+            // relay's build script compiles the program; `require` makes a failure loud.
+            run(Command::new("cargo").args(["check", "--locked", "-p", "relay"]).env("RELAY_EBPF", "require").current_dir(&root))
+        }
+        "run" => {
+            if let Err(e) = ebpf_toolchain() {
+                eprintln!("xtask: the eBPF toolchain could not be set up ({e:#}); relay runs without its kernel fast path");
+            }
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            run(Command::new("cargo").args(["run", "--release", "--locked", "-p", "relay", "--", "run"]).args(&args).current_dir(&root))
+        }
         "test" => {
             deps(&root)?;
+            ebpf_toolchain()?;
             test(&root)
         }
         "ci" => {
             deps(&root)?;
+            ebpf_toolchain()?;
             run(Command::new("cargo").args(["fmt", "--all", "--check"]).current_dir(&root))?;
             run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]).current_dir(&root))?;
             test(&root)
@@ -29,7 +43,7 @@ fn main() -> Result<()> {
         "bench" => bench(&root),
         _ => {
             eprintln!(
-                "usage: cargo xtask <deps|test|ci|bench>\n  deps  install test dependencies (Debian packages, npm packages)\n  test  deps, then every test\n  ci    deps, format and lint checks, then every test\n  bench relay vs direct, socat, HAProxy, websockify (release build); writes docs/benchmarks.md\n        (`cargo xtask bench --help` lists relay-bench's options; `--no-install` skips apt)"
+                "usage: cargo xtask <run|deps|build-ebpf|test|ci|bench>\n  run   set up the eBPF toolchain (best effort), then run relay with the embedded defaults\n        (arguments after `run` go to `relay run`)\n  deps  install test dependencies (Debian packages, npm packages)\n  build-ebpf  install the eBPF toolchain (LLVM 22, bpf-linker, nightly rust-src) and build the program\n  test  deps, build-ebpf's toolchain, then every test\n  ci    deps, format and lint checks, then every test\n  bench relay vs direct, socat, HAProxy, websockify (release build); writes docs/benchmarks.md\n        (`cargo xtask bench --help` lists relay-bench's options; `--no-install` skips apt)"
             );
             std::process::exit(2);
         }
@@ -57,21 +71,7 @@ fn installed(package: &str) -> bool {
 }
 
 fn deps(root: &Path) -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if !missing.is_empty() {
-        let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
-        let apt = |args: &[&str]| {
-            let mut c = Command::new(sudo.first().copied().unwrap_or("apt-get"));
-            if !sudo.is_empty() {
-                c.arg("apt-get");
-            }
-            c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            c
-        };
-        run(&mut apt(&["update", "-qq"]))?;
-        let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
-        run(install.args(&missing))?;
-    }
+    apt_install(APT_PACKAGES)?;
     let browser = root.join("tests/browser");
     let marker = browser.join("node_modules/.package-lock.json");
     let fresh = modified(&marker).is_some_and(|m| modified(&browser.join("package-lock.json")).is_some_and(|l| m >= l));
@@ -91,9 +91,61 @@ fn is_root() -> bool {
 }
 
 fn test(root: &Path) -> Result<()> {
-    // Tests that need QEMU, Chromium or noVNC fail instead of skipping when these are
-    // set up: a missing tool must not pass silently here.
-    run(Command::new("cargo").args(["test", "--workspace", "--locked"]).env("RELAY_TEST_REQUIRE_ALL", "1").current_dir(root))
+    // Tests that need QEMU, Chromium, noVNC or the sockmap back-end fail instead of
+    // skipping when these are set up: a missing tool must not pass silently here.
+    run(Command::new("cargo")
+        .args(["test", "--workspace", "--locked"])
+        .env("RELAY_TEST_REQUIRE_ALL", "1")
+        .env("RELAY_EBPF", "require")
+        .current_dir(root))
+}
+
+/// LLVM 22 for bpf-linker to link against (Debian's default LLVM is too old).
+const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// What building relay-ebpf needs: LLVM 22, bpf-linker built against it, and nightly's
+/// rust-src (the BPF target has no prebuilt core library).
+fn ebpf_toolchain() -> Result<()> {
+    apt_install(LLVM_PACKAGES)?;
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    let have_linker = linker.is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if !have_linker {
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+            // Without these, bpf-linker's build finds Debian's older llvm-config.
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))?;
+    }
+    let sysroot = Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]).output();
+    let has_src = sysroot
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| Path::new(String::from_utf8_lossy(&o.stdout).trim()).join("lib/rustlib/src/rust/library/core").is_dir());
+    if !has_src {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+/// Installs the Debian packages of `packages` that are missing (apt-get update first).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
+    let apt = |args: &[&str]| {
+        let mut c = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+        if !sudo.is_empty() {
+            c.arg("apt-get");
+        }
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run(&mut apt(&["update", "-qq"]))?;
+    run(apt(&["install", "-y", "-qq", "--no-install-recommends"]).args(&missing))
 }
 
 /// Debian packages of the proxies relay is compared with. The bench skips (visibly) any

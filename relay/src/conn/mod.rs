@@ -19,6 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, info, info_span, warn};
 
 /// Which listener accepted the connection, and so which doors it may open.
@@ -33,12 +34,14 @@ pub enum Listener {
 /// The answer a CONNECT viewer gets before raw RFB.
 const CONNECT_OK: &[u8] = b"HTTP/1.1 200 OK\r\n\r\n";
 
-pub async fn handle(app: Arc<App>, stream: TcpStream, peer: SocketAddr, listener: Listener) {
+/// Serves one accepted connection; `permit` (its place under the connection limit) is
+/// released when the connection, or the console it becomes, ends.
+pub async fn handle(app: Arc<App>, stream: TcpStream, peer: SocketAddr, listener: Listener, permit: OwnedSemaphorePermit) {
     let id = app.next_id();
     bump(&app.counters.connections_accepted);
     let _ = stream.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + app.config.handshake_timeout();
-    let conn = Conn { app, id, peer, client: peer.ip(), deadline };
+    let conn = Conn { app, id, peer, client: peer.ip(), deadline, _permit: permit };
     async move {
         let Some(transport) = conn.accept_tls(stream).await else { return };
         conn.run(transport, listener).await
@@ -55,6 +58,8 @@ struct Conn {
     client: IpAddr,
     /// When the current phase (a request head, or the handshakes) must be over.
     deadline: tokio::time::Instant,
+    /// Held, never read: dropping the connection releases its place.
+    _permit: OwnedSemaphorePermit,
 }
 
 /// A request that asked for a console, with the bytes that followed its head.

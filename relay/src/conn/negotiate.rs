@@ -24,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::timeout_at;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 /// The hypervisor side failed; the reason is already in the audit log.
 struct HypervisorFailed;
@@ -77,7 +77,7 @@ impl Conn {
     }
 
     /// Both RFB handshakes, then the relay.
-    async fn negotiate<V: Peer>(
+    async fn negotiate<V: Peer + 'static>(
         self,
         mut viewer: V,
         mut viewer_buf: Vec<u8>,
@@ -149,10 +149,17 @@ impl Conn {
         };
         let control = Control { bytes: session.bytes.clone(), stop: session.stop.clone() };
         let pair = Established { viewer, viewer_buffered: viewer_buf, hypervisor, hypervisor_buffered: hv_buf };
-        let relay_started = Instant::now();
-        let (ended, backend) = self.app.relays.run(pair, control, limits).await;
         let viewer_auth = if viewer_done.security == crate::rfb::security::VNC { "password" } else { "none" };
-        self.finish(&session, (ended, backend.name()), relay_started, hash, record, viewer_auth).await;
+        let record = record.clone();
+        // The console gets a task of its own, holding only what the relay needs: the
+        // handshakes' state (several KiB) is freed now, not when the console ends.
+        let relay = self.app.relays.run(pair, control, limits);
+        let relaying = async move {
+            let relay_started = Instant::now();
+            let (ended, backend) = relay.await;
+            Box::pin(self.finish(&session, (ended, backend.name()), relay_started, hash, &record, viewer_auth)).await;
+        };
+        tokio::spawn(relaying.in_current_span());
     }
 
     /// What the viewer must prove: nothing, or the instance's console password (unless

@@ -45,7 +45,9 @@ pub async fn handle(app: &App, envelope: Envelope) -> Result<Value, ControlError
             let tokens = store.list(filter, now).await.map_err(unavailable)?;
             Ok(json!({ "tokens": tokens }))
         }
-        Request::Sessions { instance } => Ok(json!({ "sessions": app.sessions.list(instance.as_deref()) })),
+        Request::Sessions { instance } => {
+            Ok(json!({ "sessions": app.sessions.list(instance.as_deref(), |cookie| app.relays.kernel_bytes(cookie)) }))
+        }
         Request::Stats => Ok(json!({
             "counters": app.counters.view(),
             "sessions_active": app.sessions.len(),

@@ -5,6 +5,8 @@
 use super::sockmap::{self, Sockmap};
 use super::{Control, Ended, Established, Limits, Peer, copy};
 use crate::config::{Backend, Relay};
+use futures_util::future::BoxFuture;
+use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
@@ -77,26 +79,38 @@ impl Relays {
         serde_json::json!({ "raw": self.raw.name(), "framed": self.framed.name(), "sockmap_flows": flows, "sockmap_sockets": sockets })
     }
 
-    /// Relays one session on the back-end its kind was given; returns how it ended and
-    /// which back-end carried it.
-    pub async fn run<V: Peer, H: Peer>(&self, pair: Established<V, H>, mut control: Control, limits: Limits) -> (Ended, Choice) {
-        if let (Choice::Sockmap, Some(engine)) = (self.raw, &self.sockmap)
-            && pair.viewer.is_plain_tcp()
-            && pair.hypervisor.is_plain_tcp()
-        {
+    /// Bytes the kernel has relayed from one socket (0 when it relays none).
+    pub fn kernel_bytes(&self, cookie: u64) -> u64 {
+        self.sockmap.as_ref().and_then(|s| s.flow(cookie)).map_or(0, |f| f.redirected)
+    }
+
+    /// Relays one session on the back-end its kind was given; resolves to how it ended
+    /// and which back-end carried it. Boxed per back-end, so a live console holds the state
+    /// of its own back-end only.
+    pub fn run<V: Peer + 'static, H: Peer + 'static>(
+        self: &Arc<Self>,
+        pair: Established<V, H>,
+        mut control: Control,
+        limits: Limits,
+    ) -> BoxFuture<'static, (Ended, Choice)> {
+        let kernel = self.raw == Choice::Sockmap && self.sockmap.is_some() && pair.viewer.is_plain_tcp() && pair.hypervisor.is_plain_tcp();
+        if !kernel {
+            return Box::pin(async move { (copy::run(pair, control, limits).await, Choice::Copy) });
+        }
+        let relays = self.clone();
+        Box::pin(async move {
             let Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered } = pair;
-            let (Some(viewer), Some(hypervisor)) = (viewer.into_tcp(), hypervisor.into_tcp()) else {
-                unreachable!("is_plain_tcp promised a TcpStream")
+            let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer.into_tcp(), hypervisor.into_tcp(), relays.sockmap.as_ref()) else {
+                unreachable!("checked above")
             };
-            return match sockmap::run(engine, (viewer, viewer_buffered), (hypervisor, hypervisor_buffered), &mut control, limits).await {
+            match sockmap::run(engine, (viewer, viewer_buffered), (hypervisor, hypervisor_buffered), &mut control, limits).await {
                 Ok(ended) => (ended, Choice::Sockmap),
                 Err((viewer, hypervisor, why, viewer_buffered, hypervisor_buffered)) => {
                     warn!(error = %why, "sockmap refused the session; relaying it in userspace");
                     let pair: Established<TcpStream, TcpStream> = Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered };
-                    (copy::run(pair, control, limits).await, Choice::Copy)
+                    (Box::pin(copy::run(pair, control, limits)).await, Choice::Copy)
                 }
-            };
-        }
-        (copy::run(pair, control, limits).await, Choice::Copy)
+            }
+        })
     }
 }

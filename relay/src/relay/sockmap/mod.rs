@@ -116,8 +116,15 @@ impl Sockmap {
         let _ = self.maps().flows.remove(&cookie);
     }
 
-    /// Removes every entry of a socket (closing a socket also drops its sockmap entries;
-    /// doing it here keeps the maps exact while the descriptor lives on).
+    /// Removes a socket's flow and grant at the end of its session; closing the socket,
+    /// which follows, removes it from both socket maps.
+    fn finish(&self, cookie: u64) {
+        let mut maps = self.maps();
+        let _ = maps.flows.remove(&cookie);
+        let _ = maps.grants.remove(&cookie);
+    }
+
+    /// Removes every entry of a socket that stays open (given back to userspace).
     fn forget(&self, cookie: u64) {
         let mut maps = self.maps();
         let _ = maps.verdict.remove(&cookie);
@@ -126,7 +133,7 @@ impl Sockmap {
         let _ = maps.grants.remove(&cookie);
     }
 
-    fn flow(&self, cookie: u64) -> Option<Flow> {
+    pub(crate) fn flow(&self, cookie: u64) -> Option<Flow> {
         self.maps().flows.get(&cookie, 0).ok()
     }
 

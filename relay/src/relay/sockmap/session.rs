@@ -43,18 +43,12 @@ enum Failure {
 
 /// Bytes of one direction that went through userspace (hand-off prefix and any relayed
 /// after a fall-back); the kernel's share is read from the flow map.
-#[derive(Default)]
-struct Userspace {
-    /// Sent before hand-off (the handshakes' leftovers).
-    prefix: u64,
+struct Userspace<'a> {
     /// Relayed by userspace after hand-off.
     written: AtomicU64,
-}
-
-impl Userspace {
-    fn total(&self) -> u64 {
-        self.prefix + self.written.load(Ordering::Relaxed)
-    }
+    /// The session's counter for this direction (userspace's share; the kernel's is in
+    /// the flow map until the session ends).
+    counter: &'a AtomicU64,
 }
 
 /// What [`run`] gives back when the kernel cannot take the session: both sockets, why,
@@ -108,10 +102,11 @@ pub async fn run(
     if let Err(e) = viewer.write_all(&hypervisor_buffered).await {
         return Ok(Ended::ViewerError(e.to_string()));
     }
-    let up_user = Userspace { prefix: viewer_buffered.len() as u64, ..Userspace::default() };
-    let down_user = Userspace { prefix: hypervisor_buffered.len() as u64, ..Userspace::default() };
-    control.bytes.to_hypervisor.fetch_add(viewer_buffered.len() as u64, Ordering::Relaxed);
-    control.bytes.to_viewer.fetch_add(hypervisor_buffered.len() as u64, Ordering::Relaxed);
+    let bytes = control.bytes.clone();
+    bytes.to_hypervisor.fetch_add(viewer_buffered.len() as u64, Ordering::Relaxed);
+    bytes.to_viewer.fetch_add(hypervisor_buffered.len() as u64, Ordering::Relaxed);
+    let up_user = Userspace { written: AtomicU64::new(0), counter: &bytes.to_hypervisor };
+    let down_user = Userspace { written: AtomicU64::new(0), counter: &bytes.to_viewer };
     drop((viewer_buffered, hypervisor_buffered));
 
     let (viewer, hypervisor) = match handoff(engine, viewer, hypervisor) {
@@ -119,7 +114,9 @@ pub async fn run(
         Err((v, h, why)) => return Err((v, h, why, Vec::new(), Vec::new())),
     };
 
-    let bytes = control.bytes.clone();
+    // From now on the live totals include what the kernel has counted.
+    bytes.kernel[0].store(viewer.cookie, Ordering::Relaxed);
+    bytes.kernel[1].store(hypervisor.cookie, Ordering::Relaxed);
     let up = direction(engine, &viewer, &hypervisor, &up_user, &limits);
     let down = direction(engine, &hypervisor, &viewer, &down_user, &limits);
     tokio::pin!(up, down);
@@ -129,26 +126,17 @@ pub async fn run(
     let mut idle_seen: Option<(u64, u64)> = None;
     let idle_every = limits.idle_timeout;
     let mut idle_at = idle_every.map(|d| Instant::now() + d);
-    let sync = |viewer: &Side, hypervisor: &Side| {
-        let up = engine.flow(viewer.cookie).map_or(0, |f| f.redirected) + up_user.total();
-        let down = engine.flow(hypervisor.cookie).map_or(0, |f| f.redirected) + down_user.total();
-        bytes.to_hypervisor.fetch_max(up, Ordering::Relaxed);
-        bytes.to_viewer.fetch_max(down, Ordering::Relaxed);
-    };
+    let live = || bytes.live(|cookie| engine.flow(cookie).map_or(0, |f| f.redirected));
 
     let ended = loop {
-        let half_close = async {
-            match half_close_at {
-                Some(at) => sleep_until(at).await,
+        // Timers only while armed, boxed: most consoles never have one.
+        let timer = |at: Option<Instant>| async move {
+            match at {
+                Some(at) => Box::pin(sleep_until(at)).await,
                 None => std::future::pending().await,
             }
         };
-        let idle = async {
-            match idle_at {
-                Some(at) => sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let (half_close, idle) = (timer(half_close_at), timer(idle_at));
         tokio::select! {
             biased;
             stop = control.stop.wait_for(Option::is_some) => {
@@ -157,7 +145,6 @@ pub async fn run(
                     Err(_) => "session registry closed".to_string(),
                 };
                 // The program stops touching both sockets, then both ends see a clean EOF.
-                sync(&viewer, &hypervisor);
                 engine.release(viewer.cookie);
                 engine.release(hypervisor.cookie);
                 let _ = viewer.fd.get_ref().shutdown(Shutdown::Both);
@@ -182,8 +169,7 @@ pub async fn run(
             },
             () = half_close => break Ended::HalfCloseTimeout,
             () = idle => {
-                sync(&viewer, &hypervisor);
-                let now = bytes.snapshot();
+                let now = live();
                 if idle_seen == Some(now) {
                     break Ended::Idle;
                 }
@@ -198,8 +184,15 @@ pub async fn run(
             half_close_at = Some(Instant::now() + limits.half_close_timeout);
         }
     };
-    sync(&viewer, &hypervisor);
-    if let (Some(up), Some(down)) = (engine.flow(viewer.cookie), engine.flow(hypervisor.cookie)) {
+    // The kernel's share joins the session's counters (before release, the flows hold it).
+    let flows = (engine.flow(viewer.cookie), engine.flow(hypervisor.cookie));
+    bytes.kernel[0].store(0, Ordering::Relaxed);
+    bytes.kernel[1].store(0, Ordering::Relaxed);
+    bytes.to_hypervisor.fetch_add(flows.0.map_or(0, |f| f.redirected), Ordering::Relaxed);
+    bytes.to_viewer.fetch_add(flows.1.map_or(0, |f| f.redirected), Ordering::Relaxed);
+    if tracing::enabled!(tracing::Level::DEBUG)
+        && let (Some(up), Some(down)) = flows
+    {
         tracing::debug!(
             up_redirected = up.redirected,
             up_passed = up.passed,
@@ -211,8 +204,8 @@ pub async fn run(
             "sockmap session counters"
         );
     }
-    engine.forget(viewer.cookie);
-    engine.forget(hypervisor.cookie);
+    engine.finish(viewer.cookie);
+    engine.finish(hypervisor.cookie);
     Ok(ended)
 }
 
@@ -271,7 +264,7 @@ fn register(socket: Std, interest: Interest) -> Result<AsyncFd<Std>, tokio::io::
 }
 
 /// One direction, `from` to `to`, until end of stream (forwarded) or failure.
-async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace, limits: &Limits) -> Result<(), Failure> {
+async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace<'_>, limits: &Limits) -> Result<(), Failure> {
     let mut read_total = 0u64;
     let mut limit = engine.in_flight_cap;
     loop {
@@ -298,7 +291,8 @@ async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace, l
             };
             if !drained {
                 // Whatever the kernel redirected before must reach `to` first.
-                wait_drained(engine, from, to, user).await?;
+                // Boxed here and below: an idle session's task keeps no room for them.
+                Box::pin(wait_drained(engine, from, to, user)).await?;
                 drained = true;
             }
             if n == 0 {
@@ -306,8 +300,9 @@ async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace, l
                 break;
             }
             read_total += n as u64;
-            write_all(to, &buf[..n]).await.map_err(Failure::To)?;
+            Box::pin(write_all(to, &buf[..n])).await.map_err(Failure::To)?;
             user.written.fetch_add(n as u64, Ordering::Relaxed);
+            user.counter.fetch_add(n as u64, Ordering::Relaxed);
         }
         if eof {
             to.fd.get_ref().shutdown(Shutdown::Write).map_err(Failure::To)?;
@@ -329,7 +324,7 @@ async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace, l
 /// (left the kernel's backlog), so a userspace write or a FIN cannot overtake it. A stalled
 /// receiver makes this wait long: meanwhile `from`'s receive queue fills and TCP closes its
 /// window, which is the backpressure the cap promises.
-async fn wait_drained(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace) -> Result<(), Failure> {
+async fn wait_drained(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace<'_>) -> Result<(), Failure> {
     let mut pause = Duration::from_millis(1);
     loop {
         let Some(flow) = engine.flow(from.cookie) else { return Ok(()) };
