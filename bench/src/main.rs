@@ -91,6 +91,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
 pub const PATHS: &[(&str, &str)] = &[
     ("direct", "direct (no proxy)"),
     ("connect", "relay CONNECT, copy"),
+    ("connect-uring", "relay CONNECT, uring"),
     ("connect-sockmap", "relay CONNECT, sockmap"),
     ("ws", "relay WebSocket, copy"),
     ("socat", "socat (TCP, fork)"),
@@ -192,9 +193,12 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
     let mut memory = Vec::new();
     let steps = idle_steps(&args, nofile, &mut notes);
     if !steps.is_empty() {
-        for (key, label) in
-            [("connect", "relay CONNECT, copy"), ("connect-sockmap", "relay CONNECT, sockmap"), ("ws", "relay WebSocket, copy")]
-        {
+        for (key, label) in [
+            ("connect", "relay CONNECT, copy"),
+            ("connect-uring", "relay CONNECT, uring"),
+            ("connect-sockmap", "relay CONNECT, sockmap"),
+            ("ws", "relay WebSocket, copy"),
+        ] {
             if !wanted(key) {
                 continue;
             }
@@ -227,7 +231,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             "direct" => Ok((Target { addr: hv.addr, door: Door::Raw }, None)),
             "connect" => Ok((Target { addr: relay.connect, door: Door::Connect { token: token.clone() } }, Some(relay.proc.pid()))),
             "ws" => Ok((Target { addr: relay.ws, door: Door::Ws { token: Some(token.clone()) } }, Some(relay.proc.pid()))),
-            kernel @ "connect-sockmap" => {
+            kernel @ ("connect-sockmap" | "connect-uring") => {
                 let backend = kernel.trim_start_matches("connect-");
                 let sub = dir.join(kernel);
                 let started =
@@ -378,7 +382,7 @@ async fn relay_idle_memory(
         let relay = procs::start_relay(relay_bin, dir, backend)?;
         let token = relay.token(hv.addr).await?;
         let target = match door {
-            "connect" | "connect-sockmap" => Target { addr: relay.connect, door: Door::Connect { token } },
+            "connect" | "connect-sockmap" | "connect-uring" => Target { addr: relay.connect, door: Door::Connect { token } },
             _ => Target { addr: relay.ws, door: Door::Ws { token: Some(token) } },
         };
         let live = async || relay.sessions_active().await.ok();

@@ -16,6 +16,11 @@ pub struct Flow {
     pub passed: u64,
     /// Bytes of retransmitted segments that overlapped bytes already relayed, cut off.
     pub trimmed: u64,
+    /// Non-empty skbs dropped: wholly old ones, and any the program failed to cut. The
+    /// latter lose bytes, so relay ends such a session with an error.
+    pub dropped: u64,
+    /// Of those, skbs the program could not cut (the stream is broken).
+    pub cut_failures: u64,
     /// [`MODE_REDIRECT`] or [`MODE_PASS`].
     pub mode: u32,
     /// How many times the direction fell back to userspace.
@@ -48,7 +53,7 @@ pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_GRANTS: &str = "GRANTS";
 pub const PROGRAM: &str = "relay_verdict";
 
-// SAFETY: both are repr(C), made only of integers, with no padding (4×8+4×4 and 8+8
+// SAFETY: both are repr(C), made only of integers, with no padding (6×8+4×4 and 8+8
 // bytes), so every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Flow {}

@@ -60,7 +60,10 @@ pub fn relay_verdict(ctx: SkBuffContext) -> u32 {
     let len = match trim_overlap(&ctx, flow, len) {
         Some(len) => len,
         // Nothing new in it, or it could not be cut: forwarding it would corrupt the stream.
-        None => return SK_DROP,
+        None => {
+            flow.dropped += 1;
+            return SK_DROP;
+        }
     };
     if flow.mode == MODE_PASS && !(resumed_at == flow.passed && flow.redirected + len <= limit) {
         flow.passed += len;
@@ -114,11 +117,13 @@ fn trim_overlap(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> Option<u64> {
         }
         let step = if cut > MAX_CUT { MAX_CUT } else { cut };
         if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            flow.cut_failures += 1;
             return None;
         }
         cut -= step;
     }
     if cut != 0 {
+        flow.cut_failures += 1;
         return None;
     }
     flow.next_seq = end;

@@ -166,12 +166,13 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// The best this machine allows, per kind of session (see README).
+    /// uring for raw sessions where the kernel has io_uring, else copy (see README).
     #[default]
     Auto,
-    /// eBPF sockmap: raw sessions spliced in the kernel (root or CAP_BPF + CAP_NET_ADMIN).
+    /// Experimental eBPF sockmap: raw sessions moved in the kernel (root or CAP_BPF +
+    /// CAP_NET_ADMIN).
     Sockmap,
-    /// io_uring: splice for raw sessions, bounded read/unmask/write for WebSocket ones.
+    /// io_uring: raw sessions spliced through pipes by one ring thread.
     Uring,
     /// The portable userspace relay.
     Copy,
@@ -182,8 +183,8 @@ pub enum Backend {
 #[serde(default, deny_unknown_fields)]
 pub struct Relay {
     pub backend: Backend,
-    /// Kernel back-ends: bytes one direction may have in flight towards a receiver that has
-    /// not acknowledged them, per session; past it TCP pushes back on the sender.
+    /// sockmap: bytes one direction may have in flight towards a receiver that has not
+    /// acknowledged them, per session; past it TCP pushes back on the sender.
     pub in_flight_bytes: u64,
 }
 

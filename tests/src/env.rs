@@ -39,3 +39,12 @@ pub fn sockmap() -> bool {
     }
     have("the sockmap back-end", loaded.is_ok())
 }
+
+/// True when this kernel's io_uring has what relay's uring back-end needs.
+pub fn uring() -> bool {
+    let started = relay::relay::uring::Uring::start(8);
+    if let Err(e) = &started {
+        eprintln!("io_uring: {e}");
+    }
+    have("the io_uring back-end", started.is_ok())
+}

@@ -3,6 +3,7 @@
 //! by its kind (raw TCP on both sides, or anything else: WebSocket, TLS).
 
 use super::sockmap::{self, Sockmap};
+use super::uring::{self, Uring};
 use super::{Control, Ended, Established, Limits, Peer, copy};
 use crate::config::{Backend, Relay};
 use futures_util::future::BoxFuture;
@@ -14,6 +15,7 @@ use tracing::{info, warn};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
     Sockmap,
+    Uring,
     Copy,
 }
 
@@ -21,6 +23,7 @@ impl Choice {
     pub fn name(self) -> &'static str {
         match self {
             Choice::Sockmap => "sockmap",
+            Choice::Uring => "uring",
             Choice::Copy => "copy",
         }
     }
@@ -29,6 +32,7 @@ impl Choice {
 /// The back-ends this process runs, chosen at start-up.
 pub struct Relays {
     sockmap: Option<Sockmap>,
+    uring: Option<Uring>,
     /// Sessions that are plain TCP on both sides after the handshakes (CONNECT door).
     pub raw: Choice,
     /// Everything else: WebSocket framing or TLS on either side.
@@ -40,34 +44,45 @@ impl Relays {
     /// error (an operator who asked for the kernel path should not silently get another);
     /// `auto` takes the best available and says why in one log line.
     pub fn start(config: &Relay, max_sessions: usize) -> anyhow::Result<Relays> {
-        let wants_sockmap = matches!(config.backend, Backend::Auto | Backend::Sockmap);
-        let loaded = wants_sockmap.then(|| Sockmap::load(max_sessions, config.in_flight_bytes));
-        let (sockmap, why_not) = match loaded {
+        // auto probes sockmap too, to report it, but does not use it: see README.md.
+        let probe_sockmap = matches!(config.backend, Backend::Auto | Backend::Sockmap);
+        let (sockmap, sockmap_off) = match probe_sockmap.then(|| Sockmap::load(max_sessions, config.in_flight_bytes)) {
             Some(Ok(s)) => (Some(s), None),
             Some(Err(e)) => (None, Some(e.to_string())),
             None => (None, None),
         };
-        let raw = match (config.backend, &sockmap, &why_not) {
-            (Backend::Sockmap, None, Some(why)) => anyhow::bail!("relay.backend = sockmap, but {why}"),
-            (Backend::Uring, _, _) => anyhow::bail!("relay.backend = uring: the io_uring back-end is not part of this build"),
-            (Backend::Auto | Backend::Sockmap, Some(_), _) => Choice::Sockmap,
+        let wants_uring = matches!(config.backend, Backend::Auto | Backend::Uring);
+        let (uring, uring_off) = match wants_uring.then(|| Uring::start(4096)) {
+            Some(Ok(u)) => (Some(u), None),
+            Some(Err(e)) => (None, Some(e.to_string())),
+            None => (None, None),
+        };
+        let raw = match config.backend {
+            Backend::Sockmap if sockmap.is_none() => anyhow::bail!("relay.backend = sockmap, but {}", sockmap_off.unwrap_or_default()),
+            Backend::Uring if uring.is_none() => {
+                anyhow::bail!("relay.backend = uring, but io_uring is unavailable: {}", uring_off.unwrap_or_default())
+            }
+            Backend::Sockmap => Choice::Sockmap,
+            Backend::Auto | Backend::Uring if uring.is_some() => Choice::Uring,
             _ => Choice::Copy,
         };
-        let relays = Relays { sockmap, raw, framed: Choice::Copy };
-        match why_not {
-            Some(why) => warn!(
-                requested = ?config.backend,
-                raw = relays.raw.name(),
-                framed = relays.framed.name(),
-                "relay back-ends: sockmap unavailable: {why}"
-            ),
-            None => info!(
-                requested = ?config.backend,
-                raw = relays.raw.name(),
-                framed = relays.framed.name(),
-                in_flight_bytes = config.in_flight_bytes,
-                "relay back-ends chosen"
-            ),
+        // Only an explicit request keeps the sockmap program loaded.
+        let sockmap = if raw == Choice::Sockmap { sockmap } else { None };
+        let relays = Relays { sockmap, uring, raw, framed: Choice::Copy };
+        let mut notes: Vec<String> = [("sockmap", &sockmap_off), ("io_uring", &uring_off)]
+            .into_iter()
+            .filter_map(|(name, why)| why.as_ref().map(|w| format!("{name} unavailable: {w}")))
+            .collect();
+        match (config.backend, &sockmap_off) {
+            (Backend::Auto, None) => notes.push("sockmap available but not chosen (experimental: see README)".into()),
+            (Backend::Sockmap, _) => notes.push("sockmap is experimental: see README before relying on it".into()),
+            _ => {}
+        }
+        let (raw_name, framed_name) = (relays.raw.name(), relays.framed.name());
+        if sockmap_off.is_some() || uring_off.is_some() || config.backend == Backend::Sockmap {
+            warn!(requested = ?config.backend, raw = raw_name, framed = framed_name, "relay back-ends: {}", notes.join("; "));
+        } else {
+            info!(requested = ?config.backend, raw = raw_name, framed = framed_name, in_flight_bytes = config.in_flight_bytes, "relay back-ends: {}", notes.join("; "));
         }
         Ok(relays)
     }
@@ -93,8 +108,22 @@ impl Relays {
         mut control: Control,
         limits: Limits,
     ) -> BoxFuture<'static, (Ended, Choice)> {
-        let kernel = self.raw == Choice::Sockmap && self.sockmap.is_some() && pair.viewer.is_plain_tcp() && pair.hypervisor.is_plain_tcp();
-        if !kernel {
+        let raw = pair.viewer.is_plain_tcp() && pair.hypervisor.is_plain_tcp();
+        if raw && self.raw == Choice::Uring && self.uring.is_some() {
+            let relays = self.clone();
+            return Box::pin(async move {
+                let Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered } = pair;
+                let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer.into_tcp(), hypervisor.into_tcp(), relays.uring.as_ref())
+                else {
+                    unreachable!("checked above")
+                };
+                (
+                    uring::run(engine, (viewer, viewer_buffered), (hypervisor, hypervisor_buffered), &mut control, limits).await,
+                    Choice::Uring,
+                )
+            });
+        }
+        if !(raw && self.raw == Choice::Sockmap && self.sockmap.is_some()) {
             return Box::pin(async move { (copy::run(pair, control, limits).await, Choice::Copy) });
         }
         let relays = self.clone();

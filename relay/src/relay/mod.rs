@@ -8,6 +8,7 @@ pub mod backend;
 pub mod copy;
 mod pump;
 pub mod sockmap;
+pub mod uring;
 
 use crate::front::ws_stream::WsByteStream;
 use crate::session::ByteCounters;

@@ -59,13 +59,16 @@ pub type Refused = (TcpStream, TcpStream, String, Vec<u8>, Vec<u8>);
 /// keeps it fuller than this is relayed in userspace instead.
 const DRAIN_LIMIT: usize = 4 << 20;
 
-/// Reads whatever the kernel has queued, without waiting, onto `into`.
+/// Reads whatever the kernel has queued, without waiting, onto `into`. Asks the kernel
+/// itself (tokio's `try_read` may answer "would block" from its cached readiness).
 fn drain(socket: &TcpStream, into: &mut Vec<u8>) -> Result<(), String> {
-    let mut chunk = [0u8; 16 << 10];
+    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 16 << 10];
+    let socket = socket2::SockRef::from(socket);
     loop {
-        match socket.try_read(&mut chunk) {
+        match socket.recv(&mut chunk) {
             Ok(0) => return Ok(()),
-            Ok(n) => into.extend_from_slice(&chunk[..n]),
+            // SAFETY: recv initialised the first n bytes.
+            Ok(n) => into.extend_from_slice(unsafe { std::slice::from_raw_parts(chunk.as_ptr().cast::<u8>(), n) }),
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             // The relay that takes over meets the same error and reports it.
@@ -190,17 +193,20 @@ pub async fn run(
     bytes.kernel[1].store(0, Ordering::Relaxed);
     bytes.to_hypervisor.fetch_add(flows.0.map_or(0, |f| f.redirected), Ordering::Relaxed);
     bytes.to_viewer.fetch_add(flows.1.map_or(0, |f| f.redirected), Ordering::Relaxed);
-    if tracing::enabled!(tracing::Level::DEBUG)
-        && let (Some(up), Some(down)) = flows
+    if let (Some(up), Some(down)) = flows
+        && (up.trimmed + down.trimmed + up.dropped + down.dropped > 0 || tracing::enabled!(tracing::Level::DEBUG))
     {
-        tracing::debug!(
+        tracing::info!(
             up_redirected = up.redirected,
             up_passed = up.passed,
             up_fallbacks = up.fallbacks,
             down_redirected = down.redirected,
             down_passed = down.passed,
             down_fallbacks = down.fallbacks,
-            trimmed = up.trimmed + down.trimmed,
+            up_trimmed = up.trimmed,
+            down_trimmed = down.trimmed,
+            dropped = up.dropped + down.dropped,
+            cut_failures = up.cut_failures + down.cut_failures,
             "sockmap session counters"
         );
     }

@@ -1,0 +1,337 @@
+//! The io_uring thread: one ring for every uring session, splicing each direction
+//! socket → pipe → socket without copying through userspace.
+//!
+//! Per direction the loop is: wait for the source to be readable (POLL_ADD), splice what it
+//! has into a pipe, splice the pipe into the destination (waiting for room with POLL_ADD
+//! when it is full), repeat. Splices are non-blocking, so an idle session holds two polls
+//! and nothing else: no io-wq worker, no pipe (a direction has a pipe only while bytes
+//! move). At most one operation per direction is in flight, so a pipe is never filled and
+//! drained at once.
+
+use super::{Command, Event};
+use io_uring::{IoUring, opcode, squeue, types};
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::session::ByteCounters;
+
+/// Bytes one splice moves at most: a default pipe's capacity.
+const CHUNK: u32 = 64 << 10;
+/// user_data of the wake-up read on the eventfd.
+const WAKE: u64 = u64::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    PollIn = 0,
+    Fill = 1,
+    PollOut = 2,
+    Drain = 3,
+}
+
+fn user_data(session: u64, dir: usize, op: Op) -> u64 {
+    (session << 3) | ((dir as u64) << 2) | op as u64
+}
+
+fn decode(data: u64) -> (u64, usize, Op) {
+    let op = match data & 3 {
+        0 => Op::PollIn,
+        1 => Op::Fill,
+        2 => Op::PollOut,
+        _ => Op::Drain,
+    };
+    (data >> 3, ((data >> 2) & 1) as usize, op)
+}
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+struct Direction {
+    pipe: Option<Pipe>,
+    /// Bytes in the pipe, not yet in the destination.
+    in_pipe: u32,
+    /// An operation of this direction is in flight.
+    busy: bool,
+    done: bool,
+}
+
+struct Session {
+    /// 0: viewer, 1: hypervisor. Direction 0 runs viewer → hypervisor, 1 the other way.
+    sockets: [TcpStream; 2],
+    dirs: [Direction; 2],
+    bytes: Arc<ByteCounters>,
+    events: UnboundedSender<Event>,
+    /// Set once the session is ending: no new operation starts.
+    ending: bool,
+}
+
+impl Session {
+    fn inflight(&self) -> bool {
+        self.dirs.iter().any(|d| d.busy)
+    }
+}
+
+pub struct Ring {
+    ring: IoUring,
+    commands: Receiver<Command>,
+    wake: OwnedFd,
+    wake_buf: Box<[u8; 8]>,
+    sessions: HashMap<u64, Session>,
+}
+
+impl Ring {
+    pub fn new(ring: IoUring, commands: Receiver<Command>, wake: OwnedFd) -> Ring {
+        Ring { ring, commands, wake, wake_buf: Box::new([0; 8]), sessions: HashMap::new() }
+    }
+
+    /// Runs until every sender of commands is gone and no session is left.
+    pub fn run(mut self) {
+        self.arm_wake();
+        loop {
+            if let Err(e) = self.ring.submit_and_wait(1)
+                && e.raw_os_error() != Some(libc::EINTR)
+            {
+                tracing::error!(error = %e, "io_uring submit failed; uring sessions end");
+                break;
+            }
+            let completions: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+            for (data, result) in completions {
+                if data == WAKE {
+                    if !self.take_commands() {
+                        return;
+                    }
+                    self.arm_wake();
+                } else {
+                    self.complete(data, result);
+                }
+            }
+        }
+        for (_, session) in self.sessions.drain() {
+            let _ = session.events.send(Event::Ended(Err(io::Error::other("io_uring failed"))));
+        }
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every buffer and descriptor an entry names outlives its operation:
+            // sockets and pipes are closed only when their session has nothing in flight,
+            // and the wake buffer lives as long as the ring.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // The queue is full: hand what is there to the kernel and retry.
+            let _ = self.ring.submit();
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let read = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8).build().user_data(WAKE);
+        self.push(read);
+    }
+
+    /// Takes new commands; false when the engine is gone.
+    fn take_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Start { id, viewer, hypervisor, bytes, events }) => {
+                    let idle = || Direction { pipe: None, in_pipe: 0, busy: false, done: false };
+                    let session = Session { sockets: [viewer, hypervisor], dirs: [idle(), idle()], bytes, events, ending: false };
+                    self.sessions.insert(id, session);
+                    self.poll_in(id, 0);
+                    self.poll_in(id, 1);
+                }
+                Ok(Command::Stop { id }) => self.stop(id),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return true,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return !self.sessions.is_empty(),
+            }
+        }
+    }
+
+    fn fds(&self, id: u64, dir: usize) -> Option<(RawFd, RawFd)> {
+        let s = self.sessions.get(&id)?;
+        Some((s.sockets[dir].as_raw_fd(), s.sockets[1 - dir].as_raw_fd()))
+    }
+
+    fn poll_in(&mut self, id: u64, dir: usize) {
+        let Some((src, _)) = self.fds(id, dir) else { return };
+        self.mark_busy(id, dir);
+        let mask = (libc::POLLIN | libc::POLLRDHUP) as u32;
+        self.push(opcode::PollAdd::new(types::Fd(src), mask).build().user_data(user_data(id, dir, Op::PollIn)));
+    }
+
+    fn poll_out(&mut self, id: u64, dir: usize) {
+        let Some((_, dst)) = self.fds(id, dir) else { return };
+        self.mark_busy(id, dir);
+        self.push(opcode::PollAdd::new(types::Fd(dst), libc::POLLOUT as u32).build().user_data(user_data(id, dir, Op::PollOut)));
+    }
+
+    fn fill(&mut self, id: u64, dir: usize) {
+        let Some((src, _)) = self.fds(id, dir) else { return };
+        let Some(pipe_w) = self.pipe(id, dir).map(|p| p.write.as_raw_fd()) else {
+            return self.end(id, Err(io::Error::last_os_error()));
+        };
+        self.mark_busy(id, dir);
+        let splice = opcode::Splice::new(types::Fd(src), -1, types::Fd(pipe_w), -1, CHUNK)
+            .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+            .build()
+            .user_data(user_data(id, dir, Op::Fill));
+        self.push(splice);
+    }
+
+    fn drain(&mut self, id: u64, dir: usize) {
+        let Some((_, dst)) = self.fds(id, dir) else { return };
+        let Some(s) = self.sessions.get(&id) else { return };
+        let d = &s.dirs[dir];
+        let (Some(pipe), len) = (&d.pipe, d.in_pipe) else { return };
+        let pipe_r = pipe.read.as_raw_fd();
+        self.mark_busy(id, dir);
+        let splice = opcode::Splice::new(types::Fd(pipe_r), -1, types::Fd(dst), -1, len)
+            .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+            .build()
+            .user_data(user_data(id, dir, Op::Drain));
+        self.push(splice);
+    }
+
+    fn mark_busy(&mut self, id: u64, dir: usize) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.dirs[dir].busy = true;
+        }
+    }
+
+    /// The direction's pipe, made when it has none.
+    fn pipe(&mut self, id: u64, dir: usize) -> Option<&Pipe> {
+        let d = &mut self.sessions.get_mut(&id)?.dirs[dir];
+        if d.pipe.is_none() {
+            d.pipe = Some(new_pipe().ok()?);
+        }
+        d.pipe.as_ref()
+    }
+
+    /// An empty pipe is closed: idle sessions hold none.
+    fn release_pipe(&mut self, id: u64, dir: usize) {
+        if let Some(s) = self.sessions.get_mut(&id)
+            && s.dirs[dir].in_pipe == 0
+        {
+            s.dirs[dir].pipe = None;
+        }
+    }
+
+    fn complete(&mut self, data: u64, result: i32) {
+        let (id, dir, op) = decode(data);
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        s.dirs[dir].busy = false;
+        if s.ending {
+            if !s.inflight() {
+                self.finish(id);
+            }
+            return;
+        }
+        let eagain = result == -libc::EAGAIN;
+        match op {
+            Op::PollIn | Op::PollOut if result < 0 && result != -libc::ECANCELED => {
+                self.end(id, Err(io::Error::from_raw_os_error(-result)))
+            }
+            Op::PollIn => self.fill(id, dir),
+            Op::PollOut => self.drain(id, dir),
+            Op::Fill if eagain => {
+                self.release_pipe(id, dir);
+                self.poll_in(id, dir)
+            }
+            Op::Fill if result < 0 => self.end(id, Err(side_error(dir, true, -result))),
+            Op::Fill if result == 0 => self.source_finished(id, dir),
+            Op::Fill => {
+                s.dirs[dir].in_pipe = result as u32;
+                self.drain(id, dir)
+            }
+            Op::Drain if eagain => self.poll_out(id, dir),
+            Op::Drain if result < 0 => self.end(id, Err(side_error(dir, false, -result))),
+            Op::Drain => {
+                let counter = if dir == 0 { &s.bytes.to_hypervisor } else { &s.bytes.to_viewer };
+                counter.fetch_add(result as u64, Ordering::Relaxed);
+                let d = &mut s.dirs[dir];
+                d.in_pipe = d.in_pipe.saturating_sub(result as u32);
+                if d.in_pipe > 0 { self.drain(id, dir) } else { self.fill(id, dir) }
+            }
+        }
+    }
+
+    /// End of stream from a direction's source: pass the FIN on (everything before it has
+    /// been spliced), and end the session once both directions are done.
+    fn source_finished(&mut self, id: u64, dir: usize) {
+        self.release_pipe(id, dir);
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        let _ = s.sockets[1 - dir].shutdown(Shutdown::Write);
+        s.dirs[dir].done = true;
+        let _ = s.events.send(Event::Finished(dir));
+        if s.dirs.iter().all(|d| d.done) {
+            self.end(id, Ok(()));
+        }
+    }
+
+    fn stop(&mut self, id: u64) {
+        let Some(s) = self.sessions.get(&id) else { return };
+        // Both ends see a clean EOF; operations in flight complete at once.
+        for socket in &s.sockets {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        self.end(id, Ok(()));
+    }
+
+    /// Marks the session ending with `outcome`; it is finished once nothing is in flight.
+    fn end(&mut self, id: u64, outcome: io::Result<()>) {
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        if !s.ending {
+            s.ending = true;
+            if let Err(e) = &outcome {
+                // A reset on one side is passed on as a reset on the other.
+                if e.kind() == io::ErrorKind::ConnectionReset {
+                    for socket in &s.sockets {
+                        let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
+                    }
+                }
+            }
+            let _ = s.events.send(Event::Ended(outcome));
+            // Wake the operations still waiting (polls on a live socket would not end).
+            let busy: Vec<usize> = (0..2).filter(|&dir| s.dirs[dir].busy).collect();
+            for dir in busy {
+                for op in [Op::PollIn, Op::PollOut, Op::Fill, Op::Drain] {
+                    self.push(opcode::AsyncCancel::new(user_data(id, dir, op)).build().user_data(WAKE - 1));
+                }
+            }
+        }
+        if !self.sessions.get(&id).is_some_and(Session::inflight) {
+            self.finish(id);
+        }
+    }
+
+    /// Closes the session's sockets and pipes.
+    fn finish(&mut self, id: u64) {
+        self.sessions.remove(&id);
+    }
+}
+
+/// Which side an error belongs to, as an error whose message says so.
+fn side_error(dir: usize, reading: bool, errno: i32) -> io::Error {
+    let e = io::Error::from_raw_os_error(errno);
+    // Direction 0 reads the viewer and writes the hypervisor.
+    let viewer = (dir == 0) == reading;
+    let side = if viewer { "viewer" } else { "hypervisor" };
+    io::Error::new(e.kind(), format!("{side}: {e}"))
+}
+
+fn new_pipe() -> io::Result<Pipe> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we pass.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nothing else.
+    Ok(unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } })
+}
