@@ -166,7 +166,7 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// uring for raw sessions where the kernel has io_uring, else copy (see README).
+    /// What the benchmark shows best for consoles on this machine kind: copy (see README).
     #[default]
     Auto,
     /// Experimental eBPF sockmap: raw sessions moved in the kernel (root or CAP_BPF +

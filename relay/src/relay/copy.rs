@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 
 /// Which direction a pump error came from.
 enum Failure {
@@ -44,19 +44,10 @@ pub async fn run<V: Peer, H: Peer>(pair: Established<V, H>, mut control: Control
             let now = (up.finished(), down.finished());
             if now != seen { Poll::Ready(Ok(now)) } else { Poll::Pending }
         });
-        let half_close = async {
-            match half_close_at {
-                Some(at) => sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let half_close = super::deadline(half_close_at);
         tokio::select! {
             biased;
-            stop = control.stop.wait_for(Option::is_some) => {
-                let reason = match stop {
-                    Ok(reason) => reason.clone().unwrap_or_default(),
-                    Err(_) => "session registry closed".to_string(),
-                };
+            reason = control.stopped() => {
                 break Err(Ended::Stopped(reason));
             }
             r = progress => match r {

@@ -66,6 +66,25 @@ pub struct Control {
     pub stop: watch::Receiver<Option<String>>,
 }
 
+impl Control {
+    /// Resolves, with the reason, when the session must end.
+    pub async fn stopped(&mut self) -> String {
+        match self.stop.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "session registry closed".to_string(),
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever when no deadline is armed. Boxed: most consoles never arm
+/// one, and a live console's task should not carry a timer's room.
+pub(crate) async fn deadline(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Bytes buffered per direction.

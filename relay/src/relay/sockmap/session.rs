@@ -10,7 +10,7 @@
 //! - a forced disconnect, or the idle and half-close timers.
 
 use super::{Sockmap, tcp};
-use crate::relay::{Control, Ended, Limits};
+use crate::relay::{Control, Ended, Limits, deadline};
 use relay_common::Grant;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, sleep};
 
 type Std = std::net::TcpStream;
 
@@ -132,21 +132,10 @@ pub async fn run(
     let live = || bytes.live(|cookie| engine.flow(cookie).map_or(0, |f| f.redirected));
 
     let ended = loop {
-        // Timers only while armed, boxed: most consoles never have one.
-        let timer = |at: Option<Instant>| async move {
-            match at {
-                Some(at) => Box::pin(sleep_until(at)).await,
-                None => std::future::pending().await,
-            }
-        };
-        let (half_close, idle) = (timer(half_close_at), timer(idle_at));
+        let (half_close, idle) = (deadline(half_close_at), deadline(idle_at));
         tokio::select! {
             biased;
-            stop = control.stop.wait_for(Option::is_some) => {
-                let reason = match stop {
-                    Ok(reason) => reason.clone().unwrap_or_default(),
-                    Err(_) => "session registry closed".to_string(),
-                };
+            reason = control.stopped() => {
                 // The program stops touching both sockets, then both ends see a clean EOF.
                 engine.release(viewer.cookie);
                 engine.release(hypervisor.cookie);

@@ -21,8 +21,9 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::session::ByteCounters;
 
-/// Bytes one splice moves at most: a default pipe's capacity.
-const CHUNK: u32 = 64 << 10;
+/// A direction's pipe capacity, and the most one splice moves: larger pipes mean fewer
+/// operations (each splice runs on an io-wq worker) per byte.
+const CHUNK: u32 = 1 << 20;
 /// user_data of the wake-up read on the eventfd.
 const WAKE: u64 = u64::MAX;
 
@@ -333,5 +334,9 @@ fn new_pipe() -> io::Result<Pipe> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: both descriptors are new and owned by nothing else.
-    Ok(unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } })
+    let pipe = unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } };
+    // Best effort: an unprivileged process may be limited to smaller pipes (fs.pipe-max-size).
+    // SAFETY: F_SETPIPE_SZ takes an int and touches nothing of ours.
+    unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+    Ok(pipe)
 }

@@ -1,11 +1,11 @@
 //! One session on the io_uring back-end, as its task sees it.
 
 use super::{Command, Event, Uring};
-use crate::relay::{Control, Ended, Limits};
+use crate::relay::{Control, Ended, Limits, deadline};
 use std::io::ErrorKind;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 
 pub async fn run(
     engine: &Uring,
@@ -39,20 +39,10 @@ pub async fn run(
     // Why relay itself ended the session, once it has asked the ring to stop it.
     let mut stopping: Option<Ended> = None;
     loop {
-        let timer = |at: Option<Instant>| async move {
-            match at {
-                Some(at) => Box::pin(sleep_until(at)).await,
-                None => std::future::pending().await,
-            }
-        };
-        let (half_close, idle) = (timer(half_close_at), timer(idle_at));
+        let (half_close, idle) = (deadline(half_close_at), deadline(idle_at));
         tokio::select! {
             biased;
-            stop = control.stop.wait_for(Option::is_some), if stopping.is_none() => {
-                let reason = match stop {
-                    Ok(reason) => reason.clone().unwrap_or_default(),
-                    Err(_) => "session registry closed".to_string(),
-                };
+            reason = control.stopped(), if stopping.is_none() => {
                 stopping = Some(Ended::Stopped(reason));
                 engine.send(Command::Stop { id });
             }
