@@ -271,7 +271,8 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
          proxies run as child processes beside it and compete with it for the same cores, as they would in a real deployment."
             .to_string(),
         "Paths: **direct**: the viewer connects to the fake hypervisor itself. **relay CONNECT door**: `CONNECT /console?token=…`, \
-         then RFB; relay terminates RFB security on both sides and relays the rest. **relay WebSocket door**: `ws://…/?token=…` \
+         then RFB; relay terminates RFB security on both sides and relays the rest, on the back-end named (`[relay] backend`: \
+         copy, uring or sockmap; each kernel back-end in a relay process of its own). **relay WebSocket door**: `ws://…/?token=…` \
          with subprotocol `binary`, RFB in binary messages. **socat**: `socat TCP-LISTEN:p,fork,reuseaddr TCP:hypervisor`. \
          **HAProxy**: `mode tcp`, one frontend, one backend server, defaults otherwise. **websockify**: `websockify p hypervisor`, \
          the viewer speaks WebSocket to it, and it forwards raw TCP (no RFB termination: the viewer's handshake goes end to end). \
@@ -304,10 +305,11 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
         ),
         "Proxy CPU: utime + stime from `/proc/PID/stat` of the proxy and all its descendants (live ones, plus `cutime`/`cstime` \
          of exited ones, since socat and websockify fork per connection), taken before and after each round of the four throughput runs, \
-         summed over the rounds and divided by the GB those runs moved. relay's two doors are measured separately; the same relay process serves both."
+         summed over the rounds and divided by the GB those runs moved. relay's paths are measured separately; one relay \
+         process serves the copy CONNECT and WebSocket paths, another each kernel back-end."
             .to_string(),
         format!(
-            "Memory: run first, on proxies started fresh (relay once per door, in a process serving nothing else) \
+            "Memory: run first, on proxies started fresh (relay once per path, in a process serving nothing else) \
              with one console opened and closed before the baseline reading, then opening idle consoles \
              {} at a time with a one-second settle before reading `VmRSS` from `/proc/PID/status` (user-space memory: \
              the kernel's socket buffers are not in it). Before starting the proxies, which inherit it, the bench raises \
