@@ -25,7 +25,8 @@ fn main() -> Result<()> {
             if let Err(e) = ebpf_toolchain() {
                 eprintln!("xtask: the eBPF toolchain could not be set up ({e:#}); relay runs without its kernel fast path");
             }
-            let args: Vec<String> = std::env::args().skip(2).collect();
+            // `cargo xtask run -- ARGS` and `cargo xtask run ARGS` alike.
+            let args: Vec<String> = std::env::args().skip(2).skip_while(|a| a == "--").collect();
             run(Command::new("cargo").args(["run", "--release", "--locked", "-p", "relay", "--", "run"]).args(&args).current_dir(&root))
         }
         "test" => {
