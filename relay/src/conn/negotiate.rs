@@ -64,8 +64,10 @@ impl Conn {
                     return;
                 }
                 let limits = &self.app.config.limits;
+                // A viewer sends input events, not bulk: a 4 KiB read chunk (tungstenite's
+                // default is 128 KiB) keeps an idle WebSocket console near 17 KiB.
                 let config = WebSocketConfig::default()
-                    .read_buffer_size(16 << 10)
+                    .read_buffer_size(4 << 10)
                     .write_buffer_size(limits.relay_buffer_bytes)
                     .max_write_buffer_size(limits.relay_buffer_bytes.saturating_mul(4).max(1 << 20))
                     .max_message_size(Some(limits.max_ws_message_bytes))
