@@ -40,9 +40,9 @@ pub struct Relays {
 }
 
 impl Relays {
-    /// Probes the kernel and picks. An explicit request the machine cannot honour is an
-    /// error (an operator who asked for the kernel path should not silently get another);
-    /// `auto` takes the best available and says why in one log line.
+    /// Probes the kernel and picks, saying so in one log line. An explicit request the
+    /// machine cannot honour is an error (an operator who asked for a kernel path should
+    /// not silently get another); `auto` takes what the benchmark shows best here.
     pub fn start(config: &Relay, max_sessions: usize) -> anyhow::Result<Relays> {
         // `auto` probes both kernel back-ends, to report them, and uses neither: on this
         // machine kind the benchmark shows copy best for consoles (README.md).

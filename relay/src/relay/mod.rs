@@ -2,7 +2,7 @@
 //!
 //! A back-end takes an [`Established`] pair and returns how the session [`Ended`];
 //! nothing upstream knows which back-end ran. [`copy`] is the portable userspace relay;
-//! kernel back-ends (sockmap, io_uring) take raw TCP pairs.
+//! the kernel back-ends ([`uring`], [`sockmap`]) take raw TCP pairs; [`backend`] picks.
 
 pub mod backend;
 pub mod copy;

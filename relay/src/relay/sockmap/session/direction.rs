@@ -1,0 +1,112 @@
+//! One direction of a kernel-relayed session, as userspace sees it: asleep until the
+//! program passes bytes back (a receiver fell behind) or the stream ends.
+
+use super::super::{Sockmap, tcp};
+use super::handoff::register;
+use super::{Failure, Side, Std, Userspace};
+use crate::relay::Limits;
+use relay_common::Grant;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::time::sleep;
+
+/// One direction, `from` to `to`, until end of stream (forwarded) or failure.
+pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace<'_>, limits: &Limits) -> Result<(), Failure> {
+    let mut read_total = 0u64;
+    let mut limit = engine.in_flight_cap;
+    loop {
+        let mut guard = from.fd.readable().await.map_err(Failure::From)?;
+        // Readability also fires for every batch the program redirects. Reading then would
+        // race the verdict for the same queue, so read only for an end, an error, or bytes
+        // the program passed back and userspace has not read yet.
+        let ready = guard.ready();
+        let ending = ready.is_read_closed() || ready.is_error();
+        if !ending && engine.flow(from.cookie).is_some_and(|f| f.passed == read_total) {
+            guard.clear_ready();
+            continue;
+        }
+        // Allocated only while there is something to relay: idle sessions hold no buffer.
+        let mut buf = vec![0u8; limits.buffer_bytes];
+        let mut drained = false;
+        let mut eof = false;
+        loop {
+            let n = match guard.try_io(|fd| fd.get_ref().read(&mut buf)) {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Err(Failure::From(e)),
+                Err(_would_block) => break,
+            };
+            if !drained {
+                // Whatever the kernel redirected before must reach `to` first.
+                // Boxed here and below: an idle session's task keeps no room for them.
+                Box::pin(wait_drained(engine, from, to, user)).await?;
+                drained = true;
+            }
+            if n == 0 {
+                eof = true;
+                break;
+            }
+            read_total += n as u64;
+            Box::pin(write_all(to, &buf[..n])).await.map_err(Failure::To)?;
+            user.written.fetch_add(n as u64, Ordering::Relaxed);
+            user.counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if eof {
+            to.fd.get_ref().shutdown(Shutdown::Write).map_err(Failure::To)?;
+            return Ok(());
+        }
+        if drained {
+            // Everything passed so far is written: let the kernel take over again, with
+            // a cap counted from what the receiver has acknowledged.
+            let (acked, _) = tcp::sent(to.fd.get_ref()).map_err(Failure::To)?;
+            let acked_since = acked.saturating_sub(to.sent_at_handoff);
+            let redirected_acked = acked_since.saturating_sub(user.written.load(Ordering::Relaxed));
+            limit = limit.max(redirected_acked + engine.in_flight_cap);
+            engine.grant(from.cookie, Grant { limit, resumed_at: read_total });
+        }
+    }
+}
+
+/// Waits until every byte the kernel redirected from `from` has entered `to`'s send queue
+/// (left the kernel's backlog), so a userspace write or a FIN cannot overtake it. A stalled
+/// receiver makes this wait long: meanwhile `from`'s receive queue fills and TCP closes its
+/// window, which is the backpressure the cap promises.
+async fn wait_drained(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace<'_>) -> Result<(), Failure> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let Some(flow) = engine.flow(from.cookie) else { return Ok(()) };
+        let want = flow.redirected + user.written.load(Ordering::Relaxed);
+        let (_, sent) = tcp::sent(to.fd.get_ref()).map_err(Failure::To)?;
+        if sent.saturating_sub(to.sent_at_handoff) >= want {
+            return Ok(());
+        }
+        sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Writes all of `data` to a socket registered for readability only, waiting for room on
+/// a duplicate descriptor registered for writability while this write lasts.
+async fn write_all(to: &Side, mut data: &[u8]) -> io::Result<()> {
+    let mut writable: Option<AsyncFd<Std>> = None;
+    while !data.is_empty() {
+        match to.fd.get_ref().write(data) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let fd = match &writable {
+                    Some(fd) => fd,
+                    None => writable.insert(register(to.fd.get_ref().try_clone()?, Interest::WRITABLE).map_err(|e| e.into_parts().1)?),
+                };
+                fd.writable().await?.clear_ready();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! Handing a session's two sockets to the kernel: empty their queues, then enter the maps
+//! in an order where the first redirect always finds its peer, then release what queued
+//! in between.
+
+use super::super::{Sockmap, tcp};
+use super::{Side, Std};
+use std::io::{self, ErrorKind};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
+
+/// What [`super::run`] gives back when the kernel cannot take the session: both sockets, why,
+/// and the bytes each side sent that are still to be relayed (in userspace, first).
+pub type Refused = (TcpStream, TcpStream, String, Vec<u8>, Vec<u8>);
+
+/// The most relay reads from a socket to empty its queue before hand-off; a peer that
+/// keeps it fuller than this is relayed in userspace instead.
+const DRAIN_LIMIT: usize = 4 << 20;
+
+/// Reads whatever the kernel has queued, without waiting, onto `into`. Asks the kernel
+/// itself (tokio's `try_read` may answer "would block" from its cached readiness).
+pub(super) fn drain(socket: &TcpStream, into: &mut Vec<u8>) -> Result<(), String> {
+    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 16 << 10];
+    let socket = socket2::SockRef::from(socket);
+    loop {
+        match socket.recv(&mut chunk) {
+            Ok(0) => return Ok(()),
+            // SAFETY: recv initialised the first n bytes.
+            Ok(n) => into.extend_from_slice(unsafe { std::slice::from_raw_parts(chunk.as_ptr().cast::<u8>(), n) }),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            // The relay that takes over meets the same error and reports it.
+            Err(_) => return Ok(()),
+        }
+        if into.len() > DRAIN_LIMIT {
+            return Err("a peer kept its receive queue full during hand-off".into());
+        }
+    }
+}
+
+pub(super) fn handoff(engine: &Sockmap, viewer: TcpStream, hypervisor: TcpStream) -> Result<(Side, Side), (TcpStream, TcpStream, String)> {
+    // Out of tokio's reactor, and back in for readability alone.
+    let (Ok(viewer), Ok(hypervisor)) = (viewer.into_std(), hypervisor.into_std()) else {
+        unreachable!("a tokio TcpStream always converts back to std")
+    };
+    let giveback = |v: Std, h: Std, why: String| match (TcpStream::from_std(v), TcpStream::from_std(h)) {
+        (Ok(v), Ok(h)) => Err((v, h, why)),
+        _ => unreachable!("sockets that left the reactor can rejoin it"),
+    };
+    let prepare = |s: &Std| -> io::Result<(u64, u64)> { Ok((tcp::cookie(s)?, tcp::sent(s)?.1)) };
+    let ((vc, vsent), (hc, hsent)) = match (prepare(&viewer), prepare(&hypervisor)) {
+        (Ok(v), Ok(h)) => (v, h),
+        (Err(e), _) | (_, Err(e)) => return giveback(viewer, hypervisor, e.to_string()),
+    };
+    let viewer = match register(viewer, Interest::READABLE) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let (v, e) = e.into_parts();
+            return giveback(v, hypervisor, e.to_string());
+        }
+    };
+    let hypervisor = match register(hypervisor, Interest::READABLE) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let (h, e) = e.into_parts();
+            return giveback(viewer.into_inner(), h, e.to_string());
+        }
+    };
+    if let Err(e) = engine.attach((viewer.get_ref(), vc), (hypervisor.get_ref(), hc)) {
+        return giveback(viewer.into_inner(), hypervisor.into_inner(), e.to_string());
+    }
+    // From here the kernel owns the byte stream. Bytes queued before the sockets entered
+    // the verdict map run through it now, in order.
+    let _ = tcp::kick(viewer.get_ref());
+    let _ = tcp::kick(hypervisor.get_ref());
+    Ok((Side { fd: viewer, cookie: vc, sent_at_handoff: vsent }, Side { fd: hypervisor, cookie: hc, sent_at_handoff: hsent }))
+}
+
+pub(super) fn register(socket: Std, interest: Interest) -> Result<AsyncFd<Std>, tokio::io::unix::AsyncFdRegisterError<Std>> {
+    // SAFETY: a std TcpStream owns its descriptor until dropped and always reports the
+    // same one; the AsyncFd owns the stream, so the descriptor outlives the registration.
+    unsafe { AsyncFd::register_with_interest(socket, interest) }
+}
