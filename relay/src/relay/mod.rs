@@ -76,6 +76,22 @@ impl Control {
     }
 }
 
+/// Sends what each side's handshake read beyond its end on to the other side, and counts
+/// it: the kernel back-ends do this before the kernel takes over, so those bytes go first.
+pub(crate) async fn send_leftovers(
+    (viewer, viewer_buffered): (&mut TcpStream, &[u8]),
+    (hypervisor, hypervisor_buffered): (&mut TcpStream, &[u8]),
+    bytes: &ByteCounters,
+) -> Result<(), Ended> {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::AsyncWriteExt;
+    hypervisor.write_all(viewer_buffered).await.map_err(|e| Ended::HypervisorError(e.to_string()))?;
+    viewer.write_all(hypervisor_buffered).await.map_err(|e| Ended::ViewerError(e.to_string()))?;
+    bytes.to_hypervisor.fetch_add(viewer_buffered.len() as u64, Relaxed);
+    bytes.to_viewer.fetch_add(hypervisor_buffered.len() as u64, Relaxed);
+    Ok(())
+}
+
 /// Sleeps until `at`, or forever when no deadline is armed. Boxed: most consoles never arm
 /// one, and a live console's task should not carry a timer's room.
 pub(crate) async fn deadline(at: Option<tokio::time::Instant>) {

@@ -15,19 +15,19 @@ mod handoff;
 pub use handoff::Refused;
 
 use super::Sockmap;
-use crate::relay::{Control, Ended, Limits, deadline};
+use crate::relay::{Control, Ended, Limits, deadline, send_leftovers};
 use direction::direction;
-use handoff::{drain, handoff};
+use handoff::{Handoff, drain, handoff};
 use std::io::{self, ErrorKind};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 pub(super) type Std = std::net::TcpStream;
+
 /// One socket of the session, as the kernel relay sees it.
 pub(super) struct Side {
     /// Registered for readability only: with the verdict program in place, that fires for
@@ -40,14 +40,14 @@ pub(super) struct Side {
 
 /// How one direction failed.
 pub(super) enum Failure {
-    /// Reading from the sender failed; `true` when it reset the connection.
+    /// Reading from the sender failed.
     From(io::Error),
     /// Writing to the receiver failed.
     To(io::Error),
 }
 
-/// Bytes of one direction that went through userspace (hand-off prefix and any relayed
-/// after a fall-back); the kernel's share is read from the flow map.
+/// Bytes of one direction relayed by userspace after hand-off (after a fall-back); the
+/// kernel's share is in the flow map.
 pub(super) struct Userspace<'a> {
     /// Relayed by userspace after hand-off.
     written: AtomicU64,
@@ -75,22 +75,18 @@ pub async fn run(
         return Err((viewer, hypervisor, why, viewer_buffered, hypervisor_buffered));
     }
     // Bytes already read in userspace precede anything the kernel will move.
-    if let Err(e) = hypervisor.write_all(&viewer_buffered).await {
-        return Ok(Ended::HypervisorError(e.to_string()));
-    }
-    if let Err(e) = viewer.write_all(&hypervisor_buffered).await {
-        return Ok(Ended::ViewerError(e.to_string()));
-    }
     let bytes = control.bytes.clone();
-    bytes.to_hypervisor.fetch_add(viewer_buffered.len() as u64, Ordering::Relaxed);
-    bytes.to_viewer.fetch_add(hypervisor_buffered.len() as u64, Ordering::Relaxed);
+    if let Err(ended) = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), &bytes).await {
+        return Ok(ended);
+    }
     let up_user = Userspace { written: AtomicU64::new(0), counter: &bytes.to_hypervisor };
     let down_user = Userspace { written: AtomicU64::new(0), counter: &bytes.to_viewer };
     drop((viewer_buffered, hypervisor_buffered));
 
     let (viewer, hypervisor) = match handoff(engine, viewer, hypervisor) {
         Ok(pair) => pair,
-        Err((v, h, why)) => return Err((v, h, why, Vec::new(), Vec::new())),
+        Err(Handoff::Refused(v, h, why)) => return Err((v, h, why, Vec::new(), Vec::new())),
+        Err(Handoff::Lost(why)) => return Ok(Ended::HypervisorError(format!("hand-off to the kernel failed: {why}"))),
     };
 
     // From now on the live totals include what the kernel has counted.

@@ -38,14 +38,22 @@ pub(super) fn drain(socket: &TcpStream, into: &mut Vec<u8>) -> Result<(), String
     }
 }
 
-pub(super) fn handoff(engine: &Sockmap, viewer: TcpStream, hypervisor: TcpStream) -> Result<(Side, Side), (TcpStream, TcpStream, String)> {
+/// Why a hand-off did not happen.
+pub(super) enum Handoff {
+    /// The kernel refused the sockets; they are back in tokio's hands, untouched.
+    Refused(TcpStream, TcpStream, String),
+    /// Moving the sockets between reactors failed (out of memory or descriptors); they
+    /// are closed.
+    Lost(String),
+}
+
+pub(super) fn handoff(engine: &Sockmap, viewer: TcpStream, hypervisor: TcpStream) -> Result<(Side, Side), Handoff> {
     // Out of tokio's reactor, and back in for readability alone.
-    let (Ok(viewer), Ok(hypervisor)) = (viewer.into_std(), hypervisor.into_std()) else {
-        unreachable!("a tokio TcpStream always converts back to std")
-    };
+    let lost = |e: io::Error| Handoff::Lost(e.to_string());
+    let (viewer, hypervisor) = (viewer.into_std().map_err(lost)?, hypervisor.into_std().map_err(lost)?);
     let giveback = |v: Std, h: Std, why: String| match (TcpStream::from_std(v), TcpStream::from_std(h)) {
-        (Ok(v), Ok(h)) => Err((v, h, why)),
-        _ => unreachable!("sockets that left the reactor can rejoin it"),
+        (Ok(v), Ok(h)) => Err(Handoff::Refused(v, h, why)),
+        (Err(e), _) | (_, Err(e)) => Err(Handoff::Lost(format!("{why}; then {e}"))),
     };
     let prepare = |s: &Std| -> io::Result<(u64, u64)> { Ok((tcp::cookie(s)?, tcp::sent(s)?.1)) };
     let ((vc, vsent), (hc, hsent)) = match (prepare(&viewer), prepare(&hypervisor)) {
