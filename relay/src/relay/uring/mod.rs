@@ -28,8 +28,28 @@ enum Command {
 enum Event {
     /// Direction 0 (viewer → hypervisor) or 1 reached end of stream, forwarded.
     Finished(usize),
-    /// The session is over: both directions done or stopped, or an error.
-    Ended(io::Result<()>),
+    /// The session is over: both directions done or stopped, or a side failed.
+    Ended(Result<(), Fault>),
+}
+
+/// Which side's socket failed, and how.
+#[derive(Debug)]
+enum Fault {
+    Viewer(io::Error),
+    Hypervisor(io::Error),
+}
+
+impl Fault {
+    /// Direction 0 reads the viewer and writes the hypervisor; direction 1 the reverse.
+    fn of(dir: usize, reading: bool, e: io::Error) -> Fault {
+        if (dir == 0) == reading { Fault::Viewer(e) } else { Fault::Hypervisor(e) }
+    }
+
+    fn error(&self) -> &io::Error {
+        match self {
+            Fault::Viewer(e) | Fault::Hypervisor(e) => e,
+        }
+    }
 }
 
 /// The ring thread and the way to reach it.

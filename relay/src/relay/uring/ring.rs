@@ -8,7 +8,7 @@
 //! move). At most one operation per direction is in flight, so a pipe is never filled and
 //! drained at once.
 
-use super::{Command, Event};
+use super::{Command, Event, Fault};
 use io_uring::{IoUring, opcode, squeue, types};
 use std::collections::HashMap;
 use std::io;
@@ -26,6 +26,8 @@ use crate::session::ByteCounters;
 const CHUNK: u32 = 1 << 20;
 /// user_data of the wake-up read on the eventfd.
 const WAKE: u64 = u64::MAX;
+/// user_data of cancellations, whose own completions need nothing.
+const CANCEL: u64 = u64::MAX - 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -58,8 +60,8 @@ struct Direction {
     pipe: Option<Pipe>,
     /// Bytes in the pipe, not yet in the destination.
     in_pipe: u32,
-    /// An operation of this direction is in flight.
-    busy: bool,
+    /// The operation of this direction in flight, if any (there is at most one).
+    inflight: Option<Op>,
     done: bool,
 }
 
@@ -75,7 +77,7 @@ struct Session {
 
 impl Session {
     fn inflight(&self) -> bool {
-        self.dirs.iter().any(|d| d.busy)
+        self.dirs.iter().any(|d| d.inflight.is_some())
     }
 }
 
@@ -85,11 +87,13 @@ pub struct Ring {
     wake: OwnedFd,
     wake_buf: Box<[u8; 8]>,
     sessions: HashMap<u64, Session>,
+    /// Completions taken from the ring, kept to reuse its allocation.
+    completed: Vec<(u64, i32)>,
 }
 
 impl Ring {
     pub fn new(ring: IoUring, commands: Receiver<Command>, wake: OwnedFd) -> Ring {
-        Ring { ring, commands, wake, wake_buf: Box::new([0; 8]), sessions: HashMap::new() }
+        Ring { ring, commands, wake, wake_buf: Box::new([0; 8]), sessions: HashMap::new(), completed: Vec::new() }
     }
 
     /// Runs until every sender of commands is gone and no session is left.
@@ -102,20 +106,20 @@ impl Ring {
                 tracing::error!(error = %e, "io_uring submit failed; uring sessions end");
                 break;
             }
-            let completions: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
-            for (data, result) in completions {
-                if data == WAKE {
-                    if !self.take_commands() {
-                        return;
-                    }
-                    self.arm_wake();
-                } else {
-                    self.complete(data, result);
+            self.completed.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            let mut completed = std::mem::take(&mut self.completed);
+            for (data, result) in completed.drain(..) {
+                match data {
+                    WAKE if !self.take_commands() => return,
+                    WAKE => self.arm_wake(),
+                    CANCEL => {}
+                    _ => self.complete(data, result),
                 }
             }
+            self.completed = completed;
         }
         for (_, session) in self.sessions.drain() {
-            let _ = session.events.send(Event::Ended(Err(io::Error::other("io_uring failed"))));
+            let _ = session.events.send(Event::Ended(Err(Fault::Hypervisor(io::Error::other("relay's io_uring failed")))));
         }
     }
 
@@ -142,7 +146,7 @@ impl Ring {
         loop {
             match self.commands.try_recv() {
                 Ok(Command::Start { id, viewer, hypervisor, bytes, events }) => {
-                    let idle = || Direction { pipe: None, in_pipe: 0, busy: false, done: false };
+                    let idle = || Direction { pipe: None, in_pipe: 0, inflight: None, done: false };
                     let session = Session { sockets: [viewer, hypervisor], dirs: [idle(), idle()], bytes, events, ending: false };
                     self.sessions.insert(id, session);
                     self.poll_in(id, 0);
@@ -162,23 +166,28 @@ impl Ring {
 
     fn poll_in(&mut self, id: u64, dir: usize) {
         let Some((src, _)) = self.fds(id, dir) else { return };
-        self.mark_busy(id, dir);
+        self.mark_busy(id, dir, Op::PollIn);
         let mask = (libc::POLLIN | libc::POLLRDHUP) as u32;
         self.push(opcode::PollAdd::new(types::Fd(src), mask).build().user_data(user_data(id, dir, Op::PollIn)));
     }
 
     fn poll_out(&mut self, id: u64, dir: usize) {
         let Some((_, dst)) = self.fds(id, dir) else { return };
-        self.mark_busy(id, dir);
+        self.mark_busy(id, dir, Op::PollOut);
         self.push(opcode::PollAdd::new(types::Fd(dst), libc::POLLOUT as u32).build().user_data(user_data(id, dir, Op::PollOut)));
     }
 
     fn fill(&mut self, id: u64, dir: usize) {
         let Some((src, _)) = self.fds(id, dir) else { return };
-        let Some(pipe_w) = self.pipe(id, dir).map(|p| p.write.as_raw_fd()) else {
-            return self.end(id, Err(io::Error::last_os_error()));
+        let pipe_w = match self.pipe(id, dir) {
+            Ok(Some(p)) => p.write.as_raw_fd(),
+            Ok(None) => return,
+            Err(e) => {
+                let e = io::Error::new(e.kind(), format!("relay could not make a pipe: {e}"));
+                return self.end(id, Err(Fault::of(dir, false, e)));
+            }
         };
-        self.mark_busy(id, dir);
+        self.mark_busy(id, dir, Op::Fill);
         let splice = opcode::Splice::new(types::Fd(src), -1, types::Fd(pipe_w), -1, CHUNK)
             .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
             .build()
@@ -192,7 +201,7 @@ impl Ring {
         let d = &s.dirs[dir];
         let (Some(pipe), len) = (&d.pipe, d.in_pipe) else { return };
         let pipe_r = pipe.read.as_raw_fd();
-        self.mark_busy(id, dir);
+        self.mark_busy(id, dir, Op::Drain);
         let splice = opcode::Splice::new(types::Fd(pipe_r), -1, types::Fd(dst), -1, len)
             .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
             .build()
@@ -200,19 +209,20 @@ impl Ring {
         self.push(splice);
     }
 
-    fn mark_busy(&mut self, id: u64, dir: usize) {
+    fn mark_busy(&mut self, id: u64, dir: usize, op: Op) {
         if let Some(s) = self.sessions.get_mut(&id) {
-            s.dirs[dir].busy = true;
+            s.dirs[dir].inflight = Some(op);
         }
     }
 
-    /// The direction's pipe, made when it has none.
-    fn pipe(&mut self, id: u64, dir: usize) -> Option<&Pipe> {
-        let d = &mut self.sessions.get_mut(&id)?.dirs[dir];
+    /// The direction's pipe, made when it has none (None: no such session).
+    fn pipe(&mut self, id: u64, dir: usize) -> io::Result<Option<&Pipe>> {
+        let Some(s) = self.sessions.get_mut(&id) else { return Ok(None) };
+        let d = &mut s.dirs[dir];
         if d.pipe.is_none() {
-            d.pipe = Some(new_pipe().ok()?);
+            d.pipe = Some(new_pipe()?);
         }
-        d.pipe.as_ref()
+        Ok(d.pipe.as_ref())
     }
 
     /// An empty pipe is closed: idle sessions hold none.
@@ -227,7 +237,7 @@ impl Ring {
     fn complete(&mut self, data: u64, result: i32) {
         let (id, dir, op) = decode(data);
         let Some(s) = self.sessions.get_mut(&id) else { return };
-        s.dirs[dir].busy = false;
+        s.dirs[dir].inflight = None;
         if s.ending {
             if !s.inflight() {
                 self.finish(id);
@@ -235,24 +245,25 @@ impl Ring {
             return;
         }
         let eagain = result == -libc::EAGAIN;
+        // Polls and fills wait on the direction's source; drains on its destination.
+        let fault = |reading: bool| Fault::of(dir, reading, io::Error::from_raw_os_error(-result));
         match op {
-            Op::PollIn | Op::PollOut if result < 0 && result != -libc::ECANCELED => {
-                self.end(id, Err(io::Error::from_raw_os_error(-result)))
-            }
+            Op::PollIn if result < 0 => self.end(id, Err(fault(true))),
+            Op::PollOut if result < 0 => self.end(id, Err(fault(false))),
             Op::PollIn => self.fill(id, dir),
             Op::PollOut => self.drain(id, dir),
             Op::Fill if eagain => {
                 self.release_pipe(id, dir);
                 self.poll_in(id, dir)
             }
-            Op::Fill if result < 0 => self.end(id, Err(side_error(dir, true, -result))),
+            Op::Fill if result < 0 => self.end(id, Err(fault(true))),
             Op::Fill if result == 0 => self.source_finished(id, dir),
             Op::Fill => {
                 s.dirs[dir].in_pipe = result as u32;
                 self.drain(id, dir)
             }
             Op::Drain if eagain => self.poll_out(id, dir),
-            Op::Drain if result < 0 => self.end(id, Err(side_error(dir, false, -result))),
+            Op::Drain if result < 0 => self.end(id, Err(fault(false))),
             Op::Drain => {
                 let counter = if dir == 0 { &s.bytes.to_hypervisor } else { &s.bytes.to_viewer };
                 counter.fetch_add(result as u64, Ordering::Relaxed);
@@ -286,25 +297,23 @@ impl Ring {
     }
 
     /// Marks the session ending with `outcome`; it is finished once nothing is in flight.
-    fn end(&mut self, id: u64, outcome: io::Result<()>) {
+    fn end(&mut self, id: u64, outcome: Result<(), Fault>) {
         let Some(s) = self.sessions.get_mut(&id) else { return };
         if !s.ending {
             s.ending = true;
-            if let Err(e) = &outcome {
+            if let Err(fault) = &outcome {
                 // A reset on one side is passed on as a reset on the other.
-                if e.kind() == io::ErrorKind::ConnectionReset {
+                if fault.error().kind() == io::ErrorKind::ConnectionReset {
                     for socket in &s.sockets {
                         let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
                     }
                 }
             }
             let _ = s.events.send(Event::Ended(outcome));
-            // Wake the operations still waiting (polls on a live socket would not end).
-            let busy: Vec<usize> = (0..2).filter(|&dir| s.dirs[dir].busy).collect();
-            for dir in busy {
-                for op in [Op::PollIn, Op::PollOut, Op::Fill, Op::Drain] {
-                    self.push(opcode::AsyncCancel::new(user_data(id, dir, op)).build().user_data(WAKE - 1));
-                }
+            // Cancel the operations still waiting (a poll on a live socket would not end).
+            let waiting: Vec<u64> = (0..2).filter_map(|dir| s.dirs[dir].inflight.map(|op| user_data(id, dir, op))).collect();
+            for data in waiting {
+                self.push(opcode::AsyncCancel::new(data).build().user_data(CANCEL));
             }
         }
         if !self.sessions.get(&id).is_some_and(Session::inflight) {
@@ -316,15 +325,6 @@ impl Ring {
     fn finish(&mut self, id: u64) {
         self.sessions.remove(&id);
     }
-}
-
-/// Which side an error belongs to, as an error whose message says so.
-fn side_error(dir: usize, reading: bool, errno: i32) -> io::Error {
-    let e = io::Error::from_raw_os_error(errno);
-    // Direction 0 reads the viewer and writes the hypervisor.
-    let viewer = (dir == 0) == reading;
-    let side = if viewer { "viewer" } else { "hypervisor" };
-    io::Error::new(e.kind(), format!("{side}: {e}"))
 }
 
 fn new_pipe() -> io::Result<Pipe> {

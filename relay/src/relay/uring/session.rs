@@ -1,9 +1,8 @@
 //! One session on the io_uring back-end, as its task sees it.
 
-use super::{Command, Event, Uring};
-use crate::relay::{Control, Ended, Limits, deadline};
+use super::{Command, Event, Fault, Uring};
+use crate::relay::{Control, Ended, Limits, deadline, send_leftovers};
 use std::io::ErrorKind;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -14,19 +13,18 @@ pub async fn run(
     control: &mut Control,
     limits: Limits,
 ) -> Ended {
-    use std::sync::atomic::Ordering::Relaxed;
-    // Bytes already read in userspace go first.
-    if let Err(e) = hypervisor.write_all(&viewer_buffered).await {
-        return Ended::HypervisorError(e.to_string());
+    let leftovers = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), &control.bytes).await;
+    if let Err(ended) = leftovers {
+        return ended;
     }
-    if let Err(e) = viewer.write_all(&hypervisor_buffered).await {
-        return Ended::ViewerError(e.to_string());
-    }
-    control.bytes.to_hypervisor.fetch_add(viewer_buffered.len() as u64, Relaxed);
-    control.bytes.to_viewer.fetch_add(hypervisor_buffered.len() as u64, Relaxed);
     drop((viewer_buffered, hypervisor_buffered));
-    let (Ok(viewer), Ok(hypervisor)) = (viewer.into_std(), hypervisor.into_std()) else {
-        unreachable!("a tokio TcpStream always converts back to std")
+    let viewer = match viewer.into_std() {
+        Ok(s) => s,
+        Err(e) => return Ended::ViewerError(format!("leaving the reactor: {e}")),
+    };
+    let hypervisor = match hypervisor.into_std() {
+        Ok(s) => s,
+        Err(e) => return Ended::HypervisorError(format!("leaving the reactor: {e}")),
     };
     let id = engine.next_id();
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
@@ -57,7 +55,7 @@ pub async fn run(
                     }
                     return match outcome {
                         Ok(()) => first_eof.unwrap_or(Ended::ViewerClosed),
-                        Err(e) => ended_by(e),
+                        Err(fault) => ended_by(fault),
                     };
                 }
                 None => return stopping.unwrap_or_else(|| Ended::ViewerError("the io_uring thread stopped".into())),
@@ -80,14 +78,13 @@ pub async fn run(
     }
 }
 
-/// The ring's error says which side failed ("viewer: ..." or "hypervisor: ...").
-fn ended_by(e: std::io::Error) -> Ended {
-    let text = e.to_string();
-    let viewer = text.starts_with("viewer");
-    match (e.kind(), viewer) {
-        (ErrorKind::ConnectionReset, true) => Ended::ViewerReset,
-        (ErrorKind::ConnectionReset, false) => Ended::HypervisorReset,
-        (_, true) => Ended::ViewerError(text),
-        (_, false) => Ended::HypervisorError(text),
+/// How a side's failure ends the console: a reset stays a reset.
+fn ended_by(fault: Fault) -> Ended {
+    let reset = |e: &std::io::Error| e.kind() == ErrorKind::ConnectionReset;
+    match fault {
+        Fault::Viewer(e) if reset(&e) => Ended::ViewerReset,
+        Fault::Hypervisor(e) if reset(&e) => Ended::HypervisorReset,
+        Fault::Viewer(e) => Ended::ViewerError(e.to_string()),
+        Fault::Hypervisor(e) => Ended::HypervisorError(e.to_string()),
     }
 }
