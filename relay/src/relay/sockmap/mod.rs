@@ -14,7 +14,7 @@ use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use relay_common::{Flow, Grant, MAP_FLOWS, MAP_GRANTS, MAP_TARGETS, MAP_VERDICT, PROGRAM};
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// The object relay's build script compiled from relay-ebpf, or empty when this build
 /// had no eBPF toolchain.
@@ -42,7 +42,9 @@ struct Maps {
 
 /// The loaded program and its maps, shared by every sockmap session.
 pub struct Sockmap {
-    maps: Mutex<Maps>,
+    /// Lookups (every wake-up of a session) share the lock; only hand-offs, grants and
+    /// ends take it alone.
+    maps: RwLock<Maps>,
     /// Bytes one direction may have in flight in the kernel towards a receiver that has
     /// not acknowledged them; past it TCP pushes back on the sender.
     pub in_flight_cap: u64,
@@ -80,11 +82,15 @@ impl Sockmap {
             .map_err(|e| kernel(&e))?;
         program.load().map_err(|e| classify(&e))?;
         program.attach(maps.verdict.fd()).map_err(|e| classify(&e))?;
-        Ok(Sockmap { maps: Mutex::new(maps), in_flight_cap, _ebpf: ebpf })
+        Ok(Sockmap { maps: RwLock::new(maps), in_flight_cap, _ebpf: ebpf })
     }
 
-    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
-        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    fn maps(&self) -> RwLockWriteGuard<'_, Maps> {
+        self.maps.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_maps(&self) -> RwLockReadGuard<'_, Maps> {
+        self.maps.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Hands a session's two sockets to the kernel: flows and grants first, then both
@@ -134,7 +140,7 @@ impl Sockmap {
     }
 
     pub(crate) fn flow(&self, cookie: u64) -> Option<Flow> {
-        self.maps().flows.get(&cookie, 0).ok()
+        self.read_maps().flows.get(&cookie, 0).ok()
     }
 
     fn grant(&self, cookie: u64, grant: Grant) {
@@ -143,7 +149,7 @@ impl Sockmap {
 
     /// Entries in the maps (flows and verdict sockets): for tests that check nothing leaks.
     pub fn entries(&self) -> (usize, usize) {
-        let maps = self.maps();
+        let maps = self.read_maps();
         (maps.flows.keys().count(), maps.verdict.keys().count())
     }
 }
