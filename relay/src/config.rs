@@ -338,5 +338,9 @@ mod tests {
         c.hypervisor.vnc_password = None;
         c.hypervisor.auth_schemes.clear();
         assert!(c.validate().is_err());
+        assert!(toml::from_str::<Config>("[relay]\nbackend = \"fastest\"\n").is_err(), "an unknown back-end is refused");
+        let mut c = Config::default();
+        c.relay.in_flight_bytes = 1024;
+        assert!(c.validate().is_err(), "an in-flight cap too small to relay a segment is refused");
     }
 }
