@@ -8,6 +8,7 @@ pub mod origin;
 pub mod token_param;
 pub mod web;
 pub mod ws;
+pub mod ws_frame;
 pub mod ws_stream;
 
 /// Which front door a request came through; used in logs and access URLs.
