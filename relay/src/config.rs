@@ -133,7 +133,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// From accept to the end of both RFB handshakes.
     pub handshake_timeout_secs: u64,
-    /// Largest WebSocket message accepted from a viewer.
+    /// Largest WebSocket frame accepted from a viewer. Payloads are relayed as they
+    /// arrive, so this bounds no buffer; it refuses absurd frames early.
     pub max_ws_message_bytes: usize,
     pub relay_buffer_bytes: usize,
     /// End a console after this long with no byte either way; 0 = never.

@@ -6,3 +6,4 @@ pub mod pki;
 pub mod relay_server;
 pub mod tls_client;
 pub mod viewer;
+pub mod ws_viewer;

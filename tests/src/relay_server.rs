@@ -1,12 +1,12 @@
 //! A relay running inside the test process on ephemeral ports, with helpers to reach
 //! its doors and its control socket the way real clients do.
 
+use crate::ws_viewer::WsByteStream;
 use anyhow::{Context, bail};
 use relay::auth::{NewToken, Secret, Target};
 use relay::config::Config;
 use relay::control::client::request;
 use relay::control::proto::{Envelope, Request};
-use relay::front::ws_stream::WsByteStream;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;

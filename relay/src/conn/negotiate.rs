@@ -22,8 +22,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::time::timeout_at;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{Instrument, info, warn};
 
 /// The hypervisor side failed; the reason is already in the audit log.
@@ -63,17 +61,11 @@ impl Conn {
                 if stream.write_all(&upgrade.response()).await.is_err() {
                     return;
                 }
-                let limits = &self.app.config.limits;
-                // A viewer sends input events, not bulk: a 4 KiB read chunk (tungstenite's
-                // default is 128 KiB) keeps an idle WebSocket console near 17 KiB.
-                let config = WebSocketConfig::default()
-                    .read_buffer_size(4 << 10)
-                    .write_buffer_size(limits.relay_buffer_bytes)
-                    .max_write_buffer_size(limits.relay_buffer_bytes.saturating_mul(4).max(1 << 20))
-                    .max_message_size(Some(limits.max_ws_message_bytes))
-                    .max_frame_size(Some(limits.max_ws_message_bytes));
-                let ws = WebSocketStream::from_partially_read(stream, req.rest, Role::Server, Some(config)).await;
-                self.negotiate(WsByteStream::new(ws), Vec::new(), dialed, &record, hash, session).await
+                let max_frame = self.app.config.limits.max_ws_message_bytes as u64;
+                match WsByteStream::new(stream, req.rest, max_frame) {
+                    Ok((ws, early)) => self.negotiate(ws, early, dialed, &record, hash, session).await,
+                    Err(e) => warn!(target: AUDIT, event = "viewer_handshake_failed", error = %e),
+                }
             }
         }
     }

@@ -1,79 +1,151 @@
-//! A WebSocket carrying RFB, seen as a byte stream: binary messages in, binary messages
-//! out. RFB does not care how its bytes are cut into messages (noVNC cuts as it likes),
-//! so the handshakes and the relay treat this like any other socket.
+//! A WebSocket carrying RFB, seen as a byte stream: binary frames in, binary frames out.
+//! RFB does not care how its bytes are cut into frames (noVNC cuts as it likes), so the
+//! handshakes and the relay treat this like any other socket.
+//!
+//! Reads decode in place in the caller's buffer ([`ws_frame::Decoder`]), so a console
+//! holds no read buffer of its own; writes go out as one vectored write of header and
+//! payload, and only what the socket did not take is copied and held.
 
-use bytes::Bytes;
-use futures_util::{Sink, Stream};
-use std::io;
+use super::ws_frame::{self, CLOSE_NORMAL, Decoder, Reply};
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// Above this, a held output buffer is freed once sent: an idle console keeps none.
+const KEEP_OUT_BYTES: usize = 4 << 10;
 
 pub struct WsByteStream<S> {
-    ws: WebSocketStream<S>,
-    /// The part of the last binary message not yet read.
-    pending: Bytes,
+    io: S,
+    decoder: Decoder,
+    /// Whole server frames not yet written: a control reply, or the part of a data frame
+    /// the socket did not take. Frames never interleave: new ones queue behind.
+    out: Vec<u8>,
+    out_at: usize,
+    /// The client sent Close (or its TCP stream ended): reads return end of stream.
     eof: bool,
+    /// Our Close frame is queued or sent.
+    close_queued: bool,
 }
 
-impl<S> WsByteStream<S> {
-    pub fn new(ws: WebSocketStream<S>) -> Self {
-        WsByteStream { ws, pending: Bytes::new(), eof: false }
+impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
+    /// Wraps an upgraded connection. `early` holds client bytes read with the HTTP
+    /// request; they are decoded here and returned as RFB bytes, to be read first.
+    pub fn new(io: S, early: Vec<u8>, max_frame: u64) -> io::Result<(Self, Vec<u8>)> {
+        let mut stream = WsByteStream { io, decoder: Decoder::new(max_frame), out: Vec::new(), out_at: 0, eof: false, close_queued: false };
+        let mut early = early;
+        let n = stream.decoder.decode(&mut early).map_err(invalid)?;
+        early.truncate(n);
+        stream.after_decode();
+        Ok((stream, early))
+    }
+
+    /// Queues what the decoder wants answered and notes a Close.
+    fn after_decode(&mut self) {
+        if let Some(reply) = self.decoder.take_reply() {
+            self.out.extend_from_slice(reply.as_bytes());
+        }
+        if self.decoder.closed() {
+            self.eof = true;
+            self.close_queued = true;
+        }
+    }
+
+    /// Writes out the queued frames.
+    fn poll_send_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_at < self.out.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.out_at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out_at += n;
+        }
+        self.out_at = 0;
+        if self.out.capacity() > KEEP_OUT_BYTES {
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
-fn to_io(e: WsError) -> io::Error {
-    match e {
-        WsError::Io(e) => e,
-        WsError::ConnectionClosed | WsError::AlreadyClosed => io::ErrorKind::BrokenPipe.into(),
-        other => io::Error::new(io::ErrorKind::InvalidData, other),
-    }
+fn invalid(e: ws_frame::FrameError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while this.pending.is_empty() {
+        loop {
+            // A pong or Close answer waits for no write from the relay; if the socket is
+            // full, this task is woken when it drains.
+            if let Poll::Ready(Err(e)) = this.poll_send_out(cx) {
+                return Poll::Ready(Err(e));
+            }
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            // Pings are answered by tungstenite itself on its next read or write.
-            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
-                Some(Ok(Message::Binary(data))) => this.pending = data,
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "text frame on a binary console stream")));
-                }
-                Some(Ok(Message::Close(_))) | None => this.eof = true,
-                Some(Ok(_)) => {}
-                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => this.eof = true,
-                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+            let room = buf.initialize_unfilled();
+            if room.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut raw = ReadBuf::new(room);
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut raw))?;
+            let n = raw.filled().len();
+            if n == 0 {
+                // The TCP stream ended without a Close frame: the viewer is gone all the same.
+                this.eof = true;
+                return Poll::Ready(Ok(()));
+            }
+            let data = this.decoder.decode(&mut room[..n]).map_err(invalid)?;
+            this.after_decode();
+            if data > 0 {
+                buf.advance(data);
+                return Poll::Ready(Ok(()));
             }
         }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending.split_to(n));
-        Poll::Ready(Ok(()))
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsByteStream<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let ws = &mut self.ws;
-        ready!(Pin::new(&mut *ws).poll_ready(cx)).map_err(to_io)?;
-        Pin::new(&mut *ws).start_send(Message::Binary(Bytes::copy_from_slice(buf))).map_err(to_io)?;
-        Poll::Ready(Ok(buf.len()))
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        // What is queued goes first; it also bounds what is held to one frame.
+        ready!(this.poll_send_out(cx))?;
+        let (header, used) = ws_frame::binary_header(data.len());
+        let header = &header[..used];
+        if !this.io.is_write_vectored() {
+            this.out.extend_from_slice(header);
+            this.out.extend_from_slice(data);
+            let _ = this.poll_send_out(cx)?;
+            return Poll::Ready(Ok(data.len()));
+        }
+        let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, &[IoSlice::new(header), IoSlice::new(data)]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        // The socket took part of the frame: hold the rest, so the frame stays whole.
+        this.out.extend_from_slice(&header[n.min(used)..]);
+        this.out.extend_from_slice(&data[n.saturating_sub(used)..]);
+        Poll::Ready(Ok(data.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.ws).poll_flush(cx).map_err(to_io)
+        ready!(self.poll_send_out(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
-    /// Ends the stream with a Close frame (the WebSocket form of a FIN).
+    /// Ends the stream with a Close frame (the WebSocket form of a FIN), then the TCP FIN.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match ready!(Pin::new(&mut self.ws).poll_close(cx)) {
-            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
-            Err(e) => Poll::Ready(Err(to_io(e))),
+        if !self.close_queued {
+            self.out.extend_from_slice(Reply::close(CLOSE_NORMAL).as_bytes());
+            self.close_queued = true;
         }
+        ready!(self.poll_send_out(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
