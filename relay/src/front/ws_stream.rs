@@ -40,6 +40,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
         Ok((stream, early))
     }
 
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    /// The connection and the decoder's state, for a relay that frames by itself.
+    /// Everything queued must have been flushed.
+    pub fn into_parts(self) -> (S, Decoder) {
+        debug_assert!(self.out_at >= self.out.len(), "flushed before the hand-off");
+        (self.io, self.decoder)
+    }
+
     /// Queues what the decoder wants answered and notes a Close.
     fn after_decode(&mut self) {
         if let Some(reply) = self.decoder.take_reply() {
@@ -113,6 +124,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsByteStream<S> {
         let this = &mut *self;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
+        }
+        if this.close_queued {
+            // No data frame may follow a Close.
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         // What is queued goes first; it also bounds what is held to one frame.
         ready!(this.poll_send_out(cx))?;

@@ -4,7 +4,7 @@
 
 use super::sockmap::{self, Sockmap};
 use super::uring::{self, Uring};
-use super::{Control, Ended, Established, Limits, Peer, copy};
+use super::{Control, Ended, Established, Limits, Peer, copy, send_leftovers};
 use crate::config::{Backend, Relay};
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
@@ -71,7 +71,8 @@ impl Relays {
             sockmap: sockmap.filter(|_| raw == Choice::Sockmap),
             uring: uring.filter(|_| raw == Choice::Uring),
             raw,
-            framed: Choice::Copy,
+            // WebSocket over bare TCP can be framed on the ring; TLS stays in userspace.
+            framed: if raw == Choice::Uring { Choice::Uring } else { Choice::Copy },
         };
         let mut notes: Vec<String> = [("sockmap", &sockmap_off), ("io_uring", &uring_off)]
             .into_iter()
@@ -120,18 +121,21 @@ impl Relays {
         limits: Limits,
     ) -> BoxFuture<'static, (Ended, Choice)> {
         let raw = pair.viewer.is_plain_tcp() && pair.hypervisor.is_plain_tcp();
-        if raw && self.raw == Choice::Uring && self.uring.is_some() {
-            let relays = self.clone();
+        let websocket = pair.viewer.is_plain_websocket() && pair.hypervisor.is_plain_tcp();
+        let uring = (raw && self.raw == Choice::Uring) || (websocket && self.framed == Choice::Uring);
+        if uring && let Some(relays) = self.uring.is_some().then(|| self.clone()) {
             return Box::pin(async move {
-                let Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered } = pair;
-                let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer.into_tcp(), hypervisor.into_tcp(), relays.uring.as_ref())
-                else {
+                let Established { mut viewer, viewer_buffered, mut hypervisor, hypervisor_buffered } = pair;
+                let leftovers = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), &control.bytes);
+                if let Err(ended) = leftovers.await {
+                    return (ended, Choice::Uring);
+                }
+                drop((viewer_buffered, hypervisor_buffered));
+                let viewer = if raw { viewer.into_tcp().map(|v| (v, None)) } else { viewer.into_websocket().map(|(v, d)| (v, Some(d))) };
+                let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer, hypervisor.into_tcp(), relays.uring.as_ref()) else {
                     unreachable!("checked above")
                 };
-                (
-                    uring::run(engine, (viewer, viewer_buffered), (hypervisor, hypervisor_buffered), &mut control, limits).await,
-                    Choice::Uring,
-                )
+                (uring::run(engine, viewer, hypervisor, &mut control, limits).await, Choice::Uring)
             });
         }
         if !(raw && self.raw == Choice::Sockmap && self.sockmap.is_some()) {

@@ -10,6 +10,7 @@ mod pump;
 pub mod sockmap;
 pub mod uring;
 
+use crate::front::ws_frame::Decoder;
 use crate::front::ws_stream::WsByteStream;
 use crate::session::ByteCounters;
 use std::sync::Arc;
@@ -33,6 +34,18 @@ pub trait Peer: AsyncRead + AsyncWrite + Unpin + Send {
     {
         None
     }
+    /// A WebSocket over bare TCP: the io_uring back-end may take over its framing.
+    fn is_plain_websocket(&self) -> bool {
+        false
+    }
+    /// The TCP connection and the frame decoder's state, when [`Peer::is_plain_websocket`].
+    /// Nothing may be left to write: flush first.
+    fn into_websocket(self) -> Option<(TcpStream, Decoder)>
+    where
+        Self: Sized,
+    {
+        None
+    }
 }
 
 impl Peer for TcpStream {
@@ -48,7 +61,15 @@ impl Peer for TcpStream {
 }
 
 /// A WebSocket has no reset; dropping it closes the TCP connection under it.
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Peer for WsByteStream<S> {}
+impl<S: Peer> Peer for WsByteStream<S> {
+    fn is_plain_websocket(&self) -> bool {
+        self.get_ref().is_plain_tcp()
+    }
+    fn into_websocket(self) -> Option<(TcpStream, Decoder)> {
+        let (io, decoder) = self.into_parts();
+        io.into_tcp().map(|tcp| (tcp, decoder))
+    }
+}
 
 /// Both sides after the handshakes, with bytes each has sent that the handshakes read
 /// but did not consume (they go out first, in order).
@@ -79,14 +100,16 @@ impl Control {
 /// Sends what each side's handshake read beyond its end on to the other side, and counts
 /// it: the kernel back-ends do this before the kernel takes over, so those bytes go first.
 pub(crate) async fn send_leftovers(
-    (viewer, viewer_buffered): (&mut TcpStream, &[u8]),
-    (hypervisor, hypervisor_buffered): (&mut TcpStream, &[u8]),
+    (viewer, viewer_buffered): (&mut (impl AsyncWrite + Unpin), &[u8]),
+    (hypervisor, hypervisor_buffered): (&mut (impl AsyncWrite + Unpin), &[u8]),
     bytes: &ByteCounters,
 ) -> Result<(), Ended> {
     use std::sync::atomic::Ordering::Relaxed;
     use tokio::io::AsyncWriteExt;
     hypervisor.write_all(viewer_buffered).await.map_err(|e| Ended::HypervisorError(e.to_string()))?;
     viewer.write_all(hypervisor_buffered).await.map_err(|e| Ended::ViewerError(e.to_string()))?;
+    // A framing viewer may hold part of a frame: out before anything else is sent.
+    viewer.flush().await.map_err(|e| Ended::ViewerError(e.to_string()))?;
     bytes.to_hypervisor.fetch_add(viewer_buffered.len() as u64, Relaxed);
     bytes.to_viewer.fetch_add(hypervisor_buffered.len() as u64, Relaxed);
     Ok(())

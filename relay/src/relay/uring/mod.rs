@@ -8,6 +8,7 @@ mod session;
 
 pub use session::run;
 
+use crate::front::ws_frame::Decoder;
 use crate::session::ByteCounters;
 use io_uring::{IoUring, opcode};
 use std::io;
@@ -19,8 +20,18 @@ use tokio::sync::mpsc::UnboundedSender;
 
 /// What a session's task asks of the ring thread.
 enum Command {
-    Start { id: u64, viewer: TcpStream, hypervisor: TcpStream, bytes: Arc<ByteCounters>, events: UnboundedSender<Event> },
-    Stop { id: u64 },
+    Start {
+        id: u64,
+        viewer: TcpStream,
+        /// Set when the viewer speaks WebSocket: where its frame decoding stands.
+        framing: Option<Box<Decoder>>,
+        hypervisor: TcpStream,
+        bytes: Arc<ByteCounters>,
+        events: UnboundedSender<Event>,
+    },
+    Stop {
+        id: u64,
+    },
 }
 
 /// What the ring thread tells a session's task.

@@ -1,5 +1,6 @@
 //! The io_uring thread: one ring for every uring session, splicing each direction
-//! socket → pipe → socket without copying through userspace.
+//! socket → pipe → socket without copying through userspace (WebSocket consoles, which
+//! must be framed, are received and sent instead: [`framed`]).
 //!
 //! Per direction the loop is: wait for the source to be readable (POLL_ADD), splice what it
 //! has into a pipe, splice the pipe into the destination (waiting for room with POLL_ADD
@@ -8,7 +9,10 @@
 //! move). At most one operation per direction is in flight, so a pipe is never filled and
 //! drained at once.
 
+mod framed;
+
 use super::{Command, Event, Fault};
+use framed::WsState;
 use io_uring::{IoUring, opcode, squeue, types};
 use std::collections::HashMap;
 use std::io;
@@ -73,6 +77,8 @@ struct Session {
     events: UnboundedSender<Event>,
     /// Set once the session is ending: no new operation starts.
     ending: bool,
+    /// The viewer speaks WebSocket: the ring frames instead of splicing ([`framed`]).
+    ws: Option<Box<WsState>>,
 }
 
 impl Session {
@@ -145,9 +151,10 @@ impl Ring {
     fn take_commands(&mut self) -> bool {
         loop {
             match self.commands.try_recv() {
-                Ok(Command::Start { id, viewer, hypervisor, bytes, events }) => {
+                Ok(Command::Start { id, viewer, framing, hypervisor, bytes, events }) => {
                     let idle = || Direction { pipe: None, in_pipe: 0, inflight: None, done: false };
-                    let session = Session { sockets: [viewer, hypervisor], dirs: [idle(), idle()], bytes, events, ending: false };
+                    let ws = framing.map(WsState::new);
+                    let session = Session { sockets: [viewer, hypervisor], dirs: [idle(), idle()], bytes, events, ending: false, ws };
                     self.sessions.insert(id, session);
                     self.poll_in(id, 0);
                     self.poll_in(id, 1);
@@ -244,6 +251,9 @@ impl Ring {
             }
             return;
         }
+        if s.ws.is_some() {
+            return self.complete_framed(id, dir, op, result);
+        }
         let eagain = result == -libc::EAGAIN;
         // Polls and fills wait on the direction's source; drains on its destination.
         let fault = |reading: bool| Fault::of(dir, reading, io::Error::from_raw_os_error(-result));
@@ -288,6 +298,7 @@ impl Ring {
     }
 
     fn stop(&mut self, id: u64) {
+        self.close_viewer_now(id);
         let Some(s) = self.sessions.get(&id) else { return };
         // Both ends see a clean EOF; operations in flight complete at once.
         for socket in &s.sockets {

@@ -1,23 +1,21 @@
 //! One session on the io_uring back-end, as its task sees it.
 
 use super::{Command, Event, Fault, Uring};
-use crate::relay::{Control, Ended, Limits, deadline, send_leftovers};
+use crate::front::ws_frame::Decoder;
+use crate::relay::{Control, Ended, Limits, deadline};
 use std::io::ErrorKind;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+/// Runs one session whose handshake leftovers are already sent: `framing` is set when the
+/// viewer speaks WebSocket (the ring frames its bytes), unset for raw TCP.
 pub async fn run(
     engine: &Uring,
-    (mut viewer, viewer_buffered): (TcpStream, Vec<u8>),
-    (mut hypervisor, hypervisor_buffered): (TcpStream, Vec<u8>),
+    (viewer, framing): (TcpStream, Option<Decoder>),
+    hypervisor: TcpStream,
     control: &mut Control,
     limits: Limits,
 ) -> Ended {
-    let leftovers = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), &control.bytes).await;
-    if let Err(ended) = leftovers {
-        return ended;
-    }
-    drop((viewer_buffered, hypervisor_buffered));
     let viewer = match viewer.into_std() {
         Ok(s) => s,
         Err(e) => return Ended::ViewerError(format!("leaving the reactor: {e}")),
@@ -28,7 +26,7 @@ pub async fn run(
     };
     let id = engine.next_id();
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    engine.send(Command::Start { id, viewer, hypervisor, bytes: control.bytes.clone(), events: events_tx });
+    engine.send(Command::Start { id, viewer, framing: framing.map(Box::new), hypervisor, bytes: control.bytes.clone(), events: events_tx });
 
     let mut first_eof: Option<Ended> = None;
     let mut half_close_at: Option<Instant> = None;
