@@ -19,6 +19,8 @@ use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub type WsViewer = WsByteStream<MaybeTlsStream<TcpStream>>;
+/// The WebSocket door at frame level.
+pub type WsFrames = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub struct TestRelay {
     pub ws: SocketAddr,

@@ -1,0 +1,251 @@
+//! The relay of established WebSocket consoles, on every back-end that frames them
+//! (`copy` in userspace, `uring` on the ring): what a browser's noVNC relies on. The viewer
+//! here is tungstenite, framing apart from relay's own code.
+
+use futures_util::{SinkExt, StreamExt};
+use relay::config::Backend;
+use relay::control::proto::Request;
+use relay_tests::env;
+use relay_tests::fake_hypervisor::{After, FakeVnc, SERVER_INIT_LEN, Script, pattern};
+use relay_tests::relay_server::{TestRelay, WsViewer};
+use relay_tests::viewer::handshake;
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+const RFB38: &[u8; 12] = b"RFB 003.008\n";
+
+macro_rules! websocket_relay {
+    ($($backend:ident => $kind:expr;)*) => {$(
+        mod $backend {
+            use super::*;
+            websocket_relay!(@tests $kind;
+                many_mebibytes_each_way_byte_exact,
+                the_viewers_close_reaches_the_hypervisor_as_a_fin,
+                the_hypervisors_fin_reaches_the_viewer_after_its_data_as_a_close,
+                pings_are_answered_between_data_frames,
+                forced_disconnect_ends_the_console,
+                a_stalled_viewer_bounds_what_is_in_flight_then_gets_every_byte,
+                a_malformed_frame_ends_the_console,
+            );
+        }
+    )*};
+    (@tests $kind:expr; $($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            if let Some(relay) = start($kind).await {
+                super::$name(relay).await
+            }
+        }
+    )*};
+}
+
+websocket_relay! {
+    copy => Backend::Copy;
+    uring => Backend::Uring;
+}
+
+async fn start(backend: Backend) -> Option<TestRelay> {
+    if backend == Backend::Uring && !env::uring() {
+        return None;
+    }
+    let relay = TestRelay::start_with(|c| {
+        c.relay.backend = backend;
+        c.limits.session_idle_timeout_secs = 0;
+    })
+    .await;
+    let stats = relay.ctl(Request::Stats).await.unwrap();
+    assert_eq!(stats["relay"]["framed"], format!("{backend:?}").to_lowercase(), "WebSocket consoles run on the back-end asked for");
+    Some(relay)
+}
+
+async fn console(relay: &TestRelay, instance: &str, hv: &FakeVnc) -> WsViewer {
+    let token = relay.token(instance, hv.addr()).await;
+    let mut ws = relay.websocket(&format!("/?token={token}"), &[]).await.unwrap();
+    handshake(&mut ws, RFB38, None).await.unwrap();
+    ws
+}
+
+/// Reads until EOF or `limit`, checking every byte against the pattern; returns how many.
+async fn read_pattern(s: &mut (impl AsyncReadExt + Unpin), limit: usize) -> usize {
+    let expected = pattern(0, 251 * 4096);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut at = 0usize;
+    while at < limit {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        for (i, b) in buf[..n].iter().enumerate() {
+            assert_eq!(*b, expected[(at + i) % expected.len()], "byte {} out of order", at + i);
+        }
+        at += n;
+    }
+    at
+}
+
+async fn hypervisor_end(hv: &FakeVnc) -> Vec<String> {
+    let started = Instant::now();
+    while hv.shared().ends.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hv.shared().ends.lock().unwrap().clone()
+}
+
+async fn many_mebibytes_each_way_byte_exact(relay: TestRelay) {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let ws = console(&relay, "vm-ws-bulk", &hv).await;
+    let (mut r, mut w) = tokio::io::split(ws);
+    let total = 64 << 20;
+    let writer = tokio::spawn(async move {
+        let block = pattern(0, 251 * 1024);
+        let mut sent = 0;
+        while sent < total {
+            let n = block.len().min(total - sent);
+            w.write_all(&block[..n]).await.unwrap();
+            sent += n;
+        }
+        w.flush().await.unwrap();
+        w
+    });
+    assert_eq!(read_pattern(&mut r, total).await, total, "every byte echoed, in order");
+    let _w = writer.await.unwrap();
+    let sessions = relay.ctl(Request::Sessions { instance: Some("vm-ws-bulk".into()) }).await.unwrap();
+    let live = &sessions["sessions"][0];
+    assert!(live["bytes_to_hypervisor"].as_u64().unwrap() >= total as u64, "payload bytes counted: {live}");
+}
+
+async fn the_viewers_close_reaches_the_hypervisor_as_a_fin(relay: TestRelay) {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let token = relay.token("vm-ws-close", hv.addr()).await;
+    let mut ws = relay.websocket_frames(&format!("/?token={token}")).await;
+    rfb_over_frames(&mut ws).await;
+    ws.send(Message::binary(&b"bye"[..])).await.unwrap();
+    ws.close(None).await.unwrap();
+    let mut echoed = Vec::new();
+    let mut closed = false;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        match m {
+            Message::Binary(b) => echoed.extend_from_slice(&b),
+            Message::Close(_) => closed = true,
+            _ => {}
+        }
+    }
+    assert!(closed, "relay answered the Close");
+    assert!(echoed.len() <= 3);
+    assert_eq!(hypervisor_end(&hv).await, vec!["eof".to_string()], "the hypervisor saw a clean end");
+    assert_eq!(hv.shared().received.load(SeqCst), 3, "data before the Close arrived");
+}
+
+async fn the_hypervisors_fin_reaches_the_viewer_after_its_data_as_a_close(relay: TestRelay) {
+    let hv = FakeVnc::start(Script::after(After::SendThenFin(3 << 20))).await;
+    let token = relay.token("vm-ws-hvfin", hv.addr()).await;
+    let mut ws = relay.websocket_frames(&format!("/?token={token}")).await;
+    let mut got = rfb_over_frames(&mut ws).await;
+    let expected = pattern(0, 3 << 20);
+    let last = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("in time") {
+            Some(Ok(Message::Binary(b))) => got.extend_from_slice(&b),
+            other => break other,
+        }
+    };
+    assert!(got == expected, "all {} bytes, in order, before the end ({} came)", expected.len(), got.len());
+    assert!(matches!(last, Some(Ok(Message::Close(_)))), "then a Close frame: {last:?}");
+}
+
+async fn pings_are_answered_between_data_frames(relay: TestRelay) {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let token = relay.token("vm-ws-ping", hv.addr()).await;
+    let mut ws = relay.websocket_frames(&format!("/?token={token}")).await;
+    rfb_over_frames(&mut ws).await;
+    let mut pongs = Vec::new();
+    let mut echoed = 0;
+    for i in 0..20u8 {
+        ws.send(Message::binary(vec![i; 1000])).await.unwrap();
+        ws.send(Message::Ping(vec![i; 4].into())).await.unwrap();
+    }
+    // Pings that arrive together may get one pong, for the latest (RFC 6455 §5.5.3).
+    while pongs.last() != Some(&19) || echoed < 20_000 {
+        let next = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+        let next = next.unwrap_or_else(|_| panic!("in time: pongs {pongs:?}, {echoed} bytes"));
+        match next.unwrap().unwrap() {
+            Message::Binary(b) => echoed += b.len(),
+            Message::Pong(p) => pongs.push(p[0]),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pongs.windows(2).all(|w| w[0] < w[1]), "pongs in order: {pongs:?}");
+    assert_eq!(echoed, 20_000);
+}
+
+async fn forced_disconnect_ends_the_console(relay: TestRelay) {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let mut ws = console(&relay, "vm-ws-kick", &hv).await;
+    ws.write_all(b"before").await.unwrap();
+    ws.flush().await.unwrap();
+    let mut echo = [0u8; 6];
+    ws.read_exact(&mut echo).await.unwrap();
+    let reply = relay.ctl(Request::InstanceReset { instance: "vm-ws-kick".into(), revoke: true }).await.unwrap();
+    assert_eq!(reply["disconnected"], 1);
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.read_to_end(&mut rest)).await.expect("the viewer sees the end");
+    assert!(end.is_ok() && rest.is_empty(), "{end:?} {rest:?}");
+    assert_eq!(hypervisor_end(&hv).await, vec!["eof".to_string()]);
+    assert_eq!(relay.ctl(Request::Stats).await.unwrap()["sessions_active"], 0);
+}
+
+async fn a_stalled_viewer_bounds_what_is_in_flight_then_gets_every_byte(relay: TestRelay) {
+    let total = 128 << 20;
+    let hv = FakeVnc::start(Script::after(After::Flood(total))).await;
+    let mut ws = console(&relay, "vm-ws-stall", &hv).await;
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = hv.sent();
+        if sent == last {
+            break;
+        }
+        last = sent;
+    }
+    // Socket buffers on both legs plus one receive chunk per direction.
+    assert!(last < 48 << 20, "{} MiB in flight to a stalled viewer", last >> 20);
+    eprintln!("stalled WebSocket viewer: the hypervisor blocked after {} KiB", last >> 10);
+    assert_eq!(read_pattern(&mut ws, total).await, total, "resumed: every byte, in order");
+}
+
+async fn a_malformed_frame_ends_the_console(relay: TestRelay) {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let token = relay.token("vm-ws-bad", hv.addr()).await;
+    let mut ws = relay.websocket_frames(&format!("/?token={token}")).await;
+    rfb_over_frames(&mut ws).await;
+    ws.send(Message::text("not RFB")).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    assert!(ended.is_ok(), "a text frame ends the console");
+    assert_eq!(hypervisor_end(&hv).await.len(), 1, "and its hypervisor connection");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(relay.ctl(Request::Stats).await.unwrap()["sessions_active"], 0);
+}
+
+/// RFB None up to ServerInit, at frame level; returns bytes that came after ServerInit.
+async fn rfb_over_frames(ws: &mut relay_tests::relay_server::WsFrames) -> Vec<u8> {
+    read_frames(ws, 12).await;
+    ws.send(Message::binary(&RFB38[..])).await.unwrap();
+    read_frames(ws, 2).await;
+    ws.send(Message::binary(vec![1u8])).await.unwrap();
+    read_frames(ws, 4).await;
+    ws.send(Message::binary(vec![1u8])).await.unwrap();
+    read_frames(ws, SERVER_INIT_LEN).await
+}
+
+/// Reads `n` bytes of binary frames; returns what came beyond them.
+async fn read_frames(ws: &mut relay_tests::relay_server::WsFrames, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("in time").unwrap().unwrap() {
+            Message::Binary(b) => got.extend_from_slice(&b),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    got.split_off(n)
+}
