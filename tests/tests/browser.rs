@@ -1,6 +1,7 @@
 //! Real noVNC in headless Chromium, loading its page from relay's web client and
 //! showing a real QEMU console through a console token.
 
+use relay::config::Backend;
 use relay::control::proto::Request;
 use relay_tests::browser::{assemble_web_root, open};
 use relay_tests::env;
@@ -9,8 +10,13 @@ use relay_tests::relay_server::{TestRelay, scratch_dir};
 use std::path::PathBuf;
 
 async fn relay_serving(web: PathBuf) -> TestRelay {
+    relay_on(web, Backend::Copy).await
+}
+
+async fn relay_on(web: PathBuf, backend: Backend) -> TestRelay {
     TestRelay::start_with(move |c| {
         c.listen.web = Some(web);
+        c.relay.backend = backend;
         // A person types the password in the password tests; the driver is quick.
         c.limits.handshake_timeout_secs = 15;
     })
@@ -19,12 +25,25 @@ async fn relay_serving(web: PathBuf) -> TestRelay {
 
 #[tokio::test]
 async fn novnc_1_7_shows_the_qemu_console() {
+    novnc_shows_the_qemu_console(Backend::Copy).await
+}
+
+/// The same through the io_uring back-end, which frames WebSocket consoles on its ring.
+#[tokio::test]
+async fn novnc_1_7_shows_the_qemu_console_through_io_uring() {
+    if env::uring() {
+        novnc_shows_the_qemu_console(Backend::Uring).await
+    }
+}
+
+async fn novnc_shows_the_qemu_console(backend: Backend) {
     if !env::qemu() || !env::browser() {
         return;
     }
     let qemu = Qemu::start(VncAuth::None).await.unwrap();
     let dir = scratch_dir("web");
-    let relay = relay_serving(assemble_web_root(&dir)).await;
+    let relay = relay_on(assemble_web_root(&dir), backend).await;
+    assert_eq!(relay.ctl(Request::Stats).await.unwrap()["relay"]["framed"], format!("{backend:?}").to_lowercase());
     let token = relay.token("vm-browser", qemu.addr()).await;
     let url = format!("http://{}/console.html?path=%3Ftoken%3D{token}", relay.ws);
     let shot = dir.join("console.png");
