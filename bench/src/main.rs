@@ -94,6 +94,7 @@ pub const PATHS: &[(&str, &str)] = &[
     ("connect-uring", "relay CONNECT, uring"),
     ("connect-sockmap", "relay CONNECT, sockmap"),
     ("ws", "relay WebSocket, copy"),
+    ("ws-uring", "relay WebSocket, uring"),
     ("socat", "socat (TCP, fork)"),
     ("haproxy", "HAProxy (mode tcp)"),
     ("websockify", "websockify (WebSocket)"),
@@ -198,6 +199,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             ("connect-uring", "relay CONNECT, uring"),
             ("connect-sockmap", "relay CONNECT, sockmap"),
             ("ws", "relay WebSocket, copy"),
+            ("ws-uring", "relay WebSocket, uring"),
         ] {
             if !wanted(key) {
                 continue;
@@ -231,15 +233,19 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             "direct" => Ok((Target { addr: hv.addr, door: Door::Raw }, None)),
             "connect" => Ok((Target { addr: relay.connect, door: Door::Connect { token: token.clone() } }, Some(relay.proc.pid()))),
             "ws" => Ok((Target { addr: relay.ws, door: Door::Ws { token: Some(token.clone()) } }, Some(relay.proc.pid()))),
-            kernel @ ("connect-sockmap" | "connect-uring") => {
-                let backend = kernel.trim_start_matches("connect-");
+            kernel @ ("connect-sockmap" | "connect-uring" | "ws-uring") => {
+                let backend = backend_of(kernel);
                 let sub = dir.join(kernel);
                 let started =
                     std::fs::create_dir_all(&sub).map_err(anyhow::Error::from).and_then(|()| procs::start_relay(&relay_bin, &sub, backend));
                 match started {
                     Ok(other) => match other.token(hv.addr).await {
                         Ok(t) => {
-                            let target = (Target { addr: other.connect, door: Door::Connect { token: t } }, Some(other.proc.pid()));
+                            let target = if kernel.starts_with("ws") {
+                                (Target { addr: other.ws, door: Door::Ws { token: Some(t) } }, Some(other.proc.pid()))
+                            } else {
+                                (Target { addr: other.connect, door: Door::Connect { token: t } }, Some(other.proc.pid()))
+                            };
                             kernel_relays.push(other);
                             Ok(target)
                         }
@@ -368,6 +374,11 @@ fn idle_steps(args: &Args, nofile: u64, notes: &mut Vec<String>) -> Vec<usize> {
     steps
 }
 
+/// The relay back-end a path runs on: `connect-uring` and `ws-uring` on uring, and so on.
+fn backend_of(path: &str) -> &str {
+    path.strip_prefix("connect-").or_else(|| path.strip_prefix("ws-")).unwrap_or("copy")
+}
+
 /// Idle-session memory of a relay process started for this alone.
 async fn relay_idle_memory(
     relay_bin: &std::path::Path,
@@ -378,7 +389,7 @@ async fn relay_idle_memory(
 ) -> Result<measure::IdleMemory, String> {
     let go = async {
         std::fs::create_dir_all(dir)?;
-        let backend = door.strip_prefix("connect-").unwrap_or("copy");
+        let backend = backend_of(door);
         let relay = procs::start_relay(relay_bin, dir, backend)?;
         let token = relay.token(hv.addr).await?;
         let target = match door {

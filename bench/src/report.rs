@@ -173,7 +173,7 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
             (Some((cpu, bytes)), key) if bytes > 0 => {
                 let per_gb = cpu / (bytes as f64 / 1e9);
                 match relay_cpu {
-                    Some(r) if !key.starts_with("connect") && key != "ws" && r > 0.0 => {
+                    Some(r) if !key.starts_with("connect") && !key.starts_with("ws") && r > 0.0 => {
                         format!("{per_gb:.2} ({:.1}× relay CONNECT)", per_gb / r)
                     }
                     _ => format!("{per_gb:.2}"),
@@ -273,7 +273,7 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
         "Paths: **direct**: the viewer connects to the fake hypervisor itself. **relay CONNECT door**: `CONNECT /console?token=…`, \
          then RFB; relay terminates RFB security on both sides and relays the rest, on the back-end named (`[relay] backend`: \
          copy, uring or sockmap; each kernel back-end in a relay process of its own). **relay WebSocket door**: `ws://…/?token=…` \
-         with subprotocol `binary`, RFB in binary messages. **socat**: `socat TCP-LISTEN:p,fork,reuseaddr TCP:hypervisor`. \
+         with subprotocol `binary`, RFB in binary messages, on copy or uring. **socat**: `socat TCP-LISTEN:p,fork,reuseaddr TCP:hypervisor`. \
          **HAProxy**: `mode tcp`, one frontend, one backend server, defaults otherwise. **websockify**: `websockify p hypervisor`, \
          the viewer speaks WebSocket to it, and it forwards raw TCP (no RFB termination: the viewer's handshake goes end to end). \
          The viewer's RFB handshake is the same on every path. relay runs with `[log] filter = \"warn\"` and session limits \
