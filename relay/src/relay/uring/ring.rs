@@ -95,11 +95,29 @@ pub struct Ring {
     sessions: HashMap<u64, Session>,
     /// Completions taken from the ring, kept to reuse its allocation.
     completed: Vec<(u64, i32)>,
+    /// Empty pipes and buffers that directions gave back on going idle, for the next that
+    /// wakes: a console wakes for every burst, and a new 1 MiB pipe or 256 KiB buffer each
+    /// time cost more than the burst. At most [`SPARES`] each, and none once no console is
+    /// left.
+    spare_pipes: Vec<Pipe>,
+    spare_bufs: Vec<Box<[u8]>>,
 }
+
+/// How many empty pipes, and buffers, the ring keeps for reuse.
+const SPARES: usize = 8;
 
 impl Ring {
     pub fn new(ring: IoUring, commands: Receiver<Command>, wake: OwnedFd) -> Ring {
-        Ring { ring, commands, wake, wake_buf: Box::new([0; 8]), sessions: HashMap::new(), completed: Vec::new() }
+        Ring {
+            ring,
+            commands,
+            wake,
+            wake_buf: Box::new([0; 8]),
+            sessions: HashMap::new(),
+            completed: Vec::new(),
+            spare_pipes: Vec::new(),
+            spare_bufs: Vec::new(),
+        }
     }
 
     /// Runs until every sender of commands is gone and no session is left.
@@ -227,17 +245,22 @@ impl Ring {
         let Some(s) = self.sessions.get_mut(&id) else { return Ok(None) };
         let d = &mut s.dirs[dir];
         if d.pipe.is_none() {
-            d.pipe = Some(new_pipe()?);
+            d.pipe = Some(match self.spare_pipes.pop() {
+                Some(pipe) => pipe,
+                None => new_pipe()?,
+            });
         }
         Ok(d.pipe.as_ref())
     }
 
-    /// An empty pipe is closed: idle sessions hold none.
+    /// An empty pipe is given back (kept as a spare, or closed): idle sessions hold none.
     fn release_pipe(&mut self, id: u64, dir: usize) {
         if let Some(s) = self.sessions.get_mut(&id)
             && s.dirs[dir].in_pipe == 0
+            && let Some(pipe) = s.dirs[dir].pipe.take()
+            && self.spare_pipes.len() < SPARES
         {
-            s.dirs[dir].pipe = None;
+            self.spare_pipes.push(pipe);
         }
     }
 
@@ -335,6 +358,11 @@ impl Ring {
     /// Closes the session's sockets and pipes.
     fn finish(&mut self, id: u64) {
         self.sessions.remove(&id);
+        if self.sessions.is_empty() {
+            // No console left: neither are spares.
+            self.spare_pipes.clear();
+            self.spare_bufs.clear();
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 //! frames never interleave: a pong or a Close answer waits there for a frame boundary.
 //!
 //! As with splicing, each direction has one operation in flight and holds its buffer only
-//! while bytes move; an idle WebSocket console holds two polls.
+//! while bytes move (kept as a spare for the next console that wakes, a few at most); an
+//! idle WebSocket console holds two polls.
 
 use super::{Op, Ring, user_data};
 use crate::front::ws_frame::{self, CLOSE_NORMAL, Decoder, MAX_SERVER_HEADER, Reply};
@@ -60,9 +61,7 @@ impl Ring {
             Op::PollIn => self.receive(id, dir),
             Op::PollOut => self.send(id, dir),
             Op::Fill if result == -libc::EAGAIN => {
-                if let Some(ws) = self.ws(id) {
-                    ws.dirs[dir].buf = None;
-                }
+                self.give_back_buf(id, dir);
                 self.idle(id, dir)
             }
             Op::Fill if result < 0 => self.end(id, Err(fault(true))),
@@ -82,11 +81,27 @@ impl Ring {
         self.poll_in(id, dir)
     }
 
+    /// The direction's buffer, a spare or a new one.
+    fn buf(&mut self, id: u64, dir: usize) -> Option<&mut [u8]> {
+        let ws = self.sessions.get_mut(&id)?.ws.as_deref_mut()?;
+        let spares = &mut self.spare_bufs;
+        Some(ws.dirs[dir].buf.get_or_insert_with(|| spares.pop().unwrap_or_else(|| vec![0u8; HEAD + CHUNK].into_boxed_slice())))
+    }
+
+    /// An idle direction's buffer is kept as a spare, or freed.
+    fn give_back_buf(&mut self, id: u64, dir: usize) {
+        let Some(ws) = self.ws(id) else { return };
+        if let Some(buf) = ws.dirs[dir].buf.take()
+            && self.spare_bufs.len() < super::SPARES
+        {
+            self.spare_bufs.push(buf);
+        }
+    }
+
     fn receive(&mut self, id: u64, dir: usize) {
         let Some((src, _)) = self.fds(id, dir) else { return };
-        let Some(ws) = self.ws(id) else { return };
         let at = if dir == 1 { HEAD } else { 0 };
-        let buf = ws.dirs[dir].buf.get_or_insert_with(|| vec![0u8; HEAD + CHUNK].into_boxed_slice());
+        let Some(buf) = self.buf(id, dir) else { return };
         let ptr = buf[at..].as_mut_ptr();
         self.mark_busy(id, dir, Op::Fill);
         let recv = opcode::Recv::new(types::Fd(src), ptr, CHUNK as u32).flags(libc::MSG_DONTWAIT).build();
@@ -162,12 +177,12 @@ impl Ring {
 
     /// Sends the due answer to the viewer from direction 1's buffer.
     fn send_reply(&mut self, id: u64) {
-        let Some(ws) = self.ws(id) else { return };
-        let Some((reply, last)) = ws.reply.take() else { return };
-        let f = &mut ws.dirs[1];
-        let buf = f.buf.get_or_insert_with(|| vec![0u8; HEAD + CHUNK].into_boxed_slice());
+        let Some((reply, last)) = self.ws(id).and_then(|ws| ws.reply.take()) else { return };
         let bytes = reply.as_bytes();
+        let Some(buf) = self.buf(id, 1) else { return };
         buf[..bytes.len()].copy_from_slice(bytes);
+        let Some(ws) = self.ws(id) else { return };
+        let f = &mut ws.dirs[1];
         (f.start, f.end, f.payload, f.last) = (0, bytes.len(), 0, last);
         self.send(id, 1)
     }
@@ -184,11 +199,11 @@ impl Ring {
     /// A source ended. The viewer's end (FIN, or its Close) is passed on as a FIN; the
     /// hypervisor's as a Close frame, then a FIN.
     fn source_ended(&mut self, id: u64, dir: usize) {
-        let Some(ws) = self.ws(id) else { return };
-        ws.dirs[dir].buf = None;
+        self.give_back_buf(id, dir);
         if dir == 0 {
             return self.source_finished(id, 0);
         }
+        let Some(ws) = self.ws(id) else { return };
         ws.reply = Some((Reply::close(CLOSE_NORMAL), true));
         self.send_reply(id)
     }
