@@ -107,6 +107,52 @@ impl FakeVnc {
     pub fn sent(&self) -> usize {
         self.shared.sent.load(Ordering::SeqCst)
     }
+
+    /// Waits (up to 5 s) until a connection has ended; returns how each one ended.
+    pub async fn ends(&self) -> Vec<String> {
+        let started = std::time::Instant::now();
+        while self.shared.ends.lock().unwrap().is_empty() && started.elapsed() < std::time::Duration::from_secs(5) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.shared.ends.lock().unwrap().clone()
+    }
+
+    /// Waits until the pattern this hypervisor writes stops advancing (its reader stalled
+    /// and every buffer on the way is full); returns the bytes written by then.
+    pub async fn sent_when_blocked(&self) -> usize {
+        let mut last = 0;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let sent = self.sent();
+            if sent == last {
+                return last;
+            }
+            last = sent;
+        }
+    }
+}
+
+/// Reads until EOF or `limit` bytes, checking every byte against [`pattern`]; returns how
+/// many came.
+pub async fn read_pattern(s: &mut (impl AsyncRead + Unpin), limit: usize) -> usize {
+    let expected = pattern(0, 251 * 4096);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut at = 0usize;
+    while at < limit {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        let mut done = 0;
+        while done < n {
+            let off = (at + done) % 251;
+            let take = (n - done).min(expected.len() - off);
+            assert!(buf[done..done + take] == expected[off..off + take], "byte {} out of order", at + done);
+            done += take;
+        }
+        at += n;
+    }
+    at
 }
 
 impl Drop for FakeVnc {

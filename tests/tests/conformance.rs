@@ -7,7 +7,7 @@
 use relay::config::Backend;
 use relay::control::proto::Request;
 use relay_tests::env;
-use relay_tests::fake_hypervisor::{After, FakeVnc, SERVER_INIT_LEN, Script, pattern};
+use relay_tests::fake_hypervisor::{After, FakeVnc, SERVER_INIT_LEN, Script, pattern, read_pattern};
 use relay_tests::relay_server::TestRelay;
 use relay_tests::viewer::handshake;
 use std::time::{Duration, Instant};
@@ -93,36 +93,6 @@ async fn console(relay: &TestRelay, instance: &str, hv: &FakeVnc) -> TcpStream {
     s
 }
 
-/// Reads until EOF, checking every byte against the pattern; returns how many came.
-async fn read_pattern(s: &mut TcpStream) -> usize {
-    let expected = pattern(0, 251 * 4096);
-    let mut buf = vec![0u8; 1 << 16];
-    let mut at = 0usize;
-    loop {
-        let n = s.read(&mut buf).await.unwrap();
-        if n == 0 {
-            return at;
-        }
-        let mut done = 0;
-        while done < n {
-            let off = (at + done) % 251;
-            let take = (n - done).min(expected.len() - off);
-            assert!(buf[done..done + take] == expected[off..off + take], "byte {} out of order", at + done);
-            done += take;
-        }
-        at += n;
-    }
-}
-
-/// Waits (up to 5 s) until the fake hypervisor has seen a connection end.
-async fn hypervisor_end(hv: &FakeVnc) -> Vec<String> {
-    let started = Instant::now();
-    while hv.shared().ends.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    hv.shared().ends.lock().unwrap().clone()
-}
-
 async fn one_gib_each_way_byte_exact(relay: TestRelay, _: Backend) {
     let hv = FakeVnc::start(Script::echo()).await;
     let s = console(&relay, "vm-gib", &hv).await;
@@ -179,7 +149,7 @@ fn numbered_words(bytes: usize) -> Vec<u8> {
 async fn hypervisor_fin_arrives_after_its_data_and_the_other_way_stays_open(relay: TestRelay, _: Backend) {
     let hv = FakeVnc::start(Script::after(After::SendThenFin(3 << 20))).await;
     let mut s = console(&relay, "vm-hvfin", &hv).await;
-    assert_eq!(read_pattern(&mut s).await, 3 << 20, "all data, then EOF");
+    assert_eq!(read_pattern(&mut s, usize::MAX).await, 3 << 20, "all data, then EOF");
     // Half-closed: the viewer can still send; the hypervisor keeps reading.
     s.write_all(b"after your FIN").await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -200,25 +170,9 @@ async fn viewer_fin_arrives_after_its_data_and_the_other_way_stays_open(relay: T
         w.write_all(&pattern(0, sent)).await.unwrap();
         w.shutdown().await.unwrap();
     };
-    let (_, got) = tokio::join!(write, read_pattern_half(&mut r));
+    let (_, got) = tokio::join!(write, read_pattern(&mut r, usize::MAX));
     assert_eq!(got, sent, "every byte echoed after the viewer's FIN, then EOF");
     assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), sent);
-}
-
-async fn read_pattern_half(r: &mut tokio::net::tcp::ReadHalf<'_>) -> usize {
-    let expected = pattern(0, 251 * 4096);
-    let mut buf = vec![0u8; 1 << 16];
-    let mut at = 0usize;
-    loop {
-        let n = r.read(&mut buf).await.unwrap();
-        if n == 0 {
-            return at;
-        }
-        for (i, b) in buf[..n].iter().enumerate() {
-            assert_eq!(*b, expected[(at + i) % 251], "byte {} out of order", at + i);
-        }
-        at += n;
-    }
 }
 
 async fn viewer_reset_reaches_the_hypervisor_as_a_reset(relay: TestRelay, _: Backend) {
@@ -226,7 +180,7 @@ async fn viewer_reset_reaches_the_hypervisor_as_a_reset(relay: TestRelay, _: Bac
     let s = console(&relay, "vm-vrst", &hv).await;
     s.set_zero_linger().unwrap();
     drop(s);
-    assert_eq!(hypervisor_end(&hv).await, vec!["reset".to_string()]);
+    assert_eq!(hv.ends().await, vec!["reset".to_string()]);
 }
 
 async fn hypervisor_reset_reaches_the_viewer_as_a_reset(relay: TestRelay, _: Backend) {
@@ -254,7 +208,7 @@ async fn forced_disconnect_ends_the_console_on_both_sides(relay: TestRelay, _: B
     let mut rest = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("the viewer sees the end");
     assert_eq!(end.unwrap(), 0, "a clean EOF to the viewer, nothing more");
-    assert_eq!(hypervisor_end(&hv).await, vec!["eof".to_string()], "a clean EOF to the hypervisor");
+    assert_eq!(hv.ends().await, vec!["eof".to_string()], "a clean EOF to the hypervisor");
     assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), 6);
     let live = relay.ctl(Request::Stats).await.unwrap()["sessions_active"].as_u64().unwrap();
     assert_eq!(live, 0);
@@ -331,20 +285,12 @@ async fn a_stalled_viewer_bounds_what_is_in_flight_then_gets_every_byte(relay: T
     let hv = FakeVnc::start(Script::after(After::Flood(total))).await;
     let mut s = console(&relay, "vm-stall", &hv).await;
     // Stall: read nothing until the hypervisor's writes stop advancing.
-    let mut last = 0;
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let sent = hv.sent();
-        if sent == last {
-            break;
-        }
-        last = sent;
-    }
+    let last = hv.sent_when_blocked().await;
     // In flight: kernel socket buffers on both legs plus relay's 32 KiB buffer, or the
     // kernel back-ends' in-flight cap (4 MiB).
     assert!(last < 48 << 20, "{} MiB in flight to a stalled viewer", last >> 20);
     eprintln!("stalled viewer: the hypervisor blocked after {} KiB", last >> 10);
-    assert_eq!(read_pattern(&mut s).await, total, "resumed: every byte, in order");
+    assert_eq!(read_pattern(&mut s, usize::MAX).await, total, "resumed: every byte, in order");
 }
 
 /// The thousand-console tests count this process's descriptors, so the back-ends take

@@ -6,11 +6,11 @@ use futures_util::{SinkExt, StreamExt};
 use relay::config::Backend;
 use relay::control::proto::Request;
 use relay_tests::env;
-use relay_tests::fake_hypervisor::{After, FakeVnc, SERVER_INIT_LEN, Script, pattern};
+use relay_tests::fake_hypervisor::{After, FakeVnc, SERVER_INIT_LEN, Script, pattern, read_pattern};
 use relay_tests::relay_server::{TestRelay, WsViewer};
 use relay_tests::viewer::handshake;
 use std::sync::atomic::Ordering::SeqCst;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -67,32 +67,6 @@ async fn console(relay: &TestRelay, instance: &str, hv: &FakeVnc) -> WsViewer {
     ws
 }
 
-/// Reads until EOF or `limit`, checking every byte against the pattern; returns how many.
-async fn read_pattern(s: &mut (impl AsyncReadExt + Unpin), limit: usize) -> usize {
-    let expected = pattern(0, 251 * 4096);
-    let mut buf = vec![0u8; 1 << 16];
-    let mut at = 0usize;
-    while at < limit {
-        let n = s.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        for (i, b) in buf[..n].iter().enumerate() {
-            assert_eq!(*b, expected[(at + i) % expected.len()], "byte {} out of order", at + i);
-        }
-        at += n;
-    }
-    at
-}
-
-async fn hypervisor_end(hv: &FakeVnc) -> Vec<String> {
-    let started = Instant::now();
-    while hv.shared().ends.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    hv.shared().ends.lock().unwrap().clone()
-}
-
 async fn many_mebibytes_each_way_byte_exact(relay: TestRelay) {
     let hv = FakeVnc::start(Script::echo()).await;
     let ws = console(&relay, "vm-ws-bulk", &hv).await;
@@ -134,7 +108,7 @@ async fn the_viewers_close_reaches_the_hypervisor_as_a_fin(relay: TestRelay) {
     }
     assert!(closed, "relay answered the Close");
     assert!(echoed.len() <= 3);
-    assert_eq!(hypervisor_end(&hv).await, vec!["eof".to_string()], "the hypervisor saw a clean end");
+    assert_eq!(hv.ends().await, vec!["eof".to_string()], "the hypervisor saw a clean end");
     assert_eq!(hv.shared().received.load(SeqCst), 3, "data before the Close arrived");
 }
 
@@ -191,7 +165,7 @@ async fn forced_disconnect_ends_the_console(relay: TestRelay) {
     let mut rest = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(5), ws.read_to_end(&mut rest)).await.expect("the viewer sees the end");
     assert!(end.is_ok() && rest.is_empty(), "{end:?} {rest:?}");
-    assert_eq!(hypervisor_end(&hv).await, vec!["eof".to_string()]);
+    assert_eq!(hv.ends().await, vec!["eof".to_string()]);
     assert_eq!(relay.ctl(Request::Stats).await.unwrap()["sessions_active"], 0);
 }
 
@@ -199,15 +173,7 @@ async fn a_stalled_viewer_bounds_what_is_in_flight_then_gets_every_byte(relay: T
     let total = 128 << 20;
     let hv = FakeVnc::start(Script::after(After::Flood(total))).await;
     let mut ws = console(&relay, "vm-ws-stall", &hv).await;
-    let mut last = 0;
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let sent = hv.sent();
-        if sent == last {
-            break;
-        }
-        last = sent;
-    }
+    let last = hv.sent_when_blocked().await;
     // Socket buffers on both legs plus one receive chunk per direction.
     assert!(last < 48 << 20, "{} MiB in flight to a stalled viewer", last >> 20);
     eprintln!("stalled WebSocket viewer: the hypervisor blocked after {} KiB", last >> 10);
@@ -222,7 +188,7 @@ async fn a_malformed_frame_ends_the_console(relay: TestRelay) {
     ws.send(Message::text("not RFB")).await.unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = ws.next().await {} }).await;
     assert!(ended.is_ok(), "a text frame ends the console");
-    assert_eq!(hypervisor_end(&hv).await.len(), 1, "and its hypervisor connection");
+    assert_eq!(hv.ends().await.len(), 1, "and its hypervisor connection");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(relay.ctl(Request::Stats).await.unwrap()["sessions_active"], 0);
 }
