@@ -16,20 +16,11 @@ pub struct Flow {
     pub passed: u64,
     /// Bytes of retransmitted segments that overlapped bytes already relayed, cut off.
     pub trimmed: u64,
-    /// Non-empty skbs dropped: wholly old ones, and any the program failed to cut nor
-    /// hand over. The latter lose bytes, so relay ends such a session with an error.
+    /// Non-empty skbs dropped: wholly old ones, and any the program failed to cut. The
+    /// latter lose bytes, so relay ends such a session with an error.
     pub dropped: u64,
-    /// Of those, skbs the program could not cut nor hand to userspace to cut (the stream
-    /// is broken).
+    /// Of those, skbs the program could not cut (the stream is broken).
     pub cut_failures: u64,
-    /// An overlap the kernel could not cut, passed to userspace with its skb: the bytes at
-    /// `skip_at..skip_at + skip_len` of the passed stream are old and must be dropped there.
-    pub skip_at: u64,
-    pub skip_len: u64,
-    /// How many such overlaps were handed over; one is outstanding while this exceeds
-    /// `Grant::skips_done`.
-    pub skips: u32,
-    pub _reserved: u32,
     /// [`MODE_REDIRECT`] or [`MODE_PASS`].
     pub mode: u32,
     /// How many times the direction fell back to userspace.
@@ -50,9 +41,6 @@ pub struct Grant {
     /// Userspace has read and fully written this many passed bytes; when it equals
     /// `Flow::passed` (nothing passed is still waiting) the program may redirect again.
     pub resumed_at: u64,
-    /// Handed-over overlaps ([`Flow::skips`]) userspace has dropped.
-    pub skips_done: u32,
-    pub _reserved: u32,
 }
 
 pub const MODE_REDIRECT: u32 = 0;
@@ -65,7 +53,7 @@ pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_GRANTS: &str = "GRANTS";
 pub const PROGRAM: &str = "relay_verdict";
 
-// SAFETY: both are repr(C), made only of integers, with no padding (8×8+6×4 and 8+8+2×4
+// SAFETY: both are repr(C), made only of integers, with no padding (6×8+4×4 and 8+8
 // bytes), so every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Flow {}

@@ -53,16 +53,14 @@ pub fn relay_verdict(ctx: SkBuffContext) -> u32 {
     // writes this entry, and verdicts for one socket never run concurrently.
     let flow = unsafe { &mut *flow };
     // SAFETY: as above; a concurrent userspace update replaces the element whole.
-    let (limit, resumed_at, skips_done) = match unsafe { GRANTS.get(&cookie) } {
-        Some(g) => (g.limit, g.resumed_at, g.skips_done),
-        None => (0, u64::MAX, 0),
+    let (limit, resumed_at) = match unsafe { GRANTS.get(&cookie) } {
+        Some(g) => (g.limit, g.resumed_at),
+        None => (0, u64::MAX),
     };
-    let len = match trim_overlap(&ctx, flow, len, skips_done) {
-        Trim::Keep(len) => len,
-        // The overlap is userspace's to drop: this skb, and what follows, go there.
-        Trim::HandOver(len) => return pass(flow, len),
+    let len = match trim_overlap(&ctx, flow, len) {
+        Some(len) => len,
         // Nothing new in it, or it could not be cut: forwarding it would corrupt the stream.
-        Trim::Drop => {
+        None => {
             flow.dropped += 1;
             return SK_DROP;
         }
@@ -88,18 +86,10 @@ pub fn relay_verdict(ctx: SkBuffContext) -> u32 {
 /// The largest cut `bpf_skb_adjust_room` makes on an sk_skb at once.
 const MAX_CUT: u64 = 0xfff;
 
-enum Trim {
-    /// Forward this many bytes (the skb after any cut).
-    Keep(u64),
-    /// Pass the skb (this many bytes) to userspace, which drops its recorded overlap.
-    HandOver(u64),
-    Drop,
-}
-
-/// Cuts the bytes of `ctx` that precede `flow.next_seq` and advances it. For sk_skb
-/// programs `cb[0]` is the first word of the skb's control block, where TCP keeps the
-/// segment's sequence number.
-fn trim_overlap(ctx: &SkBuffContext, flow: &mut Flow, len: u64, skips_done: u32) -> Trim {
+/// Cuts the bytes of `ctx` that precede `flow.next_seq` and advances it; returns how many
+/// bytes remain. For sk_skb programs `cb[0]` is the first word of the skb's control block,
+/// where TCP keeps the segment's sequence number.
+fn trim_overlap(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> Option<u64> {
     let seq = ctx.cb()[0];
     let end = seq.wrapping_add(len as u32);
     if flow.seq_known == 0 {
@@ -107,47 +97,37 @@ fn trim_overlap(ctx: &SkBuffContext, flow: &mut Flow, len: u64, skips_done: u32)
         // socket, so it starts exactly at the next unread byte.
         flow.seq_known = 1;
         flow.next_seq = end;
-        return Trim::Keep(len);
+        return Some(len);
     }
     let overlap = flow.next_seq.wrapping_sub(seq) as i32;
     if overlap <= 0 {
         flow.next_seq = end;
-        return Trim::Keep(len);
+        return Some(len);
     }
     let mut cut = overlap as u64;
     if cut >= len {
-        return Trim::Drop;
+        return None;
     }
     flow.trimmed += cut;
-    let mut left = len;
-    // Bounded for the verifier: an overlap is at most one retransmitted segment (64 KiB
-    // on loopback), 17 cuts.
+    let remaining = len - cut;
+    // Bounded for the verifier: 64 KiB segments need at most 17 cuts.
     for _ in 0..24 {
         if cut == 0 {
             break;
         }
         let step = if cut > MAX_CUT { MAX_CUT } else { cut };
         if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
-            // Cutting needs room the kernel could not find (it pulls the bytes into the
-            // skb's head first): userspace drops the rest instead.
-            break;
+            flow.cut_failures += 1;
+            return None;
         }
         cut -= step;
-        left -= step;
+    }
+    if cut != 0 {
+        flow.cut_failures += 1;
+        return None;
     }
     flow.next_seq = end;
-    if cut == 0 {
-        return Trim::Keep(left);
-    }
-    if flow.skips != skips_done {
-        // The previous hand-over is still outstanding: only one is recorded at a time.
-        flow.cut_failures += 1;
-        return Trim::Drop;
-    }
-    flow.skip_at = flow.passed;
-    flow.skip_len = cut;
-    flow.skips += 1;
-    Trim::HandOver(left)
+    Some(remaining)
 }
 
 fn pass(flow: &mut Flow, len: u64) -> u32 {

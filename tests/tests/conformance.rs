@@ -65,7 +65,7 @@ conformance! {
     // Run it with `cargo test --test conformance -- --ignored sockmap`; docs/architecture.md
     // has what is known.
     sockmap => Backend::Sockmap, known_failures: [one_gib_each_way_byte_exact]
-        because "known: under heavy load a retransmitted overlap the program could not cut was dropped with new bytes (seen once, cut_failures=1, ~128 KiB lost); such overlaps now go to userspace to drop, but that path has not yet run in a test; auto never picks sockmap";
+        because "known: under heavy load the program sees a retransmission overlap of exactly three 64 KiB segments (196,449 bytes) that is not old data; cutting it, dropping it or handing it to userspace all lose bytes (relay now ends such a console with an error); auto never picks sockmap";
 }
 
 /// A relay on `backend`, or None (skipped, with a message) when the machine cannot run it.

@@ -98,7 +98,7 @@ impl Sockmap {
     /// already finds its peer). On failure nothing is left behind.
     fn attach(&self, a: (&impl AsRawFd, u64), b: (&impl AsRawFd, u64)) -> Result<(), aya::maps::MapError> {
         let mut maps = self.maps();
-        let grant = Grant { limit: self.in_flight_cap, resumed_at: 0, skips_done: 0, _reserved: 0 };
+        let grant = Grant { limit: self.in_flight_cap, resumed_at: 0 };
         let attached = (|| {
             maps.flows.insert(a.1, Flow { peer: b.1, ..Flow::default() }, 0)?;
             maps.flows.insert(b.1, Flow { peer: a.1, ..Flow::default() }, 0)?;

@@ -167,7 +167,6 @@ pub async fn run(
             up_trimmed = up.trimmed,
             down_trimmed = down.trimmed,
             dropped = up.dropped + down.dropped,
-            handed_over = up.skips + down.skips,
             cut_failures = up.cut_failures + down.cut_failures,
             "sockmap session counters"
         );

@@ -18,8 +18,6 @@ use tokio::time::sleep;
 pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace<'_>, limits: &Limits) -> Result<(), Failure> {
     let mut read_total = 0u64;
     let mut limit = engine.in_flight_cap;
-    // Overlaps the program handed over for userspace to drop (see `Flow::skips`).
-    let mut skips_done = 0u32;
     loop {
         let mut guard = from.fd.readable().await.map_err(Failure::From)?;
         // Readability also fires for every batch the program redirects. Reading then would
@@ -29,8 +27,8 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
         let ending = ready.is_read_closed() || ready.is_error();
         let flow = engine.flow(from.cookie);
         if flow.is_some_and(|f| f.cut_failures > 0) {
-            // The program dropped bytes it could neither cut nor hand over: end the console
-            // rather than relay a stream with a hole in it.
+            // The program dropped an skb it could not cut: end the console rather than
+            // relay a stream with a hole in it.
             return Err(Failure::From(io::Error::other("the kernel relay lost bytes (an overlap it could not cut)")));
         }
         if !ending && flow.is_some_and(|f| f.passed == read_total) {
@@ -58,16 +56,10 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
                 eof = true;
                 break;
             }
-            let at = read_total;
             read_total += n as u64;
-            let skip = engine.flow(from.cookie).filter(|f| f.skips != skips_done).map(|f| (f.skip_at, f.skip_at + f.skip_len));
-            let (keep, skip_done) = outside(at, n, skip);
-            skips_done += u32::from(skip_done);
-            for part in keep.into_iter().flatten() {
-                Box::pin(write_all(to, &buf[part.clone()])).await.map_err(Failure::To)?;
-                user.written.fetch_add(part.len() as u64, Ordering::Relaxed);
-                user.counter.fetch_add(part.len() as u64, Ordering::Relaxed);
-            }
+            Box::pin(write_all(to, &buf[..n])).await.map_err(Failure::To)?;
+            user.written.fetch_add(n as u64, Ordering::Relaxed);
+            user.counter.fetch_add(n as u64, Ordering::Relaxed);
         }
         if eof {
             to.fd.get_ref().shutdown(Shutdown::Write).map_err(Failure::To)?;
@@ -80,22 +72,9 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
             let acked_since = acked.saturating_sub(to.sent_at_handoff);
             let redirected_acked = acked_since.saturating_sub(user.written.load(Ordering::Relaxed));
             limit = limit.max(redirected_acked + engine.in_flight_cap);
-            engine.grant(from.cookie, Grant { limit, resumed_at: read_total, skips_done, _reserved: 0 });
+            engine.grant(from.cookie, Grant { limit, resumed_at: read_total });
         }
     }
-}
-
-/// The parts of a chunk read at passed-stream offset `at` (`n` bytes) that lie outside
-/// the overlap `skip` (start, end) the program could not cut, as ranges of the chunk; and
-/// whether the chunk reached the overlap's end (it is then dropped whole).
-fn outside(at: u64, n: usize, skip: Option<(u64, u64)>) -> ([Option<std::ops::Range<usize>>; 2], bool) {
-    let end = at + n as u64;
-    let Some((from, to)) = skip.filter(|&(from, to)| from < end && to > at) else {
-        return ([Some(0..n), None], skip.is_some_and(|(_, to)| to <= at));
-    };
-    let before = (from > at).then(|| 0..(from - at) as usize);
-    let after = (to < end).then(|| (to - at) as usize..n);
-    ([before, after], to <= end)
 }
 
 /// Waits until every byte the kernel redirected from `from` has entered `to`'s send queue
@@ -136,20 +115,4 @@ async fn write_all(to: &Side, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::outside;
-
-    #[test]
-    fn overlaps_handed_over_are_dropped_wherever_the_reads_cut_them() {
-        assert_eq!(outside(100, 50, None), ([Some(0..50), None], false));
-        assert_eq!(outside(100, 50, Some((120, 130))), ([Some(0..20), Some(30..50)], true));
-        assert_eq!(outside(100, 50, Some((90, 130))), ([None, Some(30..50)], true));
-        assert_eq!(outside(100, 50, Some((140, 200))), ([Some(0..40), None], false));
-        assert_eq!(outside(100, 50, Some((90, 200))), ([None, None], false));
-        assert_eq!(outside(100, 50, Some((300, 310))), ([Some(0..50), None], false), "not reached yet");
-        assert_eq!(outside(100, 50, Some((100, 150))), ([None, None], true), "exactly the chunk");
-    }
 }
