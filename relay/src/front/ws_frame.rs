@@ -91,6 +91,11 @@ impl Reply {
         Reply::new(OP_CLOSE, &code.to_be_bytes())
     }
 
+    /// A Close frame: nothing may be sent after it.
+    pub fn is_close(&self) -> bool {
+        self.frame[0] & 0x0f == OP_CLOSE
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         &self.frame[..self.len]
     }
@@ -153,11 +158,6 @@ impl Decoder {
     /// The client sent Close: nothing more will be decoded.
     pub fn closed(&self) -> bool {
         self.closed
-    }
-
-    /// The decoder is between frames (nothing partial held): the stream may be cut here.
-    pub fn at_frame_boundary(&self) -> bool {
-        !self.in_payload && self.header_len == 0
     }
 
     /// Takes header bytes from `input`; returns how many it used.
@@ -343,8 +343,9 @@ mod tests {
         for piece in [1, 2, 3, 7, 13, 100, 4096, input.len()] {
             let mut d = Decoder::new(1 << 20);
             assert_eq!(decode_in_pieces(&mut d, &input, piece).unwrap(), want, "cut every {piece} bytes");
-            assert_eq!(d.take_reply().unwrap().as_bytes(), b"\x8a\x05ping!", "the ping is answered");
-            assert!(d.at_frame_boundary());
+            let pong = d.take_reply().unwrap();
+            assert_eq!(pong.as_bytes(), b"\x8a\x05ping!", "the ping is answered");
+            assert!(!pong.is_close());
         }
     }
 
@@ -356,7 +357,9 @@ mod tests {
         input.extend(frame(0x82, b"after", [1, 1, 1, 1]));
         assert_eq!(decode_in_pieces(&mut d, &input, 5).unwrap(), b"ab", "nothing after Close");
         assert!(d.closed());
-        assert_eq!(d.take_reply().unwrap().as_bytes(), b"\x88\x02\x03\xe8");
+        let answer = d.take_reply().unwrap();
+        assert_eq!(answer.as_bytes(), b"\x88\x02\x03\xe8");
+        assert!(answer.is_close(), "nothing may follow it");
     }
 
     #[test]

@@ -8,7 +8,6 @@ mod session;
 
 pub use session::run;
 
-use crate::front::ws_frame::Decoder;
 use crate::session::ByteCounters;
 use io_uring::{IoUring, opcode};
 use std::io;
@@ -23,8 +22,9 @@ enum Command {
     Start {
         id: u64,
         viewer: TcpStream,
-        /// Set when the viewer speaks WebSocket: where its frame decoding stands.
-        framing: Option<Box<Decoder>>,
+        /// Set when the viewer speaks WebSocket: its framing state, from where the
+        /// userspace decoder stopped.
+        framing: Option<Box<ring::WsState>>,
         hypervisor: TcpStream,
         bytes: Arc<ByteCounters>,
         events: UnboundedSender<Event>,

@@ -12,7 +12,7 @@
 mod framed;
 
 use super::{Command, Event, Fault};
-use framed::WsState;
+pub(super) use framed::WsState;
 use io_uring::{IoUring, opcode, squeue, types};
 use std::collections::HashMap;
 use std::io;
@@ -171,8 +171,8 @@ impl Ring {
             match self.commands.try_recv() {
                 Ok(Command::Start { id, viewer, framing, hypervisor, bytes, events }) => {
                     let idle = || Direction { pipe: None, in_pipe: 0, inflight: None, done: false };
-                    let ws = framing.map(WsState::new);
-                    let session = Session { sockets: [viewer, hypervisor], dirs: [idle(), idle()], bytes, events, ending: false, ws };
+                    let session =
+                        Session { sockets: [viewer, hypervisor], dirs: [idle(), idle()], bytes, events, ending: false, ws: framing };
                     self.sessions.insert(id, session);
                     self.poll_in(id, 0);
                     self.poll_in(id, 1);

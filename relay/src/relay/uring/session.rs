@@ -26,7 +26,14 @@ pub async fn run(
     };
     let id = engine.next_id();
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    engine.send(Command::Start { id, viewer, framing: framing.map(Box::new), hypervisor, bytes: control.bytes.clone(), events: events_tx });
+    engine.send(Command::Start {
+        id,
+        viewer,
+        framing: framing.map(super::ring::WsState::new),
+        hypervisor,
+        bytes: control.bytes.clone(),
+        events: events_tx,
+    });
 
     let mut first_eof: Option<Ended> = None;
     let mut half_close_at: Option<Instant> = None;

@@ -21,10 +21,11 @@ const CHUNK: usize = 256 << 10;
 const HEAD: usize = MAX_SERVER_HEADER;
 
 /// A WebSocket session's framing state.
-pub(super) struct WsState {
+pub(in crate::relay::uring) struct WsState {
     decoder: Decoder,
-    /// An answer for the viewer (a pong, or a Close when `true`), due at a frame boundary.
-    reply: Option<(Reply, bool)>,
+    /// An answer for the viewer (a pong, or a Close that ends the direction), due at a
+    /// frame boundary.
+    reply: Option<Reply>,
     dirs: [Frames; 2],
 }
 
@@ -41,8 +42,9 @@ struct Frames {
 }
 
 impl WsState {
-    pub(super) fn new(decoder: Box<Decoder>) -> Box<WsState> {
-        Box::new(WsState { decoder: *decoder, reply: None, dirs: [Frames::default(), Frames::default()] })
+    /// Boxed once, on the session's side: the ring only takes it.
+    pub(in crate::relay::uring) fn new(decoder: Decoder) -> Box<WsState> {
+        Box::new(WsState { decoder, reply: None, dirs: [Frames::default(), Frames::default()] })
     }
 }
 
@@ -125,7 +127,7 @@ impl Ring {
         };
         (f.start, f.end) = (0, data);
         if let Some(reply) = ws.decoder.take_reply() {
-            ws.reply = Some((reply, ws.decoder.closed()));
+            ws.reply = Some(reply);
             self.wake_viewer_writer(id);
         }
         if data > 0 { self.send(id, dir) } else { self.after_sent(id, dir) }
@@ -177,7 +179,8 @@ impl Ring {
 
     /// Sends the due answer to the viewer from direction 1's buffer.
     fn send_reply(&mut self, id: u64) {
-        let Some((reply, last)) = self.ws(id).and_then(|ws| ws.reply.take()) else { return };
+        let Some(reply) = self.ws(id).and_then(|ws| ws.reply.take()) else { return };
+        let last = reply.is_close();
         let bytes = reply.as_bytes();
         let Some(buf) = self.buf(id, 1) else { return };
         buf[..bytes.len()].copy_from_slice(bytes);
@@ -204,7 +207,7 @@ impl Ring {
             return self.source_finished(id, 0);
         }
         let Some(ws) = self.ws(id) else { return };
-        ws.reply = Some((Reply::close(CLOSE_NORMAL), true));
+        ws.reply = Some(Reply::close(CLOSE_NORMAL));
         self.send_reply(id)
     }
 
