@@ -154,16 +154,22 @@ impl Sockmap {
     }
 }
 
-fn classify(e: &dyn std::error::Error) -> Unavailable {
-    let mut text = e.to_string();
+/// A refusal is a permission problem only when the kernel said so before its verifier
+/// ran: a verifier that rejects the program also answers EACCES, with its log.
+fn classify(e: &(dyn std::error::Error + 'static)) -> Unavailable {
+    let is_denied = |s: &(dyn std::error::Error + 'static)| {
+        s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+    };
+    let (mut text, mut denied) = (e.to_string(), is_denied(e));
     let mut source = e.source();
     while let Some(s) = source {
+        denied |= is_denied(s);
         text = format!("{text}: {s}");
         source = s.source();
     }
-    if text.contains("Operation not permitted") || text.contains("Permission denied") {
-        Unavailable::Permission(text)
-    } else {
-        Unavailable::Kernel(text)
-    }
+    let verified = matches!(
+        e.downcast_ref::<aya::programs::ProgramError>(),
+        Some(aya::programs::ProgramError::LoadError { verifier_log, .. }) if !verifier_log.to_string().trim().is_empty()
+    );
+    if denied && !verified { Unavailable::Permission(text) } else { Unavailable::Kernel(text) }
 }
