@@ -13,7 +13,7 @@ fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
     let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap()).join("relay-ebpf.o");
-    for watched in ["relay-ebpf/src", "relay-ebpf/Cargo.toml", "relay-ebpf/Cargo.lock", "relay-common/src"] {
+    for watched in ["relay-ebpf/src", "relay-ebpf/build.rs", "relay-ebpf/Cargo.toml", "relay-ebpf/Cargo.lock", "relay-common/src"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=RELAY_EBPF");

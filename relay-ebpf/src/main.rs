@@ -10,9 +10,11 @@
 #![no_std]
 #![no_main]
 
+use aya_ebpf::bindings::__sk_buff;
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
-use aya_ebpf::helpers::bpf_get_socket_cookie;
+use aya_ebpf::cty::c_void;
+use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_loop, bpf_skb_adjust_room};
 use aya_ebpf::macros::{map, stream_verdict};
 use aya_ebpf::maps::{HashMap, SockHash};
 use aya_ebpf::programs::SkBuffContext;
@@ -104,30 +106,52 @@ fn trim_overlap(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> Option<u64> {
         flow.next_seq = end;
         return Some(len);
     }
-    let mut cut = overlap as u64;
+    let cut = overlap as u64;
     if cut >= len {
         return None;
     }
     flow.trimmed += cut;
     let remaining = len - cut;
-    // Bounded for the verifier: 64 KiB segments need at most 17 cuts.
-    for _ in 0..24 {
-        if cut == 0 {
-            break;
-        }
-        let step = if cut > MAX_CUT { MAX_CUT } else { cut };
-        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
-            flow.cut_failures += 1;
-            return None;
-        }
-        cut -= step;
-    }
-    if cut != 0 {
+    // One helper call cuts at most MAX_CUT bytes, and a retransmission can overlap many
+    // 64 KiB segments: bpf_loop runs the cuts with a callback the verifier checks once,
+    // where an unrolled loop would take it seconds per load for the same bound.
+    let mut cutting = Cutting { skb: ctx.skb.skb, left: cut, failed: 0 };
+    let steps = cut.div_ceil(MAX_CUT) as u32;
+    // SAFETY: `cut_step` has the callback signature bpf_loop expects, and `cutting`
+    // outlives the call, which runs the callback synchronously.
+    let ran = unsafe { bpf_loop(steps, cut_step as *mut c_void, (&raw mut cutting).cast(), 0) };
+    if ran < 0 || cutting.failed != 0 || cutting.left != 0 {
         flow.cut_failures += 1;
         return None;
     }
     flow.next_seq = end;
     Some(remaining)
+}
+
+/// What [`cut_step`] works on: the skb, and how much of its head is still to cut.
+#[repr(C)]
+struct Cutting {
+    skb: *mut __sk_buff,
+    left: u64,
+    failed: u64,
+}
+
+/// One bpf_loop iteration: cuts up to [`MAX_CUT`] bytes off the skb's head; 1 stops the loop.
+extern "C" fn cut_step(_index: u64, data: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer it was given: a live `Cutting` on the
+    // caller's stack, used by nothing else while the loop runs.
+    let cutting = unsafe { &mut *data.cast::<Cutting>() };
+    if cutting.left == 0 {
+        return 1;
+    }
+    let step = if cutting.left > MAX_CUT { MAX_CUT } else { cutting.left };
+    // SAFETY: the skb is the program's own context, valid for the whole run.
+    if unsafe { bpf_skb_adjust_room(cutting.skb, -(step as i32), 0, 0) } != 0 {
+        cutting.failed = 1;
+        return 1;
+    }
+    cutting.left -= step;
+    0
 }
 
 fn pass(flow: &mut Flow, len: u64) -> u32 {

@@ -62,10 +62,7 @@ macro_rules! conformance {
 conformance! {
     copy => Backend::Copy, known_failures: [];
     uring => Backend::Uring, known_failures: [];
-    // Run it with `cargo test --test conformance -- --ignored sockmap`; docs/architecture.md
-    // has what is known.
-    sockmap => Backend::Sockmap, known_failures: [one_gib_each_way_byte_exact]
-        because "known: under heavy load the program sees a retransmission overlap of exactly three 64 KiB segments (196,449 bytes) that is not old data; cutting it, dropping it or handing it to userspace all lose bytes (relay now ends such a console with an error); auto never picks sockmap";
+    sockmap => Backend::Sockmap, known_failures: [];
 }
 
 /// A relay on `backend`, or None (skipped, with a message) when the machine cannot run it.
