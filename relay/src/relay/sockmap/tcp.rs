@@ -48,6 +48,29 @@ fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
     Ok(unsafe { info.assume_init() })
 }
 
+/// Makes the socket's send buffer hold `bytes` (the kernel doubles the value for its own
+/// overhead, as it does for SO_SNDBUF), past the system's `wmem_max`: SO_SNDBUFFORCE needs
+/// CAP_NET_ADMIN, which loading the program needed too. Never shrinks it.
+pub fn reserve_send_room(socket: &impl AsRawFd, bytes: u64) -> io::Result<()> {
+    let fd = socket.as_raw_fd();
+    let wanted = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX / 2);
+    // SO_SNDBUF reads back the doubled value the kernel keeps.
+    if getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)? >= wanted.saturating_mul(2) {
+        return Ok(());
+    }
+    // SAFETY: passes a live int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&raw const wanted).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 /// Setting the low-water mark makes the kernel re-run data-ready on the socket, so bytes
 /// that were queued before it entered the verdict map are redirected, in order.
 pub fn kick(socket: &impl AsRawFd) -> io::Result<()> {

@@ -39,6 +39,7 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
         let mut buf = vec![0u8; limits.buffer_bytes];
         let mut drained = false;
         let mut eof = false;
+        let mut pause = Duration::from_millis(1);
         loop {
             let n = match guard.try_io(|fd| fd.get_ref().read(&mut buf)) {
                 Ok(Ok(n)) => n,
@@ -53,6 +54,14 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
                 drained = true;
             }
             if n == 0 {
+                // The end can overtake bytes the program passed: the kernel queues a
+                // passed skb behind redirected ones waiting to be sent on this same
+                // socket, and a read sees the end while that queue is still moving.
+                if engine.flow(from.cookie).is_some_and(|f| f.passed > read_total) {
+                    sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                    continue;
+                }
                 eof = true;
                 break;
             }

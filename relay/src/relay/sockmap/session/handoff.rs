@@ -55,7 +55,16 @@ pub(super) fn handoff(engine: &Sockmap, viewer: TcpStream, hypervisor: TcpStream
         (Ok(v), Ok(h)) => Err(Handoff::Refused(v, h, why)),
         (Err(e), _) | (_, Err(e)) => Err(Handoff::Lost(format!("{why}; then {e}"))),
     };
-    let prepare = |s: &Std| -> io::Result<(u64, u64)> { Ok((tcp::cookie(s)?, tcp::sent(s)?.1)) };
+    // Redirected bytes wait in the receiver's psock backlog until its send buffer takes
+    // them, and bytes the program passes to userspace on that same socket queue behind
+    // them there, uncharged to its receive buffer: with both peers stalled, TCP's window
+    // stayed open and a flooding viewer pushed hundreds of MiB. A send buffer that holds
+    // everything a direction may have in flight (twice over, for skb overhead) keeps that
+    // backlog from ever waiting.
+    let prepare = |s: &Std| -> io::Result<(u64, u64)> {
+        tcp::reserve_send_room(s, 2 * engine.in_flight_cap)?;
+        Ok((tcp::cookie(s)?, tcp::sent(s)?.1))
+    };
     let ((vc, vsent), (hc, hsent)) = match (prepare(&viewer), prepare(&hypervisor)) {
         (Ok(v), Ok(h)) => (v, h),
         (Err(e), _) | (_, Err(e)) => return giveback(viewer, hypervisor, e.to_string()),
