@@ -167,11 +167,11 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// What the benchmark shows best for consoles on this machine kind: copy (see README).
+    /// What the benchmark shows best for consoles on this machine kind (see README):
+    /// sockmap for raw sessions where it loads, copy for the rest.
     #[default]
     Auto,
-    /// Experimental eBPF sockmap: raw sessions moved in the kernel (root or CAP_BPF +
-    /// CAP_NET_ADMIN).
+    /// eBPF sockmap: raw sessions moved in the kernel (root or CAP_BPF + CAP_NET_ADMIN).
     Sockmap,
     /// io_uring: raw sessions spliced through pipes by one ring thread.
     Uring,
@@ -187,11 +187,15 @@ pub struct Relay {
     /// sockmap: bytes one direction may have in flight towards a receiver that has not
     /// acknowledged them, per session; past it TCP pushes back on the sender.
     pub in_flight_bytes: u64,
+    /// Milliseconds a console bound for a kernel back-end runs on copy first, so that
+    /// short ones (probes, abandoned password prompts) never pay the hand-off; 0 hands
+    /// over at once.
+    pub kernel_after_ms: u64,
 }
 
 impl Default for Relay {
     fn default() -> Self {
-        Relay { backend: Backend::Auto, in_flight_bytes: 4 << 20 }
+        Relay { backend: Backend::Auto, in_flight_bytes: 1 << 20, kernel_after_ms: 1000 }
     }
 }
 
@@ -285,6 +289,9 @@ impl Config {
         }
         if self.relay.in_flight_bytes < 64 << 10 {
             return bad("relay.in_flight_bytes must be at least 65536");
+        }
+        if self.relay.kernel_after_ms > 3_600_000 {
+            return bad("relay.kernel_after_ms must be at most 3600000 (an hour)");
         }
         if let Some(web) = &self.listen.web
             && !web.is_dir()

@@ -31,10 +31,12 @@ macro_rules! conformance {
                 forced_disconnect_ends_the_console_on_both_sides,
                 bytes_already_in_flight_at_hand_off_go_first_in_order,
                 a_stalled_viewer_bounds_what_is_in_flight_then_gets_every_byte,
+                a_viewer_flooding_while_reading_nothing_is_bounded_then_gets_every_byte,
                 a_viewer_pausing_at_random_gets_every_byte,
                 an_idle_console_ends_after_the_idle_timeout,
                 a_thousand_consoles_open_and_close_without_leaks,
                 live_byte_counts_include_what_the_back_end_moved,
+                a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order,
             );
             conformance!(@maybe $kind; [one_gib_each_way_byte_exact]; [$($known),*] $($why)?);
         }
@@ -72,6 +74,8 @@ async fn start(backend: Backend, adjust: impl FnOnce(&mut relay::config::Config)
     }
     let relay = TestRelay::start_with(|c| {
         c.relay.backend = backend;
+        // The back-end itself from the first byte; the move from copy has its own test.
+        c.relay.kernel_after_ms = 0;
         c.limits.max_sessions_per_instance = 2000;
         c.limits.session_idle_timeout_secs = 0;
         adjust(c)
@@ -93,19 +97,79 @@ async fn console(relay: &TestRelay, instance: &str, hv: &FakeVnc) -> TcpStream {
 async fn one_gib_each_way_byte_exact(relay: TestRelay, _: Backend) {
     let hv = FakeVnc::start(Script::echo()).await;
     let s = console(&relay, "vm-gib", &hv).await;
+    let started = Instant::now();
+    let echoed = echo_numbered_words(s, async {}, Writes { chunk: BLOCK, pause: Duration::ZERO, more: |written| written < GIB }).await;
+    assert_eq!(echoed, GIB, "every byte came back, then EOF");
+    let build = if cfg!(debug_assertions) { "debug" } else { "release" };
+    eprintln!("1 GiB each way through relay ({build} build) in {:?}", started.elapsed());
+    assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), GIB);
+}
+
+/// A console bound for a kernel back-end starts on copy and moves between bursts of a
+/// stream, once no byte is held in relay: none lost, doubled or reordered across the move.
+async fn a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order(default: TestRelay, backend: Backend) {
+    // Needs its own relay: the hand-over time is configuration.
+    drop(default);
+    let relay = start(backend, |c| c.relay.kernel_after_ms = 200).await.unwrap();
+    let hv = FakeVnc::start(Script::echo()).await;
+    numbered_block();
+    let s = console(&relay, "vm-move", &hv).await;
+    // Bursts of 1 MiB, with a pause after each, for well past the hand-over time. The viewer reads
+    // nothing until after that time, so the move waits for relay's buffers to empty.
+    let started = Instant::now();
+    let more = move |written| written < 4 * BLOCK || started.elapsed() < Duration::from_millis(800);
+    let bursts = Writes { chunk: 1 << 20, pause: Duration::from_millis(10), more };
+    let echoed = echo_numbered_words(s, tokio::time::sleep(Duration::from_millis(400)), bursts).await;
+    assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), echoed);
+    let stats = relay.ctl(Request::Stats).await.unwrap();
+    let moved = if backend == Backend::Copy { 0 } else { 1 };
+    assert_eq!(stats["relay"]["hand_overs"], moved, "consoles moved from copy: {stats}");
+}
+
+/// What the echo tests write at a time: numbered words over a 16 MiB period rather than a
+/// short one, so a misplaced byte says where it came from.
+const BLOCK: usize = 16 << 20;
+
+/// How [`echo_numbered_words`] writes: `chunk` bytes at a time while `more(bytes
+/// written)`, pausing after each.
+struct Writes<F> {
+    chunk: usize,
+    pause: Duration,
+    more: F,
+}
+
+/// Writes blocks of numbered words as `writes` says, then a FIN, and checks, reading once
+/// `read_from` resolves, that the echo brings back every byte in order; returns how many
+/// came back.
+async fn echo_numbered_words<F>(s: TcpStream, read_from: impl Future<Output = ()>, writes: Writes<F>) -> usize
+where
+    F: FnMut(usize) -> bool + Send + 'static,
+{
+    let Writes { chunk, pause, mut more } = writes;
     let (mut r, mut w) = s.into_split();
-    // Numbered words over a 16 MiB period rather than a short one: a misplaced byte says
-    // where it came from.
-    let block = std::sync::Arc::new(numbered_words(16 << 20));
-    let rounds = GIB / block.len();
-    let expected = block.clone();
+    let block = numbered_block();
     let writer = tokio::spawn(async move {
-        for _ in 0..rounds {
-            w.write_all(&block).await.unwrap();
+        let mut written = 0;
+        while more(written) {
+            for part in block.chunks(chunk) {
+                w.write_all(part).await.unwrap();
+                tokio::time::sleep(pause).await;
+            }
+            written += BLOCK;
         }
         w.shutdown().await.unwrap();
+        written
     });
-    let started = Instant::now();
+    read_from.await;
+    let at = read_numbered_words(&mut r).await;
+    let sent = writer.await.unwrap();
+    assert_eq!(at, sent, "every byte written came back, then EOF");
+    at
+}
+
+/// Reads until EOF, checking every byte against [`numbered_block`]; returns how many came.
+async fn read_numbered_words(r: &mut (impl AsyncReadExt + Unpin)) -> usize {
+    let expected = numbered_block();
     let mut buf = vec![0u8; 1 << 16];
     let mut at = 0usize;
     loop {
@@ -131,16 +195,14 @@ async fn one_gib_each_way_byte_exact(relay: TestRelay, _: Backend) {
         }
         at += n;
     }
-    writer.await.unwrap();
-    assert_eq!(at, GIB, "every byte came back, then EOF");
-    let build = if cfg!(debug_assertions) { "debug" } else { "release" };
-    eprintln!("1 GiB each way through relay ({build} build) in {:?}", started.elapsed());
-    assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), GIB);
+    at
 }
 
-/// `bytes / 4` little-endian u32 words numbered from 0.
-fn numbered_words(bytes: usize) -> Vec<u8> {
-    (0..bytes / 4).flat_map(|i| (i as u32).to_le_bytes()).collect()
+/// [`BLOCK`] bytes of little-endian u32 words numbered from 0, made once per process
+/// (slow in a debug build).
+fn numbered_block() -> &'static [u8] {
+    static BLOCK_WORDS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BLOCK_WORDS.get_or_init(|| (0..BLOCK as u32 / 4).flat_map(u32::to_le_bytes).collect())
 }
 
 async fn hypervisor_fin_arrives_after_its_data_and_the_other_way_stays_open(relay: TestRelay, _: Backend) {
@@ -288,6 +350,36 @@ async fn a_stalled_viewer_bounds_what_is_in_flight_then_gets_every_byte(relay: T
     assert!(last < 48 << 20, "{} MiB in flight to a stalled viewer", last >> 20);
     eprintln!("stalled viewer: the hypervisor blocked after {} KiB", last >> 10);
     assert_eq!(read_pattern(&mut s, usize::MAX).await, total, "resumed: every byte, in order");
+}
+
+/// A viewer that floods while reading nothing stalls the echoing hypervisor too: both
+/// directions back up at once, and still what the viewer can push stays bounded.
+async fn a_viewer_flooding_while_reading_nothing_is_bounded_then_gets_every_byte(relay: TestRelay, _: Backend) {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let s = console(&relay, "vm-flood", &hv).await;
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = written.clone();
+    // The viewer writes for at least a second, and reads only once its writes stall.
+    let started = Instant::now();
+    let more = move |written: usize| {
+        progress.store(written, std::sync::atomic::Ordering::SeqCst);
+        written < 4 * BLOCK || started.elapsed() < Duration::from_secs(1)
+    };
+    let stalled = async move {
+        let mut last = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = written.load(std::sync::atomic::Ordering::SeqCst);
+            if now == last {
+                // Both legs' kernel buffers each way, plus relay's buffers or in-flight caps.
+                assert!(now < 64 << 20, "the viewer pushed {} MiB with both directions stalled", now >> 20);
+                return;
+            }
+            last = now;
+        }
+    };
+    let echoed = echo_numbered_words(s, stalled, Writes { chunk: BLOCK, pause: Duration::ZERO, more }).await;
+    assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), echoed);
 }
 
 /// The thousand-console tests count this process's descriptors, so the back-ends take

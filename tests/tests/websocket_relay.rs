@@ -28,6 +28,7 @@ macro_rules! websocket_relay {
                 forced_disconnect_ends_the_console,
                 a_stalled_viewer_bounds_what_is_in_flight_then_gets_every_byte,
                 a_malformed_frame_ends_the_console,
+                a_console_moved_mid_stream_keeps_every_byte_in_order,
             );
         }
     )*};
@@ -47,12 +48,18 @@ websocket_relay! {
 }
 
 async fn start(backend: Backend) -> Option<TestRelay> {
+    // The back-end itself from the first byte; the move from copy has its own test.
+    start_with(backend, |c| c.relay.kernel_after_ms = 0).await
+}
+
+async fn start_with(backend: Backend, adjust: impl FnOnce(&mut relay::config::Config)) -> Option<TestRelay> {
     if backend == Backend::Uring && !env::uring() {
         return None;
     }
     let relay = TestRelay::start_with(|c| {
         c.relay.backend = backend;
         c.limits.session_idle_timeout_secs = 0;
+        adjust(c)
     })
     .await;
     let stats = relay.ctl(Request::Stats).await.unwrap();
@@ -88,6 +95,38 @@ async fn many_mebibytes_each_way_byte_exact(relay: TestRelay) {
     let sessions = relay.ctl(Request::Sessions { instance: Some("vm-ws-bulk".into()) }).await.unwrap();
     let live = &sessions["sessions"][0];
     assert!(live["bytes_to_hypervisor"].as_u64().unwrap() >= total as u64, "payload bytes counted: {live}");
+}
+
+/// A console bound for the ring starts on copy and moves while bytes stream both ways,
+/// perhaps part-way through a frame: none lost, doubled or reordered across the move.
+async fn a_console_moved_mid_stream_keeps_every_byte_in_order(default: TestRelay) {
+    // Needs its own relay: the hand-over time is configuration.
+    let framed = default.ctl(Request::Stats).await.unwrap()["relay"]["framed"].clone();
+    drop(default);
+    let backend = if framed == "uring" { Backend::Uring } else { Backend::Copy };
+    let relay = start_with(backend, |c| c.relay.kernel_after_ms = 200).await.unwrap();
+    let hv = FakeVnc::start(Script::echo()).await;
+    let ws = console(&relay, "vm-ws-move", &hv).await;
+    let (mut r, mut w) = tokio::io::split(ws);
+    // 1 MiB every 10 ms: the stream outlasts the hand-over time several times over. The
+    // viewer reads nothing until after it, so both directions hold bytes read and not yet
+    // written then.
+    let total = 96 << 20;
+    let writer = tokio::spawn(async move {
+        let block = pattern(0, total);
+        for chunk in block.chunks(1 << 20) {
+            w.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        w.flush().await.unwrap();
+        w
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(read_pattern(&mut r, total).await, total, "every byte echoed, in order");
+    let _w = writer.await.unwrap();
+    let stats = relay.ctl(Request::Stats).await.unwrap();
+    let moved = if backend == Backend::Copy { 0 } else { 1 };
+    assert_eq!(stats["relay"]["hand_overs"], moved, "consoles moved from copy: {stats}");
 }
 
 async fn the_viewers_close_reaches_the_hypervisor_as_a_fin(relay: TestRelay) {

@@ -8,7 +8,10 @@ use super::{Control, Ended, Established, Limits, Peer, copy, send_leftovers};
 use crate::config::{Backend, Relay};
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// The back-end a kind of session runs on.
@@ -37,6 +40,10 @@ pub struct Relays {
     pub raw: Choice,
     /// Everything else: WebSocket framing or TLS on either side.
     pub framed: Choice,
+    /// How long a console bound for a kernel back-end runs on `copy` first (None: none).
+    kernel_after: Option<Duration>,
+    /// Consoles moved from `copy` to a kernel back-end after `kernel_after`.
+    hand_overs: AtomicU64,
 }
 
 impl Relays {
@@ -44,8 +51,9 @@ impl Relays {
     /// machine cannot honour is an error (an operator who asked for a kernel path should
     /// not silently get another); `auto` takes what the benchmark shows best here.
     pub fn start(config: &Relay, max_sessions: usize) -> anyhow::Result<Relays> {
-        // `auto` probes both kernel back-ends, to report them, and uses neither: on this
-        // machine kind the benchmark shows copy best for consoles (README.md).
+        // `auto` probes both kernel back-ends, to report them; on this machine kind the
+        // benchmark shows sockmap (after `kernel_after` on copy) best for raw consoles and
+        // copy for the rest (README.md).
         let probe = |wanted: Backend| matches!(config.backend, Backend::Auto) || config.backend == wanted;
         let (sockmap, sockmap_off) = match probe(Backend::Sockmap).then(|| Sockmap::load(max_sessions, config.in_flight_bytes)) {
             Some(Ok(s)) => (Some(s), None),
@@ -64,6 +72,7 @@ impl Relays {
             }
             Backend::Sockmap => Choice::Sockmap,
             Backend::Uring => Choice::Uring,
+            Backend::Auto if sockmap.is_some() => Choice::Sockmap,
             Backend::Auto | Backend::Copy => Choice::Copy,
         };
         // Only the back-end in use stays loaded.
@@ -73,25 +82,24 @@ impl Relays {
             raw,
             // WebSocket over bare TCP can be framed on the ring; TLS stays in userspace.
             framed: if raw == Choice::Uring { Choice::Uring } else { Choice::Copy },
+            kernel_after: (config.kernel_after_ms > 0).then(|| Duration::from_millis(config.kernel_after_ms)),
+            hand_overs: AtomicU64::new(0),
         };
         let mut notes: Vec<String> = [("sockmap", &sockmap_off), ("io_uring", &uring_off)]
             .into_iter()
             .filter_map(|(name, why)| why.as_ref().map(|w| format!("{name} unavailable: {w}")))
             .collect();
-        if config.backend == Backend::Auto {
-            let available: Vec<&str> = [("sockmap", &sockmap_off), ("uring", &uring_off)]
-                .into_iter()
-                .filter_map(|(name, why)| why.is_none().then_some(name))
-                .collect();
-            if !available.is_empty() {
-                notes.push(format!("{} available, not chosen by auto (see README)", available.join(" and ")));
-            }
+        if config.backend == Backend::Auto && uring_off.is_none() {
+            notes.push("uring available, not chosen by auto (see README)".into());
         }
-        if config.backend == Backend::Sockmap {
-            notes.push("sockmap is experimental: see README before relying on it".into());
+        if relays.raw != Choice::Copy || relays.framed != Choice::Copy {
+            notes.push(match relays.kernel_after {
+                Some(after) => format!("consoles move to the kernel after {after:?} on copy"),
+                None => "consoles move to the kernel at once".into(),
+            });
         }
         let (raw_name, framed_name) = (relays.raw.name(), relays.framed.name());
-        if sockmap_off.is_some() || uring_off.is_some() || config.backend == Backend::Sockmap {
+        if sockmap_off.is_some() || uring_off.is_some() {
             warn!(requested = ?config.backend, raw = raw_name, framed = framed_name, "relay back-ends: {}", notes.join("; "));
         } else {
             info!(requested = ?config.backend, raw = raw_name, framed = framed_name, in_flight_bytes = config.in_flight_bytes, "relay back-ends: {}", notes.join("; "));
@@ -99,11 +107,19 @@ impl Relays {
         Ok(relays)
     }
 
-    /// For `stats`: the back-end per kind of session and, with sockmap, its map entries
-    /// (sockets in the verdict map, and flows), which must return to zero when idle.
+    /// For `stats`: the back-end per kind of session, how many consoles moved to it from
+    /// `copy`, and, with sockmap, its map entries (sockets in the verdict map, and flows),
+    /// which must return to zero when idle.
     pub fn view(&self) -> serde_json::Value {
         let (flows, sockets) = self.sockmap.as_ref().map_or((0, 0), Sockmap::entries);
-        serde_json::json!({ "raw": self.raw.name(), "framed": self.framed.name(), "sockmap_flows": flows, "sockmap_sockets": sockets })
+        serde_json::json!({
+            "raw": self.raw.name(),
+            "framed": self.framed.name(),
+            "kernel_after_ms": self.kernel_after.map_or(0, |d| d.as_millis() as u64),
+            "hand_overs": self.hand_overs.load(Ordering::Relaxed),
+            "sockmap_flows": flows,
+            "sockmap_sockets": sockets,
+        })
     }
 
     /// Bytes the kernel has relayed from one socket (0 when it relays none).
@@ -112,7 +128,9 @@ impl Relays {
     }
 
     /// Relays one session on the back-end its kind was given; resolves to how it ended
-    /// and which back-end carried it. Boxed per back-end, so a live console holds the state
+    /// and which back-end carried it. A console bound for a kernel back-end starts on
+    /// `copy` and moves once it has lived `kernel_after` (or at once without it), so short
+    /// ones never pay the hand-off. Boxed per back-end, so a live console holds the state
     /// of its own back-end only.
     pub fn run<V: Peer + 'static, H: Peer + 'static>(
         self: &Arc<Self>,
@@ -122,39 +140,66 @@ impl Relays {
     ) -> BoxFuture<'static, (Ended, Choice)> {
         let raw = pair.viewer.is_plain_tcp() && pair.hypervisor.is_plain_tcp();
         let websocket = pair.viewer.is_plain_websocket() && pair.hypervisor.is_plain_tcp();
-        let uring = (raw && self.raw == Choice::Uring) || (websocket && self.framed == Choice::Uring);
-        if uring && let Some(relays) = self.uring.is_some().then(|| self.clone()) {
-            return Box::pin(async move {
-                let Established { mut viewer, viewer_buffered, mut hypervisor, hypervisor_buffered } = pair;
-                let leftovers = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), &control.bytes);
-                if let Err(ended) = leftovers.await {
-                    return (ended, Choice::Uring);
-                }
-                drop((viewer_buffered, hypervisor_buffered));
-                let viewer = if raw { viewer.into_tcp().map(|v| (v, None)) } else { viewer.into_websocket().map(|(v, d)| (v, Some(d))) };
-                let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer, hypervisor.into_tcp(), relays.uring.as_ref()) else {
-                    unreachable!("checked above")
-                };
-                (uring::run(engine, viewer, hypervisor, &mut control, limits).await, Choice::Uring)
-            });
-        }
-        if !(raw && self.raw == Choice::Sockmap && self.sockmap.is_some()) {
-            return Box::pin(async move { (copy::run(pair, control, limits).await, Choice::Copy) });
-        }
+        let kernel = match (raw, websocket) {
+            (true, _) if self.raw == Choice::Sockmap && self.sockmap.is_some() => Some(Choice::Sockmap),
+            (true, _) if self.raw == Choice::Uring && self.uring.is_some() => Some(Choice::Uring),
+            (_, true) if self.framed == Choice::Uring && self.uring.is_some() => Some(Choice::Uring),
+            _ => None,
+        };
+        let Some(kernel) = kernel else {
+            return Box::pin(async move { (copy::run_to_end(pair, &mut control, limits).await, Choice::Copy) });
+        };
         let relays = self.clone();
         Box::pin(async move {
-            let Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered } = pair;
-            let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer.into_tcp(), hypervisor.into_tcp(), relays.sockmap.as_ref()) else {
-                unreachable!("checked above")
+            let pair = match relays.kernel_after {
+                Some(after) => match Box::pin(copy::run(pair, &mut control, limits, Some(Instant::now() + after))).await {
+                    copy::Outcome::Ended(ended) => return (ended, Choice::Copy),
+                    copy::Outcome::HandOver(pair) => {
+                        relays.hand_overs.fetch_add(1, Ordering::Relaxed);
+                        pair
+                    }
+                },
+                None => pair,
             };
-            match sockmap::run(engine, (viewer, viewer_buffered), (hypervisor, hypervisor_buffered), &mut control, limits).await {
-                Ok(ended) => (ended, Choice::Sockmap),
-                Err((viewer, hypervisor, why, viewer_buffered, hypervisor_buffered)) => {
-                    warn!(error = %why, "sockmap refused the session; relaying it in userspace");
-                    let pair: Established<TcpStream, TcpStream> = Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered };
-                    (Box::pin(copy::run(pair, control, limits)).await, Choice::Copy)
-                }
+            match kernel {
+                Choice::Sockmap => relays.on_sockmap(pair, control, limits).await,
+                _ => relays.on_uring(pair, control, limits, raw).await,
             }
         })
+    }
+
+    async fn on_uring<V: Peer, H: Peer>(
+        &self,
+        pair: Established<V, H>,
+        mut control: Control,
+        limits: Limits,
+        raw: bool,
+    ) -> (Ended, Choice) {
+        let Established { mut viewer, viewer_buffered, mut hypervisor, hypervisor_buffered } = pair;
+        let leftovers = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), &control.bytes);
+        if let Err(ended) = leftovers.await {
+            return (ended, Choice::Uring);
+        }
+        drop((viewer_buffered, hypervisor_buffered));
+        let viewer = if raw { viewer.into_tcp().map(|v| (v, None)) } else { viewer.into_websocket().map(|(v, d)| (v, Some(d))) };
+        let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer, hypervisor.into_tcp(), self.uring.as_ref()) else {
+            unreachable!("checked by run")
+        };
+        (uring::run(engine, viewer, hypervisor, &mut control, limits).await, Choice::Uring)
+    }
+
+    async fn on_sockmap<V: Peer, H: Peer>(&self, pair: Established<V, H>, mut control: Control, limits: Limits) -> (Ended, Choice) {
+        let Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered } = pair;
+        let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer.into_tcp(), hypervisor.into_tcp(), self.sockmap.as_ref()) else {
+            unreachable!("checked by run")
+        };
+        match sockmap::run(engine, (viewer, viewer_buffered), (hypervisor, hypervisor_buffered), &mut control, limits).await {
+            Ok(ended) => (ended, Choice::Sockmap),
+            Err((viewer, hypervisor, why, viewer_buffered, hypervisor_buffered)) => {
+                warn!(error = %why, "sockmap refused the session; relaying it in userspace");
+                let pair: Established<TcpStream, TcpStream> = Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered };
+                (Box::pin(copy::run_to_end(pair, &mut control, limits)).await, Choice::Copy)
+            }
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The portable userspace relay: one task, two pumps, any pair of streams.
+//! The portable userspace relay: one task, two pumps, any pair of streams. It also
+//! carries a console that will move to a kernel back-end until the hand-over time.
 
 use super::pump::{Pump, PumpError};
 use super::{Control, Ended, Established, Limits, Peer};
@@ -16,7 +17,33 @@ enum Failure {
     Down(PumpError),
 }
 
-pub async fn run<V: Peer, H: Peer>(pair: Established<V, H>, mut control: Control, limits: Limits) -> Ended {
+/// How soon a hand-over put off by bytes in the pumps is tried again.
+const HAND_OVER_RETRY: Duration = Duration::from_millis(20);
+
+/// How the userspace relay let go of a session.
+pub enum Outcome<V, H> {
+    Ended(Ended),
+    /// The hand-over time came (or came later) with both directions open and every byte
+    /// read also written: the pair, for a kernel back-end.
+    HandOver(Established<V, H>),
+}
+
+/// Relays the whole session in userspace.
+pub async fn run_to_end<V: Peer, H: Peer>(pair: Established<V, H>, control: &mut Control, limits: Limits) -> Ended {
+    match run(pair, control, limits, None).await {
+        Outcome::Ended(ended) => ended,
+        Outcome::HandOver(_) => unreachable!("no hand-over time was set"),
+    }
+}
+
+/// Relays until the session ends or, with `hand_over_at`, until the first moment from
+/// then on when both directions are open and no byte is held.
+pub async fn run<V: Peer, H: Peer>(
+    pair: Established<V, H>,
+    control: &mut Control,
+    limits: Limits,
+    mut hand_over_at: Option<Instant>,
+) -> Outcome<V, H> {
     let Established { mut viewer, viewer_buffered, mut hypervisor, hypervisor_buffered } = pair;
     let mut up = Pump::new(viewer_buffered, limits.buffer_bytes);
     let mut down = Pump::new(hypervisor_buffered, limits.buffer_bytes);
@@ -68,9 +95,22 @@ pub async fn run<V: Peer, H: Peer>(pair: Established<V, H>, mut control: Control
                     break Err(Ended::Idle);
                 }
             }
+            _ = super::deadline(hand_over_at) => {
+                // Only an open pair holding no byte moves: bytes a pump holds would have
+                // to be written before the kernel may start, and a receiver that stalls
+                // meanwhile could hold up the other direction for good. A half-closed
+                // console finishes here.
+                hand_over_at = if !(up.reading() && down.reading()) {
+                    None
+                } else if up.empty() && down.empty() {
+                    return Outcome::HandOver(Established { viewer, viewer_buffered: Vec::new(), hypervisor, hypervisor_buffered: Vec::new() });
+                } else {
+                    Some(Instant::now() + HAND_OVER_RETRY)
+                };
+            }
         }
     };
-    match outcome {
+    Outcome::Ended(match outcome {
         Ok(()) => first_eof.unwrap_or(Ended::ViewerClosed),
         Err(ended @ Ended::Stopped(_)) | Err(ended @ (Ended::Idle | Ended::HalfCloseTimeout)) => {
             // A clean end for both: FIN (or a WebSocket Close) to each, bounded in time.
@@ -82,7 +122,7 @@ pub async fn run<V: Peer, H: Peer>(pair: Established<V, H>, mut control: Control
             ended
         }
         Err(ended) => ended,
-    }
+    })
 }
 
 /// Classifies a pump error and arranges for the other side to see a reset where one

@@ -42,6 +42,16 @@ impl Pump {
         self.finished
     }
 
+    /// The reader has not ended.
+    pub fn reading(&self) -> bool {
+        !self.read_eof
+    }
+
+    /// Everything read has been written and flushed: the pump holds no byte.
+    pub fn empty(&self) -> bool {
+        self.start == self.end && !self.unflushed
+    }
+
     /// Moves bytes until the reader would block (Pending), or the reader's EOF has been
     /// passed on as a shutdown of the writer (Ready(Ok)).
     pub fn poll<R, W>(
