@@ -93,6 +93,7 @@ pub const PATHS: &[(&str, &str)] = &[
     ("connect", "relay CONNECT, copy"),
     ("connect-uring", "relay CONNECT, uring"),
     ("connect-sockmap", "relay CONNECT, sockmap"),
+    ("connect-auto", "relay CONNECT, auto"),
     ("ws", "relay WebSocket, copy"),
     ("ws-uring", "relay WebSocket, uring"),
     ("socat", "socat (TCP, fork)"),
@@ -198,6 +199,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             ("connect", "relay CONNECT, copy"),
             ("connect-uring", "relay CONNECT, uring"),
             ("connect-sockmap", "relay CONNECT, sockmap"),
+            ("connect-auto", "relay CONNECT, auto"),
             ("ws", "relay WebSocket, copy"),
             ("ws-uring", "relay WebSocket, uring"),
         ] {
@@ -230,10 +232,16 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             continue;
         }
         let target = match p.key {
-            "direct" => Ok((Target { addr: hv.addr, door: Door::Raw }, None)),
-            "connect" => Ok((Target { addr: relay.connect, door: Door::Connect { token: token.clone() } }, Some(relay.proc.pid()))),
-            "ws" => Ok((Target { addr: relay.ws, door: Door::Ws { token: Some(token.clone()) } }, Some(relay.proc.pid()))),
-            kernel @ ("connect-sockmap" | "connect-uring" | "ws-uring") => {
+            "direct" => Ok((Target { settle: Duration::ZERO, addr: hv.addr, door: Door::Raw }, None)),
+            "connect" => Ok((
+                Target { settle: Duration::ZERO, addr: relay.connect, door: Door::Connect { token: token.clone() } },
+                Some(relay.proc.pid()),
+            )),
+            "ws" => Ok((
+                Target { settle: Duration::ZERO, addr: relay.ws, door: Door::Ws { token: Some(token.clone()) } },
+                Some(relay.proc.pid()),
+            )),
+            kernel @ ("connect-sockmap" | "connect-uring" | "connect-auto" | "ws-uring") => {
                 let backend = backend_of(kernel);
                 let sub = dir.join(kernel);
                 let started =
@@ -242,9 +250,15 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
                     Ok(other) => match other.token(hv.addr).await {
                         Ok(t) => {
                             let target = if kernel.starts_with("ws") {
-                                (Target { addr: other.ws, door: Door::Ws { token: Some(t) } }, Some(other.proc.pid()))
+                                (
+                                    Target { settle: Duration::ZERO, addr: other.ws, door: Door::Ws { token: Some(t) } },
+                                    Some(other.proc.pid()),
+                                )
                             } else {
-                                (Target { addr: other.connect, door: Door::Connect { token: t } }, Some(other.proc.pid()))
+                                // auto moves a console to the kernel after `kernel_after_ms`:
+                                // measured once it has.
+                                let settle = if kernel == "connect-auto" { procs::AUTO_SETTLE } else { Duration::ZERO };
+                                (Target { settle, addr: other.connect, door: Door::Connect { token: t } }, Some(other.proc.pid()))
                             };
                             kernel_relays.push(other);
                             Ok(target)
@@ -272,9 +286,9 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
                             let pid = proc.pid();
                             extra_procs.push(proc);
                             if key == "haproxy" {
-                                haproxy = Some((pid, Target { addr, door: door.clone() }));
+                                haproxy = Some((pid, Target { settle: Duration::ZERO, addr, door: door.clone() }));
                             }
-                            Ok((Target { addr, door }, Some(pid)))
+                            Ok((Target { settle: Duration::ZERO, addr, door }, Some(pid)))
                         }
                         Err(e) => Err(e),
                     },
@@ -393,8 +407,10 @@ async fn relay_idle_memory(
         let relay = procs::start_relay(relay_bin, dir, backend)?;
         let token = relay.token(hv.addr).await?;
         let target = match door {
-            "connect" | "connect-sockmap" | "connect-uring" => Target { addr: relay.connect, door: Door::Connect { token } },
-            _ => Target { addr: relay.ws, door: Door::Ws { token: Some(token) } },
+            "connect" | "connect-sockmap" | "connect-uring" => {
+                Target { settle: Duration::ZERO, addr: relay.connect, door: Door::Connect { token } }
+            }
+            _ => Target { settle: Duration::ZERO, addr: relay.ws, door: Door::Ws { token: Some(token) } },
         };
         let live = async || relay.sessions_active().await.ok();
         measure::idle_memory(&target, relay.proc.pid(), steps, live, IDLE_CAP).await

@@ -77,6 +77,12 @@ pub struct Relay {
 }
 
 /// Starts relay with its established sessions on `backend` (copy, sockmap, ...).
+/// relay's default hand-over time, for the `auto` path; the others hand over at once, so
+/// each back-end is measured from a console's first byte.
+pub const AUTO_KERNEL_AFTER: std::time::Duration = std::time::Duration::from_millis(1000);
+/// How long the `auto` path's connections wait before being measured: past the hand-over.
+pub const AUTO_SETTLE: std::time::Duration = std::time::Duration::from_millis(1300);
+
 pub fn start_relay(binary: &Path, dir: &Path, backend: &str) -> Result<Relay> {
     let control = dir.join("control.sock");
     let config = dir.join("relay.toml");
@@ -105,11 +111,13 @@ shutdown_grace_secs = 1
 
 [relay]
 backend = "{backend}"
+kernel_after_ms = {kernel_after_ms}
 
 [log]
 filter = "warn"
 "#,
-            control.display()
+            control.display(),
+            kernel_after_ms = if backend == "auto" { AUTO_KERNEL_AFTER.as_millis() } else { 0 },
         ),
     )?;
     let mut cmd = Command::new(binary);
