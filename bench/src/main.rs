@@ -407,9 +407,7 @@ async fn relay_idle_memory(
         let relay = procs::start_relay(relay_bin, dir, backend)?;
         let token = relay.token(hv.addr).await?;
         let target = match door {
-            "connect" | "connect-sockmap" | "connect-uring" => {
-                Target { settle: Duration::ZERO, addr: relay.connect, door: Door::Connect { token } }
-            }
+            door if door.starts_with("connect") => Target { settle: Duration::ZERO, addr: relay.connect, door: Door::Connect { token } },
             _ => Target { settle: Duration::ZERO, addr: relay.ws, door: Door::Ws { token: Some(token) } },
         };
         let live = async || relay.sessions_active().await.ok();

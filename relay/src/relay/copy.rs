@@ -1,7 +1,7 @@
 //! The portable userspace relay: one task, two pumps, any pair of streams. It also
 //! carries a console that will move to a kernel back-end until the hand-over time.
 
-use super::pump::{Pump, PumpError};
+use super::pump::{BUFFER, Pump, PumpError, SMALL_BUFFER};
 use super::{Control, Ended, Established, Limits, Peer};
 use std::future::poll_fn;
 use std::io;
@@ -45,8 +45,11 @@ pub async fn run<V: Peer, H: Peer>(
     mut hand_over_at: Option<Instant>,
 ) -> Outcome<V, H> {
     let Established { mut viewer, viewer_buffered, mut hypervisor, hypervisor_buffered } = pair;
-    let mut up = Pump::new(viewer_buffered, limits.buffer_bytes);
-    let mut down = Pump::new(hypervisor_buffered, limits.buffer_bytes);
+    // A console that will move to the kernel starts with small buffers: they are freed at
+    // the move, and the heap keeps what it has grown to.
+    let first = if hand_over_at.is_some() { SMALL_BUFFER } else { BUFFER };
+    let mut up = Pump::new(viewer_buffered, first, limits.buffer_bytes);
+    let mut down = Pump::new(hypervisor_buffered, first, limits.buffer_bytes);
     let bytes = control.bytes.clone();
     let mut first_eof: Option<Ended> = None;
     let mut half_close_at: Option<Instant> = None;

@@ -16,7 +16,9 @@ pub enum PumpError {
 }
 
 /// Where a pump's buffer starts: an idle console costs this much per direction.
-const INITIAL_BUFFER: usize = 4 << 10;
+pub const BUFFER: usize = 4 << 10;
+/// Where it starts for a console that will soon move to a kernel back-end.
+pub const SMALL_BUFFER: usize = 512;
 
 pub struct Pump {
     buf: Vec<u8>,
@@ -30,11 +32,12 @@ pub struct Pump {
 }
 
 impl Pump {
-    /// A pump whose first bytes out are `pending` (read earlier by a handshake).
-    pub fn new(pending: Vec<u8>, max: usize) -> Pump {
+    /// A pump whose first bytes out are `pending` (read earlier by a handshake), with a
+    /// buffer of `first` bytes that grows up to `max` while reads fill it.
+    pub fn new(pending: Vec<u8>, first: usize, max: usize) -> Pump {
         let end = pending.len();
         let mut buf = pending;
-        buf.resize(INITIAL_BUFFER.min(max).max(end), 0);
+        buf.resize(first.min(max).max(end), 0);
         Pump { buf, max, start: 0, end, read_eof: false, unflushed: false, finished: false }
     }
 
@@ -118,8 +121,8 @@ mod tests {
     #[tokio::test]
     async fn starts_small_grows_when_busy_and_keeps_order() {
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
-        let mut pump = Pump::new(b"early".to_vec(), 64 << 10);
-        assert_eq!(pump.buf.len(), INITIAL_BUFFER);
+        let mut pump = Pump::new(b"early".to_vec(), BUFFER, 64 << 10);
+        assert_eq!(pump.buf.len(), BUFFER);
         let mut reader = &data[..];
         let mut out = Vec::new();
         let counter = AtomicU64::new(0);
