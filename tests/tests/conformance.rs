@@ -17,13 +17,13 @@ use tokio::net::TcpStream;
 const RFB38: &[u8; 12] = b"RFB 003.008\n";
 const GIB: usize = 1 << 30;
 
-/// One module of tests per back-end, each test calling the shared body below. A back-end
-/// may list tests it is known to fail: they stay visible as ignored, with the reason.
+/// One module of tests per back-end, each test calling the shared body below.
 macro_rules! conformance {
-    ($($backend:ident => $kind:expr, known_failures: [$($known:ident),*] $(because $why:literal)?;)*) => {$(
+    ($($backend:ident => $kind:expr;)*) => {$(
         mod $backend {
             use super::*;
             conformance!(@tests $kind;
+                one_gib_each_way_byte_exact,
                 hypervisor_fin_arrives_after_its_data_and_the_other_way_stays_open,
                 viewer_fin_arrives_after_its_data_and_the_other_way_stays_open,
                 viewer_reset_reaches_the_hypervisor_as_a_reset,
@@ -38,7 +38,6 @@ macro_rules! conformance {
                 live_byte_counts_include_what_the_back_end_moved,
                 a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order,
             );
-            conformance!(@maybe $kind; [one_gib_each_way_byte_exact]; [$($known),*] $($why)?);
         }
     )*};
     (@tests $kind:expr; $($name:ident),* $(,)?) => {$(
@@ -49,22 +48,12 @@ macro_rules! conformance {
             }
         }
     )*};
-    (@maybe $kind:expr; [$name:ident]; []) => { conformance!(@tests $kind; $name); };
-    (@maybe $kind:expr; [$name:ident]; [$known:ident] $why:literal) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        #[ignore = $why]
-        async fn $name() {
-            if let Some(relay) = start($kind, |_| {}).await {
-                super::$name(relay, $kind).await
-            }
-        }
-    };
 }
 
 conformance! {
-    copy => Backend::Copy, known_failures: [];
-    uring => Backend::Uring, known_failures: [];
-    sockmap => Backend::Sockmap, known_failures: [];
+    copy => Backend::Copy;
+    uring => Backend::Uring;
+    sockmap => Backend::Sockmap;
 }
 
 /// A relay on `backend`, or None (skipped, with a message) when the machine cannot run it.
@@ -371,8 +360,8 @@ async fn a_viewer_flooding_while_reading_nothing_is_bounded_then_gets_every_byte
             tokio::time::sleep(Duration::from_millis(300)).await;
             let now = written.load(std::sync::atomic::Ordering::SeqCst);
             if now == last {
-                // Both legs' kernel buffers each way, plus relay's buffers or in-flight caps.
-                assert!(now < 64 << 20, "the viewer pushed {} MiB with both directions stalled", now >> 20);
+                let bound = socket_buffers_at_most();
+                assert!(now < bound, "the viewer pushed {} MiB with both directions stalled (bound {} MiB)", now >> 20, bound >> 20);
                 return;
             }
             last = now;
@@ -380,6 +369,18 @@ async fn a_viewer_flooding_while_reading_nothing_is_bounded_then_gets_every_byte
     };
     let echoed = echo_numbered_words(s, stalled, Writes { chunk: BLOCK, pause: Duration::ZERO, more }).await;
     assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), echoed);
+}
+
+/// What the kernel buffers of a console's two connections (viewer–relay, relay–hypervisor)
+/// can hold at most, as this machine's TCP autotuning allows, plus relay's own buffers or
+/// in-flight caps: past this, something holds bytes that TCP's windows do not bound.
+fn socket_buffers_at_most() -> usize {
+    let max = |name: &str| -> usize {
+        let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).unwrap();
+        text.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    // Four sockets, each with a receive and a send buffer.
+    4 * (max("tcp_rmem") + max("tcp_wmem")) + (8 << 20)
 }
 
 /// The thousand-console tests count this process's descriptors, so the back-ends take
