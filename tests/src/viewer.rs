@@ -115,17 +115,28 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 /// Asks for the whole screen in 32-bit raw pixels until it shows at least two colours
 /// (a freshly started VM draws its first screen after a moment); follows size changes.
 pub async fn framebuffer<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, init: &ServerInit) -> Result<Vec<u8>, ViewerError> {
-    tokio::time::timeout(Duration::from_secs(30), read_screen(s, init)).await.map_err(|_| ViewerError::Timeout)?
+    let (mut w, mut h) = (init.width, init.height);
+    resized_framebuffer(s, (&mut w, &mut h)).await
 }
 
-async fn read_screen<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, init: &ServerInit) -> Result<Vec<u8>, ViewerError> {
+/// [`framebuffer`] from a screen of `w`×`h`, left at the size the server ended at (it may
+/// resize the screen meanwhile), for a later update to start from.
+pub async fn resized_framebuffer<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    (w, h): (&mut u16, &mut u16),
+) -> Result<Vec<u8>, ViewerError> {
+    tokio::time::timeout(Duration::from_secs(30), read_screen(s, (w, h))).await.map_err(|_| ViewerError::Timeout)?
+}
+
+async fn read_screen<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, size: (&mut u16, &mut u16)) -> Result<Vec<u8>, ViewerError> {
     let mut msg = vec![0u8, 0, 0, 0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]; // SetPixelFormat
     msg.extend_from_slice(&[2, 0, 0, 2, 0, 0, 0, 0]); // SetEncodings: Raw,
     msg.extend_from_slice(&(-223i32).to_be_bytes()); // DesktopSize
     send(s, &msg).await?;
-    let (mut w, mut h) = (init.width as usize, init.height as usize);
+    let (mut w, mut h) = (*size.0 as usize, *size.1 as usize);
     loop {
         let pixels = read_frame(s, &mut w, &mut h).await?;
+        (*size.0, *size.1) = (w as u16, h as u16);
         if distinct_colours(&pixels) >= 2 {
             return Ok(pixels);
         }

@@ -4,7 +4,7 @@
 use relay_tests::env;
 use relay_tests::hypervisor::{Qemu, VncAuth};
 use relay_tests::relay_server::{TestRelay, new_token, with_hypervisor_password};
-use relay_tests::viewer::{distinct_colours, framebuffer, handshake};
+use relay_tests::viewer::{distinct_colours, framebuffer, handshake, resized_framebuffer};
 
 #[tokio::test]
 async fn connect_door_full_framebuffer_from_qemu() {
@@ -51,4 +51,29 @@ async fn wrong_hypervisor_password_reaches_the_viewer_as_a_reason() {
     let stats = relay.ctl(relay::control::proto::Request::Stats).await.unwrap();
     assert_eq!(stats["counters"]["hypervisor_failures"], 1);
     assert_eq!(stats["counters"]["sessions_started"], 0);
+}
+
+/// relay's default configuration moves a raw console to the kernel after its first
+/// second (sockmap where relay may load its program): QEMU's screen still arrives whole
+/// after the move, and the move is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_door_console_keeps_working_after_moving_to_the_kernel() {
+    if !env::qemu() {
+        return;
+    }
+    let qemu = Qemu::start(VncAuth::None).await.unwrap();
+    let relay = TestRelay::start().await;
+    let token = relay.token("vm-q4", qemu.addr()).await;
+    let mut viewer = relay.connect_door(&token).await.expect("200 from the CONNECT door");
+    let init = handshake(&mut viewer, b"RFB 003.008\n", None).await.expect("RFB through relay");
+    let mut size = (init.width, init.height);
+    let before = resized_framebuffer(&mut viewer, (&mut size.0, &mut size.1)).await.expect("a full framebuffer update on copy");
+    // Past the hand-over time, with nothing in flight: the console moves.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let after = resized_framebuffer(&mut viewer, (&mut size.0, &mut size.1)).await.expect("a full framebuffer update after the move");
+    assert_eq!(after.len(), before.len());
+    assert!(distinct_colours(&after) >= 2, "the firmware screen is not blank");
+    let stats = relay.ctl(relay::control::proto::Request::Stats).await.unwrap();
+    let moved = if stats["relay"]["raw"] == "copy" { 0 } else { 1 };
+    assert_eq!(stats["relay"]["hand_overs"], moved, "{stats}");
 }
