@@ -31,15 +31,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     }
     telemetry::init(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(server::run(
-        config,
-        |bound| {
-            // One line on stdout for people and scripts; the log has the details.
-            println!("relay listening: {bound}");
-            let _ = std::io::stdout().flush();
-        },
-        server::shutdown_signal(),
-    ))?;
+    runtime.block_on(async {
+        let shutdown = server::shutdown_signal()?;
+        server::run(
+            config,
+            |bound| {
+                // One line on stdout for people and scripts; the log has the details.
+                println!("relay listening: {bound}");
+                let _ = std::io::stdout().flush();
+            },
+            shutdown,
+        )
+        .await
+    })?;
     Ok(0)
 }
 

@@ -149,7 +149,7 @@ fn sigterm_stops_cleanly_and_removes_the_socket() {
         assert!(started.elapsed() < Duration::from_secs(20), "relay did not stop");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(status.success());
+    assert!(status.success(), "relay ended with {status:?}");
     assert!(!r.control.exists());
 }
 
