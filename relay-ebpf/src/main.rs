@@ -110,7 +110,6 @@ fn trim_overlap(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> Option<u64> {
     if cut >= len {
         return None;
     }
-    flow.trimmed += cut;
     let remaining = len - cut;
     // One helper call cuts at most MAX_CUT bytes, and a retransmission can overlap many
     // 64 KiB segments: bpf_loop runs the cuts with a callback the verifier checks once,
@@ -124,6 +123,7 @@ fn trim_overlap(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> Option<u64> {
         flow.cut_failures += 1;
         return None;
     }
+    flow.trimmed += cut;
     flow.next_seq = end;
     Some(remaining)
 }

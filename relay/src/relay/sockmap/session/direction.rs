@@ -40,6 +40,7 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
         let mut drained = false;
         let mut eof = false;
         let mut pause = Duration::from_millis(1);
+        let mut waited = Duration::ZERO;
         loop {
             let n = match guard.try_io(|fd| fd.get_ref().read(&mut buf)) {
                 Ok(Ok(n)) => n,
@@ -58,7 +59,11 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
                 // passed skb behind redirected ones waiting to be sent on this same
                 // socket, and a read sees the end while that queue is still moving.
                 if engine.flow(from.cookie).is_some_and(|f| f.passed > read_total) {
+                    if waited >= PASSED_BYTES_WAIT {
+                        return Err(Failure::From(io::Error::other("the kernel relay lost bytes it passed back")));
+                    }
                     sleep(pause).await;
+                    waited += pause;
                     pause = (pause * 2).min(Duration::from_millis(50));
                     continue;
                 }
@@ -76,8 +81,14 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
         }
         if drained {
             // Everything passed so far is written: let the kernel take over again, with
-            // a cap counted from what the receiver has acknowledged.
-            let (acked, _) = tcp::sent(to.fd.get_ref()).map_err(Failure::To)?;
+            // a cap counted from what the receiver has acknowledged. Only while the send
+            // queue has room for all of it: redirected bytes that do not fit wait in the
+            // kernel's backlog, where bytes passed on that socket queue behind them
+            // uncharged (see handoff). Otherwise the passed bytes keep coming this way.
+            let (acked, sent) = tcp::sent(to.fd.get_ref()).map_err(Failure::To)?;
+            if sent - acked > 2 * engine.in_flight_cap {
+                continue;
+            }
             let acked_since = acked.saturating_sub(to.sent_at_handoff);
             let redirected_acked = acked_since.saturating_sub(user.written.load(Ordering::Relaxed));
             limit = limit.max(redirected_acked + engine.in_flight_cap);
@@ -85,6 +96,10 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
         }
     }
 }
+
+/// How long a direction waits, after the end of stream, for bytes the program passed back
+/// and the kernel has not yet queued for reading.
+const PASSED_BYTES_WAIT: Duration = Duration::from_secs(5);
 
 /// Waits until every byte the kernel redirected from `from` has entered `to`'s send queue
 /// (left the kernel's backlog), so a userspace write or a FIN cannot overtake it. A stalled
