@@ -42,7 +42,8 @@ pub struct Relays {
     pub framed: Choice,
     /// How long a console bound for a kernel back-end runs on `copy` first (None: none).
     kernel_after: Option<Duration>,
-    /// Consoles moved from `copy` to a kernel back-end after `kernel_after`.
+    /// Consoles moved from `copy` to a kernel back-end after `kernel_after`; one the
+    /// kernel refused, and `copy` took back, is not counted.
     hand_overs: AtomicU64,
 }
 
@@ -176,7 +177,7 @@ impl Relays {
         raw: bool,
     ) -> (Ended, Choice) {
         let Established { mut viewer, viewer_buffered, mut hypervisor, hypervisor_buffered } = pair;
-        let leftovers = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), &control.bytes);
+        let leftovers = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), &mut control);
         if let Err(ended) = leftovers.await {
             return (ended, Choice::Uring);
         }
@@ -196,6 +197,9 @@ impl Relays {
         match sockmap::run(engine, (viewer, viewer_buffered), (hypervisor, hypervisor_buffered), &mut control, limits).await {
             Ok(ended) => (ended, Choice::Sockmap),
             Err((viewer, hypervisor, why, viewer_buffered, hypervisor_buffered)) => {
+                if self.kernel_after.is_some() {
+                    self.hand_overs.fetch_sub(1, Ordering::Relaxed);
+                }
                 warn!(error = %why, "sockmap refused the session; relaying it in userspace");
                 let pair: Established<TcpStream, TcpStream> = Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered };
                 (Box::pin(copy::run_to_end(pair, &mut control, limits)).await, Choice::Copy)

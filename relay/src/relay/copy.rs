@@ -17,8 +17,10 @@ enum Failure {
     Down(PumpError),
 }
 
-/// How soon a hand-over put off by bytes in the pumps is tried again.
-const HAND_OVER_RETRY: Duration = Duration::from_millis(20);
+/// How soon a hand-over put off by bytes in the pumps is tried again: at first, then
+/// twice as long each time up to the most, so a console that is never quiet (a stalled
+/// receiver) costs little.
+const HAND_OVER_RETRY: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(250));
 
 /// How the userspace relay let go of a session.
 pub enum Outcome<V, H> {
@@ -48,6 +50,7 @@ pub async fn run<V: Peer, H: Peer>(
     // A console that will move to the kernel starts with small buffers: they are freed at
     // the move, and the heap keeps what it has grown to.
     let first = if hand_over_at.is_some() { SMALL_BUFFER } else { BUFFER };
+    let mut retry = HAND_OVER_RETRY.0;
     let mut up = Pump::new(viewer_buffered, first, limits.buffer_bytes);
     let mut down = Pump::new(hypervisor_buffered, first, limits.buffer_bytes);
     let bytes = control.bytes.clone();
@@ -108,7 +111,9 @@ pub async fn run<V: Peer, H: Peer>(
                 } else if up.empty() && down.empty() {
                     return Outcome::HandOver(Established { viewer, viewer_buffered: Vec::new(), hypervisor, hypervisor_buffered: Vec::new() });
                 } else {
-                    Some(Instant::now() + HAND_OVER_RETRY)
+                    let wait = retry;
+                    retry = (retry * 2).min(HAND_OVER_RETRY.1);
+                    Some(Instant::now() + wait)
                 };
             }
         }

@@ -99,17 +99,26 @@ impl Control {
 
 /// Sends what each side's handshake read beyond its end on to the other side, and counts
 /// it: the kernel back-ends do this before the kernel takes over, so those bytes go first.
+/// A receiver that stalls meanwhile holds this up, but not a forced disconnect.
 pub(crate) async fn send_leftovers(
     (viewer, viewer_buffered): (&mut (impl AsyncWrite + Unpin), &[u8]),
     (hypervisor, hypervisor_buffered): (&mut (impl AsyncWrite + Unpin), &[u8]),
-    bytes: &ByteCounters,
+    control: &mut Control,
 ) -> Result<(), Ended> {
     use std::sync::atomic::Ordering::Relaxed;
     use tokio::io::AsyncWriteExt;
-    hypervisor.write_all(viewer_buffered).await.map_err(|e| Ended::HypervisorError(e.to_string()))?;
-    viewer.write_all(hypervisor_buffered).await.map_err(|e| Ended::ViewerError(e.to_string()))?;
-    // A framing viewer may hold part of a frame: out before anything else is sent.
-    viewer.flush().await.map_err(|e| Ended::ViewerError(e.to_string()))?;
+    let send = async {
+        hypervisor.write_all(viewer_buffered).await.map_err(|e| Ended::HypervisorError(e.to_string()))?;
+        viewer.write_all(hypervisor_buffered).await.map_err(|e| Ended::ViewerError(e.to_string()))?;
+        // A framing viewer may hold part of a frame: out before anything else is sent.
+        viewer.flush().await.map_err(|e| Ended::ViewerError(e.to_string()))
+    };
+    let bytes = control.bytes.clone();
+    tokio::select! {
+        biased;
+        reason = control.stopped() => return Err(Ended::Stopped(reason)),
+        sent = send => sent?,
+    }
     bytes.to_hypervisor.fetch_add(viewer_buffered.len() as u64, Relaxed);
     bytes.to_viewer.fetch_add(hypervisor_buffered.len() as u64, Relaxed);
     Ok(())

@@ -76,7 +76,7 @@ pub async fn run(
     }
     // Bytes already read in userspace precede anything the kernel will move.
     let bytes = control.bytes.clone();
-    if let Err(ended) = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), &bytes).await {
+    if let Err(ended) = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), control).await {
         return Ok(ended);
     }
     let up_user = Userspace { written: AtomicU64::new(0), counter: &bytes.to_hypervisor };
