@@ -106,7 +106,7 @@ async fn a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order(defa
     // Bursts of 1 MiB, with a pause after each, for well past the hand-over time. The viewer reads
     // nothing until after that time, so the move waits for relay's buffers to empty.
     let started = Instant::now();
-    let more = move |written| written < 4 * BLOCK || started.elapsed() < Duration::from_millis(800);
+    let more = move |written| written < 4 * BLOCK || started.elapsed() < Duration::from_millis(1500);
     let bursts = Writes { chunk: 1 << 20, pause: Duration::from_millis(10), more };
     let echoed = echo_numbered_words(s, tokio::time::sleep(Duration::from_millis(400)), bursts).await;
     assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), echoed);
@@ -119,8 +119,8 @@ async fn a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order(defa
 /// short one, so a misplaced byte says where it came from.
 const BLOCK: usize = 16 << 20;
 
-/// How [`echo_numbered_words`] writes: `chunk` bytes at a time while `more(bytes
-/// written)`, pausing after each.
+/// How [`echo_numbered_words`] writes: `chunk` bytes at a time (at most a block) while
+/// `more(bytes written)`, pausing after each.
 struct Writes<F> {
     chunk: usize,
     pause: Duration,
@@ -140,11 +140,11 @@ where
     let writer = tokio::spawn(async move {
         let mut written = 0;
         while more(written) {
-            for part in block.chunks(chunk) {
-                w.write_all(part).await.unwrap();
-                tokio::time::sleep(pause).await;
-            }
-            written += BLOCK;
+            let at = written % BLOCK;
+            let part = &block[at..(at + chunk).min(BLOCK)];
+            w.write_all(part).await.unwrap();
+            written += part.len();
+            tokio::time::sleep(pause).await;
         }
         w.shutdown().await.unwrap();
         written
@@ -367,7 +367,7 @@ async fn a_viewer_flooding_while_reading_nothing_is_bounded_then_gets_every_byte
             last = now;
         }
     };
-    let echoed = echo_numbered_words(s, stalled, Writes { chunk: BLOCK, pause: Duration::ZERO, more }).await;
+    let echoed = echo_numbered_words(s, stalled, Writes { chunk: 1 << 20, pause: Duration::ZERO, more }).await;
     assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), echoed);
 }
 
