@@ -173,3 +173,32 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Unavailable {
     );
     if denied && !verified { Unavailable::Permission(text) } else { Unavailable::Kernel(text) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aya::programs::ProgramError;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn a_verifier_rejection_is_the_kernel_refusing_not_a_missing_permission() {
+        // The verifier answers EACCES too, with its log.
+        let rejected = ProgramError::LoadError {
+            io_error: Error::from(ErrorKind::PermissionDenied),
+            verifier_log: aya_obj::VerifierLog::new("0: R1=ctx() R10=fp0\nR4 invalid zero-sized read".into()),
+        };
+        assert!(matches!(classify(&rejected), Unavailable::Kernel(why) if why.contains("invalid zero-sized read")));
+    }
+
+    #[test]
+    fn a_refusal_before_the_verifier_ran_is_a_missing_permission() {
+        let denied = ProgramError::LoadError {
+            io_error: Error::from_raw_os_error(libc::EPERM),
+            verifier_log: aya_obj::VerifierLog::new(String::new()),
+        };
+        assert!(matches!(classify(&denied), Unavailable::Permission(_)));
+        // A map the kernel would not create, for the same reason.
+        assert!(matches!(classify(&Error::from_raw_os_error(libc::EPERM)), Unavailable::Permission(_)));
+        assert!(matches!(classify(&Error::from_raw_os_error(libc::EINVAL)), Unavailable::Kernel(_)));
+    }
+}
