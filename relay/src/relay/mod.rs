@@ -113,12 +113,12 @@ pub(crate) async fn send_leftovers(
         // A framing viewer may hold part of a frame: out before anything else is sent.
         viewer.flush().await.map_err(|e| Ended::ViewerError(e.to_string()))
     };
-    let bytes = control.bytes.clone();
     tokio::select! {
         biased;
         reason = control.stopped() => return Err(Ended::Stopped(reason)),
         sent = send => sent?,
     }
+    let bytes = &control.bytes;
     bytes.to_hypervisor.fetch_add(viewer_buffered.len() as u64, Relaxed);
     bytes.to_viewer.fetch_add(hypervisor_buffered.len() as u64, Relaxed);
     Ok(())
