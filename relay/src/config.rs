@@ -1,7 +1,7 @@
 //! Configuration: TOML, every field optional, defaults embedded. The documented sample
 //! is `relay.example.toml` at the top of the repository; a test keeps the two in step.
 
-use crate::rfb::hypervisor::Scheme;
+use crate::auth::Scheme;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -270,7 +270,7 @@ impl Config {
             return bad("hypervisor.auth_schemes is empty: relay could not authenticate to any hypervisor");
         }
         if let Some(pw) = &self.hypervisor.vnc_password {
-            crate::rfb::vnc_auth::check_password(pw).map_err(|e| ConfigError::Invalid(format!("hypervisor.vnc_password: {e}")))?;
+            crate::auth::passwords::check_password(pw).map_err(|e| ConfigError::Invalid(format!("hypervisor.vnc_password: {e}")))?;
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls: cert and key go together");

@@ -4,31 +4,84 @@ use crate::auth::Secret;
 use crate::auth::{NewToken, Target};
 use crate::cli::{CtlArgs, CtlCommand, InstanceCommand, PasswordCommand, TokenCommand};
 use crate::config::default_control_path;
-use crate::control::client::request;
-use crate::control::proto::{Envelope, Request};
+use crate::control::client::{ClientError, call};
+use crate::control::proto::Request;
+use crate::control::replies::{
+    AccessUrls, Deleted, InstanceReset, PasswordChanged, SessionList, Stats, TokenChecked, TokenCreated, TokenList, Touched,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+use std::path::Path;
 
 /// Runs one ctl command; returns the process exit code.
 pub async fn run(args: CtlArgs) -> i32 {
     let path = args.control.clone().unwrap_or_else(default_control_path);
     let req = to_request(args.command);
-    let human = human_printer(&req);
-    match request(&path, &Envelope::new(req)).await {
-        Ok(reply) => {
-            if args.json {
-                println!("{reply}");
-            } else {
-                human(&reply);
-            }
-            // A token that does not check out is a failure for scripts too.
-            if reply.get("valid") == Some(&Value::Bool(false)) { 1 } else { 0 }
-        }
+    let printed = match &req {
+        Request::TokenCreate(_) => show(&path, req, args.json, print_created).await,
+        Request::TokenCheck { .. } => show(&path, req, args.json, print_checked).await,
+        Request::TokenTouch { .. } => show(&path, req, args.json, |_: Touched| println!("touched")).await,
+        Request::TokenDelete { .. } => show(&path, req, args.json, |_: Deleted| println!("deleted")).await,
+        Request::TokenList { .. } => show(&path, req, args.json, print_tokens).await,
+        Request::Sessions { .. } => show(&path, req, args.json, print_sessions).await,
+        Request::Stats => show(&path, req, args.json, print_stats).await,
+        Request::InstancePasswordSet { .. } | Request::InstancePasswordClear { .. } => show(&path, req, args.json, print_password).await,
+        Request::InstanceReset { .. } => show(&path, req, args.json, print_reset).await,
+    };
+    match printed {
+        // A token that does not check out is a failure for scripts too.
+        Ok(Shown::Invalid) => 1,
+        Ok(Shown::Fine) => 0,
         Err(e) => {
             eprintln!("relay ctl: {e}");
             2
         }
     }
 }
+
+enum Shown {
+    Fine,
+    Invalid,
+}
+
+/// Sends `req`, reads its reply as `T` and prints it: as JSON, or for people.
+async fn show<T: Serialize + DeserializeOwned + Validity>(
+    path: &Path,
+    req: Request,
+    json: bool,
+    human: impl FnOnce(T),
+) -> Result<Shown, ClientError> {
+    let reply: T = call(path, req).await?;
+    let shown = if reply.valid() { Shown::Fine } else { Shown::Invalid };
+    if json {
+        println!("{}", serde_json::to_string(&reply).map_err(|e| ClientError::BadReply(e.to_string()))?);
+    } else {
+        human(reply);
+    }
+    Ok(shown)
+}
+
+/// Whether a reply is a success for the exit code: only `token check` can say no.
+trait Validity {
+    fn valid(&self) -> bool {
+        true
+    }
+}
+
+impl Validity for TokenChecked {
+    fn valid(&self) -> bool {
+        self.valid
+    }
+}
+impl Validity for TokenCreated {}
+impl Validity for Touched {}
+impl Validity for Deleted {}
+impl Validity for TokenList {}
+impl Validity for SessionList {}
+impl Validity for Stats {}
+impl Validity for PasswordChanged {}
+impl Validity for InstanceReset {}
 
 fn to_request(command: CtlCommand) -> Request {
     match command {
@@ -72,88 +125,77 @@ fn to_request(command: CtlCommand) -> Request {
     }
 }
 
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("-")
-}
-
-fn n(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
-fn human_printer(req: &Request) -> fn(&Value) {
-    match req {
-        Request::TokenCreate(_) => |v| {
-            println!("{:<10} {}", "token", s(v, "token"));
-            println!("{:<10} {}", "id", s(v, "id"));
-            println!("{:<10} {} (unix time)", "expires", n(v, "expires"));
-            if let Some(urls) = v.get("urls").and_then(Value::as_object) {
-                for (door, url) in urls {
-                    if let Some(url) = url.as_str() {
-                        println!("{door:<10} {url}");
-                    }
-                }
-            }
-        },
-        Request::TokenCheck { .. } => |v| match v.get("token") {
-            Some(t) => println!(
-                "valid: instance {} -> {}:{}, expires {} (unix time)",
-                s(t, "instance"),
-                s(t, "host"),
-                n(t, "port"),
-                n(t, "expires")
-            ),
-            None => println!("invalid: {}", s(v, "message")),
-        },
-        Request::TokenTouch { .. } => |_| println!("touched"),
-        Request::TokenDelete { .. } => |_| println!("deleted"),
-        Request::TokenList { .. } => |v| {
-            println!("{:<13} {:<24} {:<28} {:>11} FLAGS", "ID", "INSTANCE", "TARGET", "EXPIRES");
-            for t in v.get("tokens").and_then(Value::as_array).into_iter().flatten() {
-                let target = format!("{}:{}", s(t, "host"), n(t, "port"));
-                let flags = if t.get("single_use") == Some(&Value::Bool(true)) { "single-use" } else { "" };
-                println!("{:<13} {:<24} {:<28} {:>11} {}", s(t, "id"), s(t, "instance"), target, n(t, "expires"), flags);
-            }
-        },
-        Request::Sessions { .. } => |v| {
-            println!(
-                "{:>6} {:<24} {:<10} {:<22} {:<22} {:>12} {:>12}",
-                "ID", "INSTANCE", "DOOR", "VIEWER", "HYPERVISOR", "TO-HV", "TO-VIEWER"
-            );
-            for x in v.get("sessions").and_then(Value::as_array).into_iter().flatten() {
-                println!(
-                    "{:>6} {:<24} {:<10} {:<22} {:<22} {:>12} {:>12}",
-                    n(x, "id"),
-                    s(x, "instance"),
-                    s(x, "door"),
-                    s(x, "viewer"),
-                    s(x, "hypervisor"),
-                    n(x, "bytes_to_hypervisor"),
-                    n(x, "bytes_to_viewer")
-                );
-            }
-        },
-        Request::Stats => |v| {
-            println!("sessions_active: {}", n(v, "sessions_active"));
-            println!("tokens: {}", n(v, "tokens"));
-            for (k, c) in v.get("counters").and_then(Value::as_object).into_iter().flatten() {
-                println!("{k}: {c}");
-            }
-        },
-        Request::InstancePasswordSet { .. } | Request::InstancePasswordClear { .. } => |v| {
-            println!(
-                "instance {}: console password {}; disconnected {} live console(s)",
-                s(v, "instance"),
-                s(v, "password"),
-                n(v, "disconnected")
-            );
-        },
-        Request::InstanceReset { .. } => |v| {
-            println!(
-                "instance {}: disconnected {} live console(s), revoked {} token(s)",
-                s(v, "instance"),
-                n(v, "disconnected"),
-                n(v, "revoked")
-            );
-        },
+fn print_created(t: TokenCreated) {
+    println!("{:<10} {}", "token", t.token);
+    println!("{:<10} {}", "id", t.id);
+    println!("{:<10} {} (unix time)", "expires", t.expires);
+    let AccessUrls { novnc, websocket, connect } = t.urls;
+    for (door, url) in [("novnc", novnc), ("websocket", websocket), ("connect", connect)] {
+        if let Some(url) = url {
+            println!("{door:<10} {url}");
+        }
     }
+}
+
+fn print_checked(c: TokenChecked) {
+    match (c.token, c.message) {
+        (Some(t), _) => {
+            println!("valid: instance {} -> {}:{}, expires {} (unix time)", t.instance, t.target.host, t.target.port, t.expires)
+        }
+        (None, message) => println!("invalid: {}", message.unwrap_or_default()),
+    }
+}
+
+fn print_tokens(list: TokenList) {
+    println!("{:<13} {:<24} {:<28} {:>11} FLAGS", "ID", "INSTANCE", "TARGET", "EXPIRES");
+    for t in list.tokens {
+        let target = format!("{}:{}", t.target.host, t.target.port);
+        let flags = if t.single_use { "single-use" } else { "" };
+        println!("{:<13} {:<24} {:<28} {:>11} {}", t.id, t.instance, target, t.expires, flags);
+    }
+}
+
+fn print_sessions(list: SessionList) {
+    println!("{:>6} {:<24} {:<10} {:<22} {:<22} {:>12} {:>12}", "ID", "INSTANCE", "DOOR", "VIEWER", "HYPERVISOR", "TO-HV", "TO-VIEWER");
+    for x in list.sessions {
+        let i = &x.info;
+        println!(
+            "{:>6} {:<24} {:<10} {:<22} {:<22} {:>12} {:>12}",
+            i.id,
+            i.instance,
+            i.door.to_string(),
+            i.viewer.to_string(),
+            i.hypervisor,
+            x.bytes_to_hypervisor,
+            x.bytes_to_viewer
+        );
+    }
+}
+
+fn print_stats(s: Stats) {
+    let r = &s.relay;
+    println!("sessions_active: {}", s.sessions_active);
+    println!("live bytes: {} to hypervisors, {} to viewers", s.live_bytes_to_hypervisor, s.live_bytes_to_viewer);
+    println!("tokens: {}", s.tokens);
+    println!("relay: raw consoles on {}, framed on {}", r.raw.name(), r.framed.name());
+    println!("relay: kernel_after_ms {}, hand_overs {}", r.kernel_after_ms, r.hand_overs);
+    if r.raw.name() == "sockmap" {
+        println!("relay: sockmap flows {}, sockets {}", r.sockmap_flows, r.sockmap_sockets);
+    }
+    // The counters as the JSON reply names them.
+    if let Ok(Value::Object(counters)) = serde_json::to_value(&s.counters) {
+        for (name, n) in counters {
+            println!("{name}: {n}");
+        }
+    }
+    let ended: Vec<String> = s.ended.iter().filter(|(_, n)| **n > 0).map(|(cause, n)| format!("{} {n}", cause.name())).collect();
+    println!("ended: {}", if ended.is_empty() { "none".to_string() } else { ended.join(", ") });
+}
+
+fn print_password(p: PasswordChanged) {
+    println!("instance {}: console password {}; disconnected {} live console(s)", p.instance, p.password, p.disconnected);
+}
+
+fn print_reset(r: InstanceReset) {
+    println!("instance {}: disconnected {} live console(s), revoked {} token(s)", r.instance, r.disconnected, r.revoked);
 }

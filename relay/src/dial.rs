@@ -2,7 +2,8 @@
 //! `internal_access_path` (an HTTP CONNECT that must be answered 200 before RFB).
 
 use crate::auth::Target;
-use crate::front::http::{HeadError, parse_response};
+use crate::wire::http::{HeadError, parse_response};
+use crate::wire::prefixed::Prefixed;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -29,13 +30,9 @@ pub enum DialError {
     AccessPathIo(std::io::Error),
 }
 
-/// A connected hypervisor socket and any RFB bytes that arrived behind the CONNECT reply.
-pub struct Dialed {
-    pub stream: TcpStream,
-    pub buffered: Vec<u8>,
-}
-
-pub async fn dial(target: &Target, connect_timeout: Duration) -> Result<Dialed, DialError> {
+/// Connects to the hypervisor; the stream comes with any RFB bytes that arrived behind the
+/// CONNECT reply.
+pub async fn dial(target: &Target, connect_timeout: Duration) -> Result<Prefixed<TcpStream>, DialError> {
     let name = format!("{}:{}", target.host, target.port);
     let attempt = async {
         let addrs = tokio::net::lookup_host((target.host.as_str(), target.port)).await.map_err(|e| DialError::Resolve(name.clone(), e))?;
@@ -57,7 +54,7 @@ pub async fn dial(target: &Target, connect_timeout: Duration) -> Result<Dialed, 
         let exchange = access_path(&mut stream, path, &mut buffered);
         timeout(connect_timeout, exchange).await.map_err(|_| DialError::Timeout(name))??;
     }
-    Ok(Dialed { stream, buffered })
+    Ok(Prefixed::new(stream, buffered))
 }
 
 /// Sends the CONNECT and reads exactly the reply head; RFB bytes that came in the same

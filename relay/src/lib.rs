@@ -21,3 +21,4 @@ pub mod session;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+pub mod wire;

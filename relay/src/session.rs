@@ -1,7 +1,7 @@
 //! The registry of live sessions: who is connected to which instance, their byte
 //! counters, and the handle that ends them (forced disconnect).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +40,7 @@ impl ByteCounters {
 }
 
 /// What the registry knows about a live session.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionInfo {
     pub id: u64,
     pub instance: String,
@@ -51,7 +51,7 @@ pub struct SessionInfo {
     pub started: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionView {
     #[serde(flatten)]
     pub info: SessionInfo,

@@ -4,7 +4,9 @@
 //! authentication result, refusal and session end, with structured fields.
 
 use crate::config::{Log, LogFormat};
-use serde::Serialize;
+use crate::relay::lifecycle::Cause;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tracing_subscriber::EnvFilter;
 
@@ -33,9 +35,11 @@ pub struct Counters {
     pub token_rejections: AtomicU64,
     pub bytes_to_hypervisor: AtomicU64,
     pub bytes_to_viewer: AtomicU64,
+    /// Consoles ended, by cause (indexed as [`Cause::ALL`]).
+    ended: [AtomicU64; Cause::ALL.len()],
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CountersView {
     pub connections_accepted: u64,
     pub connections_refused: u64,
@@ -54,6 +58,18 @@ pub fn bump(c: &AtomicU64) {
 }
 
 impl Counters {
+    /// Counts a console's end under its cause.
+    pub fn ended(&self, cause: Cause) {
+        if let Some(i) = Cause::ALL.iter().position(|c| *c == cause) {
+            bump(&self.ended[i]);
+        }
+    }
+
+    /// Consoles ended so far, by cause; every cause is listed, zero or not.
+    pub fn ended_view(&self) -> BTreeMap<Cause, u64> {
+        Cause::ALL.iter().zip(&self.ended).map(|(cause, n)| (*cause, n.load(Ordering::Relaxed))).collect()
+    }
+
     pub fn view(&self) -> CountersView {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CountersView {

@@ -74,6 +74,12 @@ impl Qemu {
         self.addr
     }
 
+    /// Kills QEMU (SIGKILL), as when its host or process dies under a console.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the RFB greeting on the VNC port.
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();

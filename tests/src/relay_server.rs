@@ -5,8 +5,9 @@ use crate::ws_viewer::WsByteStream;
 use anyhow::{Context, bail};
 use relay::auth::{NewToken, Secret, Target};
 use relay::config::Config;
-use relay::control::client::request;
+use relay::control::client::{call, request};
 use relay::control::proto::{Envelope, Request};
+use relay::control::replies::Stats;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,6 +82,28 @@ impl TestRelay {
 
     pub async fn ctl(&self, req: Request) -> anyhow::Result<Value> {
         Ok(request(&self.control, &Envelope::new(req)).await?)
+    }
+
+    /// `stats`, typed.
+    pub async fn stats(&self) -> Stats {
+        call(&self.control, Request::Stats).await.expect("stats")
+    }
+
+    /// `stats` once `n` consoles have ended (waiting up to 5 s for them).
+    pub async fn ended(&self, n: u64) -> Stats {
+        let started = std::time::Instant::now();
+        loop {
+            let stats = self.stats().await;
+            if stats.counters.sessions_ended >= n {
+                return stats;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{} of {n} consoles ended: {stats:?}",
+                stats.counters.sessions_ended
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// A token for `instance` whose console is the VNC server at `hypervisor`.

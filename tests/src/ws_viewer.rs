@@ -23,6 +23,16 @@ impl<S> WsByteStream<S> {
     }
 }
 
+impl WsByteStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    /// Drops the connection with a TCP reset (`ws://`), as a browser may once a console
+    /// has ended.
+    pub fn reset(self) {
+        if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = self.ws.get_ref() {
+            let _ = tcp.set_zero_linger();
+        }
+    }
+}
+
 fn to_io(e: WsError) -> io::Error {
     match e {
         WsError::Io(e) => e,

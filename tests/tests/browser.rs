@@ -112,7 +112,7 @@ async fn novnc_over_wss_to_a_qemu_demanding_x509_client_certificates() {
     if !env::qemu() || !env::browser() {
         return;
     }
-    use relay::rfb::hypervisor::Scheme;
+    use relay::auth::Scheme;
     use relay_tests::pki::{Ca, Role};
     let dir = scratch_dir("wss");
     // The hypervisor leg: QEMU with x509 credentials and verify-peer=on.

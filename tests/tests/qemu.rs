@@ -1,10 +1,12 @@
 //! Consoles of a real QEMU VNC server through both doors: security None and a VNC
 //! password on the hypervisor side, a full framebuffer read by a raw RFB viewer.
 
+use relay::relay::lifecycle::Cause;
 use relay_tests::env;
 use relay_tests::hypervisor::{Qemu, VncAuth};
 use relay_tests::relay_server::{TestRelay, new_token, with_hypervisor_password};
 use relay_tests::viewer::{distinct_colours, framebuffer, handshake, resized_framebuffer};
+use tokio::io::AsyncReadExt;
 
 #[tokio::test]
 async fn connect_door_full_framebuffer_from_qemu() {
@@ -76,4 +78,37 @@ async fn connect_door_console_keeps_working_after_moving_to_the_kernel() {
     let stats = relay.ctl(relay::control::proto::Request::Stats).await.unwrap();
     let moved = if stats["relay"]["raw"] == "copy" { 0 } else { 1 };
     assert_eq!(stats["relay"]["hand_overs"], moved, "{stats}");
+}
+
+/// QEMU killed under live consoles, one per door, on relay's default configuration (the
+/// CONNECT console past its move to the kernel): each console's end is the
+/// hypervisor's, even though each viewer then resets its connection as a browser does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_hypervisor_is_the_end_on_both_doors() {
+    if !env::qemu() {
+        return;
+    }
+    let mut qemu = Qemu::start(VncAuth::None).await.unwrap();
+    let relay = TestRelay::start().await;
+    let token = relay.token("vm-q5", qemu.addr()).await;
+    let mut raw = relay.connect_door(&token).await.expect("200 from the CONNECT door");
+    handshake(&mut raw, b"RFB 003.008\n", None).await.expect("RFB through relay");
+    let mut ws = relay.websocket(&format!("/?token={token}"), &[]).await.expect("upgrade");
+    handshake(&mut ws, b"RFB 003.008\n", None).await.expect("RFB through relay");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    qemu.kill();
+    let mut sink = vec![0u8; 1 << 16];
+    // The viewers see the end (a clean one, or a reset passed on), then reset their side.
+    while matches!(tokio::time::timeout(std::time::Duration::from_secs(5), raw.read(&mut sink)).await.expect("the end reaches the viewer"), Ok(n) if n > 0)
+    {
+    }
+    raw.set_zero_linger().unwrap();
+    drop(raw);
+    while matches!(tokio::time::timeout(std::time::Duration::from_secs(5), ws.read(&mut sink)).await.expect("the end reaches the viewer"), Ok(n) if n > 0)
+    {
+    }
+    ws.reset();
+    let ended = relay.ended(2).await.ended;
+    let by_hypervisor = ended[&Cause::HypervisorClosed] + ended[&Cause::HypervisorReset];
+    assert_eq!(by_hypervisor, 2, "both consoles ended by the hypervisor: {ended:?}");
 }

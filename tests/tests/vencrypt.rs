@@ -2,15 +2,17 @@
 //! relay presents its client certificate, verifies QEMU's against the CA and the
 //! token's host, then authenticates inside TLS. Bad certificates are refused.
 
+use relay::auth::Scheme;
 use relay::config::Config;
 use relay::control::proto::Request;
-use relay::rfb::hypervisor::Scheme;
+use relay::relay::lifecycle::Cause;
 use relay_tests::env;
 use relay_tests::hypervisor::{Qemu, VncAuth};
 use relay_tests::pki::{Ca, Issued, Role};
 use relay_tests::relay_server::{TestRelay, new_token, scratch_dir, with_hypervisor_password};
 use relay_tests::viewer::{ViewerError, distinct_colours, framebuffer, handshake};
 use std::path::{Path, PathBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Pki {
     ca: Ca,
@@ -190,4 +192,56 @@ async fn tls_on_both_legs_connect_viewer_to_x509_qemu() {
     assert_eq!(&ok, b"HTTP/1.1 200 OK\r\n\r\n");
     let init = handshake(&mut tls, b"RFB 003.008\n", None).await.expect("RFB inside TLS on both legs");
     assert!(distinct_colours(&framebuffer(&mut tls, &init).await.unwrap()) >= 2);
+}
+
+/// QEMU ends a VeNCrypt session without TLS close_notify. A viewer that closes its
+/// console is still the cause of the end: QEMU's close is the answer to relay's.
+#[tokio::test]
+async fn a_viewer_closing_a_vencrypt_console_is_the_viewers_end() {
+    if !env::qemu() {
+        return;
+    }
+    let p = pki();
+    let (ca_file, client) = (p.dir.join("ca.pem"), p.client.clone());
+    let relay = TestRelay::start_with(move |c| vencrypt(c, &ca_file, Some(&client))).await;
+    let qemu = qemu(&p.ca, &p.dir, &["127.0.0.1"], false, None).await;
+    let token = relay.token("vm-x509-close", qemu.addr()).await;
+    let mut viewer = relay.connect_door(&token).await.unwrap();
+    let init = handshake(&mut viewer, b"RFB 003.008\n", None).await.expect("X509None through relay");
+    framebuffer(&mut viewer, &init).await.unwrap();
+    viewer.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), viewer.read_to_end(&mut rest)).await;
+    let ended = relay.ended(1).await.ended;
+    assert_eq!(ended[&Cause::ViewerClosed], 1, "{ended:?}");
+}
+
+/// A TLS hypervisor that goes away gives a CONNECT viewer the same clean end (a FIN) as a
+/// plain one does, not a reset.
+#[tokio::test]
+async fn a_vanishing_tls_hypervisor_gives_the_viewer_a_clean_end() {
+    if !env::qemu() {
+        return;
+    }
+    let p = pki();
+    let (ca_file, client) = (p.dir.join("ca.pem"), p.client.clone());
+    let relay = TestRelay::start_with(move |c| vencrypt(c, &ca_file, Some(&client))).await;
+    let mut qemu = qemu(&p.ca, &p.dir, &["127.0.0.1"], false, None).await;
+    let token = relay.token("vm-x509-gone", qemu.addr()).await;
+    let mut viewer = relay.connect_door(&token).await.unwrap();
+    let init = handshake(&mut viewer, b"RFB 003.008\n", None).await.expect("X509None through relay");
+    framebuffer(&mut viewer, &init).await.unwrap();
+    qemu.kill();
+    let mut sink = vec![0u8; 1 << 16];
+    let end = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), viewer.read(&mut sink)).await.expect("the end reaches the viewer") {
+            Ok(0) => break "eof".to_string(),
+            Ok(_) => {}
+            Err(e) => break format!("{:?}", e.kind()),
+        }
+    };
+    assert_eq!(end, "eof", "a clean end, as from a plain hypervisor");
+    drop(viewer);
+    let ended = relay.ended(1).await.ended;
+    assert_eq!(ended[&Cause::HypervisorClosed], 1, "{ended:?}");
 }

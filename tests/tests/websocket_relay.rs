@@ -5,6 +5,7 @@
 use futures_util::{SinkExt, StreamExt};
 use relay::config::Backend;
 use relay::control::proto::Request;
+use relay::relay::lifecycle::Cause;
 use relay_tests::env;
 use relay_tests::fake_hypervisor::{After, FakeVnc, SERVER_INIT_LEN, Script, pattern, read_pattern};
 use relay_tests::relay_server::{TestRelay, WsViewer};
@@ -29,6 +30,7 @@ macro_rules! websocket_relay {
                 a_stalled_viewer_bounds_what_is_in_flight_then_gets_every_byte,
                 a_malformed_frame_ends_the_console,
                 a_console_moved_mid_stream_keeps_every_byte_in_order,
+                the_hypervisors_end_is_the_cause_even_when_the_viewer_then_resets,
             );
         }
     )*};
@@ -173,6 +175,30 @@ async fn the_hypervisors_fin_reaches_the_viewer_after_its_data_as_a_close(relay:
     };
     assert!(got == expected, "all {} bytes, in order, before the end ({} came)", expected.len(), got.len());
     assert!(matches!(last, Some(Ok(Message::Close(_)))), "then a Close frame: {last:?}");
+}
+
+/// The hypervisor went first: a browser that resets its connection once it has the
+/// Close does not make the end the viewer's.
+async fn the_hypervisors_end_is_the_cause_even_when_the_viewer_then_resets(relay: TestRelay) {
+    let hv = FakeVnc::start(Script::after(After::SendThenFin(1 << 20))).await;
+    let token = relay.token("vm-ws-hvend", hv.addr()).await;
+    let mut ws = relay.websocket_frames(&format!("/?token={token}")).await;
+    rfb_over_frames(&mut ws).await;
+    let last = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("in time") {
+            Some(Ok(Message::Binary(_))) => {}
+            other => break other,
+        }
+    };
+    assert!(matches!(last, Some(Ok(Message::Close(_)))), "a Close frame: {last:?}");
+    match ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.set_zero_linger().unwrap(),
+        _ => unreachable!("ws://"),
+    }
+    drop(ws);
+    let ended = relay.ended(1).await.ended;
+    assert_eq!(ended[&Cause::HypervisorClosed], 1, "{ended:?}");
+    assert_eq!(ended[&Cause::ViewerReset], 0, "{ended:?}");
 }
 
 async fn pings_are_answered_between_data_frames(relay: TestRelay) {

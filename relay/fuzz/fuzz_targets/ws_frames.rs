@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay::front::ws_frame::Decoder;
+use relay::wire::ws_frame::Decoder;
 
 fn decode(pieces: &[&[u8]]) -> (Vec<u8>, bool, bool) {
     let mut d = Decoder::new(1 << 16);

@@ -3,8 +3,10 @@
 pub mod lockout;
 pub mod memory;
 pub mod passwords;
+pub mod scheme;
 pub mod store;
 pub mod token;
 
+pub use scheme::Scheme;
 pub use store::{StoreError, TokenRejection, TokenStore};
 pub use token::{NewToken, Secret, Target, TokenHash, TokenRecord};

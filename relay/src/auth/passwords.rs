@@ -7,6 +7,24 @@ use super::token::Secret;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+/// VNC authentication's DES key holds this many bytes of password; RFB carries no more.
+pub const MAX_PASSWORD_LEN: usize = 8;
+
+/// Why a password cannot be used with VNC authentication (a console password, or a
+/// hypervisor's).
+pub fn check_password(password: &str) -> Result<(), String> {
+    if password.is_empty() {
+        return Err("the password is empty".into());
+    }
+    if password.len() > MAX_PASSWORD_LEN {
+        return Err(format!("the password is {} bytes; VNC authentication carries at most {MAX_PASSWORD_LEN}", password.len()));
+    }
+    if !password.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err("the password must be printable ASCII (VNC viewers cannot send other characters reliably)".into());
+    }
+    Ok(())
+}
+
 pub trait PasswordStore: Send + Sync + 'static {
     fn set(&self, instance: &str, password: Secret) -> StoreFuture<'_, ()>;
     /// False when the instance had no password.
@@ -46,5 +64,18 @@ impl PasswordStore for MemoryPasswords {
     fn get(&self, instance: &str) -> StoreFuture<'_, Option<Secret>> {
         let found = self.map().get(instance).cloned();
         Box::pin(std::future::ready(Ok(found)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_password;
+
+    #[test]
+    fn passwords_rfb_cannot_carry_are_refused() {
+        assert!(check_password("123456789").is_err());
+        assert!(check_password("").is_err());
+        assert!(check_password("pässwd").is_err());
+        assert!(check_password("s3cret!").is_ok());
     }
 }

@@ -1,5 +1,5 @@
 //! The storage interface behind console tokens. The embedded store is
-//! [`super::memory::MemoryStore`]; a shared (Redis) store implements the same trait.
+//! [`super::memory::MemoryStore`], the only one so far.
 
 use super::token::{TokenHash, TokenRecord};
 use std::future::Future;
@@ -8,7 +8,7 @@ use std::pin::Pin;
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// Why a token does not open a console. Shown to clients as it is: it names no secret.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenRejection {
     #[error("unknown console token")]

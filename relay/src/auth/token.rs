@@ -1,7 +1,7 @@
 //! The token itself and its record. Only the SHA-256 of a token is ever kept; the
 //! token text exists in the reply to whoever created it and in the console URL.
 
-use crate::rfb::hypervisor::Scheme;
+use crate::auth::Scheme;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;

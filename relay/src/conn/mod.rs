@@ -10,11 +10,12 @@ use request::send_and_close;
 
 use crate::app::{App, unix_now};
 use crate::auth::TokenHash;
-use crate::front::http::{Reject, RequestHead};
 use crate::front::{Door, token_param};
 use crate::session::SessionInfo;
 use crate::telemetry::{AUDIT, bump};
 use crate::transport::Transport;
+use crate::wire::http::{Reject, RequestHead};
+use crate::wire::prefixed::Prefixed;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
@@ -62,15 +63,15 @@ struct Conn {
     _permit: OwnedSemaphorePermit,
 }
 
-/// A request that asked for a console, with the bytes that followed its head.
+/// A request that asked for a console, and the door it came through.
 struct ConsoleRequest {
     head: RequestHead,
-    rest: Vec<u8>,
     door: Door,
 }
 
 impl Conn {
-    async fn run(mut self, mut stream: Transport, listener: Listener) {
+    async fn run(mut self, stream: Transport, listener: Listener) {
+        let mut stream = Prefixed::bare(stream);
         let Some(req) = self.read_console_request(&mut stream, listener).await else {
             // A clean end: a FIN, and under TLS a close_notify first.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.shutdown()).await;
@@ -84,7 +85,7 @@ impl Conn {
         {
             self.client = client;
         }
-        let upgrade = match self.check_door(&req, stream.is_tls()) {
+        let upgrade = match self.check_door(&req, stream.io.is_tls()) {
             Ok(upgrade) => upgrade,
             Err(reject) => {
                 self.refuse(&mut stream, &reject, &req).await;
@@ -129,7 +130,7 @@ impl Conn {
             }
         };
         let span = info_span!("session", instance = %record.instance, token_id = %record.id, door = %req.door, client = %self.client);
-        self.console(stream, req, upgrade, record, hash, session).instrument(span).await
+        self.console(stream, upgrade, record, hash, session).instrument(span).await
     }
 }
 

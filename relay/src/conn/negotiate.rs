@@ -2,13 +2,11 @@
 //! VeNCrypt TLS towards the hypervisor and the console password towards the viewer),
 //! the relay, and the closing audit.
 
-use super::{CONNECT_OK, Conn, ConsoleRequest, send_and_close};
+use super::{CONNECT_OK, Conn, send_and_close};
 use crate::app::unix_now;
 use crate::auth::{TokenHash, TokenRecord};
-use crate::dial::{DialError, Dialed, dial};
-use crate::front::http::Reject;
+use crate::dial::{DialError, dial};
 use crate::front::ws;
-use crate::front::ws_stream::WsByteStream;
 use crate::relay::{self, Control, Ended, Established, Peer};
 use crate::rfb::RfbError;
 use crate::rfb::drive::{DriveError, drive};
@@ -17,10 +15,14 @@ use crate::rfb::viewer::{ViewerAuth, ViewerHandshake};
 use crate::session::SessionHandle;
 use crate::telemetry::{AUDIT, bump};
 use crate::transport::Transport;
+use crate::wire::http::Reject;
+use crate::wire::prefixed::Prefixed;
+use crate::wire::ws_stream::WsByteStream;
 use rand::RngCore;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 use tracing::{Instrument, info, warn};
 
@@ -31,8 +33,7 @@ impl Conn {
     /// From a redeemed token to the end of the console.
     pub(super) async fn console(
         self,
-        mut stream: Transport,
-        req: ConsoleRequest,
+        mut stream: Prefixed<Transport>,
         upgrade: Option<ws::Upgrade>,
         record: TokenRecord,
         hash: TokenHash,
@@ -55,15 +56,15 @@ impl Conn {
                 if stream.write_all(CONNECT_OK).await.is_err() {
                     return;
                 }
-                self.negotiate(stream, req.rest, dialed, &record, hash, session).await
+                self.negotiate(stream, dialed, &record, hash, session).await
             }
             Some(upgrade) => {
                 if stream.write_all(&upgrade.response()).await.is_err() {
                     return;
                 }
                 let max_frame = self.app.config.limits.max_ws_message_bytes as u64;
-                match WsByteStream::new(stream, req.rest, max_frame) {
-                    Ok((ws, early)) => self.negotiate(ws, early, dialed, &record, hash, session).await,
+                match WsByteStream::new(stream, max_frame) {
+                    Ok(ws) => self.negotiate(ws, dialed, &record, hash, session).await,
                     Err(e) => warn!(target: AUDIT, event = "viewer_handshake_failed", error = %e),
                 }
             }
@@ -73,9 +74,8 @@ impl Conn {
     /// Both RFB handshakes, then the relay.
     async fn negotiate<V: Peer + 'static>(
         self,
-        mut viewer: V,
-        mut viewer_buf: Vec<u8>,
-        dialed: Result<Dialed, DialError>,
+        mut viewer: Prefixed<V>,
+        dialed: Result<Prefixed<TcpStream>, DialError>,
         record: &TokenRecord,
         hash: TokenHash,
         session: SessionHandle,
@@ -99,7 +99,7 @@ impl Conn {
         // A forced disconnect also ends a viewer still at the password prompt.
         let mut stop = session.stop.clone();
         let viewer_done = tokio::select! {
-            done = timeout_at(deadline, drive(viewer_machine, &mut viewer, &mut viewer_buf)) => done,
+            done = timeout_at(deadline, drive(viewer_machine, &mut viewer)) => done,
             _ = stop.wait_for(Option::is_some) => {
                 info!(target: AUDIT, event = "viewer_handshake_failed", error = "disconnected during the handshake");
                 return;
@@ -108,8 +108,8 @@ impl Conn {
         if wants_password {
             self.audit_password(&record.instance, &viewer_done);
         }
-        let (hypervisor, done, hv_buf) = match (hypervisor, viewer_done) {
-            (Ok((stream, done, buf)), Ok(Ok(viewer_done))) => (stream, (done, viewer_done), buf),
+        let (hypervisor, done) = match (hypervisor, viewer_done) {
+            (Ok((stream, done)), Ok(Ok(viewer_done))) => (stream, (done, viewer_done)),
             (hypervisor, viewer_done) => {
                 if hypervisor.is_ok() {
                     let error = match viewer_done {
@@ -142,7 +142,7 @@ impl Conn {
             half_close_timeout: Duration::from_secs(cfg.half_close_timeout_secs),
         };
         let control = Control { bytes: session.bytes.clone(), stop: session.stop.clone() };
-        let pair = Established { viewer, viewer_buffered: viewer_buf, hypervisor, hypervisor_buffered: hv_buf };
+        let pair = Established { viewer, hypervisor };
         let viewer_auth = if viewer_done.security == crate::rfb::security::VNC { "password" } else { "none" };
         let record = record.clone();
         // The console gets a task of its own, holding only what the relay needs: the
@@ -203,10 +203,9 @@ impl Conn {
     /// hypervisor connection, how it went, and bytes it sent beyond the handshake.
     async fn hypervisor_handshake(
         &self,
-        dialed: Dialed,
+        mut dialed: Prefixed<TcpStream>,
         record: &TokenRecord,
-    ) -> Result<(Transport, HypervisorDone, Vec<u8>), HypervisorFailed> {
-        let Dialed { mut stream, mut buffered } = dialed;
+    ) -> Result<(Prefixed<Transport>, HypervisorDone), HypervisorFailed> {
         let cfg = &self.app.config.hypervisor;
         let auth = HypervisorAuth {
             schemes: record.hypervisor_schemes.clone().unwrap_or_else(|| cfg.auth_schemes.clone()),
@@ -218,13 +217,13 @@ impl Conn {
             HypervisorFailed
         };
         let mut machine = HypervisorHandshake::new(auth);
-        let first = match timeout_at(self.deadline, drive(&mut machine, &mut stream, &mut buffered)).await {
+        let first = match timeout_at(self.deadline, drive(&mut machine, &mut dialed)).await {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => return Err(fail(if matches!(e, DriveError::Rfb(_)) { "rfb" } else { "io" }, e.to_string())),
             Err(_) => return Err(fail("rfb", "handshake timed out".into())),
         };
-        let Some(subtype) = first.start_tls else { return Ok((Transport::Plain(stream), first, buffered)) };
-        if !buffered.is_empty() {
+        let Some(subtype) = first.start_tls else { return Ok((dialed.map(Transport::Plain), first)) };
+        if !dialed.prefix.is_empty() {
             return Err(fail("vencrypt", "hypervisor sent data before the TLS handshake".into()));
         }
         let Some(connector) = &self.app.hypervisor_tls else {
@@ -233,13 +232,13 @@ impl Conn {
         let Ok(name) = rustls::pki_types::ServerName::try_from(record.target.host.clone()) else {
             return Err(fail("tls", format!("{:?} is not a valid TLS server name", record.target.host)));
         };
-        let mut tls = match timeout_at(self.deadline, connector.connect(name, stream)).await {
-            Ok(Ok(tls)) => Transport::ClientTls(Box::new(tls)),
+        let mut tls = match timeout_at(self.deadline, connector.connect(name, dialed.io)).await {
+            Ok(Ok(tls)) => Prefixed::bare(Transport::ClientTls(Box::new(tls))),
             Ok(Err(e)) => return Err(fail("tls", format!("TLS with the hypervisor failed ({subtype:?}): {e}"))),
             Err(_) => return Err(fail("tls", "TLS handshake with the hypervisor timed out".into())),
         };
-        match timeout_at(self.deadline, drive(&mut machine, &mut tls, &mut buffered)).await {
-            Ok(Ok(done)) => Ok((tls, done, buffered)),
+        match timeout_at(self.deadline, drive(&mut machine, &mut tls)).await {
+            Ok(Ok(done)) => Ok((tls, done)),
             // Under TLS 1.3 a hypervisor that rejects (or misses) relay's client
             // certificate says so only by closing after the handshake.
             Ok(Err(e @ (DriveError::Io(_) | DriveError::Closed))) if cfg.vencrypt_client_cert.is_none() => Err(fail(
@@ -268,6 +267,7 @@ impl Conn {
         counters.bytes_to_hypervisor.fetch_add(up, Ordering::Relaxed);
         counters.bytes_to_viewer.fetch_add(down, Ordering::Relaxed);
         bump(&counters.sessions_ended);
+        counters.ended(ended.cause());
         // The token was in use until now: it lapses from here, not from its last redeem.
         let _ = self.app.tokens.touch(hash, unix_now()).await;
         info!(
@@ -278,6 +278,7 @@ impl Conn {
             viewer = %self.peer,
             hypervisor = %format!("{}:{}", record.target.host, record.target.port),
             viewer_auth,
+            cause = ended.cause().name(),
             reason = %ended,
             relay = backend,
             bytes_to_hypervisor = up,

@@ -2,10 +2,11 @@
 //! and refusals.
 
 use super::{Conn, ConsoleRequest, Listener};
-use crate::front::http::{Reject, RequestHead, parse_request};
 use crate::front::{Door, origin, web, ws};
 use crate::telemetry::{AUDIT, bump};
 use crate::transport::Transport;
+use crate::wire::http::{Reject, RequestHead, parse_request};
+use crate::wire::prefixed::Prefixed;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -47,13 +48,13 @@ impl Conn {
     }
 
     /// Reads request heads until one asks for a console; serves the web client's files
-    /// on the way (keep-alive). `None` when the connection is done.
-    pub(super) async fn read_console_request(&mut self, stream: &mut Transport, listener: Listener) -> Option<ConsoleRequest> {
+    /// on the way (keep-alive). `None` when the connection is done. Bytes read past the
+    /// console request's head stay in `stream.prefix` for the next phase.
+    pub(super) async fn read_console_request(&mut self, stream: &mut Prefixed<Transport>, listener: Listener) -> Option<ConsoleRequest> {
         let limits = &self.app.config.limits;
-        let mut buf = Vec::with_capacity(1024);
         for _ in 0..limits.max_requests_per_connection {
             self.deadline = tokio::time::Instant::now() + self.app.config.handshake_timeout();
-            let head = match timeout_at(self.deadline, read_head(stream, &mut buf, limits.max_header_bytes)).await {
+            let head = match timeout_at(self.deadline, read_head(stream, limits.max_header_bytes)).await {
                 Ok(Ok(Some(head))) => head,
                 Ok(Ok(None)) => return None,
                 Ok(Err(reject)) => {
@@ -64,23 +65,19 @@ impl Conn {
                 }
                 Err(_) => {
                     // Quietly for an idle keep-alive connection; with a 408 mid-request.
-                    if !buf.is_empty() {
+                    if !stream.prefix.is_empty() {
                         send_and_close(stream, &Reject::new(408, "Request Timeout", "request head too slow").to_bytes()).await;
                     }
                     return None;
                 }
             };
-            let (head, len) = head;
-            let rest = buf.split_off(len);
-            buf.clear();
             match listener {
-                Listener::Connect => return Some(ConsoleRequest { head, rest, door: Door::Connect }),
-                Listener::WebSocket if ws::is_upgrade(&head) => return Some(ConsoleRequest { head, rest, door: Door::WebSocket }),
+                Listener::Connect => return Some(ConsoleRequest { head, door: Door::Connect }),
+                Listener::WebSocket if ws::is_upgrade(&head) => return Some(ConsoleRequest { head, door: Door::WebSocket }),
                 Listener::WebSocket => {
                     if !self.serve_web(stream, &head).await || !head.keep_alive() {
                         return None;
                     }
-                    buf = rest;
                 }
             }
         }
@@ -88,7 +85,7 @@ impl Conn {
     }
 
     /// Serves one file of the web client; false when the connection should close.
-    async fn serve_web(&self, stream: &mut Transport, head: &RequestHead) -> bool {
+    async fn serve_web(&self, stream: &mut Prefixed<Transport>, head: &RequestHead) -> bool {
         bump(&self.app.counters.web_requests);
         let response = match &self.app.config.listen.web {
             Some(root) => web::respond(root, head).await,
@@ -130,7 +127,7 @@ impl Conn {
         }
     }
 
-    pub(super) async fn refuse(&self, stream: &mut Transport, reject: &Reject, req: &ConsoleRequest) {
+    pub(super) async fn refuse(&self, stream: &mut Prefixed<Transport>, reject: &Reject, req: &ConsoleRequest) {
         bump(&self.app.counters.connections_refused);
         info!(target: AUDIT, event = "refused", door = %req.door, status = reject.status, reason = %reject.message);
         send_and_close(stream, &reject.to_bytes()).await;
@@ -157,19 +154,21 @@ pub(super) async fn send_and_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &m
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
-/// Reads until a whole request head is in `buf`. `Ok(None)`: closed before a request.
-async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>, max: usize) -> Result<Option<(RequestHead, usize)>, Reject> {
+/// Reads until a whole request head is in `stream.prefix`, and takes it from there.
+/// `Ok(None)`: closed before a request.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut Prefixed<S>, max: usize) -> Result<Option<RequestHead>, Reject> {
     let mut chunk = [0u8; 2048];
     loop {
-        if !buf.is_empty()
-            && let Some(head) = parse_request(buf, max).map_err(|e| e.reject())?
+        if !stream.prefix.is_empty()
+            && let Some((head, len)) = parse_request(&stream.prefix, max).map_err(|e| e.reject())?
         {
+            stream.prefix.drain(..len);
             return Ok(Some(head));
         }
-        let n = stream.read(&mut chunk).await.map_err(|e| Reject::new(400, "Bad Request", e.to_string()))?;
+        let n = stream.io.read(&mut chunk).await.map_err(|e| Reject::new(400, "Bad Request", e.to_string()))?;
         if n == 0 {
-            return if buf.is_empty() { Ok(None) } else { Err(Reject::new(400, "Bad Request", "connection closed mid-request")) };
+            return if stream.prefix.is_empty() { Ok(None) } else { Err(Reject::new(400, "Bad Request", "connection closed mid-request")) };
         }
-        buf.extend_from_slice(&chunk[..n]);
+        stream.prefix.extend_from_slice(&chunk[..n]);
     }
 }

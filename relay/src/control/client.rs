@@ -1,6 +1,6 @@
 //! The control protocol's client, as `relay ctl` and tests use it.
 
-use super::proto::{ControlError, Envelope, Reply};
+use super::proto::{ControlError, Envelope, Reply, Request};
 use serde_json::Value;
 use std::path::Path;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -18,6 +18,14 @@ pub enum ClientError {
     Refused(#[from] ControlError),
 }
 
+/// Sends one request and reads its result as `T`, the operation's reply type
+/// ([`super::replies`]).
+pub async fn call<T: serde::de::DeserializeOwned>(path: &Path, request: Request) -> Result<T, ClientError> {
+    let result = self::request(path, &Envelope::new(request)).await?;
+    serde_json::from_value(result).map_err(|e| ClientError::BadReply(e.to_string()))
+}
+
+/// Sends one request; its result as JSON.
 pub async fn request(path: &Path, envelope: &Envelope) -> Result<Value, ClientError> {
     let stream = UnixStream::connect(path).await.map_err(|e| ClientError::Connect(path.display().to_string(), e))?;
     let (read, mut write) = stream.into_split();

@@ -1,15 +1,88 @@
-//! Carries out control requests against the token store and the session registry.
+//! Carries out control requests against the token and password stores and the session
+//! registry, through a [`ControlContext`] that holds nothing else.
 
 use super::proto::{ControlError, Envelope, ErrorKind, Request, VERSION};
+use super::replies::{
+    AccessUrls, Deleted, InstanceReset, PasswordChanged, SessionList, Stats, TokenChecked, TokenCreated, TokenList, Touched,
+};
 use crate::app::{App, unix_now};
+use crate::auth::passwords::{PasswordStore, check_password};
 use crate::auth::store::Filter;
-use crate::auth::{NewToken, StoreError, TokenHash, TokenRecord, token};
-use crate::rfb::vnc_auth::check_password;
-use crate::telemetry::AUDIT;
-use serde_json::{Value, json};
+use crate::auth::{NewToken, StoreError, TokenHash, TokenRecord, TokenStore, token};
+use crate::config::{Config, Tokens};
+use crate::front::token_param;
+use crate::relay::backend::Relays;
+use crate::session::Registry;
+use crate::telemetry::{AUDIT, Counters};
+use serde::Serialize;
+use serde_json::Value;
 use tracing::info;
 
-pub async fn handle(app: &App, envelope: Envelope) -> Result<Value, ControlError> {
+/// What the control plane may reach.
+pub struct ControlContext<'a> {
+    pub tokens: &'a dyn TokenStore,
+    pub passwords: &'a dyn PasswordStore,
+    pub sessions: &'a Registry,
+    /// Read only, for `stats`.
+    pub counters: &'a Counters,
+    pub relays: &'a Relays,
+    /// Lifetimes of new tokens.
+    pub token_defaults: &'a Tokens,
+    /// Where each door is reached, for the URLs a new token comes with.
+    pub doors: DoorBases,
+}
+
+/// The base of each door's console URL (None: the door is off).
+pub struct DoorBases {
+    pub novnc: Option<String>,
+    pub websocket: bool,
+    pub connect: Option<String>,
+}
+
+impl DoorBases {
+    /// From the configuration: the public URLs where set, else the listeners' addresses.
+    pub fn of(config: &Config, tls: bool) -> DoorBases {
+        let base = |addr: Option<std::net::SocketAddr>, path: &str| {
+            addr.map(|a| {
+                let host = if a.ip().is_unspecified() { "localhost".to_string() } else { a.ip().to_string() };
+                let host = if a.is_ipv6() && host != "localhost" { format!("[{host}]") } else { host };
+                let scheme = if tls { "https" } else { "http" };
+                format!("{scheme}://{host}:{}{path}", a.port())
+            })
+        };
+        let (listen, public) = (&config.listen, &config.public);
+        DoorBases {
+            novnc: public.novnc_base_url.clone().or_else(|| base(listen.websocket, "/vnc_lite.html")),
+            websocket: listen.websocket.is_some(),
+            connect: public.connect_base_url.clone().or_else(|| base(listen.connect, "/console")),
+        }
+    }
+
+    fn urls(&self, token: &str) -> AccessUrls {
+        AccessUrls {
+            novnc: self.novnc.as_deref().map(|b| token_param::novnc_url(b, token)),
+            websocket: self.websocket.then(|| token_param::websocket_path(token)),
+            connect: self.connect.as_deref().map(|b| token_param::connect_url(b, token)),
+        }
+    }
+}
+
+impl<'a> ControlContext<'a> {
+    pub fn of(app: &'a App) -> ControlContext<'a> {
+        ControlContext {
+            tokens: app.tokens.as_ref(),
+            passwords: app.passwords.as_ref(),
+            sessions: &app.sessions,
+            counters: &app.counters,
+            relays: &app.relays,
+            token_defaults: &app.config.tokens,
+            doors: DoorBases::of(&app.config, app.front_tls.is_some()),
+        }
+    }
+}
+
+/// Carries out one request; the result is the operation's reply type, as JSON.
+pub async fn handle(ctx: &ControlContext<'_>, envelope: Envelope) -> Result<Value, ControlError> {
     if envelope.v != VERSION {
         return Err(ControlError::new(
             ErrorKind::UnsupportedVersion,
@@ -17,23 +90,22 @@ pub async fn handle(app: &App, envelope: Envelope) -> Result<Value, ControlError
         ));
     }
     let now = unix_now();
-    let store = &app.tokens;
+    let store = ctx.tokens;
     match envelope.request {
-        Request::TokenCreate(req) => create(app, req).await,
-        Request::TokenCheck { token } => match store.check(TokenHash::of(&token), now).await.map_err(unavailable)? {
-            Ok(record) => Ok(json!({ "valid": true, "token": record })),
-            Err(rejection) => Ok(json!({ "valid": false, "reason": rejection, "message": rejection.to_string() })),
-        },
+        Request::TokenCreate(req) => reply(create(ctx, req).await?),
+        Request::TokenCheck { token } => reply(match store.check(TokenHash::of(&token), now).await.map_err(unavailable)? {
+            Ok(record) => TokenChecked { valid: true, token: Some(record), reason: None, message: None },
+            Err(rejection) => TokenChecked { valid: false, token: None, reason: Some(rejection), message: Some(rejection.to_string()) },
+        }),
         Request::TokenTouch { token } => {
-            found(store.touch(TokenHash::of(&token), now).await.map_err(unavailable)?, json!({ "touched": true }))
+            found(store.touch(TokenHash::of(&token), now).await.map_err(unavailable)?)?;
+            reply(Touched { touched: true })
         }
         Request::TokenDelete { token } => {
             let hash = TokenHash::of(&token);
-            let deleted = store.delete(hash).await.map_err(unavailable)?;
-            if deleted {
-                info!(target: AUDIT, event = "token_deleted", token_id = %hash.id());
-            }
-            found(deleted, json!({ "deleted": true }))
+            found(store.delete(hash).await.map_err(unavailable)?)?;
+            info!(target: AUDIT, event = "token_deleted", token_id = %hash.id());
+            reply(Deleted { deleted: true })
         }
         Request::TokenList { instance, host } => {
             let filter = match (instance, host) {
@@ -42,42 +114,51 @@ pub async fn handle(app: &App, envelope: Envelope) -> Result<Value, ControlError
                 (None, None) => Filter::All,
                 (Some(_), Some(_)) => return Err(ControlError::new(ErrorKind::BadRequest, "list by instance or by host, not both")),
             };
-            let tokens = store.list(filter, now).await.map_err(unavailable)?;
-            Ok(json!({ "tokens": tokens }))
+            reply(TokenList { tokens: store.list(filter, now).await.map_err(unavailable)? })
         }
         Request::Sessions { instance } => {
-            Ok(json!({ "sessions": app.sessions.list(instance.as_deref(), |cookie| app.relays.kernel_bytes(cookie)) }))
+            reply(SessionList { sessions: ctx.sessions.list(instance.as_deref(), |cookie| ctx.relays.kernel_bytes(cookie)) })
         }
-        Request::Stats => Ok(json!({
-            "counters": app.counters.view(),
-            "sessions_active": app.sessions.len(),
-            "tokens": store.count().await.map_err(unavailable)?,
-            "relay": app.relays.view(),
-        })),
+        Request::Stats => {
+            let live = ctx.sessions.list(None, |cookie| ctx.relays.kernel_bytes(cookie));
+            reply(Stats {
+                counters: ctx.counters.view(),
+                ended: ctx.counters.ended_view(),
+                sessions_active: live.len(),
+                live_bytes_to_hypervisor: live.iter().map(|s| s.bytes_to_hypervisor).sum(),
+                live_bytes_to_viewer: live.iter().map(|s| s.bytes_to_viewer).sum(),
+                tokens: store.count().await.map_err(unavailable)?,
+                relay: ctx.relays.view(),
+            })
+        }
         Request::InstancePasswordSet { instance, password, disconnect } => {
             if let Err(e) = check_password(&password.0) {
                 return Err(ControlError::new(ErrorKind::BadRequest, format!("password: {e}")));
             }
-            app.passwords.set(&instance, password).await.map_err(store_error)?;
-            Ok(password_changed(app, &instance, "set", disconnect))
+            ctx.passwords.set(&instance, password).await.map_err(store_error)?;
+            reply(password_changed(ctx, instance, "set", disconnect))
         }
         Request::InstancePasswordClear { instance, disconnect } => {
-            let had = app.passwords.clear(&instance).await.map_err(unavailable)?;
+            let had = ctx.passwords.clear(&instance).await.map_err(unavailable)?;
             if !had {
                 return Err(ControlError::new(ErrorKind::NotFound, "the instance has no console password"));
             }
-            Ok(password_changed(app, &instance, "cleared", disconnect))
+            reply(password_changed(ctx, instance, "cleared", disconnect))
         }
         Request::InstanceReset { instance, revoke } => {
             let revoked = if revoke { store.delete_instance(&instance).await.map_err(unavailable)? } else { 0 };
-            let disconnected = app.sessions.disconnect_instance(&instance, "console reset by operator");
+            let disconnected = ctx.sessions.disconnect_instance(&instance, "console reset by operator");
             info!(target: AUDIT, event = "instance_reset", instance = %instance, disconnected, revoked);
-            Ok(json!({ "instance": instance, "disconnected": disconnected, "revoked": revoked }))
+            reply(InstanceReset { instance, disconnected, revoked })
         }
     }
 }
 
-async fn create(app: &App, req: NewToken) -> Result<Value, ControlError> {
+fn reply(result: impl Serialize) -> Result<Value, ControlError> {
+    serde_json::to_value(result).map_err(|e| ControlError::new(ErrorKind::Unavailable, format!("reply: {e}")))
+}
+
+async fn create(ctx: &ControlContext<'_>, req: NewToken) -> Result<TokenCreated, ControlError> {
     let bad = |m: String| Err(ControlError::new(ErrorKind::BadRequest, m));
     if req.instance.is_empty() || req.instance.len() > 255 {
         return bad("instance must be 1 to 255 characters".into());
@@ -93,68 +174,39 @@ async fn create(app: &App, req: NewToken) -> Result<Value, ControlError> {
     {
         return bad("internal_access_path must be 1 to 2048 visible characters without spaces".into());
     }
-    if let Some(pw) = &req.password
-        && let Err(e) = check_password(&pw.0)
-    {
-        return bad(format!("password: {e}"));
-    }
-    if let Some(pw) = &req.hypervisor_password
-        && let Err(e) = check_password(&pw.0)
-    {
-        return bad(format!("hypervisor_password: {e}"));
+    for (field, pw) in [("password", &req.password), ("hypervisor_password", &req.hypervisor_password)] {
+        if let Some(pw) = pw
+            && let Err(e) = check_password(&pw.0)
+        {
+            return bad(format!("{field}: {e}"));
+        }
     }
     let mut req = req;
     if let Some(pw) = req.password.take() {
-        app.passwords.set(&req.instance, pw).await.map_err(store_error)?;
+        ctx.passwords.set(&req.instance, pw).await.map_err(store_error)?;
         info!(target: AUDIT, event = "console_password_set", instance = %req.instance, via = "token_create");
     }
-    let cfg = &app.config.tokens;
+    let defaults = ctx.token_defaults;
     let text = token::generate();
     let hash = TokenHash::of(&text);
-    let record = TokenRecord::new(&hash, req, unix_now(), cfg.ttl_secs, cfg.idle_timeout_secs);
+    let record = TokenRecord::new(&hash, req, unix_now(), defaults.ttl_secs, defaults.idle_timeout_secs);
     let (id, instance, expires) = (record.id.clone(), record.instance.clone(), record.expires);
-    app.tokens.insert(hash, record).await.map_err(store_error)?;
+    ctx.tokens.insert(hash, record).await.map_err(store_error)?;
     info!(target: AUDIT, event = "token_created", token_id = %id, instance = %instance, expires);
-    Ok(json!({
-        "token": text,
-        "id": id,
-        "instance": instance,
-        "expires": expires,
-        "urls": access_urls(app, &text),
-    }))
+    let urls = ctx.doors.urls(&text);
+    Ok(TokenCreated { token: text, id, instance, expires, urls })
 }
 
-/// Console URLs for each front door, as nova's consoles API hands them out.
-fn access_urls(app: &App, token: &str) -> Value {
-    let listen = &app.config.listen;
-    let public = &app.config.public;
-    let base = |addr: Option<std::net::SocketAddr>, path: &str| {
-        addr.map(|a| {
-            let host = if a.ip().is_unspecified() { "localhost".to_string() } else { a.ip().to_string() };
-            let host = if a.is_ipv6() && host != "localhost" { format!("[{host}]") } else { host };
-            let scheme = if app.front_tls.is_some() { "https" } else { "http" };
-            format!("{scheme}://{host}:{}{path}", a.port())
-        })
-    };
-    let novnc = public.novnc_base_url.clone().or_else(|| base(listen.websocket, "/vnc_lite.html"));
-    let connect = public.connect_base_url.clone().or_else(|| base(listen.connect, "/console"));
-    json!({
-        "novnc": novnc.map(|b| format!("{b}?path=%3Ftoken%3D{token}")),
-        "websocket": listen.websocket.map(|_| format!("/?token={token}")),
-        "connect": connect.map(|b| format!("{b}?token={token}")),
-    })
-}
-
-fn found(yes: bool, v: Value) -> Result<Value, ControlError> {
-    if yes { Ok(v) } else { Err(ControlError::new(ErrorKind::NotFound, "no such token")) }
+fn found(yes: bool) -> Result<(), ControlError> {
+    if yes { Ok(()) } else { Err(ControlError::new(ErrorKind::NotFound, "no such token")) }
 }
 
 /// Audits a password change and, when asked, ends the instance's live consoles
 /// (QEMU keeps clients connected across a password change; only relay can end them).
-fn password_changed(app: &App, instance: &str, change: &str, disconnect: bool) -> Value {
-    let disconnected = if disconnect { app.sessions.disconnect_instance(instance, "console password changed") } else { 0 };
+fn password_changed(ctx: &ControlContext<'_>, instance: String, change: &str, disconnect: bool) -> PasswordChanged {
+    let disconnected = if disconnect { ctx.sessions.disconnect_instance(&instance, "console password changed") } else { 0 };
     info!(target: AUDIT, event = "console_password_changed", instance = %instance, change, disconnected);
-    json!({ "instance": instance, "password": change, "disconnected": disconnected })
+    PasswordChanged { instance, password: change.into(), disconnected }
 }
 
 fn store_error(e: StoreError) -> ControlError {

@@ -5,4 +5,5 @@
 pub mod client;
 pub mod handler;
 pub mod proto;
+pub mod replies;
 pub mod server;

@@ -86,7 +86,6 @@ pub enum ErrorKind {
     BadRequest,
     UnsupportedVersion,
     NotFound,
-    Rejected,
     Full,
     Unavailable,
     Forbidden,

@@ -2,7 +2,7 @@
 //! private, and each peer's credentials are checked: only relay's own user (or root)
 //! may use it.
 
-use super::handler::handle;
+use super::handler::{ControlContext, handle};
 use super::proto::{ControlError, Envelope, ErrorKind, MAX_LINE, Reply};
 use crate::app::App;
 use std::io;
@@ -78,7 +78,7 @@ async fn serve_client(app: &App, mut stream: UnixStream, owner: Option<u32>) -> 
             continue;
         }
         let reply = match serde_json::from_str::<Envelope>(&line) {
-            Ok(envelope) => Reply::from(handle(app, envelope).await),
+            Ok(envelope) => Reply::from(handle(&ControlContext::of(app), envelope).await),
             Err(e) => Reply::from(Err(ControlError::new(ErrorKind::BadRequest, format!("not a valid request: {e}")))),
         };
         write_reply(&mut write, &reply).await?;

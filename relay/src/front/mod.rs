@@ -1,18 +1,16 @@
 //! Front doors: what a connection asks for before any RFB is spoken.
 //!
 //! Everything here is pure request/response logic over bytes already read; the I/O
-//! lives in [`crate::conn`] and [`web`]'s file serving.
+//! lives in [`crate::conn`] and [`web`]'s file serving. The codecs the doors share with
+//! the dialer and the relay back-ends (HTTP heads, WebSocket framing) are in [`crate::wire`].
 
-pub mod http;
 pub mod origin;
 pub mod token_param;
 pub mod web;
 pub mod ws;
-pub mod ws_frame;
-pub mod ws_stream;
 
 /// Which front door a request came through; used in logs and access URLs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Door {
     WebSocket,

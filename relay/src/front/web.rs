@@ -1,7 +1,7 @@
 //! Static files for the browser client (a noVNC checkout), served beside the
 //! WebSocket door as nova-novncproxy does.
 
-use super::http::{Reject, RequestHead, response_head};
+use crate::wire::http::{Reject, RequestHead, response_head};
 use percent_encoding::percent_decode_str;
 use std::path::{Component, Path, PathBuf};
 

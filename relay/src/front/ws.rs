@@ -1,7 +1,7 @@
 //! The WebSocket upgrade (RFC 6455 section 4.2): validation and the 101 response.
-//! Framing afterwards is tungstenite's, behind [`super::ws_stream`].
+//! Framing afterwards is relay's own, in [`crate::wire::ws_frame`] behind [`crate::wire::ws_stream`].
 
-use super::http::{Reject, RequestHead};
+use crate::wire::http::{Reject, RequestHead};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// An upgrade relay agreed to.
@@ -69,7 +69,7 @@ impl Upgrade {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::front::http::parse_request;
+    use crate::wire::http::parse_request;
 
     fn head(extra: &str) -> RequestHead {
         let raw = format!(

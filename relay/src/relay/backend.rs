@@ -10,12 +10,12 @@ use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// The back-end a kind of session runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Choice {
     Sockmap,
     Uring,
@@ -30,6 +30,22 @@ impl Choice {
             Choice::Copy => "copy",
         }
     }
+}
+
+/// What `stats` says of the back-ends.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackendsView {
+    /// The back-end of raw consoles (CONNECT door, plain TCP to the hypervisor).
+    pub raw: Choice,
+    /// The back-end of the rest (WebSocket framing or TLS on either side).
+    pub framed: Choice,
+    /// How long a console bound for a kernel back-end runs on `copy` first (0: none).
+    pub kernel_after_ms: u64,
+    /// Consoles moved from `copy` to a kernel back-end.
+    pub hand_overs: u64,
+    /// Live sockmap map entries: flows, and sockets in the verdict map (zero when idle).
+    pub sockmap_flows: usize,
+    pub sockmap_sockets: usize,
 }
 
 /// The back-ends this process runs, chosen at start-up.
@@ -109,18 +125,17 @@ impl Relays {
     }
 
     /// For `stats`: the back-end per kind of session, how many consoles moved to it from
-    /// `copy`, and, with sockmap, its map entries (sockets in the verdict map, and flows),
-    /// which must return to zero when idle.
-    pub fn view(&self) -> serde_json::Value {
-        let (flows, sockets) = self.sockmap.as_ref().map_or((0, 0), Sockmap::entries);
-        serde_json::json!({
-            "raw": self.raw.name(),
-            "framed": self.framed.name(),
-            "kernel_after_ms": self.kernel_after.map_or(0, |d| d.as_millis() as u64),
-            "hand_overs": self.hand_overs.load(Ordering::Relaxed),
-            "sockmap_flows": flows,
-            "sockmap_sockets": sockets,
-        })
+    /// `copy`, and, with sockmap, its map entries.
+    pub fn view(&self) -> BackendsView {
+        let (sockmap_flows, sockmap_sockets) = self.sockmap.as_ref().map_or((0, 0), Sockmap::entries);
+        BackendsView {
+            raw: self.raw,
+            framed: self.framed,
+            kernel_after_ms: self.kernel_after.map_or(0, |d| d.as_millis() as u64),
+            hand_overs: self.hand_overs.load(Ordering::Relaxed),
+            sockmap_flows,
+            sockmap_sockets,
+        }
     }
 
     /// Bytes the kernel has relayed from one socket (0 when it relays none).
@@ -139,8 +154,8 @@ impl Relays {
         mut control: Control,
         limits: Limits,
     ) -> BoxFuture<'static, (Ended, Choice)> {
-        let raw = pair.viewer.is_plain_tcp() && pair.hypervisor.is_plain_tcp();
-        let websocket = pair.viewer.is_plain_websocket() && pair.hypervisor.is_plain_tcp();
+        let raw = pair.viewer.io.is_plain_tcp() && pair.hypervisor.io.is_plain_tcp();
+        let websocket = pair.viewer.io.is_plain_websocket() && pair.hypervisor.io.is_plain_tcp();
         let kernel = match (raw, websocket) {
             (true, _) if self.raw == Choice::Sockmap && self.sockmap.is_some() => Some(Choice::Sockmap),
             (true, _) if self.raw == Choice::Uring && self.uring.is_some() => Some(Choice::Uring),
@@ -155,54 +170,62 @@ impl Relays {
             let pair = match relays.kernel_after {
                 Some(after) => match Box::pin(copy::run(pair, &mut control, limits, Some(Instant::now() + after))).await {
                     copy::Outcome::Ended(ended) => return (ended, Choice::Copy),
-                    copy::Outcome::HandOver(pair) => {
-                        relays.hand_overs.fetch_add(1, Ordering::Relaxed);
-                        pair
-                    }
+                    copy::Outcome::HandOver(pair) => pair,
                 },
                 None => pair,
             };
+            // A move counts once the kernel back-end has the console.
+            let moved = || {
+                if relays.kernel_after.is_some() {
+                    relays.hand_overs.fetch_add(1, Ordering::Relaxed);
+                }
+            };
             match kernel {
-                Choice::Sockmap => relays.on_sockmap(pair, control, limits).await,
-                _ => relays.on_uring(pair, control, limits, raw).await,
+                Choice::Sockmap => relays.on_sockmap(pair, control, limits, moved).await,
+                _ => relays.on_uring(pair, control, limits, raw, moved).await,
             }
         })
     }
 
     async fn on_uring<V: Peer, H: Peer>(
         &self,
-        pair: Established<V, H>,
+        mut pair: Established<V, H>,
         mut control: Control,
         limits: Limits,
         raw: bool,
+        moved: impl FnOnce(),
     ) -> (Ended, Choice) {
-        let Established { mut viewer, viewer_buffered, mut hypervisor, hypervisor_buffered } = pair;
-        let leftovers = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), &mut control);
-        if let Err(ended) = leftovers.await {
+        if let Err(ended) = send_leftovers(&mut pair, &mut control).await {
             return (ended, Choice::Uring);
         }
-        drop((viewer_buffered, hypervisor_buffered));
-        let viewer = if raw { viewer.into_tcp().map(|v| (v, None)) } else { viewer.into_websocket().map(|(v, d)| (v, Some(d))) };
-        let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer, hypervisor.into_tcp(), self.uring.as_ref()) else {
+        let Established { viewer, hypervisor } = pair;
+        let viewer = if raw { viewer.io.into_tcp().map(|v| (v, None)) } else { viewer.io.into_websocket().map(|(v, d)| (v, Some(d))) };
+        let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer, hypervisor.io.into_tcp(), self.uring.as_ref()) else {
             unreachable!("checked by run")
         };
+        moved();
         (uring::run(engine, viewer, hypervisor, &mut control, limits).await, Choice::Uring)
     }
 
-    async fn on_sockmap<V: Peer, H: Peer>(&self, pair: Established<V, H>, mut control: Control, limits: Limits) -> (Ended, Choice) {
-        let Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered } = pair;
-        let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer.into_tcp(), hypervisor.into_tcp(), self.sockmap.as_ref()) else {
+    async fn on_sockmap<V: Peer, H: Peer>(
+        &self,
+        pair: Established<V, H>,
+        mut control: Control,
+        limits: Limits,
+        moved: impl FnOnce(),
+    ) -> (Ended, Choice) {
+        let Established { viewer, hypervisor } = pair;
+        let (Some(viewer), Some(hypervisor), Some(engine)) =
+            (viewer.try_map(Peer::into_tcp), hypervisor.try_map(Peer::into_tcp), self.sockmap.as_ref())
+        else {
             unreachable!("checked by run")
         };
-        match sockmap::run(engine, (viewer, viewer_buffered), (hypervisor, hypervisor_buffered), &mut control, limits).await {
+        let pair = Established { viewer, hypervisor };
+        match sockmap::run(engine, pair, &mut control, limits, moved).await {
             Ok(ended) => (ended, Choice::Sockmap),
-            Err((viewer, hypervisor, why, viewer_buffered, hypervisor_buffered)) => {
-                if self.kernel_after.is_some() {
-                    self.hand_overs.fetch_sub(1, Ordering::Relaxed);
-                }
-                warn!(error = %why, "sockmap refused the session; relaying it in userspace");
-                let pair: Established<TcpStream, TcpStream> = Established { viewer, viewer_buffered, hypervisor, hypervisor_buffered };
-                (Box::pin(copy::run_to_end(pair, &mut control, limits)).await, Choice::Copy)
+            Err(refused) => {
+                warn!(error = %refused.why, "sockmap refused the session; relaying it in userspace");
+                (Box::pin(copy::run_to_end(refused.pair, &mut control, limits)).await, Choice::Copy)
             }
         }
     }

@@ -1,18 +1,26 @@
 //! The established byte relay, after both handshakes.
 //!
 //! A back-end takes an [`Established`] pair and returns how the session [`Ended`];
-//! nothing upstream knows which back-end ran. [`copy`] is the portable userspace relay;
+//! nothing upstream knows which back-end ran. Every back-end runs its consoles under one
+//! [`lifecycle`] (first end wins, one clock, one classification of failures), in the one
+//! loop of [`duplex`]. [`copy`] is the portable userspace relay;
 //! the kernel back-ends ([`uring`], [`sockmap`]) take raw TCP pairs; [`backend`] picks.
 
 pub mod backend;
 pub mod copy;
+mod duplex;
+pub mod lifecycle;
 mod pump;
 pub mod sockmap;
 pub mod uring;
 
-use crate::front::ws_frame::Decoder;
-use crate::front::ws_stream::WsByteStream;
+pub use lifecycle::Ended;
+
 use crate::session::ByteCounters;
+use crate::wire::prefixed::Prefixed;
+use crate::wire::ws_frame::Decoder;
+use crate::wire::ws_stream::WsByteStream;
+use lifecycle::{Direction, Failure};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -71,13 +79,11 @@ impl<S: Peer> Peer for WsByteStream<S> {
     }
 }
 
-/// Both sides after the handshakes, with bytes each has sent that the handshakes read
+/// Both sides after the handshakes, each with the bytes it sent that the handshakes read
 /// but did not consume (they go out first, in order).
 pub struct Established<V, H> {
-    pub viewer: V,
-    pub viewer_buffered: Vec<u8>,
-    pub hypervisor: H,
-    pub hypervisor_buffered: Vec<u8>,
+    pub viewer: Prefixed<V>,
+    pub hypervisor: Prefixed<H>,
 }
 
 /// What a relay needs from the session around it.
@@ -100,27 +106,24 @@ impl Control {
 /// Sends what each side's handshake read beyond its end on to the other side, and counts
 /// it: the kernel back-ends do this before the kernel takes over, so those bytes go first.
 /// A receiver that stalls meanwhile holds this up, but not a forced disconnect.
-pub(crate) async fn send_leftovers(
-    (viewer, viewer_buffered): (&mut (impl AsyncWrite + Unpin), &[u8]),
-    (hypervisor, hypervisor_buffered): (&mut (impl AsyncWrite + Unpin), &[u8]),
-    control: &mut Control,
-) -> Result<(), Ended> {
+pub(crate) async fn send_leftovers<V: Peer, H: Peer>(pair: &mut Established<V, H>, control: &mut Control) -> Result<(), Ended> {
     use std::sync::atomic::Ordering::Relaxed;
     use tokio::io::AsyncWriteExt;
+    let Established { viewer, hypervisor } = pair;
     let send = async {
-        hypervisor.write_all(viewer_buffered).await.map_err(|e| Ended::HypervisorError(e.to_string()))?;
-        viewer.write_all(hypervisor_buffered).await.map_err(|e| Ended::ViewerError(e.to_string()))?;
+        hypervisor.io.write_all(&viewer.prefix).await.map_err(|e| Failure::writing(Direction::Up, e))?;
+        viewer.io.write_all(&hypervisor.prefix).await.map_err(|e| Failure::writing(Direction::Down, e))?;
         // A framing viewer may hold part of a frame: out before anything else is sent.
-        viewer.flush().await.map_err(|e| Ended::ViewerError(e.to_string()))
+        viewer.io.flush().await.map_err(|e| Failure::writing(Direction::Down, e))
     };
     tokio::select! {
         biased;
         reason = control.stopped() => return Err(Ended::Stopped(reason)),
-        sent = send => sent?,
+        sent = send => sent.map_err(Ended::Failed)?,
     }
     let bytes = &control.bytes;
-    bytes.to_hypervisor.fetch_add(viewer_buffered.len() as u64, Relaxed);
-    bytes.to_viewer.fetch_add(hypervisor_buffered.len() as u64, Relaxed);
+    bytes.to_hypervisor.fetch_add(std::mem::take(&mut viewer.prefix).len() as u64, Relaxed);
+    bytes.to_viewer.fetch_add(std::mem::take(&mut hypervisor.prefix).len() as u64, Relaxed);
     Ok(())
 }
 
@@ -141,35 +144,4 @@ pub struct Limits {
     pub idle_timeout: Option<Duration>,
     /// After one side has finished sending, how long the other may go on.
     pub half_close_timeout: Duration,
-}
-
-/// How a session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ended {
-    ViewerClosed,
-    HypervisorClosed,
-    ViewerReset,
-    HypervisorReset,
-    ViewerError(String),
-    HypervisorError(String),
-    /// Ended from outside (forced disconnect, shutdown), with the reason given.
-    Stopped(String),
-    Idle,
-    HalfCloseTimeout,
-}
-
-impl std::fmt::Display for Ended {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Ended::ViewerClosed => f.write_str("viewer closed"),
-            Ended::HypervisorClosed => f.write_str("hypervisor closed"),
-            Ended::ViewerReset => f.write_str("viewer reset the connection"),
-            Ended::HypervisorReset => f.write_str("hypervisor reset the connection"),
-            Ended::ViewerError(e) => write!(f, "viewer error: {e}"),
-            Ended::HypervisorError(e) => write!(f, "hypervisor error: {e}"),
-            Ended::Stopped(r) => write!(f, "disconnected: {r}"),
-            Ended::Idle => f.write_str("idle timeout"),
-            Ended::HalfCloseTimeout => f.write_str("half-closed too long"),
-        }
-    }
 }

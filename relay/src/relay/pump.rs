@@ -2,6 +2,7 @@
 //! pass EOF on as a shutdown. Polled, so one task drives both directions without
 //! splitting the streams.
 
+use super::lifecycle::{Direction, Failure, is_truncation};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +14,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub enum PumpError {
     Read(io::Error),
     Write(io::Error),
+}
+
+impl PumpError {
+    /// The failure, for the pump carrying `dir`.
+    pub fn of(self, dir: Direction) -> Failure {
+        match self {
+            PumpError::Read(e) => Failure::reading(dir, e),
+            PumpError::Write(e) => Failure::writing(dir, e),
+        }
+    }
 }
 
 /// Where a pump's buffer starts: an idle console costs this much per direction.
@@ -99,6 +110,12 @@ impl Pump {
                     (self.start, self.end) = (0, n);
                     self.read_eof = n == 0;
                 }
+                // A TLS peer that closed without close_notify ended its stream.
+                Poll::Ready(Err(e)) if is_truncation(&e) => {
+                    tracing::debug!("TLS peer closed without close_notify: taken as its end of stream");
+                    (self.start, self.end) = (0, 0);
+                    self.read_eof = true;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::Read(e))),
                 Poll::Pending => {
                     // Nothing more to read for now: push out what the writer holds.
@@ -131,5 +148,31 @@ mod tests {
         assert!(out[5..] == data[..], "then every byte in order");
         assert_eq!(pump.buf.len(), 64 << 10, "a busy stream grew the buffer to its bound");
         assert_eq!(counter.load(Ordering::Relaxed), data.len() as u64 + 5);
+    }
+
+    /// A TLS peer that closes without close_notify (rustls reports UnexpectedEof).
+    struct Truncated(Option<&'static [u8]>);
+
+    impl AsyncRead for Truncated {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            match self.0.take() {
+                Some(data) => {
+                    buf.put_slice(data);
+                    Poll::Ready(Ok(()))
+                }
+                None => Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tls_close_without_close_notify_is_the_end_of_the_stream() {
+        let mut pump = Pump::new(Vec::new(), BUFFER, BUFFER);
+        let (mut reader, mut out) = (Truncated(Some(b"last words")), Vec::new());
+        let counter = AtomicU64::new(0);
+        let done = std::future::poll_fn(|cx| pump.poll(cx, Pin::new(&mut reader), Pin::new(&mut out), &counter)).await;
+        assert!(done.is_ok(), "no error: {done:?}");
+        assert!(pump.finished(), "the end was passed on");
+        assert_eq!(out, b"last words");
     }
 }

@@ -1,6 +1,7 @@
 //! The one I/O loop that runs a handshake machine over a stream.
 
 use super::{Handshake, Progress, RfbError};
+use crate::wire::prefixed::Prefixed;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Unconsumed input a handshake may hold; every RFB handshake message is far smaller.
@@ -16,14 +17,15 @@ pub enum DriveError {
     Closed,
 }
 
-/// Runs `machine` to completion. `buf` holds bytes already read from the peer; on
-/// success it holds the bytes read past the handshake, which belong to what follows.
-/// On failure, whatever the machine queued (a failure reason) has been sent.
-pub async fn drive<H, S>(mut machine: H, stream: &mut S, buf: &mut Vec<u8>) -> Result<H::Done, DriveError>
+/// Runs `machine` to completion over `stream`, starting with the bytes already read from
+/// the peer; on success those are the bytes read past the handshake, which belong to what
+/// follows. On failure, whatever the machine queued (a failure reason) has been sent.
+pub async fn drive<H, S>(mut machine: H, stream: &mut Prefixed<S>) -> Result<H::Done, DriveError>
 where
     H: Handshake,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Prefixed { prefix: buf, io: stream } = stream;
     let mut out = Vec::with_capacity(64);
     let mut chunk = [0u8; 2048];
     loop {

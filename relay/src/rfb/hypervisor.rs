@@ -2,31 +2,14 @@
 
 use super::wire::{Handshake, Input, Progress, VERSION_LEN, Version};
 use super::{RfbError, security, vnc_auth};
+use crate::auth::Scheme;
 
-/// A security scheme relay may use towards the hypervisor, in preference order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scheme {
-    None,
-    Vnc,
-    /// VeNCrypt with x509 TLS (certificates verified), then None, VNC password or Plain.
-    Vencrypt,
-}
-
-impl Scheme {
-    fn type_number(self) -> u8 {
-        match self {
-            Scheme::None => security::NONE,
-            Scheme::Vnc => security::VNC,
-            Scheme::Vencrypt => security::VENCRYPT,
-        }
-    }
-    fn name(self) -> &'static str {
-        match self {
-            Scheme::None => "none",
-            Scheme::Vnc => "vnc",
-            Scheme::Vencrypt => "vencrypt",
-        }
+/// The RFB security type that carries each scheme.
+fn type_number(scheme: Scheme) -> u8 {
+    match scheme {
+        Scheme::None => security::NONE,
+        Scheme::Vnc => security::VNC,
+        Scheme::Vencrypt => security::VENCRYPT,
     }
 }
 
@@ -156,7 +139,7 @@ impl HypervisorHandshake {
         // VeNCrypt is usable without a password (X509None); whether the server insists on
         // one is found out from its sub-types.
         let usable = |s: &Scheme| s != &Scheme::Vnc || self.auth.vnc_password.is_some();
-        let wanted = |s: &&Scheme| offered.contains(&s.type_number());
+        let wanted = |s: &&Scheme| offered.contains(&type_number(**s));
         if let Some(s) = self.auth.schemes.iter().filter(wanted).find(|s| usable(s)) {
             return Ok(*s);
         }
@@ -175,7 +158,7 @@ impl HypervisorHandshake {
 
     /// After a scheme is agreed: where the exchange goes next.
     fn start_scheme(&mut self, scheme: Scheme) -> Option<Progress<HypervisorDone>> {
-        self.security = scheme.type_number();
+        self.security = type_number(scheme);
         match scheme {
             Scheme::Vnc => self.state = State::Challenge,
             Scheme::Vencrypt => self.state = State::VencryptVersion,
@@ -233,7 +216,7 @@ impl Handshake for HypervisorHandshake {
                     let Some(offered) = input.u8_list() else { break Progress::NeedMore };
                     match self.choose(offered) {
                         Ok(scheme) => {
-                            out.push(scheme.type_number());
+                            out.push(type_number(scheme));
                             if let Some(p) = self.start_scheme(scheme) {
                                 break p;
                             }

@@ -15,35 +15,32 @@ mod handoff;
 pub use handoff::Refused;
 
 use super::Sockmap;
-use crate::relay::{Control, Ended, Limits, deadline, send_leftovers};
+use crate::relay::duplex::{Carrier, Event, drive};
+use crate::relay::lifecycle::{Direction, Ended, Side};
+use crate::relay::{Control, Established, Limits, send_leftovers};
+use crate::session::ByteCounters;
+use crate::wire::prefixed::Prefixed;
 use direction::direction;
 use handoff::{Handoff, drain, handoff};
-use std::io::{self, ErrorKind};
+use std::future::poll_fn;
 use std::net::Shutdown;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 pub(super) type Std = std::net::TcpStream;
 
 /// One socket of the session, as the kernel relay sees it.
-pub(super) struct Side {
+pub(super) struct Socket {
     /// Registered for readability only: with the verdict program in place, that fires for
     /// bytes passed back, end of stream and errors, not for every redirected skb.
     fd: AsyncFd<Std>,
     cookie: u64,
     /// Bytes that had entered this socket's send queue at hand-off.
     sent_at_handoff: u64,
-}
-
-/// How one direction failed.
-pub(super) enum Failure {
-    /// Reading from the sender failed.
-    From(io::Error),
-    /// Writing to the receiver failed.
-    To(io::Error),
 }
 
 /// Bytes of one direction relayed by userspace after hand-off (after a fall-back); the
@@ -56,102 +53,113 @@ pub(super) struct Userspace<'a> {
     counter: &'a AtomicU64,
 }
 
-/// Runs a raw session in the kernel. Gives the sockets back (with what is still to be
-/// relayed) when the kernel cannot take it.
+/// Runs a raw session in the kernel; `attached` is called once the kernel has it. Gives
+/// the sockets back (with what is still to be relayed) when the kernel cannot take it.
 pub async fn run(
     engine: &Sockmap,
-    (viewer, viewer_buffered): (TcpStream, Vec<u8>),
-    (hypervisor, hypervisor_buffered): (TcpStream, Vec<u8>),
+    mut pair: Established<TcpStream, TcpStream>,
     control: &mut Control,
     limits: Limits,
+    attached: impl FnOnce(),
 ) -> Result<Ended, Refused> {
-    let (mut viewer, mut hypervisor) = (viewer, hypervisor);
-    let (mut viewer_buffered, mut hypervisor_buffered) = (viewer_buffered, hypervisor_buffered);
     // The kernel hands the verdict whole skbs: one that userspace has partly read would be
     // relayed again from its start. So empty both receive queues first; what arrives after
     // that is whole.
-    let drained = drain(&viewer, &mut viewer_buffered).and_then(|()| drain(&hypervisor, &mut hypervisor_buffered));
+    let drained = drain(&pair.viewer.io, &mut pair.viewer.prefix).and_then(|()| drain(&pair.hypervisor.io, &mut pair.hypervisor.prefix));
     if let Err(why) = drained {
-        return Err((viewer, hypervisor, why, viewer_buffered, hypervisor_buffered));
+        return Err(Refused { pair, why });
     }
     // Bytes already read in userspace precede anything the kernel will move.
-    let bytes = control.bytes.clone();
-    if let Err(ended) = send_leftovers((&mut viewer, &viewer_buffered), (&mut hypervisor, &hypervisor_buffered), control).await {
+    if let Err(ended) = send_leftovers(&mut pair, control).await {
         return Ok(ended);
     }
-    let up_user = Userspace { written: AtomicU64::new(0), counter: &bytes.to_hypervisor };
-    let down_user = Userspace { written: AtomicU64::new(0), counter: &bytes.to_viewer };
-    drop((viewer_buffered, hypervisor_buffered));
-
-    let (viewer, hypervisor) = match handoff(engine, viewer, hypervisor) {
-        Ok(pair) => pair,
-        Err(Handoff::Refused(v, h, why)) => return Err((v, h, why, Vec::new(), Vec::new())),
-        Err(Handoff::Lost(why)) => return Ok(Ended::HypervisorError(format!("hand-off to the kernel failed: {why}"))),
+    let bytes = control.bytes.clone();
+    let (viewer, hypervisor) = match handoff(engine, pair.viewer.io, pair.hypervisor.io) {
+        Ok(sockets) => sockets,
+        Err(Handoff::Refused(viewer, hypervisor, why)) => {
+            return Err(Refused { pair: Established { viewer: Prefixed::bare(viewer), hypervisor: Prefixed::bare(hypervisor) }, why });
+        }
+        Err(Handoff::Lost(ended)) => return Ok(ended),
     };
-
+    attached();
     // From now on the live totals include what the kernel has counted.
     bytes.kernel[0].store(viewer.cookie, Ordering::Relaxed);
     bytes.kernel[1].store(hypervisor.cookie, Ordering::Relaxed);
-    let up = direction(engine, &viewer, &hypervisor, &up_user, &limits);
-    let down = direction(engine, &hypervisor, &viewer, &down_user, &limits);
+    let up_user = Userspace { written: AtomicU64::new(0), counter: &bytes.to_hypervisor };
+    let down_user = Userspace { written: AtomicU64::new(0), counter: &bytes.to_viewer };
+    let up = direction(engine, Direction::Up, (&viewer, &hypervisor), &up_user, &limits);
+    let down = direction(engine, Direction::Down, (&hypervisor, &viewer), &down_user, &limits);
     tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
-    let mut first_eof: Option<Ended> = None;
-    let mut half_close_at: Option<Instant> = None;
-    let mut idle_seen: Option<(u64, u64)> = None;
-    let idle_every = limits.idle_timeout;
-    let mut idle_at = idle_every.map(|d| Instant::now() + d);
-    let live = || bytes.live(|cookie| engine.flow(cookie).map_or(0, |f| f.redirected));
+    let mut in_kernel = InKernel { engine, viewer: &viewer, hypervisor: &hypervisor, up: Some(up), down: Some(down), bytes: &bytes };
+    let ended = drive(&mut in_kernel, control, &limits).await.expect("a console in the kernel is never released");
+    settle(engine, &bytes, &viewer, &hypervisor);
+    engine.finish(viewer.cookie);
+    engine.finish(hypervisor.cookie);
+    Ok(ended)
+}
 
-    let ended = loop {
-        let (half_close, idle) = (deadline(half_close_at), deadline(idle_at));
-        tokio::select! {
-            biased;
-            reason = control.stopped() => {
-                // The program stops touching both sockets, then both ends see a clean EOF.
-                engine.release(viewer.cookie);
-                engine.release(hypervisor.cookie);
-                let _ = viewer.fd.get_ref().shutdown(Shutdown::Both);
-                let _ = hypervisor.fd.get_ref().shutdown(Shutdown::Both);
-                break Ended::Stopped(reason);
+/// A console the verdict program carries, with its two directions' userspace watchers.
+struct InKernel<'a, U, D> {
+    engine: &'a Sockmap,
+    viewer: &'a Socket,
+    hypervisor: &'a Socket,
+    /// Until each has ended.
+    up: Option<Pin<&'a mut U>>,
+    down: Option<Pin<&'a mut D>>,
+    bytes: &'a ByteCounters,
+}
+
+impl<U, D> Carrier for InKernel<'_, U, D>
+where
+    U: Future<Output = Result<(), crate::relay::lifecycle::Failure>> + Send,
+    D: Future<Output = Result<(), crate::relay::lifecycle::Failure>> + Send,
+{
+    fn next(&mut self) -> impl Future<Output = Event> + Send {
+        poll_fn(|cx| {
+            if let Some(up) = self.up.as_mut()
+                && let Poll::Ready(r) = up.as_mut().poll(cx)
+            {
+                self.up = None;
+                return Poll::Ready(r.map_or_else(Event::Failed, |()| Event::Finished(Direction::Up)));
             }
-            r = &mut up, if !up_done => match r {
-                Ok(()) => {
-                    up_done = true;
-                    first_eof.get_or_insert(Ended::ViewerClosed);
-                }
-                Err(Failure::From(e)) => break fail(e, &hypervisor, Ended::ViewerReset, Ended::ViewerError),
-                Err(Failure::To(e)) => break fail(e, &viewer, Ended::HypervisorReset, Ended::HypervisorError),
-            },
-            r = &mut down, if !down_done => match r {
-                Ok(()) => {
-                    down_done = true;
-                    first_eof.get_or_insert(Ended::HypervisorClosed);
-                }
-                Err(Failure::From(e)) => break fail(e, &viewer, Ended::HypervisorReset, Ended::HypervisorError),
-                Err(Failure::To(e)) => break fail(e, &hypervisor, Ended::ViewerReset, Ended::ViewerError),
-            },
-            () = half_close => break Ended::HalfCloseTimeout,
-            () = idle => {
-                let now = live();
-                if idle_seen == Some(now) {
-                    break Ended::Idle;
-                }
-                idle_seen = Some(now);
-                idle_at = idle_every.map(|d| Instant::now() + d);
+            if let Some(down) = self.down.as_mut()
+                && let Poll::Ready(r) = down.as_mut().poll(cx)
+            {
+                self.down = None;
+                return Poll::Ready(r.map_or_else(Event::Failed, |()| Event::Finished(Direction::Down)));
             }
-        }
-        if up_done && down_done {
-            break first_eof.clone().unwrap_or(Ended::ViewerClosed);
-        }
-        if (up_done || down_done) && half_close_at.is_none() {
-            half_close_at = Some(Instant::now() + limits.half_close_timeout);
-        }
-    };
-    // The kernel's share joins the session's counters (before release, the flows hold it).
-    let flows = (engine.flow(viewer.cookie), engine.flow(hypervisor.cookie));
-    bytes.kernel[0].store(0, Ordering::Relaxed);
+            Poll::Pending
+        })
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        self.bytes.live(|cookie| self.engine.flow(cookie).map_or(0, |f| f.redirected))
+    }
+
+    fn reset(&mut self, side: Side) {
+        let socket = if side == Side::Viewer { self.viewer } else { self.hypervisor };
+        let _ = socket2::SockRef::from(socket.fd.get_ref()).set_linger(Some(Duration::ZERO));
+    }
+
+    async fn close(&mut self) {
+        // The kernel's share is counted before the program lets go of the flows; then
+        // the program stops touching both sockets, and both ends see a clean EOF.
+        settle(self.engine, self.bytes, self.viewer, self.hypervisor);
+        self.engine.release(self.viewer.cookie);
+        self.engine.release(self.hypervisor.cookie);
+        let _ = self.viewer.fd.get_ref().shutdown(Shutdown::Both);
+        let _ = self.hypervisor.fd.get_ref().shutdown(Shutdown::Both);
+    }
+}
+
+/// Moves the kernel's share of the byte counts into the session's counters, once (the
+/// flows hold it until released), and logs the program's counters where they matter.
+fn settle(engine: &Sockmap, bytes: &ByteCounters, viewer: &Socket, hypervisor: &Socket) {
+    if bytes.kernel[0].swap(0, Ordering::Relaxed) == 0 {
+        return;
+    }
     bytes.kernel[1].store(0, Ordering::Relaxed);
+    let flows = (engine.flow(viewer.cookie), engine.flow(hypervisor.cookie));
     bytes.to_hypervisor.fetch_add(flows.0.map_or(0, |f| f.redirected), Ordering::Relaxed);
     bytes.to_viewer.fetch_add(flows.1.map_or(0, |f| f.redirected), Ordering::Relaxed);
     if let (Some(up), Some(down)) = flows
@@ -170,18 +178,5 @@ pub async fn run(
             cut_failures = up.cut_failures + down.cut_failures,
             "sockmap session counters"
         );
-    }
-    engine.finish(viewer.cookie);
-    engine.finish(hypervisor.cookie);
-    Ok(ended)
-}
-
-/// A failure on one side: a reset is passed on to the other side as a reset.
-fn fail(e: io::Error, other: &Side, reset: Ended, error: fn(String) -> Ended) -> Ended {
-    if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted) {
-        let _ = socket2::SockRef::from(other.fd.get_ref()).set_linger(Some(Duration::ZERO));
-        reset
-    } else {
-        error(e.to_string())
     }
 }

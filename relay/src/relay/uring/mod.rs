@@ -8,6 +8,7 @@ mod session;
 
 pub use session::run;
 
+use super::lifecycle::{Direction, Failure};
 use crate::session::ByteCounters;
 use io_uring::{IoUring, opcode};
 use std::io;
@@ -27,7 +28,7 @@ enum Command {
         framing: Option<Box<ring::WsState>>,
         hypervisor: TcpStream,
         bytes: Arc<ByteCounters>,
-        events: UnboundedSender<Event>,
+        events: UnboundedSender<RingEvent>,
     },
     Stop {
         id: u64,
@@ -36,31 +37,22 @@ enum Command {
 
 /// What the ring thread tells a session's task.
 #[derive(Debug)]
-enum Event {
-    /// Direction 0 (viewer → hypervisor) or 1 reached end of stream, forwarded.
-    Finished(usize),
-    /// The session is over: both directions done or stopped, or a side failed.
-    Ended(Result<(), Fault>),
+enum RingEvent {
+    /// This direction reached end of stream, forwarded.
+    Finished(Direction),
+    /// The session is over: both directions done or stopped, or a side failed (the ring
+    /// has passed a reset on where [`Failure::reset_to`] says).
+    Ended(Result<(), Failure>),
 }
 
-/// Which side's socket failed, and how.
-#[derive(Debug)]
-enum Fault {
-    Viewer(io::Error),
-    Hypervisor(io::Error),
+/// A direction by the ring's index (0 up, 1 down).
+fn direction(index: usize) -> Direction {
+    Direction::BOTH[index]
 }
 
-impl Fault {
-    /// Direction 0 reads the viewer and writes the hypervisor; direction 1 the reverse.
-    fn of(dir: usize, reading: bool, e: io::Error) -> Fault {
-        if (dir == 0) == reading { Fault::Viewer(e) } else { Fault::Hypervisor(e) }
-    }
-
-    fn error(&self) -> &io::Error {
-        match self {
-            Fault::Viewer(e) | Fault::Hypervisor(e) => e,
-        }
-    }
+/// The failure of direction `dir`'s read (from its sender) or write (to its receiver).
+fn fault(dir: usize, reading: bool, e: io::Error) -> Failure {
+    if reading { Failure::reading(direction(dir), e) } else { Failure::writing(direction(dir), e) }
 }
 
 /// The ring thread and the way to reach it.

@@ -11,7 +11,8 @@
 
 mod framed;
 
-use super::{Command, Event, Fault};
+use super::{Command, RingEvent, fault};
+use crate::relay::lifecycle::{Failure, Side};
 pub(super) use framed::WsState;
 use io_uring::{IoUring, opcode, squeue, types};
 use std::collections::HashMap;
@@ -74,7 +75,7 @@ struct Session {
     sockets: [TcpStream; 2],
     dirs: [Direction; 2],
     bytes: Arc<ByteCounters>,
-    events: UnboundedSender<Event>,
+    events: UnboundedSender<RingEvent>,
     /// Set once the session is ending: no new operation starts.
     ending: bool,
     /// The viewer speaks WebSocket: the ring frames instead of splicing ([`framed`]).
@@ -143,7 +144,8 @@ impl Ring {
             self.completed = completed;
         }
         for (_, session) in self.sessions.drain() {
-            let _ = session.events.send(Event::Ended(Err(Fault::Hypervisor(io::Error::other("relay's io_uring failed")))));
+            let failed = Failure::new(Side::Hypervisor, crate::relay::lifecycle::Op::Write, io::Error::other("relay's io_uring failed"));
+            let _ = session.events.send(RingEvent::Ended(Err(failed)));
         }
     }
 
@@ -209,7 +211,7 @@ impl Ring {
             Ok(None) => return,
             Err(e) => {
                 let e = io::Error::new(e.kind(), format!("relay could not make a pipe: {e}"));
-                return self.end(id, Err(Fault::of(dir, false, e)));
+                return self.end(id, Err(fault(dir, false, e)));
             }
         };
         self.mark_busy(id, dir, Op::Fill);
@@ -279,7 +281,7 @@ impl Ring {
         }
         let eagain = result == -libc::EAGAIN;
         // Polls and fills wait on the direction's source; drains on its destination.
-        let fault = |reading: bool| Fault::of(dir, reading, io::Error::from_raw_os_error(-result));
+        let fault = |reading: bool| fault(dir, reading, io::Error::from_raw_os_error(-result));
         match op {
             Op::PollIn if result < 0 => self.end(id, Err(fault(true))),
             Op::PollOut if result < 0 => self.end(id, Err(fault(false))),
@@ -314,7 +316,7 @@ impl Ring {
         let Some(s) = self.sessions.get_mut(&id) else { return };
         let _ = s.sockets[1 - dir].shutdown(Shutdown::Write);
         s.dirs[dir].done = true;
-        let _ = s.events.send(Event::Finished(dir));
+        let _ = s.events.send(RingEvent::Finished(super::direction(dir)));
         if s.dirs.iter().all(|d| d.done) {
             self.end(id, Ok(()));
         }
@@ -331,19 +333,17 @@ impl Ring {
     }
 
     /// Marks the session ending with `outcome`; it is finished once nothing is in flight.
-    fn end(&mut self, id: u64, outcome: Result<(), Fault>) {
+    fn end(&mut self, id: u64, outcome: Result<(), Failure>) {
         let Some(s) = self.sessions.get_mut(&id) else { return };
         if !s.ending {
             s.ending = true;
-            if let Err(fault) = &outcome {
-                // A reset on one side is passed on as a reset on the other.
-                if fault.error().kind() == io::ErrorKind::ConnectionReset {
-                    for socket in &s.sockets {
-                        let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
-                    }
-                }
+            // A reset on one side is passed on as a reset on the other (the lifecycle's
+            // rule; applied here, where the sockets are closed).
+            if let Some(side) = outcome.as_ref().err().and_then(Failure::reset_to) {
+                let socket = &s.sockets[if side == Side::Viewer { 0 } else { 1 }];
+                let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
             }
-            let _ = s.events.send(Event::Ended(outcome));
+            let _ = s.events.send(RingEvent::Ended(outcome));
             // Cancel the operations still waiting (a poll on a live socket would not end).
             let waiting: Vec<u64> = (0..2).filter_map(|dir| s.dirs[dir].inflight.map(|op| user_data(id, dir, op))).collect();
             for data in waiting {

@@ -1,11 +1,16 @@
-//! One session on the io_uring back-end, as its task sees it.
+//! One session on the io_uring back-end, as its task sees it: the ring thread carries the
+//! bytes and reports what happens to each direction; the task runs the shared lifecycle.
 
-use super::{Command, Event, Fault, Uring};
-use crate::front::ws_frame::Decoder;
-use crate::relay::{Control, Ended, Limits, deadline};
-use std::io::ErrorKind;
+use super::{Command, RingEvent, Uring};
+use crate::relay::duplex::{Carrier, Event, drive};
+use crate::relay::lifecycle::{Ended, Failure, Op, Side};
+use crate::relay::{Control, Limits};
+use crate::session::ByteCounters;
+use crate::wire::ws_frame::Decoder;
+use std::io;
+use std::sync::Arc;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// Runs one session whose handshake leftovers are already sent: `framing` is set when the
 /// viewer speaks WebSocket (the ring frames its bytes), unset for raw TCP.
@@ -16,16 +21,17 @@ pub async fn run(
     control: &mut Control,
     limits: Limits,
 ) -> Ended {
+    let leaving = |side: Side, e: io::Error| Ended::Failed(Failure::new(side, Op::HandOff, e));
     let viewer = match viewer.into_std() {
         Ok(s) => s,
-        Err(e) => return Ended::ViewerError(format!("leaving the reactor: {e}")),
+        Err(e) => return leaving(Side::Viewer, e),
     };
     let hypervisor = match hypervisor.into_std() {
         Ok(s) => s,
-        Err(e) => return Ended::HypervisorError(format!("leaving the reactor: {e}")),
+        Err(e) => return leaving(Side::Hypervisor, e),
     };
     let id = engine.next_id();
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
     engine.send(Command::Start {
         id,
         viewer,
@@ -34,62 +40,50 @@ pub async fn run(
         bytes: control.bytes.clone(),
         events: events_tx,
     });
+    let mut on_ring = OnRing { engine, id, events, bytes: control.bytes.clone() };
+    drive(&mut on_ring, control, &limits).await.expect("a console on the ring is never released")
+}
 
-    let mut first_eof: Option<Ended> = None;
-    let mut half_close_at: Option<Instant> = None;
-    let mut idle_at = limits.idle_timeout.map(|d| Instant::now() + d);
-    let mut idle_seen = None;
-    // Why relay itself ended the session, once it has asked the ring to stop it.
-    let mut stopping: Option<Ended> = None;
-    loop {
-        let (half_close, idle) = (deadline(half_close_at), deadline(idle_at));
-        tokio::select! {
-            biased;
-            reason = control.stopped(), if stopping.is_none() => {
-                stopping = Some(Ended::Stopped(reason));
-                engine.send(Command::Stop { id });
-            }
-            event = events.recv() => match event {
-                Some(Event::Finished(dir)) => {
-                    first_eof.get_or_insert(if dir == 0 { Ended::ViewerClosed } else { Ended::HypervisorClosed });
-                    half_close_at.get_or_insert(Instant::now() + limits.half_close_timeout);
-                }
-                Some(Event::Ended(outcome)) => {
-                    if let Some(why) = stopping {
-                        return why;
-                    }
-                    return match outcome {
-                        Ok(()) => first_eof.unwrap_or(Ended::ViewerClosed),
-                        Err(fault) => ended_by(fault),
-                    };
-                }
-                None => return stopping.unwrap_or_else(|| Ended::ViewerError("the io_uring thread stopped".into())),
-            },
-            () = half_close, if stopping.is_none() => {
-                stopping = Some(Ended::HalfCloseTimeout);
-                engine.send(Command::Stop { id });
-            }
-            () = idle, if stopping.is_none() => {
-                let now = control.bytes.snapshot();
-                if idle_seen == Some(now) {
-                    stopping = Some(Ended::Idle);
-                    engine.send(Command::Stop { id });
-                } else {
-                    idle_seen = Some(now);
-                    idle_at = limits.idle_timeout.map(|d| Instant::now() + d);
+/// A console the ring thread carries.
+struct OnRing<'a> {
+    engine: &'a Uring,
+    id: u64,
+    events: UnboundedReceiver<RingEvent>,
+    bytes: Arc<ByteCounters>,
+}
+
+impl Carrier for OnRing<'_> {
+    async fn next(&mut self) -> Event {
+        loop {
+            match self.events.recv().await {
+                Some(RingEvent::Finished(dir)) => return Event::Finished(dir),
+                Some(RingEvent::Ended(Err(failure))) => return Event::Failed(failure),
+                // Both directions' ends came before it.
+                Some(RingEvent::Ended(Ok(()))) => continue,
+                None => {
+                    let gone = io::Error::other("the io_uring thread stopped");
+                    return Event::Failed(Failure::new(Side::Hypervisor, Op::Write, gone));
                 }
             }
         }
     }
-}
 
-/// How a side's failure ends the console: a reset stays a reset.
-fn ended_by(fault: Fault) -> Ended {
-    let reset = |e: &std::io::Error| e.kind() == ErrorKind::ConnectionReset;
-    match fault {
-        Fault::Viewer(e) if reset(&e) => Ended::ViewerReset,
-        Fault::Hypervisor(e) if reset(&e) => Ended::HypervisorReset,
-        Fault::Viewer(e) => Ended::ViewerError(e.to_string()),
-        Fault::Hypervisor(e) => Ended::HypervisorError(e.to_string()),
+    fn bytes(&self) -> (u64, u64) {
+        self.bytes.snapshot()
+    }
+
+    /// Nothing to do: the ring passed the reset on as it ended the session, while it
+    /// still had the sockets.
+    fn reset(&mut self, _: Side) {}
+
+    /// The ring shuts both sockets down (a WebSocket viewer gets a Close first) and says
+    /// when it has let go of them.
+    async fn close(&mut self) {
+        self.engine.send(Command::Stop { id: self.id });
+        while let Some(event) = self.events.recv().await {
+            if matches!(event, RingEvent::Ended(_)) {
+                return;
+            }
+        }
     }
 }

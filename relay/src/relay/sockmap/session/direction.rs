@@ -3,8 +3,9 @@
 
 use super::super::{Sockmap, tcp};
 use super::handoff::register;
-use super::{Failure, Side, Std, Userspace};
+use super::{Socket, Std, Userspace};
 use crate::relay::Limits;
+use crate::relay::lifecycle::{Direction, Failure};
 use relay_common::Grant;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
@@ -15,11 +16,17 @@ use tokio::io::unix::AsyncFd;
 use tokio::time::sleep;
 
 /// One direction, `from` to `to`, until end of stream (forwarded) or failure.
-pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace<'_>, limits: &Limits) -> Result<(), Failure> {
+pub(super) async fn direction(
+    engine: &Sockmap,
+    dir: Direction,
+    (from, to): (&Socket, &Socket),
+    user: &Userspace<'_>,
+    limits: &Limits,
+) -> Result<(), Failure> {
     let mut read_total = 0u64;
     let mut limit = engine.in_flight_cap;
     loop {
-        let mut guard = from.fd.readable().await.map_err(Failure::From)?;
+        let mut guard = from.fd.readable().await.map_err(|e| Failure::reading(dir, e))?;
         // Readability also fires for every batch the program redirects. Reading then would
         // race the verdict for the same queue, so read only for an end, an error, or bytes
         // the program passed back and userspace has not read yet.
@@ -29,7 +36,7 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
         if flow.is_some_and(|f| f.cut_failures > 0) {
             // The program dropped an skb it could not cut: end the console rather than
             // relay a stream with a hole in it.
-            return Err(Failure::From(io::Error::other("the kernel relay lost bytes (an overlap it could not cut)")));
+            return Err(Failure::reading(dir, io::Error::other("the kernel relay lost bytes (an overlap it could not cut)")));
         }
         if !ending && flow.is_some_and(|f| f.passed == read_total) {
             guard.clear_ready();
@@ -45,13 +52,13 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
             let n = match guard.try_io(|fd| fd.get_ref().read(&mut buf)) {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => continue,
-                Ok(Err(e)) => return Err(Failure::From(e)),
+                Ok(Err(e)) => return Err(Failure::reading(dir, e)),
                 Err(_would_block) => break,
             };
             if !drained {
                 // Whatever the kernel redirected before must reach `to` first.
                 // Boxed here and below: an idle session's task keeps no room for them.
-                Box::pin(wait_drained(engine, from, to, user)).await?;
+                Box::pin(wait_drained(engine, dir, (from, to), user)).await?;
                 drained = true;
             }
             if n == 0 {
@@ -60,7 +67,7 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
                 // socket, and a read sees the end while that queue is still moving.
                 if engine.flow(from.cookie).is_some_and(|f| f.passed > read_total) {
                     if waited >= PASSED_BYTES_WAIT {
-                        return Err(Failure::From(io::Error::other("the kernel relay lost bytes it passed back")));
+                        return Err(Failure::reading(dir, io::Error::other("the kernel relay lost bytes it passed back")));
                     }
                     sleep(pause).await;
                     waited += pause;
@@ -71,12 +78,12 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
                 break;
             }
             read_total += n as u64;
-            Box::pin(write_all(to, &buf[..n])).await.map_err(Failure::To)?;
+            Box::pin(write_all(to, &buf[..n])).await.map_err(|e| Failure::writing(dir, e))?;
             user.written.fetch_add(n as u64, Ordering::Relaxed);
             user.counter.fetch_add(n as u64, Ordering::Relaxed);
         }
         if eof {
-            to.fd.get_ref().shutdown(Shutdown::Write).map_err(Failure::To)?;
+            to.fd.get_ref().shutdown(Shutdown::Write).map_err(|e| Failure::writing(dir, e))?;
             return Ok(());
         }
         if drained {
@@ -85,7 +92,7 @@ pub(super) async fn direction(engine: &Sockmap, from: &Side, to: &Side, user: &U
             // queue has room for all of it: redirected bytes that do not fit wait in the
             // kernel's backlog, where bytes passed on that socket queue behind them
             // uncharged (see handoff). Otherwise the passed bytes keep coming this way.
-            let (acked, sent) = tcp::sent(to.fd.get_ref()).map_err(Failure::To)?;
+            let (acked, sent) = tcp::sent(to.fd.get_ref()).map_err(|e| Failure::writing(dir, e))?;
             if sent - acked > 2 * engine.in_flight_cap {
                 continue;
             }
@@ -105,12 +112,12 @@ const PASSED_BYTES_WAIT: Duration = Duration::from_secs(5);
 /// (left the kernel's backlog), so a userspace write or a FIN cannot overtake it. A stalled
 /// receiver makes this wait long: meanwhile `from`'s receive queue fills and TCP closes its
 /// window, which is the backpressure the cap promises.
-async fn wait_drained(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace<'_>) -> Result<(), Failure> {
+async fn wait_drained(engine: &Sockmap, dir: Direction, (from, to): (&Socket, &Socket), user: &Userspace<'_>) -> Result<(), Failure> {
     let mut pause = Duration::from_millis(1);
     loop {
         let Some(flow) = engine.flow(from.cookie) else { return Ok(()) };
         let want = flow.redirected + user.written.load(Ordering::Relaxed);
-        let (_, sent) = tcp::sent(to.fd.get_ref()).map_err(Failure::To)?;
+        let (_, sent) = tcp::sent(to.fd.get_ref()).map_err(|e| Failure::writing(dir, e))?;
         if sent.saturating_sub(to.sent_at_handoff) >= want {
             return Ok(());
         }
@@ -121,7 +128,7 @@ async fn wait_drained(engine: &Sockmap, from: &Side, to: &Side, user: &Userspace
 
 /// Writes all of `data` to a socket registered for readability only, waiting for room on
 /// a duplicate descriptor registered for writability while this write lasts.
-async fn write_all(to: &Side, mut data: &[u8]) -> io::Result<()> {
+async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
     let mut writable: Option<AsyncFd<Std>> = None;
     while !data.is_empty() {
         match to.fd.get_ref().write(data) {

@@ -3,15 +3,21 @@
 //! in between.
 
 use super::super::{Sockmap, tcp};
-use super::{Side, Std};
+use super::{Socket, Std};
+use crate::relay::Established;
+use crate::relay::lifecycle::{Ended, Failure, Op, Side};
 use std::io::{self, ErrorKind};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 
-/// What [`super::run`] gives back when the kernel cannot take the session: both sockets, why,
-/// and the bytes each side sent that are still to be relayed (in userspace, first).
-pub type Refused = (TcpStream, TcpStream, String, Vec<u8>, Vec<u8>);
+/// What [`super::run`] gives back when the kernel cannot take the session: both sockets,
+/// each with the bytes its side sent that are still to be relayed (in userspace, first),
+/// and why.
+pub struct Refused {
+    pub pair: Established<TcpStream, TcpStream>,
+    pub why: String,
+}
 
 /// The most relay reads from a socket to empty its queue before hand-off; a peer that
 /// keeps it fuller than this is relayed in userspace instead.
@@ -43,17 +49,20 @@ pub(super) enum Handoff {
     /// The kernel refused the sockets; they are back in tokio's hands, untouched.
     Refused(TcpStream, TcpStream, String),
     /// Moving the sockets between reactors failed (out of memory or descriptors); they
-    /// are closed.
-    Lost(String),
+    /// are closed, and the console with them.
+    Lost(Ended),
 }
 
-pub(super) fn handoff(engine: &Sockmap, viewer: TcpStream, hypervisor: TcpStream) -> Result<(Side, Side), Handoff> {
+pub(super) fn handoff(engine: &Sockmap, viewer: TcpStream, hypervisor: TcpStream) -> Result<(Socket, Socket), Handoff> {
     // Out of tokio's reactor, and back in for readability alone.
-    let lost = |e: io::Error| Handoff::Lost(e.to_string());
+    let lost = |e: io::Error| Handoff::Lost(Ended::Failed(Failure::new(Side::Viewer, Op::HandOff, e)));
     let (viewer, hypervisor) = (viewer.into_std().map_err(lost)?, hypervisor.into_std().map_err(lost)?);
     let giveback = |v: Std, h: Std, why: String| match (TcpStream::from_std(v), TcpStream::from_std(h)) {
         (Ok(v), Ok(h)) => Err(Handoff::Refused(v, h, why)),
-        (Err(e), _) | (_, Err(e)) => Err(Handoff::Lost(format!("{why}; then {e}"))),
+        (Err(e), _) | (_, Err(e)) => {
+            let e = io::Error::new(e.kind(), format!("{why}; then {e}"));
+            Err(Handoff::Lost(Ended::Failed(Failure::new(Side::Viewer, Op::HandOff, e))))
+        }
     };
     // Redirected bytes wait in the receiver's psock backlog until its send buffer takes
     // them, and bytes the program passes to userspace on that same socket queue behind
@@ -90,7 +99,7 @@ pub(super) fn handoff(engine: &Sockmap, viewer: TcpStream, hypervisor: TcpStream
     // the verdict map run through it now, in order.
     let _ = tcp::kick(viewer.get_ref());
     let _ = tcp::kick(hypervisor.get_ref());
-    Ok((Side { fd: viewer, cookie: vc, sent_at_handoff: vsent }, Side { fd: hypervisor, cookie: hc, sent_at_handoff: hsent }))
+    Ok((Socket { fd: viewer, cookie: vc, sent_at_handoff: vsent }, Socket { fd: hypervisor, cookie: hc, sent_at_handoff: hsent }))
 }
 
 pub(super) fn register(socket: Std, interest: Interest) -> Result<AsyncFd<Std>, tokio::io::unix::AsyncFdRegisterError<Std>> {

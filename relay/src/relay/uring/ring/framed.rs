@@ -9,8 +9,9 @@
 //! idle WebSocket console holds two polls.
 
 use super::{Op, Ring, user_data};
-use crate::front::ws_frame::{self, CLOSE_NORMAL, Decoder, MAX_SERVER_HEADER, Reply};
-use crate::relay::uring::Fault;
+use crate::relay::lifecycle::{Direction, Failure};
+use crate::relay::uring::fault;
+use crate::wire::ws_frame::{self, CLOSE_NORMAL, Decoder, MAX_SERVER_HEADER, Reply};
 use io_uring::{opcode, types};
 use std::io::{self, Write};
 use std::sync::atomic::Ordering;
@@ -54,7 +55,7 @@ impl Ring {
     }
 
     pub(super) fn complete_framed(&mut self, id: u64, dir: usize, op: Op, result: i32) {
-        let fault = |reading: bool| Fault::of(dir, reading, io::Error::from_raw_os_error(-result));
+        let fault = |reading: bool| fault(dir, reading, io::Error::from_raw_os_error(-result));
         match op {
             // Woken (see `wake_viewer_writer`): an answer is due.
             Op::PollIn if result == -libc::ECANCELED => self.idle(id, dir),
@@ -123,7 +124,7 @@ impl Ring {
         let decoded = ws.decoder.decode(&mut buf[..n]);
         let data = match decoded {
             Ok(data) => data,
-            Err(e) => return self.end(id, Err(Fault::Viewer(io::Error::new(io::ErrorKind::InvalidData, e)))),
+            Err(e) => return self.end(id, Err(Failure::reading(Direction::Up, io::Error::new(io::ErrorKind::InvalidData, e)))),
         };
         (f.start, f.end) = (0, data);
         if let Some(reply) = ws.decoder.take_reply() {

@@ -6,6 +6,7 @@
 //! holds no read buffer of its own; writes go out as one vectored write of header and
 //! payload, and only what the socket did not take is copied and held.
 
+use super::prefixed::Prefixed;
 use super::ws_frame::{self, CLOSE_NORMAL, Decoder, Reply};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -29,15 +30,15 @@ pub struct WsByteStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
-    /// Wraps an upgraded connection. `early` holds client bytes read with the HTTP
-    /// request; they are decoded here and returned as RFB bytes, to be read first.
-    pub fn new(io: S, early: Vec<u8>, max_frame: u64) -> io::Result<(Self, Vec<u8>)> {
+    /// Wraps an upgraded connection. Client bytes read with the HTTP request are decoded
+    /// here and come back as the RFB bytes to be read first.
+    pub fn new(upgraded: Prefixed<S>, max_frame: u64) -> io::Result<Prefixed<Self>> {
+        let Prefixed { prefix: mut early, io } = upgraded;
         let mut stream = WsByteStream { io, decoder: Decoder::new(max_frame), out: Vec::new(), out_at: 0, eof: false, close_queued: false };
-        let mut early = early;
         let n = stream.decoder.decode(&mut early).map_err(invalid)?;
         early.truncate(n);
         stream.after_decode();
-        Ok((stream, early))
+        Ok(Prefixed::new(stream, early))
     }
 
     pub fn get_ref(&self) -> &S {
