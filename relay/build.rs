@@ -12,16 +12,25 @@ use std::process::Command;
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap()).join("relay-ebpf.o");
-    for watched in ["relay-ebpf/src", "relay-ebpf/build.rs", "relay-ebpf/Cargo.toml", "relay-ebpf/Cargo.lock", "relay-common/src"] {
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());
+    let out = out_dir.join("relay-ebpf.o");
+    for watched in ["relay-ebpf/src", "relay-ebpf/build.rs", "relay-ebpf/Cargo.toml", "Cargo.lock", "relay-common/src"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=RELAY_EBPF");
+    // The CLI test that runs relay as an unprivileged user needs root and setpriv to drop
+    // to one; elsewhere it is compiled as ignored, with that reason (see tests/build.rs).
+    println!("cargo::rustc-check-cfg=cfg(relay_no_setpriv)");
+    println!("cargo:rerun-if-env-changed=RELAY_TEST_REQUIRE_ALL");
+    let root_user = std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    if !(root_user && Path::new("/usr/bin/setpriv").exists()) && std::env::var_os("RELAY_TEST_REQUIRE_ALL").is_none() {
+        println!("cargo::rustc-cfg=relay_no_setpriv");
+    }
     let mode = std::env::var("RELAY_EBPF").unwrap_or_default();
 
     let built = match mode.as_str() {
         "off" => Err("built with RELAY_EBPF=off".to_string()),
-        _ => build(&root),
+        _ => build(&root, &out_dir.join("ebpf")),
     };
     let missing = match built {
         Ok(object) => {
@@ -44,7 +53,9 @@ fn main() {
     println!("cargo:rustc-env=RELAY_EBPF_MISSING={missing}");
 }
 
-fn build(root: &Path) -> Result<PathBuf, String> {
+/// Builds the workspace's relay-ebpf package for the BPF target, with its own target
+/// directory under this build's OUT_DIR (the outer cargo holds the workspace's).
+fn build(root: &Path, target_dir: &Path) -> Result<PathBuf, String> {
     let linker = Command::new("bpf-linker").arg("--version").output();
     if !linker.is_ok_and(|o| o.status.success()) {
         return Err("bpf-linker is not installed".into());
@@ -57,14 +68,13 @@ fn build(root: &Path) -> Result<PathBuf, String> {
     if !has_src {
         return Err("nightly Rust with rust-src is not installed".into());
     }
-    let target_dir = root.join("target/bpf");
     let mut cargo = Command::new("rustup");
     cargo
         .args(["run", "nightly", "cargo", "build", "--release", "--locked", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .arg("--manifest-path")
-        .arg(root.join("relay-ebpf/Cargo.toml"))
+        .args(["--package", "relay-ebpf"])
+        .current_dir(root)
         .arg("--target-dir")
-        .arg(&target_dir);
+        .arg(target_dir);
     // The outer cargo's settings are for the host build (clippy's wrapper among them);
     // the nested build chooses its own.
     for (key, _) in std::env::vars_os() {
@@ -78,6 +88,9 @@ fn build(root: &Path) -> Result<PathBuf, String> {
             cargo.env_remove(&*key);
         }
     }
+    // BTF function info for every function the program links (bpf_loop's callback needs
+    // it), so full debug info for core and aya-ebpf too, not only relay-ebpf.
+    cargo.env("CARGO_PROFILE_RELEASE_DEBUG", "2");
     let output = cargo.output().map_err(|e| format!("running cargo for the eBPF program: {e}"))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -1,4 +1,5 @@
 //! The proxies under test as child processes, and what /proc says about them.
+#![allow(unsafe_code)] // process groups, signals and sysconf through libc; each block says why.
 
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader};

@@ -53,9 +53,15 @@ pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_GRANTS: &str = "GRANTS";
 pub const PROGRAM: &str = "relay_verdict";
 
-// SAFETY: both are repr(C), made only of integers, with no padding (6×8+4×4 and 8+8
-// bytes), so every bit pattern is a valid value.
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for Flow {}
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for Grant {}
+#[allow(unsafe_code)] // aya reads and writes map values as raw bytes.
+mod pod {
+    use super::{Flow, Grant};
+
+    // SAFETY: repr(C), made only of integers, with no padding (6×8+4×4 bytes), so every
+    // bit pattern is a valid value.
+    unsafe impl aya::Pod for Flow {}
+
+    // SAFETY: repr(C), two u64s, no padding: every bit pattern is a valid value.
+    unsafe impl aya::Pod for Grant {}
+}

@@ -18,6 +18,7 @@ pub mod rfb;
 pub mod run;
 pub mod server;
 pub mod session;
+pub mod sockopt;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

@@ -91,18 +91,11 @@ pub enum Ktls {
 /// Probes kTLS on a throwaway loopback connection: attaching the "tls" upper-layer
 /// protocol is what fails (ENOENT) on kernels built without CONFIG_TLS.
 pub fn probe_ktls() -> Ktls {
-    use std::os::fd::AsRawFd;
     let attempt = || -> std::io::Result<()> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let client = std::net::TcpStream::connect(listener.local_addr()?)?;
         let _server = listener.accept()?;
-        let ulp = b"tls";
-        // SAFETY: a valid, open socket descriptor and a pointer/length pair describing a
-        // live byte array; the kernel only reads `ulp.len()` bytes.
-        let rc = unsafe {
-            libc::setsockopt(client.as_raw_fd(), libc::SOL_TCP, libc::TCP_ULP, ulp.as_ptr().cast(), ulp.len() as libc::socklen_t)
-        };
-        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        crate::sockopt::attach_ulp(&client, "tls")
     };
     match attempt() {
         Ok(()) => Ktls::Available,

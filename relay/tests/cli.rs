@@ -222,12 +222,10 @@ fn tokens_never_reach_the_log() {
 /// serves consoles in userspace and says why in one log line; asking for sockmap
 /// explicitly is then a start-up error.
 #[test]
+#[cfg_attr(relay_no_setpriv, ignore = "needs root and setpriv to drop to an unprivileged user")]
 fn without_permission_for_ebpf_relay_runs_in_userspace_and_says_why() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/setpriv").exists() {
-        eprintln!("SKIPPED: needs root and setpriv to drop to an unprivileged user");
-        return;
-    }
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    assert!(root && Path::new("/usr/bin/setpriv").exists(), "needs root and setpriv to drop to an unprivileged user");
     let dir = scratch("noperm");
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let log = dir.join("relay.log");

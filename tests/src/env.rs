@@ -1,50 +1,37 @@
-//! What the machine offers the tests. A test needing a missing tool says so and
-//! skips; under `cargo xtask test` (RELAY_TEST_REQUIRE_ALL=1) it fails instead, so a
-//! missing install cannot pass silently.
+//! What the machine offers the tests. Whether a test runs at all is decided when the
+//! tests compile (`tests/build.rs` marks a test needing a missing tool as ignored, with
+//! the reason); these checks run inside the tests that were not ignored, and fail them
+//! if the tool is unusable after all. So no test that did not run says "ok".
 
 use std::path::Path;
 
-/// True when `tool` is usable; otherwise prints why the test is skipped, or panics
-/// when everything is required.
-pub fn have(tool: &str, available: bool) -> bool {
-    if available {
-        return true;
-    }
-    if std::env::var_os("RELAY_TEST_REQUIRE_ALL").is_some() {
-        panic!("{tool} is required (RELAY_TEST_REQUIRE_ALL is set) but missing: run `cargo xtask deps`");
-    }
-    eprintln!("SKIPPED: {tool} is not installed (run `cargo xtask deps`)");
-    false
+/// Fails the test when `tool` is missing.
+fn require(tool: &str, available: bool) {
+    assert!(available, "{tool} is required by this test but unusable: run `cargo xtask deps` (or see the probe in tests/build.rs)");
 }
 
-pub fn qemu() -> bool {
-    have("qemu-system-x86_64", Path::new("/usr/bin/qemu-system-x86_64").exists())
+pub fn qemu() {
+    require("qemu-system-x86_64", Path::new("/usr/bin/qemu-system-x86_64").exists());
 }
 
-pub fn browser() -> bool {
+pub fn browser() {
     let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/node_modules/playwright-core");
-    have("chromium + tests/browser/node_modules", Path::new("/usr/bin/chromium").exists() && modules.exists())
+    require("chromium + tests/browser/node_modules", Path::new("/usr/bin/chromium").exists() && modules.exists());
 }
 
-pub fn debian_novnc() -> bool {
-    have("Debian's novnc (/usr/share/novnc)", Path::new("/usr/share/novnc/vnc_lite.html").exists())
+pub fn debian_novnc() {
+    require("Debian's novnc (/usr/share/novnc)", Path::new("/usr/share/novnc/vnc_lite.html").exists());
 }
 
-/// True when this process may load relay's eBPF program (a build with the object, and
-/// root or CAP_BPF + CAP_NET_ADMIN).
-pub fn sockmap() -> bool {
+/// This process may load relay's eBPF program (a build with the object, and root or
+/// CAP_BPF + CAP_NET_ADMIN).
+pub fn sockmap() {
     let loaded = relay::relay::sockmap::Sockmap::load(2, 1 << 20);
-    if let Err(e) = &loaded {
-        eprintln!("sockmap: {e}");
-    }
-    have("the sockmap back-end", loaded.is_ok())
+    require(&format!("the sockmap back-end ({:?})", loaded.as_ref().err().map(ToString::to_string)), loaded.is_ok());
 }
 
-/// True when this kernel's io_uring has what relay's uring back-end needs.
-pub fn uring() -> bool {
+/// This kernel's io_uring has what relay's uring back-end needs.
+pub fn uring() {
     let started = relay::relay::uring::Uring::start(8);
-    if let Err(e) = &started {
-        eprintln!("io_uring: {e}");
-    }
-    have("the io_uring back-end", started.is_ok())
+    require(&format!("the io_uring back-end ({:?})", started.as_ref().err().map(ToString::to_string)), started.is_ok());
 }

@@ -26,22 +26,25 @@ async fn relay_on(web: PathBuf, backend: Backend) -> TestRelay {
 }
 
 #[tokio::test]
+#[cfg_attr(any(relay_no_qemu, relay_no_browser), ignore = "QEMU or Chromium is not installed: cargo xtask deps")]
 async fn novnc_1_7_shows_the_qemu_console() {
     novnc_shows_the_qemu_console(Backend::Copy).await
 }
 
 /// The same through the io_uring back-end, which frames WebSocket consoles on its ring.
 #[tokio::test]
+#[cfg_attr(
+    any(relay_no_qemu, relay_no_browser, relay_no_uring),
+    ignore = "QEMU or Chromium is not installed (cargo xtask deps), or io_uring is disabled"
+)]
 async fn novnc_1_7_shows_the_qemu_console_through_io_uring() {
-    if env::uring() {
-        novnc_shows_the_qemu_console(Backend::Uring).await
-    }
+    env::uring();
+    novnc_shows_the_qemu_console(Backend::Uring).await
 }
 
 async fn novnc_shows_the_qemu_console(backend: Backend) {
-    if !env::qemu() || !env::browser() {
-        return;
-    }
+    env::qemu();
+    env::browser();
     let qemu = Qemu::start(VncAuth::None).await.unwrap();
     let dir = scratch_dir("web");
     let relay = relay_on(assemble_web_root(&dir), backend).await;
@@ -64,15 +67,20 @@ async fn novnc_shows_the_qemu_console(backend: Backend) {
     }
     assert_eq!(stats["counters"]["sessions_started"], 1);
     assert_eq!(stats["counters"]["sessions_ended"], 1, "closing the browser ended the console");
+    assert_eq!(stats["ended"]["viewer_closed"], 1, "the browser's close is the viewer's end: {}", stats["ended"]);
     // noVNC asks for compressed encodings, so less than a raw frame, but a screenful.
     assert!(stats["counters"]["bytes_to_viewer"].as_u64().unwrap() > 1000, "{stats}");
 }
 
 #[tokio::test]
+#[cfg_attr(
+    any(relay_no_qemu, relay_no_browser, relay_no_debian_novnc),
+    ignore = "QEMU, Chromium or Debian's novnc is not installed: cargo xtask deps"
+)]
 async fn debian_novnc_opens_the_url_token_create_hands_out() {
-    if !env::qemu() || !env::browser() || !env::debian_novnc() {
-        return;
-    }
+    env::qemu();
+    env::browser();
+    env::debian_novnc();
     let qemu = Qemu::start(VncAuth::None).await.unwrap();
     let relay = relay_serving("/usr/share/novnc".into()).await;
     let reply = relay.ctl(Request::TokenCreate(relay_tests::relay_server::new_token("vm-nova", qemu.addr()))).await.unwrap();
@@ -83,10 +91,10 @@ async fn debian_novnc_opens_the_url_token_create_hands_out() {
 }
 
 #[tokio::test]
+#[cfg_attr(any(relay_no_qemu, relay_no_browser), ignore = "QEMU or Chromium is not installed: cargo xtask deps")]
 async fn console_password_prompt_right_and_wrong() {
-    if !env::qemu() || !env::browser() {
-        return;
-    }
+    env::qemu();
+    env::browser();
     // The hypervisor has its own VNC password; the viewer must give the console's.
     let qemu = Qemu::start(VncAuth::Password("hvpass".into())).await.unwrap();
     let dir = scratch_dir("web");
@@ -108,10 +116,10 @@ async fn console_password_prompt_right_and_wrong() {
 }
 
 #[tokio::test]
+#[cfg_attr(any(relay_no_qemu, relay_no_browser), ignore = "QEMU or Chromium is not installed: cargo xtask deps")]
 async fn novnc_over_wss_to_a_qemu_demanding_x509_client_certificates() {
-    if !env::qemu() || !env::browser() {
-        return;
-    }
+    env::qemu();
+    env::browser();
     use relay::auth::Scheme;
     use relay_tests::pki::{Ca, Role};
     let dir = scratch_dir("wss");

@@ -9,10 +9,9 @@ use relay_tests::viewer::{distinct_colours, framebuffer, handshake, resized_fram
 use tokio::io::AsyncReadExt;
 
 #[tokio::test]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
 async fn connect_door_full_framebuffer_from_qemu() {
-    if !env::qemu() {
-        return;
-    }
+    env::qemu();
     let qemu = Qemu::start(VncAuth::None).await.unwrap();
     let relay = TestRelay::start().await;
     let token = relay.token("vm-q1", qemu.addr()).await;
@@ -25,10 +24,9 @@ async fn connect_door_full_framebuffer_from_qemu() {
 }
 
 #[tokio::test]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
 async fn websocket_door_with_hypervisor_password_and_rfb_33_viewer() {
-    if !env::qemu() {
-        return;
-    }
+    env::qemu();
     let qemu = Qemu::start(VncAuth::Password("hvpw".into())).await.unwrap();
     let relay = TestRelay::start().await;
     let token = relay.token_with(with_hypervisor_password(new_token("vm-q2", qemu.addr()), "hvpw")).await;
@@ -40,10 +38,9 @@ async fn websocket_door_with_hypervisor_password_and_rfb_33_viewer() {
 }
 
 #[tokio::test]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
 async fn wrong_hypervisor_password_reaches_the_viewer_as_a_reason() {
-    if !env::qemu() {
-        return;
-    }
+    env::qemu();
     let qemu = Qemu::start(VncAuth::Password("hvpw".into())).await.unwrap();
     let relay = TestRelay::start().await;
     let token = relay.token_with(with_hypervisor_password(new_token("vm-q3", qemu.addr()), "wrong")).await;
@@ -59,10 +56,9 @@ async fn wrong_hypervisor_password_reaches_the_viewer_as_a_reason() {
 /// second (sockmap where relay may load its program): QEMU's screen still arrives whole
 /// after the move, and the move is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
 async fn connect_door_console_keeps_working_after_moving_to_the_kernel() {
-    if !env::qemu() {
-        return;
-    }
+    env::qemu();
     let qemu = Qemu::start(VncAuth::None).await.unwrap();
     let relay = TestRelay::start().await;
     let token = relay.token("vm-q4", qemu.addr()).await;
@@ -84,10 +80,9 @@ async fn connect_door_console_keeps_working_after_moving_to_the_kernel() {
 /// CONNECT console past its move to the kernel): each console's end is the
 /// hypervisor's, even though each viewer then resets its connection as a browser does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
 async fn a_killed_hypervisor_is_the_end_on_both_doors() {
-    if !env::qemu() {
-        return;
-    }
+    env::qemu();
     let mut qemu = Qemu::start(VncAuth::None).await.unwrap();
     let relay = TestRelay::start().await;
     let token = relay.token("vm-q5", qemu.addr()).await;

@@ -51,10 +51,9 @@ async fn refused(relay: &TestRelay, token: &str) -> String {
 }
 
 #[tokio::test]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
 async fn x509_none_and_x509_vnc_show_the_console() {
-    if !env::qemu() {
-        return;
-    }
+    env::qemu();
     let p = pki();
     let (ca_file, client) = (p.dir.join("ca.pem"), p.client.clone());
     let relay = TestRelay::start_with(move |c| vencrypt(c, &ca_file, Some(&client))).await;
@@ -76,10 +75,9 @@ async fn x509_none_and_x509_vnc_show_the_console() {
 }
 
 #[tokio::test]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
 async fn bad_certificates_are_refused() {
-    if !env::qemu() {
-        return;
-    }
+    env::qemu();
     let p = pki();
     let stranger = Ca::new("some other CA");
     let (ca_file, client) = (p.dir.join("ca.pem"), p.client.clone());
@@ -104,10 +102,9 @@ async fn bad_certificates_are_refused() {
 }
 
 #[tokio::test]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
 async fn missing_client_certificate_anonymous_tls_and_no_common_scheme_are_refused() {
-    if !env::qemu() {
-        return;
-    }
+    env::qemu();
     let p = pki();
     let ca_file = p.dir.join("ca.pem");
     let no_client = {
@@ -167,10 +164,9 @@ async fn expired_vencrypt_server(cert: String, key: String) -> std::net::SocketA
 }
 
 #[tokio::test]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
 async fn tls_on_both_legs_connect_viewer_to_x509_qemu() {
-    if !env::qemu() {
-        return;
-    }
+    env::qemu();
     use tokio::io::AsyncWriteExt;
     let p = pki();
     let front_ca = Ca::new("front CA");
@@ -197,10 +193,9 @@ async fn tls_on_both_legs_connect_viewer_to_x509_qemu() {
 /// QEMU ends a VeNCrypt session without TLS close_notify. A viewer that closes its
 /// console is still the cause of the end: QEMU's close is the answer to relay's.
 #[tokio::test]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
 async fn a_viewer_closing_a_vencrypt_console_is_the_viewers_end() {
-    if !env::qemu() {
-        return;
-    }
+    env::qemu();
     let p = pki();
     let (ca_file, client) = (p.dir.join("ca.pem"), p.client.clone());
     let relay = TestRelay::start_with(move |c| vencrypt(c, &ca_file, Some(&client))).await;
@@ -219,10 +214,9 @@ async fn a_viewer_closing_a_vencrypt_console_is_the_viewers_end() {
 /// A TLS hypervisor that goes away gives a CONNECT viewer the same clean end (a FIN) as a
 /// plain one does, not a reset.
 #[tokio::test]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
 async fn a_vanishing_tls_hypervisor_gives_the_viewer_a_clean_end() {
-    if !env::qemu() {
-        return;
-    }
+    env::qemu();
     let p = pki();
     let (ca_file, client) = (p.dir.join("ca.pem"), p.client.clone());
     let relay = TestRelay::start_with(move |c| vencrypt(c, &ca_file, Some(&client))).await;

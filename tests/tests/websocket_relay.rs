@@ -18,10 +18,10 @@ use tokio_tungstenite::tungstenite::Message;
 const RFB38: &[u8; 12] = b"RFB 003.008\n";
 
 macro_rules! websocket_relay {
-    ($($backend:ident => $kind:expr;)*) => {$(
+    ($($backend:ident => $kind:expr, $skip:ident, $why:literal;)*) => {$(
         mod $backend {
             use super::*;
-            websocket_relay!(@tests $kind;
+            websocket_relay!(@tests $kind, $skip, $why;
                 many_mebibytes_each_way_byte_exact,
                 the_viewers_close_reaches_the_hypervisor_as_a_fin,
                 the_hypervisors_fin_reaches_the_viewer_after_its_data_as_a_close,
@@ -34,29 +34,28 @@ macro_rules! websocket_relay {
             );
         }
     )*};
-    (@tests $kind:expr; $($name:ident),* $(,)?) => {$(
+    (@tests $kind:expr, $skip:ident, $why:literal; $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[cfg_attr($skip, ignore = $why)]
         async fn $name() {
-            if let Some(relay) = start($kind).await {
-                super::$name(relay).await
-            }
+            super::$name(start($kind).await).await
         }
     )*};
 }
 
 websocket_relay! {
-    copy => Backend::Copy;
-    uring => Backend::Uring;
+    copy => Backend::Copy, relay_never, "";
+    uring => Backend::Uring, relay_no_uring, "io_uring is disabled on this machine";
 }
 
-async fn start(backend: Backend) -> Option<TestRelay> {
+async fn start(backend: Backend) -> TestRelay {
     // The back-end itself from the first byte; the move from copy has its own test.
     start_with(backend, |c| c.relay.kernel_after_ms = 0).await
 }
 
-async fn start_with(backend: Backend, adjust: impl FnOnce(&mut relay::config::Config)) -> Option<TestRelay> {
-    if backend == Backend::Uring && !env::uring() {
-        return None;
+async fn start_with(backend: Backend, adjust: impl FnOnce(&mut relay::config::Config)) -> TestRelay {
+    if backend == Backend::Uring {
+        env::uring();
     }
     let relay = TestRelay::start_with(|c| {
         c.relay.backend = backend;
@@ -66,7 +65,7 @@ async fn start_with(backend: Backend, adjust: impl FnOnce(&mut relay::config::Co
     .await;
     let stats = relay.ctl(Request::Stats).await.unwrap();
     assert_eq!(stats["relay"]["framed"], format!("{backend:?}").to_lowercase(), "WebSocket consoles run on the back-end asked for");
-    Some(relay)
+    relay
 }
 
 async fn console(relay: &TestRelay, instance: &str, hv: &FakeVnc) -> WsViewer {
@@ -106,7 +105,7 @@ async fn a_console_moved_mid_stream_keeps_every_byte_in_order(default: TestRelay
     let framed = default.ctl(Request::Stats).await.unwrap()["relay"]["framed"].clone();
     drop(default);
     let backend = if framed == "uring" { Backend::Uring } else { Backend::Copy };
-    let relay = start_with(backend, |c| c.relay.kernel_after_ms = 200).await.unwrap();
+    let relay = start_with(backend, |c| c.relay.kernel_after_ms = 200).await;
     let hv = FakeVnc::start(Script::echo()).await;
     let ws = console(&relay, "vm-ws-move", &hv).await;
     let (mut r, mut w) = tokio::io::split(ws);

@@ -1,4 +1,6 @@
-//! Project tasks: `cargo xtask run | deps | build-ebpf | test | ci | bench`.
+//! Project tasks: `cargo xtask run | deps | build-ebpf | test | check | ci | bench`.
+//!
+//! `ci` is `test` then `check`, the same two steps `.ci/run` takes.
 //!
 //! `deps` and `build-ebpf` install what they need on a Debian machine, idempotently: they
 //! check before they install, so a second run takes a second.
@@ -34,17 +36,17 @@ fn main() -> Result<()> {
             ebpf_toolchain()?;
             test(&root)
         }
+        "check" => check(&root),
         "ci" => {
             deps(&root)?;
             ebpf_toolchain()?;
-            run(Command::new("cargo").args(["fmt", "--all", "--check"]).current_dir(&root))?;
-            run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]).current_dir(&root))?;
-            test(&root)
+            test(&root)?;
+            check(&root)
         }
         "bench" => bench(&root),
         _ => {
             eprintln!(
-                "usage: cargo xtask <run|deps|build-ebpf|test|ci|bench>\n  run   set up the eBPF toolchain (best effort), then run relay with the embedded defaults\n        (arguments after `run` go to `relay run`)\n  deps  install test dependencies (Debian packages, npm packages)\n  build-ebpf  install the eBPF toolchain (LLVM 22, bpf-linker, nightly rust-src) and build the program\n  test  deps, build-ebpf's toolchain, then every test\n  ci    deps, format and lint checks, then every test\n  bench relay vs direct, socat, HAProxy, websockify (release build); writes docs/benchmarks.md\n        (`cargo xtask bench --help` lists relay-bench's options; `--no-install` skips apt)"
+                "usage: cargo xtask <run|deps|build-ebpf|test|check|ci|bench>\n  run   set up the eBPF toolchain (best effort), then run relay with the embedded defaults\n        (arguments after `run` go to `relay run`)\n  deps  install test dependencies (Debian packages, npm packages)\n  build-ebpf  install the eBPF toolchain (LLVM 22, bpf-linker, nightly rust-src) and build the program\n  test  deps, build-ebpf's toolchain, then every test\n  check format and lint checks, and a short run of every fuzz target\n  ci    test, then check (what .ci/run does)\n  bench relay vs direct, socat, HAProxy, websockify (release build); writes docs/benchmarks.md\n        (`cargo xtask bench --help` lists relay-bench's options; `--no-install` skips apt)"
             );
             std::process::exit(2);
         }
@@ -99,6 +101,38 @@ fn test(root: &Path) -> Result<()> {
         .env("RELAY_TEST_REQUIRE_ALL", "1")
         .env("RELAY_EBPF", "require")
         .current_dir(root))
+}
+
+/// Format, lints (the eBPF program's on its own target), and every fuzz target for a few
+/// seconds: a parser that panics on its first inputs fails here.
+fn check(root: &Path) -> Result<()> {
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]).current_dir(root))?;
+    run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]).current_dir(root))?;
+    fuzz_smoke(root)
+}
+
+/// Runs each fuzz target (relay/fuzz) for `FUZZ_SECONDS`, with cargo-fuzz on nightly.
+fn fuzz_smoke(root: &Path) -> Result<()> {
+    const FUZZ_SECONDS: &str = "10";
+    let have = Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !have {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let relay = root.join("relay");
+    let listed = Command::new("rustup").args(["run", "nightly", "cargo", "fuzz", "list"]).current_dir(&relay).output()?;
+    let targets: Vec<String> = String::from_utf8_lossy(&listed.stdout).lines().map(str::to_string).collect();
+    if targets.is_empty() {
+        bail!("cargo fuzz list found no fuzz targets under relay/fuzz");
+    }
+    for target in &targets {
+        let max_time = format!("-max_total_time={FUZZ_SECONDS}");
+        run(Command::new("rustup")
+            .args(["run", "nightly", "cargo", "fuzz", "run", target, "--", &max_time])
+            .env("CARGO_TARGET_DIR", root.join("target/fuzz"))
+            .current_dir(&relay))?;
+    }
+    eprintln!("xtask: {} fuzz targets ran {FUZZ_SECONDS} s each without a finding", targets.len());
+    Ok(())
 }
 
 /// LLVM 22 for bpf-linker to link against (Debian's default LLVM is too old).

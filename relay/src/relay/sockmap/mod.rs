@@ -5,7 +5,6 @@
 //! This module owns the loaded program and its four maps; [`session`] runs one session.
 
 mod session;
-mod tcp;
 
 pub use session::run;
 

@@ -3,6 +3,8 @@
 //! starts it, forwards a forced disconnect, and keeps the idle and half-close timers
 //! ([`session`]).
 
+#![allow(unsafe_code)] // io_uring: submission entries name buffers and descriptors by raw pointer.
+
 mod ring;
 mod session;
 

@@ -1,11 +1,12 @@
 //! One direction of a kernel-relayed session, as userspace sees it: asleep until the
 //! program passes bytes back (a receiver fell behind) or the stream ends.
 
-use super::super::{Sockmap, tcp};
+use super::super::Sockmap;
 use super::handoff::register;
 use super::{Socket, Std, Userspace};
 use crate::relay::Limits;
 use crate::relay::lifecycle::{Direction, Failure};
+use crate::sockopt as tcp;
 use relay_common::Grant;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;

@@ -2,10 +2,11 @@
 //! in an order where the first redirect always finds its peer, then release what queued
 //! in between.
 
-use super::super::{Sockmap, tcp};
+use super::super::Sockmap;
 use super::{Socket, Std};
 use crate::relay::Established;
 use crate::relay::lifecycle::{Ended, Failure, Op, Side};
+use crate::sockopt as tcp;
 use std::io::{self, ErrorKind};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -26,13 +27,13 @@ const DRAIN_LIMIT: usize = 4 << 20;
 /// Reads whatever the kernel has queued, without waiting, onto `into`. Asks the kernel
 /// itself (tokio's `try_read` may answer "would block" from its cached readiness).
 pub(super) fn drain(socket: &TcpStream, into: &mut Vec<u8>) -> Result<(), String> {
-    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 16 << 10];
+    use std::io::Read;
+    let mut chunk = [0u8; 16 << 10];
     let socket = socket2::SockRef::from(socket);
     loop {
-        match socket.recv(&mut chunk) {
+        match (&*socket).read(&mut chunk) {
             Ok(0) => return Ok(()),
-            // SAFETY: recv initialised the first n bytes.
-            Ok(n) => into.extend_from_slice(unsafe { std::slice::from_raw_parts(chunk.as_ptr().cast::<u8>(), n) }),
+            Ok(n) => into.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             // The relay that takes over meets the same error and reports it.
@@ -102,6 +103,7 @@ pub(super) fn handoff(engine: &Sockmap, viewer: TcpStream, hypervisor: TcpStream
     Ok((Socket { fd: viewer, cookie: vc, sent_at_handoff: vsent }, Socket { fd: hypervisor, cookie: hc, sent_at_handoff: hsent }))
 }
 
+#[allow(unsafe_code)] // tokio's registration of a raw descriptor
 pub(super) fn register(socket: Std, interest: Interest) -> Result<AsyncFd<Std>, tokio::io::unix::AsyncFdRegisterError<Std>> {
     // SAFETY: a std TcpStream owns its descriptor until dropped and always reports the
     // same one; the AsyncFd owns the stream, so the descriptor outlives the registration.
