@@ -1,9 +1,7 @@
-//! The io_uring back-end for raw sessions: one thread owns one ring and splices every
-//! uring session's bytes socket → pipe → socket ([`ring`]); each session's task only
-//! starts it, forwards a forced disconnect, and keeps the idle and half-close timers
+//! The io_uring back-end: one thread owns one ring and carries every uring console's
+//! bytes ([`ring`]: raw consoles spliced socket → pipe → socket, WebSocket consoles framed
+//! on the ring); each console's task hands it over and runs the shared lifecycle
 //! ([`session`]).
-
-#![allow(unsafe_code)] // io_uring: submission entries name buffers and descriptors by raw pointer.
 
 mod ring;
 mod session;
@@ -13,9 +11,11 @@ pub use session::run;
 use super::lifecycle::{Direction, Failure};
 use crate::session::ByteCounters;
 use io_uring::{IoUring, opcode};
+use std::fs::File;
 use std::io;
+use std::io::Write;
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use tokio::sync::mpsc::UnboundedSender;
@@ -47,21 +47,11 @@ enum RingEvent {
     Ended(Result<(), Failure>),
 }
 
-/// A direction by the ring's index (0 up, 1 down).
-fn direction(index: usize) -> Direction {
-    Direction::BOTH[index]
-}
-
-/// The failure of direction `dir`'s read (from its sender) or write (to its receiver).
-fn fault(dir: usize, reading: bool, e: io::Error) -> Failure {
-    if reading { Failure::reading(direction(dir), e) } else { Failure::writing(direction(dir), e) }
-}
-
 /// The ring thread and the way to reach it.
 pub struct Uring {
     /// None once dropping: the ring thread then ends with its last session.
     commands: Mutex<Option<mpsc::Sender<Command>>>,
-    wake: OwnedFd,
+    wake: File,
     next_id: AtomicU64,
 }
 
@@ -78,15 +68,9 @@ impl Uring {
                 return Err(io::Error::other(format!("the kernel's io_uring lacks {name}")));
             }
         }
-        // SAFETY: eventfd has no preconditions; the descriptor is new and owned here.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor, owned by nothing else.
-        let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+        let wake = eventfd()?;
         let (tx, rx) = mpsc::channel();
-        let thread_wake = wake.try_clone()?;
+        let thread_wake = OwnedFd::from(wake.try_clone()?);
         std::thread::Builder::new().name("relay-uring".into()).spawn(move || ring::Ring::new(ring, rx, thread_wake).run())?;
         Ok(Uring { commands: Mutex::new(Some(tx)), wake, next_id: AtomicU64::new(1) })
     }
@@ -99,9 +83,8 @@ impl Uring {
     }
 
     fn wake(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to our eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        // An eventfd adds the 8-byte counter written to it.
+        let _ = (&self.wake).write(&1u64.to_ne_bytes());
     }
 
     fn next_id(&self) -> u64 {
@@ -114,4 +97,17 @@ impl Drop for Uring {
         self.commands.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.wake();
     }
+}
+
+/// A new eventfd, for waking the ring thread.
+fn eventfd() -> io::Result<File> {
+    // SAFETY: eventfd has no preconditions; it returns a new descriptor or -1.
+    #[allow(unsafe_code)]
+    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor, owned by nothing else.
+    #[allow(unsafe_code)]
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(efd) }))
 }

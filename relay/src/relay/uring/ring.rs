@@ -1,134 +1,188 @@
-//! The io_uring thread: one ring for every uring session, splicing each direction
-//! socket → pipe → socket without copying through userspace (WebSocket consoles, which
-//! must be framed, are received and sent instead: [`framed`]).
+//! The io_uring thread: one ring for every uring console. Raw consoles are spliced socket
+//! → pipe → socket without crossing into userspace ([`splice`]); WebSocket consoles are
+//! received, framed and sent ([`framed`]).
 //!
-//! Per direction the loop is: wait for the source to be readable (POLL_ADD), splice what it
-//! has into a pipe, splice the pipe into the destination (waiting for room with POLL_ADD
-//! when it is full), repeat. Splices are non-blocking, so an idle session holds two polls
-//! and nothing else: no io-wq worker, no pipe (a direction has a pipe only while bytes
-//! move). At most one operation per direction is in flight, so a pipe is never filled and
-//! drained at once.
+//! **What the kernel touches is owned by the operation.** Every submission is an
+//! [`InFlight`] kept in a table under its `user_data` until its completion is reaped: it
+//! holds the console's sockets, the pipe or the buffer the entry names. A console that
+//! ends, or is dropped, cannot close a descriptor or free a buffer an operation still
+//! uses; the last completion lets go of them. So no method has to keep a rule by hand.
+//!
+//! Per direction at most one operation is in flight, so a pipe is never filled and
+//! drained at once and a buffer never has two users. An idle console holds two polls.
 
 mod framed;
+mod splice;
 
-use super::{Command, RingEvent, fault};
-use crate::relay::lifecycle::{Failure, Side};
+use super::{Command, RingEvent};
+use crate::relay::lifecycle::{Direction, Failure, Op, Side};
+use crate::session::ByteCounters;
 pub(super) use framed::WsState;
 use io_uring::{IoUring, opcode, squeue, types};
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::session::ByteCounters;
-
-/// A direction's pipe capacity, and the most one splice moves: larger pipes mean fewer
-/// operations (each splice runs on an io-wq worker) per byte.
-const CHUNK: u32 = 1 << 20;
 /// user_data of the wake-up read on the eventfd.
 const WAKE: u64 = u64::MAX;
 /// user_data of cancellations, whose own completions need nothing.
 const CANCEL: u64 = u64::MAX - 1;
 
+/// What an operation does, for its direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    PollIn = 0,
-    Fill = 1,
-    PollOut = 2,
-    Drain = 3,
+enum Step {
+    /// Wait for the source to be readable (or to end).
+    PollIn,
+    /// Move bytes from the source (into the pipe, or the buffer).
+    Fill,
+    /// Wait for the destination to have room.
+    PollOut,
+    /// Move bytes to the destination (from the pipe, or the buffer).
+    Drain,
 }
 
-fn user_data(session: u64, dir: usize, op: Op) -> u64 {
-    (session << 3) | ((dir as u64) << 2) | op as u64
+/// A console's two sockets, shared by the console and its operations in flight.
+struct Sockets {
+    viewer: TcpStream,
+    hypervisor: TcpStream,
 }
 
-fn decode(data: u64) -> (u64, usize, Op) {
-    let op = match data & 3 {
-        0 => Op::PollIn,
-        1 => Op::Fill,
-        2 => Op::PollOut,
-        _ => Op::Drain,
-    };
-    (data >> 3, ((data >> 2) & 1) as usize, op)
+impl Sockets {
+    fn of(&self, side: Side) -> &TcpStream {
+        match side {
+            Side::Viewer => &self.viewer,
+            Side::Hypervisor => &self.hypervisor,
+        }
+    }
+
+    /// (source, destination) of a direction.
+    fn ends(&self, dir: Direction) -> (RawFd, RawFd) {
+        (self.of(dir.from()).as_raw_fd(), self.of(dir.to()).as_raw_fd())
+    }
 }
 
+/// A pipe a raw direction splices through.
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
 
-struct Direction {
-    pipe: Option<Pipe>,
-    /// Bytes in the pipe, not yet in the destination.
-    in_pipe: u32,
-    /// The operation of this direction in flight, if any (there is at most one).
-    inflight: Option<Op>,
-    done: bool,
+/// An operation in flight and everything its entry names.
+struct InFlight {
+    console: u64,
+    dir: Direction,
+    step: Step,
+    _sockets: Rc<Sockets>,
+    _pipe: Option<Rc<Pipe>>,
+    /// Framed consoles' buffers travel with the operation and come back at completion.
+    buf: Option<Box<[u8]>>,
 }
 
-struct Session {
-    /// 0: viewer, 1: hypervisor. Direction 0 runs viewer → hypervisor, 1 the other way.
-    sockets: [TcpStream; 2],
-    dirs: [Direction; 2],
-    bytes: Arc<ByteCounters>,
-    events: UnboundedSender<RingEvent>,
-    /// Set once the session is ending: no new operation starts.
-    ending: bool,
-    /// The viewer speaks WebSocket: the ring frames instead of splicing ([`framed`]).
-    ws: Option<Box<WsState>>,
+/// Operations in flight, keyed by their `user_data`.
+#[derive(Default)]
+struct Table {
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
 }
 
-impl Session {
-    fn inflight(&self) -> bool {
-        self.dirs.iter().any(|d| d.inflight.is_some())
+impl Table {
+    fn insert(&mut self, op: InFlight) -> u64 {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(op);
+                i as u64
+            }
+            None => {
+                self.slots.push(Some(op));
+                (self.slots.len() - 1) as u64
+            }
+        }
+    }
+
+    fn get(&self, key: u64) -> Option<&InFlight> {
+        self.slots.get(key as usize)?.as_ref()
+    }
+
+    fn remove(&mut self, key: u64) -> Option<InFlight> {
+        let op = self.slots.get_mut(key as usize)?.take()?;
+        self.free.push(key as usize);
+        Some(op)
     }
 }
 
+/// What carries a console's bytes on the ring.
+enum Carry {
+    Splice(splice::Pipes),
+    Framed(Box<WsState>),
+}
+
+struct Console {
+    sockets: Rc<Sockets>,
+    /// The key of each direction's operation in flight, if any.
+    inflight: [Option<u64>; 2],
+    finished: [bool; 2],
+    bytes: Arc<ByteCounters>,
+    events: UnboundedSender<RingEvent>,
+    carry: Carry,
+}
+
+impl Console {
+    fn counter(&self, dir: Direction) -> &std::sync::atomic::AtomicU64 {
+        match dir {
+            Direction::Up => &self.bytes.to_hypervisor,
+            Direction::Down => &self.bytes.to_viewer,
+        }
+    }
+}
+
+/// How many empty pipes, and buffers, the ring keeps for the next console that wakes: a
+/// console wakes for every burst, and a new 1 MiB pipe or 256 KiB buffer each time cost
+/// more than the burst. None are kept once no console is left.
+const SPARES: usize = 8;
+
 pub struct Ring {
+    // Declared first, so dropped first: closing the ring waits for the kernel to be done
+    // with every operation, before the table below frees what they name.
     ring: IoUring,
+    ops: Table,
+    consoles: HashMap<u64, Console>,
     commands: Receiver<Command>,
     wake: OwnedFd,
     wake_buf: Box<[u8; 8]>,
-    sessions: HashMap<u64, Session>,
     /// Completions taken from the ring, kept to reuse its allocation.
     completed: Vec<(u64, i32)>,
-    /// Empty pipes and buffers that directions gave back on going idle, for the next that
-    /// wakes: a console wakes for every burst, and a new 1 MiB pipe or 256 KiB buffer each
-    /// time cost more than the burst. At most [`SPARES`] each, and none once no console is
-    /// left.
     spare_pipes: Vec<Pipe>,
     spare_bufs: Vec<Box<[u8]>>,
 }
-
-/// How many empty pipes, and buffers, the ring keeps for reuse.
-const SPARES: usize = 8;
 
 impl Ring {
     pub fn new(ring: IoUring, commands: Receiver<Command>, wake: OwnedFd) -> Ring {
         Ring {
             ring,
+            ops: Table::default(),
+            consoles: HashMap::new(),
             commands,
             wake,
             wake_buf: Box::new([0; 8]),
-            sessions: HashMap::new(),
             completed: Vec::new(),
             spare_pipes: Vec::new(),
             spare_bufs: Vec::new(),
         }
     }
 
-    /// Runs until every sender of commands is gone and no session is left.
+    /// Runs until every sender of commands is gone and no console is left.
     pub fn run(mut self) {
         self.arm_wake();
         loop {
             if let Err(e) = self.ring.submit_and_wait(1)
                 && e.raw_os_error() != Some(libc::EINTR)
             {
-                tracing::error!(error = %e, "io_uring submit failed; uring sessions end");
+                tracing::error!(error = %e, "io_uring submit failed; uring consoles end");
                 break;
             }
             self.completed.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
@@ -138,23 +192,25 @@ impl Ring {
                     WAKE if !self.take_commands() => return,
                     WAKE => self.arm_wake(),
                     CANCEL => {}
-                    _ => self.complete(data, result),
+                    key => self.complete(key, result),
                 }
             }
             self.completed = completed;
         }
-        for (_, session) in self.sessions.drain() {
-            let failed = Failure::new(Side::Hypervisor, crate::relay::lifecycle::Op::Write, io::Error::other("relay's io_uring failed"));
-            let _ = session.events.send(RingEvent::Ended(Err(failed)));
+        for (_, console) in self.consoles.drain() {
+            let failed = Failure::new(Side::Hypervisor, Op::Write, io::Error::other("relay's io_uring failed"));
+            let _ = console.events.send(RingEvent::Ended(Err(failed)));
         }
     }
 
     fn push(&mut self, entry: squeue::Entry) {
         loop {
-            // SAFETY: every buffer and descriptor an entry names outlives its operation:
-            // sockets and pipes are closed only when their session has nothing in flight,
-            // and the wake buffer lives as long as the ring.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            // SAFETY: every descriptor and buffer an entry names is owned by the InFlight
+            // stored under its user_data until the completion is reaped (`submit`), or
+            // by the ring itself (the wake-up read).
+            #[allow(unsafe_code)]
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
                 return;
             }
             // The queue is full: hand what is there to the kernel and retry.
@@ -167,215 +223,131 @@ impl Ring {
         self.push(read);
     }
 
-    /// Takes new commands; false when the engine is gone.
+    /// Takes new commands; false when the engine is gone and no console is left.
     fn take_commands(&mut self) -> bool {
         loop {
             match self.commands.try_recv() {
                 Ok(Command::Start { id, viewer, framing, hypervisor, bytes, events }) => {
-                    let idle = || Direction { pipe: None, in_pipe: 0, inflight: None, done: false };
-                    let session =
-                        Session { sockets: [viewer, hypervisor], dirs: [idle(), idle()], bytes, events, ending: false, ws: framing };
-                    self.sessions.insert(id, session);
-                    self.poll_in(id, 0);
-                    self.poll_in(id, 1);
+                    let carry = match framing {
+                        Some(ws) => Carry::Framed(ws),
+                        None => Carry::Splice(splice::Pipes::default()),
+                    };
+                    let sockets = Rc::new(Sockets { viewer, hypervisor });
+                    let console = Console { sockets, inflight: [None; 2], finished: [false; 2], bytes, events, carry };
+                    self.consoles.insert(id, console);
+                    for dir in Direction::BOTH {
+                        self.poll_in(id, dir);
+                    }
                 }
                 Ok(Command::Stop { id }) => self.stop(id),
                 Err(std::sync::mpsc::TryRecvError::Empty) => return true,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return !self.sessions.is_empty(),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return !self.consoles.is_empty(),
             }
         }
     }
 
-    fn fds(&self, id: u64, dir: usize) -> Option<(RawFd, RawFd)> {
-        let s = self.sessions.get(&id)?;
-        Some((s.sockets[dir].as_raw_fd(), s.sockets[1 - dir].as_raw_fd()))
+    /// Submits `step` for a direction: `entry` builds the submission from the operation,
+    /// which keeps everything it names until completion.
+    fn submit(
+        &mut self,
+        id: u64,
+        dir: Direction,
+        step: Step,
+        (pipe, buf): (Option<Rc<Pipe>>, Option<Box<[u8]>>),
+        entry: impl FnOnce(&Sockets, Option<&Pipe>, Option<&mut [u8]>) -> squeue::Entry,
+    ) {
+        let Some(console) = self.consoles.get_mut(&id) else { return };
+        let mut op = InFlight { console: id, dir, step, _sockets: console.sockets.clone(), _pipe: pipe, buf };
+        let entry = entry(&op._sockets, op._pipe.as_deref(), op.buf.as_deref_mut());
+        let key = self.ops.insert(op);
+        console.inflight[dir.index()] = Some(key);
+        self.push(entry.user_data(key));
     }
 
-    fn poll_in(&mut self, id: u64, dir: usize) {
-        let Some((src, _)) = self.fds(id, dir) else { return };
-        self.mark_busy(id, dir, Op::PollIn);
+    fn poll_in(&mut self, id: u64, dir: Direction) {
         let mask = (libc::POLLIN | libc::POLLRDHUP) as u32;
-        self.push(opcode::PollAdd::new(types::Fd(src), mask).build().user_data(user_data(id, dir, Op::PollIn)));
+        self.submit(id, dir, Step::PollIn, (None, None), |s, _, _| opcode::PollAdd::new(types::Fd(s.ends(dir).0), mask).build());
     }
 
-    fn poll_out(&mut self, id: u64, dir: usize) {
-        let Some((_, dst)) = self.fds(id, dir) else { return };
-        self.mark_busy(id, dir, Op::PollOut);
-        self.push(opcode::PollAdd::new(types::Fd(dst), libc::POLLOUT as u32).build().user_data(user_data(id, dir, Op::PollOut)));
+    fn poll_out(&mut self, id: u64, dir: Direction) {
+        let mask = libc::POLLOUT as u32;
+        self.submit(id, dir, Step::PollOut, (None, None), |s, _, _| opcode::PollAdd::new(types::Fd(s.ends(dir).1), mask).build());
     }
 
-    fn fill(&mut self, id: u64, dir: usize) {
-        let Some((src, _)) = self.fds(id, dir) else { return };
-        let pipe_w = match self.pipe(id, dir) {
-            Ok(Some(p)) => p.write.as_raw_fd(),
-            Ok(None) => return,
-            Err(e) => {
-                let e = io::Error::new(e.kind(), format!("relay could not make a pipe: {e}"));
-                return self.end(id, Err(fault(dir, false, e)));
-            }
-        };
-        self.mark_busy(id, dir, Op::Fill);
-        let splice = opcode::Splice::new(types::Fd(src), -1, types::Fd(pipe_w), -1, CHUNK)
-            .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
-            .build()
-            .user_data(user_data(id, dir, Op::Fill));
-        self.push(splice);
-    }
-
-    fn drain(&mut self, id: u64, dir: usize) {
-        let Some((_, dst)) = self.fds(id, dir) else { return };
-        let Some(s) = self.sessions.get(&id) else { return };
-        let d = &s.dirs[dir];
-        let (Some(pipe), len) = (&d.pipe, d.in_pipe) else { return };
-        let pipe_r = pipe.read.as_raw_fd();
-        self.mark_busy(id, dir, Op::Drain);
-        let splice = opcode::Splice::new(types::Fd(pipe_r), -1, types::Fd(dst), -1, len)
-            .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
-            .build()
-            .user_data(user_data(id, dir, Op::Drain));
-        self.push(splice);
-    }
-
-    fn mark_busy(&mut self, id: u64, dir: usize, op: Op) {
-        if let Some(s) = self.sessions.get_mut(&id) {
-            s.dirs[dir].inflight = Some(op);
+    fn complete(&mut self, key: u64, result: i32) {
+        let Some(op) = self.ops.remove(key) else { return };
+        let InFlight { console: id, dir, step, buf, _sockets, _pipe } = op;
+        // Let go of what the kernel is done with now, so an emptied pipe can be reused.
+        drop((_sockets, _pipe));
+        let Some(console) = self.consoles.get_mut(&id) else { return };
+        console.inflight[dir.index()] = None;
+        match &console.carry {
+            Carry::Splice(_) => self.complete_splice(id, dir, step, result),
+            Carry::Framed(_) => self.complete_framed(id, dir, step, result, buf),
         }
     }
 
-    /// The direction's pipe, made when it has none (None: no such session).
-    fn pipe(&mut self, id: u64, dir: usize) -> io::Result<Option<&Pipe>> {
-        let Some(s) = self.sessions.get_mut(&id) else { return Ok(None) };
-        let d = &mut s.dirs[dir];
-        if d.pipe.is_none() {
-            d.pipe = Some(match self.spare_pipes.pop() {
-                Some(pipe) => pipe,
-                None => new_pipe()?,
-            });
-        }
-        Ok(d.pipe.as_ref())
-    }
-
-    /// An empty pipe is given back (kept as a spare, or closed): idle sessions hold none.
-    fn release_pipe(&mut self, id: u64, dir: usize) {
-        if let Some(s) = self.sessions.get_mut(&id)
-            && s.dirs[dir].in_pipe == 0
-            && let Some(pipe) = s.dirs[dir].pipe.take()
-            && self.spare_pipes.len() < SPARES
-        {
-            self.spare_pipes.push(pipe);
+    /// A failure from the kernel's answer to a direction's step.
+    fn failure(dir: Direction, step: Step, result: i32) -> Failure {
+        let e = io::Error::from_raw_os_error(-result);
+        match step {
+            Step::PollIn | Step::Fill => Failure::reading(dir, e),
+            Step::PollOut | Step::Drain => Failure::writing(dir, e),
         }
     }
 
-    fn complete(&mut self, data: u64, result: i32) {
-        let (id, dir, op) = decode(data);
-        let Some(s) = self.sessions.get_mut(&id) else { return };
-        s.dirs[dir].inflight = None;
-        if s.ending {
-            if !s.inflight() {
-                self.finish(id);
-            }
-            return;
-        }
-        if s.ws.is_some() {
-            return self.complete_framed(id, dir, op, result);
-        }
-        let eagain = result == -libc::EAGAIN;
-        // Polls and fills wait on the direction's source; drains on its destination.
-        let fault = |reading: bool| fault(dir, reading, io::Error::from_raw_os_error(-result));
-        match op {
-            Op::PollIn if result < 0 => self.end(id, Err(fault(true))),
-            Op::PollOut if result < 0 => self.end(id, Err(fault(false))),
-            Op::PollIn => self.fill(id, dir),
-            Op::PollOut => self.drain(id, dir),
-            Op::Fill if eagain => {
-                self.release_pipe(id, dir);
-                self.poll_in(id, dir)
-            }
-            Op::Fill if result < 0 => self.end(id, Err(fault(true))),
-            Op::Fill if result == 0 => self.source_finished(id, dir),
-            Op::Fill => {
-                s.dirs[dir].in_pipe = result as u32;
-                self.drain(id, dir)
-            }
-            Op::Drain if eagain => self.poll_out(id, dir),
-            Op::Drain if result < 0 => self.end(id, Err(fault(false))),
-            Op::Drain => {
-                let counter = if dir == 0 { &s.bytes.to_hypervisor } else { &s.bytes.to_viewer };
-                counter.fetch_add(result as u64, Ordering::Relaxed);
-                let d = &mut s.dirs[dir];
-                d.in_pipe = d.in_pipe.saturating_sub(result as u32);
-                if d.in_pipe > 0 { self.drain(id, dir) } else { self.fill(id, dir) }
-            }
-        }
-    }
-
-    /// End of stream from a direction's source: pass the FIN on (everything before it has
-    /// been spliced), and end the session once both directions are done.
-    fn source_finished(&mut self, id: u64, dir: usize) {
-        self.release_pipe(id, dir);
-        let Some(s) = self.sessions.get_mut(&id) else { return };
-        let _ = s.sockets[1 - dir].shutdown(Shutdown::Write);
-        s.dirs[dir].done = true;
-        let _ = s.events.send(RingEvent::Finished(super::direction(dir)));
-        if s.dirs.iter().all(|d| d.done) {
+    /// End of stream from a direction's source, everything before it delivered: pass the
+    /// FIN on, and end the console once both directions are done.
+    fn source_finished(&mut self, id: u64, dir: Direction) {
+        let Some(console) = self.consoles.get_mut(&id) else { return };
+        let _ = console.sockets.of(dir.to()).shutdown(Shutdown::Write);
+        console.finished[dir.index()] = true;
+        let _ = console.events.send(RingEvent::Finished(dir));
+        if console.finished == [true; 2] {
             self.end(id, Ok(()));
         }
     }
 
+    /// relay ends the console: a WebSocket viewer gets a Close when it can, then both
+    /// ends see a clean EOF; operations in flight complete at once.
     fn stop(&mut self, id: u64) {
         self.close_viewer_now(id);
-        let Some(s) = self.sessions.get(&id) else { return };
-        // Both ends see a clean EOF; operations in flight complete at once.
-        for socket in &s.sockets {
-            let _ = socket.shutdown(Shutdown::Both);
-        }
+        let Some(console) = self.consoles.get(&id) else { return };
+        let _ = console.sockets.viewer.shutdown(Shutdown::Both);
+        let _ = console.sockets.hypervisor.shutdown(Shutdown::Both);
         self.end(id, Ok(()));
     }
 
-    /// Marks the session ending with `outcome`; it is finished once nothing is in flight.
+    /// The console is over: tell its task, cancel what waits, and let go of it. Its
+    /// sockets close when the last operation that names them completes.
     fn end(&mut self, id: u64, outcome: Result<(), Failure>) {
-        let Some(s) = self.sessions.get_mut(&id) else { return };
-        if !s.ending {
-            s.ending = true;
-            // A reset on one side is passed on as a reset on the other (the lifecycle's
-            // rule; applied here, where the sockets are closed).
-            if let Some(side) = outcome.as_ref().err().and_then(Failure::reset_to) {
-                let socket = &s.sockets[if side == Side::Viewer { 0 } else { 1 }];
-                let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
-            }
-            let _ = s.events.send(RingEvent::Ended(outcome));
-            // Cancel the operations still waiting (a poll on a live socket would not end).
-            let waiting: Vec<u64> = (0..2).filter_map(|dir| s.dirs[dir].inflight.map(|op| user_data(id, dir, op))).collect();
-            for data in waiting {
-                self.push(opcode::AsyncCancel::new(data).build().user_data(CANCEL));
-            }
+        let Some(console) = self.consoles.remove(&id) else { return };
+        // A reset on one side is passed on as a reset on the other (the lifecycle's rule,
+        // applied here, where the sockets are closed).
+        if let Some(side) = outcome.as_ref().err().and_then(Failure::reset_to) {
+            let _ = socket2::SockRef::from(console.sockets.of(side)).set_linger(Some(std::time::Duration::ZERO));
         }
-        if !self.sessions.get(&id).is_some_and(Session::inflight) {
-            self.finish(id);
+        let _ = console.events.send(RingEvent::Ended(outcome));
+        for key in console.inflight.into_iter().flatten() {
+            // A poll on a live socket would not end by itself.
+            self.push(opcode::AsyncCancel::new(key).build().user_data(CANCEL));
         }
-    }
-
-    /// Closes the session's sockets and pipes.
-    fn finish(&mut self, id: u64) {
-        self.sessions.remove(&id);
-        if self.sessions.is_empty() {
+        if let Carry::Framed(ws) = console.carry {
+            self.spare_bufs.extend(ws.into_buffers().take(SPARES.saturating_sub(self.spare_bufs.len())));
+        }
+        if self.consoles.is_empty() {
             // No console left: neither are spares.
             self.spare_pipes.clear();
             self.spare_bufs.clear();
         }
     }
-}
 
-fn new_pipe() -> io::Result<Pipe> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 writes two descriptors into the array we pass.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(io::Error::last_os_error());
+    /// Cancels the operation in flight for `dir` if it is `step` (its completion then says
+    /// ECANCELED).
+    fn cancel(&mut self, id: u64, dir: Direction, step: Step) {
+        let Some(key) = self.consoles.get(&id).and_then(|c| c.inflight[dir.index()]) else { return };
+        if self.ops.get(key).is_some_and(|op| op.step == step) {
+            self.push(opcode::AsyncCancel::new(key).build().user_data(CANCEL));
+        }
     }
-    // SAFETY: both descriptors are new and owned by nothing else.
-    let pipe = unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } };
-    // Best effort: an unprivileged process may be limited to smaller pipes (fs.pipe-max-size).
-    // SAFETY: F_SETPIPE_SZ takes an int and touches nothing of ours.
-    unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
-    Ok(pipe)
 }

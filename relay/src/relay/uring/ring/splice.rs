@@ -1,0 +1,150 @@
+//! Raw consoles on the ring: per direction, wait for the source (POLL_ADD), splice what it
+//! has into the direction's pipe, splice the pipe into the destination (waiting for room
+//! with POLL_ADD when it is full), repeat. Splices are non-blocking, so an idle console
+//! holds two polls and nothing else: no io-wq worker, no pipe (a direction takes a pipe,
+//! 1 MiB, only while bytes move). Bytes never cross into userspace.
+
+use super::{Carry, Direction, Pipe, Ring, SPARES, Step};
+use crate::relay::lifecycle::Failure;
+use io_uring::{opcode, types};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+/// A direction's pipe capacity, and the most one splice moves: larger pipes mean fewer
+/// operations (each splice runs on an io-wq worker) per byte.
+const CHUNK: u32 = 1 << 20;
+
+/// A raw console's pipes, one per direction while its bytes move.
+#[derive(Default)]
+pub(super) struct Pipes([Piped; 2]);
+
+#[derive(Default)]
+struct Piped {
+    pipe: Option<Rc<Pipe>>,
+    /// Bytes in the pipe, not yet in the destination.
+    held: u32,
+}
+
+impl Ring {
+    fn pipes(&mut self, id: u64) -> Option<&mut Pipes> {
+        match &mut self.consoles.get_mut(&id)?.carry {
+            Carry::Splice(pipes) => Some(pipes),
+            Carry::Framed(_) => None,
+        }
+    }
+
+    pub(super) fn complete_splice(&mut self, id: u64, dir: Direction, step: Step, result: i32) {
+        let eagain = result == -libc::EAGAIN;
+        match step {
+            Step::PollIn | Step::PollOut | Step::Fill | Step::Drain if result < 0 && !eagain => {
+                self.end(id, Err(Ring::failure(dir, step, result)))
+            }
+            Step::PollIn => self.fill(id, dir),
+            Step::PollOut => self.drain(id, dir),
+            Step::Fill if eagain => {
+                // The source had nothing after all: wait for it, pipe-less.
+                self.release_pipe(id, dir);
+                self.poll_in(id, dir)
+            }
+            Step::Fill if result == 0 => {
+                self.release_pipe(id, dir);
+                self.source_finished(id, dir)
+            }
+            Step::Fill => {
+                if let Some(pipes) = self.pipes(id) {
+                    pipes.0[dir.index()].held = result as u32;
+                }
+                self.drain(id, dir)
+            }
+            Step::Drain if eagain => self.poll_out(id, dir),
+            Step::Drain => {
+                let Some(console) = self.consoles.get(&id) else { return };
+                console.counter(dir).fetch_add(result as u64, Ordering::Relaxed);
+                let Some(pipes) = self.pipes(id) else { return };
+                let piped = &mut pipes.0[dir.index()];
+                piped.held = piped.held.saturating_sub(result as u32);
+                if piped.held > 0 { self.drain(id, dir) } else { self.fill(id, dir) }
+            }
+        }
+    }
+
+    /// Splices what the source has into the direction's pipe (taking one if it has none).
+    fn fill(&mut self, id: u64, dir: Direction) {
+        let Some(pipes) = self.pipes(id) else { return };
+        let pipe = match pipes.0[dir.index()].pipe.clone() {
+            Some(pipe) => pipe,
+            None => {
+                let pipe = match self.spare_pipes.pop().map_or_else(new_pipe, Ok) {
+                    Ok(pipe) => Rc::new(pipe),
+                    Err(e) => {
+                        let e = io::Error::new(e.kind(), format!("relay could not make a pipe: {e}"));
+                        return self.end(id, Err(Failure::writing(dir, e)));
+                    }
+                };
+                if let Some(pipes) = self.pipes(id) {
+                    pipes.0[dir.index()].pipe = Some(pipe.clone());
+                }
+                pipe
+            }
+        };
+        self.submit(id, dir, Step::Fill, (Some(pipe), None), |sockets, pipe, _| {
+            let pipe_w = pipe.map_or(-1, |p| p.write.as_raw_fd());
+            opcode::Splice::new(types::Fd(sockets.ends(dir).0), -1, types::Fd(pipe_w), -1, CHUNK)
+                .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+                .build()
+        });
+    }
+
+    /// Splices the pipe's bytes into the destination.
+    fn drain(&mut self, id: u64, dir: Direction) {
+        let Some(pipes) = self.pipes(id) else { return };
+        let piped = &pipes.0[dir.index()];
+        let (Some(pipe), held) = (piped.pipe.clone(), piped.held) else { return };
+        self.submit(id, dir, Step::Drain, (Some(pipe), None), |sockets, pipe, _| {
+            let pipe_r = pipe.map_or(-1, |p| p.read.as_raw_fd());
+            opcode::Splice::new(types::Fd(pipe_r), -1, types::Fd(sockets.ends(dir).1), -1, held)
+                .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+                .build()
+        });
+    }
+
+    /// An empty pipe that no operation holds is given back (kept as a spare, or closed):
+    /// idle consoles hold none.
+    fn release_pipe(&mut self, id: u64, dir: Direction) {
+        let Some(pipes) = self.pipes(id) else { return };
+        let piped = &mut pipes.0[dir.index()];
+        if piped.held > 0 {
+            return;
+        }
+        if let Some(pipe) = piped.pipe.take().and_then(|p| Rc::try_unwrap(p).ok())
+            && self.spare_pipes.len() < SPARES
+        {
+            self.spare_pipes.push(pipe);
+        }
+    }
+}
+
+fn new_pipe() -> io::Result<Pipe> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we pass.
+    #[allow(unsafe_code)]
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nothing else.
+    #[allow(unsafe_code)]
+    let pipe = unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } };
+    // Best effort: an unprivileged process may be limited to smaller pipes (fs.pipe-max-size).
+    let _ = set_pipe_size(&pipe.write, CHUNK);
+    Ok(pipe)
+}
+
+/// `F_SETPIPE_SZ`: how much the pipe holds.
+fn set_pipe_size(fd: &OwnedFd, size: u32) -> io::Result<()> {
+    // SAFETY: F_SETPIPE_SZ takes an int and touches nothing of ours.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
