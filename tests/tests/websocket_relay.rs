@@ -258,8 +258,17 @@ async fn a_malformed_frame_ends_the_console(relay: TestRelay) {
     let mut ws = relay.websocket_frames(&format!("/?token={token}")).await;
     rfb_over_frames(&mut ws).await;
     ws.send(Message::text("not RFB")).await.unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = ws.next().await {} }).await;
-    assert!(ended.is_ok(), "a text frame ends the console");
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("the connection ended without a Close frame: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.expect("a text frame ends the console"), Some(1002), "with Close 1002 (protocol error)");
     assert_eq!(hv.ends().await.len(), 1, "and its hypervisor connection");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(relay.ctl(Request::Stats).await.unwrap()["sessions_active"], 0);

@@ -22,6 +22,10 @@ const OP_PONG: u8 = 0xa;
 
 /// Close status: normal closure.
 pub const CLOSE_NORMAL: u16 = 1000;
+/// Close status: the peer broke the protocol.
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+/// Close status: a message too big to process.
+pub const CLOSE_TOO_BIG: u16 = 1009;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
@@ -39,6 +43,22 @@ pub enum FrameError {
     Sequence,
     #[error("frame of {len} bytes exceeds the limit of {limit}")]
     TooLong { len: u64, limit: u64 },
+}
+
+impl FrameError {
+    /// The Close status that tells the client why relay ends the connection.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            FrameError::TooLong { .. } => CLOSE_TOO_BIG,
+            _ => CLOSE_PROTOCOL_ERROR,
+        }
+    }
+}
+
+/// A status a client may send in its Close frame (RFC 6455 §7.4): the defined codes that
+/// may appear on the wire, and the ranges for libraries and applications.
+fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,9 +270,14 @@ impl Decoder {
             Kind::Data | Kind::Pong => {}
             Kind::Ping => self.reply = Some(Reply::new(OP_PONG, payload)),
             Kind::Close => {
-                // Echo the status code (not the reason) back, then stop.
-                let code = if payload.len() >= 2 { &payload[..2] } else { &[][..] };
-                self.reply = Some(Reply::new(OP_CLOSE, code));
+                // Echo a valid status code (not the reason) back, then stop; answer a
+                // malformed one (a lone byte, a code no endpoint may send) with 1002.
+                let reply = match payload {
+                    [] => Reply::new(OP_CLOSE, &[]),
+                    [a, b, ..] if valid_close_code(u16::from_be_bytes([*a, *b])) => Reply::new(OP_CLOSE, &[*a, *b]),
+                    _ => Reply::close(CLOSE_PROTOCOL_ERROR),
+                };
+                self.reply = Some(reply);
                 self.closed = true;
             }
         }
@@ -360,6 +385,23 @@ mod tests {
         let answer = d.take_reply().unwrap();
         assert_eq!(answer.as_bytes(), b"\x88\x02\x03\xe8");
         assert!(answer.is_close(), "nothing may follow it");
+    }
+
+    #[test]
+    fn an_invalid_close_code_is_never_echoed() {
+        for (payload, answer) in [
+            (&[0x03, 0xe7][..], &b"\x88\x02\x03\xea"[..]), // 999: answered 1002
+            (&[0x03, 0xed][..], &b"\x88\x02\x03\xea"[..]), // 1005 must not be sent
+            (&[0x03][..], &b"\x88\x02\x03\xea"[..]),       // a lone byte
+            (&[0x0f, 0xa0][..], &b"\x88\x02\x0f\xa0"[..]), // 4000: an application's, echoed
+            (&[][..], &b"\x88\x00"[..]),                   // no status: none back
+        ] {
+            let mut d = Decoder::new(1024);
+            decode_in_pieces(&mut d, &frame(0x88, payload, [3, 1, 4, 1]), 3).unwrap();
+            assert_eq!(d.take_reply().unwrap().as_bytes(), answer, "Close with {payload:?}");
+        }
+        assert_eq!(FrameError::TooLong { len: 2, limit: 1 }.close_code(), CLOSE_TOO_BIG);
+        assert_eq!(FrameError::Unmasked.close_code(), CLOSE_PROTOCOL_ERROR);
     }
 
     #[test]

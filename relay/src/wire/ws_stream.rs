@@ -63,6 +63,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
         }
     }
 
+    /// Tells a client that broke the protocol why the connection ends (Close 1002, or 1009
+    /// for a frame too big), best effort: what the socket takes now. Nothing is read or
+    /// written on this stream after it.
+    fn refuse(&mut self, cx: &mut Context<'_>, e: &ws_frame::FrameError) {
+        if !self.close_queued {
+            // Behind whatever whole frames are queued (none: reads wait until the queue
+            // is out).
+            self.out.extend_from_slice(Reply::close(e.close_code()).as_bytes());
+            self.close_queued = true;
+        }
+        self.eof = true;
+        let _ = self.poll_send_out(cx);
+    }
+
     /// Writes out the queued frames.
     fn poll_send_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.out_at < self.out.len() {
@@ -90,11 +104,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            // A pong or Close answer waits for no write from the relay; if the socket is
-            // full, this task is woken when it drains.
-            if let Poll::Ready(Err(e)) = this.poll_send_out(cx) {
-                return Poll::Ready(Err(e));
-            }
+            // A pong or Close answer waits for no write from the relay. While one cannot
+            // be written (a viewer that sends pings and reads nothing), the viewer is not
+            // read either: what relay holds for it stays one frame, and TCP pushes back.
+            ready!(this.poll_send_out(cx))?;
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
@@ -110,7 +123,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                 this.eof = true;
                 return Poll::Ready(Ok(()));
             }
-            let data = this.decoder.decode(&mut room[..n]).map_err(invalid)?;
+            let data = match this.decoder.decode(&mut room[..n]) {
+                Ok(data) => data,
+                Err(e) => {
+                    this.refuse(cx, &e);
+                    return Poll::Ready(Err(invalid(e)));
+                }
+            };
             this.after_decode();
             if data > 0 {
                 buf.advance(data);
@@ -163,5 +182,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsByteStream<S> {
         }
         ready!(self.poll_send_out(cx))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    /// A masked ping carrying 125 bytes, as a client sends it.
+    fn ping() -> Vec<u8> {
+        let mut f = vec![0x89, 0x80 | 125, 1, 2, 3, 4];
+        f.extend((0..125u8).map(|i| i ^ [1, 2, 3, 4][i as usize % 4]));
+        f
+    }
+
+    #[tokio::test]
+    async fn a_viewer_sending_pings_and_reading_nothing_is_not_read_either() {
+        let (viewer, relay_side) = duplex(64 << 10);
+        let (_viewer_read, mut viewer_write) = tokio::io::split(viewer);
+        let mut ws = WsByteStream::new(Prefixed::bare(relay_side), 1 << 20).unwrap().io;
+        // The relay reads the viewer as its up pump would, forever.
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 << 10];
+            while matches!(ws.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let pings: Vec<u8> = std::iter::repeat_with(ping).take(1000).flatten().collect();
+        let mut written = 0usize;
+        while written < 64 << 20 {
+            match tokio::time::timeout(Duration::from_millis(300), viewer_write.write_all(&pings)).await {
+                Ok(Ok(())) => written += pings.len(),
+                _ => break,
+            }
+        }
+        // Pings that arrive together get one pong (the latest), so a 16 KiB read of pings
+        // costs 127 bytes of pongs: about 8 MiB of pings fill the 64 KiB the viewer does
+        // not read. Then one pong waits, relay stops reading, and the viewer's pings fill
+        // the other way. Without the stop, relay takes all 64 MiB (and queues the pongs).
+        assert!(written < 16 << 20, "relay took {} KiB of pings from a viewer that reads nothing", written >> 10);
+    }
+
+    #[tokio::test]
+    async fn a_protocol_error_is_answered_with_close_1002() {
+        let (mut viewer, relay_side) = duplex(4096);
+        let mut ws = WsByteStream::new(Prefixed::bare(relay_side), 1 << 20).unwrap().io;
+        viewer.write_all(&[0x82, 0x01, b'x']).await.unwrap(); // unmasked
+        let err = ws.read(&mut [0u8; 64]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let mut close = [0u8; 4];
+        viewer.read_exact(&mut close).await.unwrap();
+        assert_eq!(close, [0x88, 0x02, 0x03, 0xea], "Close 1002");
     }
 }

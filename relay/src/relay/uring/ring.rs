@@ -311,7 +311,7 @@ impl Ring {
     /// relay ends the console: a WebSocket viewer gets a Close when it can, then both
     /// ends see a clean EOF; operations in flight complete at once.
     fn stop(&mut self, id: u64) {
-        self.close_viewer_now(id);
+        self.close_viewer_now(id, crate::wire::ws_frame::CLOSE_NORMAL);
         let Some(console) = self.consoles.get(&id) else { return };
         let _ = console.sockets.viewer.shutdown(Shutdown::Both);
         let _ = console.sockets.hypervisor.shutdown(Shutdown::Both);

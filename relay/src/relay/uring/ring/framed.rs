@@ -137,7 +137,10 @@ impl Ring {
         }
         let data = match decoder.decode(&mut buf[..n]) {
             Ok(data) => data,
-            Err(e) => return self.end(id, Err(Failure::reading(dir, io::Error::new(io::ErrorKind::InvalidData, e)))),
+            Err(e) => {
+                self.close_viewer_now(id, e.close_code());
+                return self.end(id, Err(Failure::reading(dir, io::Error::new(io::ErrorKind::InvalidData, e))));
+            }
         };
         (f.start, f.end) = (0, data);
         if let Some(answer) = decoder.take_reply() {
@@ -217,16 +220,17 @@ impl Ring {
         self.send_reply(id)
     }
 
-    /// A WebSocket viewer being disconnected gets a Close frame first, when no frame of
-    /// ours is part-way out (best effort: the socket is non-blocking and may be full).
-    pub(super) fn close_viewer_now(&mut self, id: u64) {
+    /// A WebSocket viewer being disconnected gets a Close frame with `code` first, when no
+    /// frame of ours is part-way out (best effort: the socket is non-blocking and may be
+    /// full).
+    pub(super) fn close_viewer_now(&mut self, id: u64, code: u16) {
         let Some(console) = self.consoles.get(&id) else { return };
         let Carry::Framed(_) = &console.carry else { return };
         let down = Direction::Down.index();
         let mid_frame =
             console.inflight[down].and_then(|key| self.ops.get(key)).is_some_and(|op| matches!(op.step, Step::Drain | Step::PollOut));
         if !mid_frame && !console.finished[down] {
-            let _ = (&console.sockets.viewer).write(Reply::close(CLOSE_NORMAL).as_bytes());
+            let _ = (&console.sockets.viewer).write(Reply::close(code).as_bytes());
         }
     }
 }
