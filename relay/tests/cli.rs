@@ -120,16 +120,18 @@ fn a_bad_request_gets_a_typed_error_not_a_dropped_connection() {
     let dir = scratch("proto");
     let r = start(&dir);
     let mut s = std::os::unix::net::UnixStream::connect(&r.control).unwrap();
-    s.write_all(b"{\"v\":1,\"op\":\"no_such_op\"}\n{\"v\":9,\"op\":\"stats\"}\nnot json\n{\"op\":\"stats\"}\n").unwrap();
+    s.write_all(b"{\"v\":1,\"op\":\"no_such_op\"}\n{\"v\":9,\"op\":\"stats\"}\nnot json\n\xff\xfe{\"op\":\"stats\"}\n{\"op\":\"stats\"}\n")
+        .unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let replies: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(replies.len(), 4, "{text}");
+    assert_eq!(replies.len(), 5, "{text}");
     assert_eq!(replies[0]["error"]["kind"], "bad_request");
     assert_eq!(replies[1]["error"]["kind"], "unsupported_version");
     assert_eq!(replies[2]["error"]["kind"], "bad_request");
-    assert_eq!(replies[3]["ok"], true);
+    assert_eq!(replies[3]["error"]["kind"], "bad_request", "a line that is not UTF-8 is answered too");
+    assert_eq!(replies[4]["ok"], true);
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! from the head (token, Origin, upgrade, web path), must never panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use relay::front::{http, origin, token_param, web, ws};
+use relay::front::{origin, token_param, web, ws};
+use relay::wire::http;
 
 fuzz_target!(|data: &[u8]| {
     let _ = http::parse_response(data, 4096);

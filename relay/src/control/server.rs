@@ -62,11 +62,11 @@ async fn serve_client(app: &App, mut stream: UnixStream, owner: Option<u32>) -> 
     }
     let (read, mut write) = stream.split();
     let mut reader = BufReader::new(read);
-    let mut line = String::new();
+    let mut line = Vec::new();
     loop {
         line.clear();
         // Read at most one line's worth; a longer line is an error, not a bigger buffer.
-        let n = (&mut reader).take(MAX_LINE as u64 + 1).read_line(&mut line).await?;
+        let n = (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await?;
         if n == 0 {
             return Ok(());
         }
@@ -74,19 +74,44 @@ async fn serve_client(app: &App, mut stream: UnixStream, owner: Option<u32>) -> 
             let reply = Reply::from(Err(ControlError::new(ErrorKind::BadRequest, format!("request longer than {MAX_LINE} bytes"))));
             return write_reply(&mut write, &reply).await;
         }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = match serde_json::from_str::<Envelope>(&line) {
-            Ok(envelope) => Reply::from(handle(&ControlContext::of(app), envelope).await),
-            Err(e) => Reply::from(Err(ControlError::new(ErrorKind::BadRequest, format!("not a valid request: {e}")))),
+        let reply = match parse_line(&line) {
+            Ok(None) => continue,
+            Ok(Some(envelope)) => Reply::from(handle(&ControlContext::of(app), envelope).await),
+            Err(e) => Reply::from(Err(e)),
         };
         write_reply(&mut write, &reply).await?;
     }
+}
+
+/// One request line as it came off the socket: a request, nothing (a blank line), or why
+/// it is not one. Anything at all gets an answer, never a dropped connection.
+pub fn parse_line(line: &[u8]) -> Result<Option<Envelope>, ControlError> {
+    let bad = |m: String| ControlError::new(ErrorKind::BadRequest, m);
+    let text = std::str::from_utf8(line).map_err(|e| bad(format!("not a valid request: not UTF-8 ({e})")))?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str::<Envelope>(text).map(Some).map_err(|e| bad(format!("not a valid request: {e}")))
 }
 
 async fn write_reply<W: AsyncWriteExt + Unpin>(w: &mut W, reply: &Reply) -> io::Result<()> {
     let mut bytes = serde_json::to_vec(reply).map_err(io::Error::other)?;
     bytes.push(b'\n');
     w.write_all(&bytes).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_line_is_a_request_a_blank_or_a_bad_request() {
+        assert!(matches!(parse_line(b"{\"op\":\"stats\"}\n"), Ok(Some(_))));
+        assert!(matches!(parse_line(b"  \r\n"), Ok(None)));
+        for bad in [&b"\xff\xfe{\"op\":\"stats\"}\n"[..], b"{\"op\":\"nope\"}", b"[1,2"] {
+            let e = parse_line(bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{bad:?}");
+        }
+        assert!(parse_line(b"\xff\n").unwrap_err().message.contains("UTF-8"));
+    }
 }
