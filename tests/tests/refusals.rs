@@ -2,6 +2,7 @@
 //! and a closed connection; and the web client's files.
 
 use relay_tests::relay_server::{TestRelay, new_token, read_head, scratch_dir};
+use relay_tests::viewer::{ViewerError, handshake};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -125,4 +126,30 @@ async fn x_forwarded_proto_counts_for_the_origin_scheme_only_when_trusted() {
     let plain = TestRelay::start().await;
     let token = plain.token("vm", NOWHERE.parse().unwrap()).await;
     assert_eq!(status(plain.websocket(&format!("/?token={token}"), &headers).await.err().unwrap()), 403);
+}
+
+/// A hypervisor that accepts and never speaks: when the handshake time runs out, the viewer
+/// is told why in RFB's own failure reason, on both doors, not left with a bare close.
+#[tokio::test]
+async fn a_silent_hypervisor_gives_the_viewer_a_reason() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let relay = TestRelay::start_with(|c| c.limits.handshake_timeout_secs = 1).await;
+    let token = relay.token("vm-silent", addr).await;
+    let mut viewer = relay.connect_door(&token).await.expect("200: the hypervisor accepted");
+    let refused = handshake(&mut viewer, b"RFB 003.008\n", None).await;
+    assert!(
+        matches!(&refused, Err(ViewerError::Refused(why)) if why == "console unavailable: the hypervisor did not answer in time"),
+        "{refused:?}"
+    );
+    let token = relay.token("vm-silent-ws", addr).await;
+    let mut ws = relay.websocket(&format!("/?token={token}"), &[]).await.expect("upgrade");
+    let refused = handshake(&mut ws, b"RFB 003.008\n", None).await;
+    assert!(matches!(&refused, Err(ViewerError::Refused(why)) if why.ends_with("did not answer in time")), "{refused:?}");
 }

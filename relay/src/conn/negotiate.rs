@@ -26,8 +26,17 @@ use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 use tracing::{Instrument, info, warn};
 
-/// The hypervisor side failed; the reason is already in the audit log.
-struct HypervisorFailed;
+/// The hypervisor side failed; the details are already in the audit log, and this is what
+/// the viewer is told (after "console unavailable: ").
+struct HypervisorFailed(&'static str);
+
+const UNREACHABLE: &str = "cannot reach the hypervisor";
+const REFUSED: &str = "the hypervisor could not be reached or refused relay";
+const TOO_SLOW: &str = "the hypervisor did not answer in time";
+
+/// How long a viewer has to read why its console is unavailable, past the handshake
+/// deadline when that is what ran out (a hypervisor that accepts and never speaks).
+const REFUSAL_GRACE: Duration = Duration::from_secs(5);
 
 impl Conn {
     /// From a redeemed token to the end of the console.
@@ -85,15 +94,15 @@ impl Conn {
             Ok(d) => self.hypervisor_handshake(d, record).await,
             Err(e) => {
                 warn!(target: AUDIT, event = "hypervisor_failed", stage = "dial", error = %e);
-                Err(HypervisorFailed)
+                Err(HypervisorFailed(UNREACHABLE))
             }
         };
         let (viewer_machine, deadline, wants_password) = match &hypervisor {
             Ok(_) => self.viewer_machine(&record.instance).await,
-            Err(HypervisorFailed) => {
+            Err(HypervisorFailed(why)) => {
                 bump(&self.app.counters.hypervisor_failures);
-                let refusal = ViewerHandshake::refuse("console unavailable: the hypervisor could not be reached or refused relay");
-                (refusal, self.deadline, false)
+                let refusal = ViewerHandshake::refuse(format!("console unavailable: {why}"));
+                (refusal, self.deadline.max(tokio::time::Instant::now() + REFUSAL_GRACE), false)
             }
         };
         // A forced disconnect also ends a viewer still at the password prompt.
@@ -212,15 +221,17 @@ impl Conn {
             vnc_password: record.hypervisor_password.as_ref().map(|s| s.0.clone()).or_else(|| cfg.vnc_password.clone()),
             plain_username: cfg.plain_username.clone(),
         };
-        let fail = |stage: &str, error: String| {
+        let failed = |stage: &str, error: String, why: &'static str| {
             warn!(target: AUDIT, event = "hypervisor_failed", stage, error = %error);
-            HypervisorFailed
+            HypervisorFailed(why)
         };
+        let fail = |stage: &str, error: String| failed(stage, error, REFUSED);
+        let slow = |stage: &str, error: &str| failed(stage, error.into(), TOO_SLOW);
         let mut machine = HypervisorHandshake::new(auth);
         let first = match timeout_at(self.deadline, drive(&mut machine, &mut dialed)).await {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => return Err(fail(if matches!(e, DriveError::Rfb(_)) { "rfb" } else { "io" }, e.to_string())),
-            Err(_) => return Err(fail("rfb", "handshake timed out".into())),
+            Err(_) => return Err(slow("rfb", "handshake timed out")),
         };
         let Some(subtype) = first.start_tls else { return Ok((dialed.map(Transport::Plain), first)) };
         if !dialed.prefix.is_empty() {
@@ -235,7 +246,7 @@ impl Conn {
         let mut tls = match timeout_at(self.deadline, connector.connect(name, dialed.io)).await {
             Ok(Ok(tls)) => Prefixed::bare(Transport::ClientTls(Box::new(tls))),
             Ok(Err(e)) => return Err(fail("tls", format!("TLS with the hypervisor failed ({subtype:?}): {e}"))),
-            Err(_) => return Err(fail("tls", "TLS handshake with the hypervisor timed out".into())),
+            Err(_) => return Err(slow("tls", "TLS handshake with the hypervisor timed out")),
         };
         match timeout_at(self.deadline, drive(&mut machine, &mut tls)).await {
             Ok(Ok(done)) => Ok((tls, done)),
@@ -249,7 +260,7 @@ impl Conn {
                 Err(fail("vencrypt", format!("{e} (the hypervisor may have rejected relay's client certificate)")))
             }
             Ok(Err(e)) => Err(fail("vencrypt", e.to_string())),
-            Err(_) => Err(fail("vencrypt", "handshake timed out inside TLS".into())),
+            Err(_) => Err(slow("vencrypt", "handshake timed out inside TLS")),
         }
     }
 
