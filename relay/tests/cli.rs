@@ -113,6 +113,14 @@ fn run_prints_its_addresses_and_ctl_manages_tokens() {
         ctl(&r, &["token", "create", "--instance", "vm", "--host", "h", "--port", "5900", "--hypervisor-password", "waytoolongpw"]);
     assert_eq!(code, 2);
     assert!(err.contains("at most 8"), "{err}");
+
+    // An instance name with a line break would plant a forged line in the log.
+    let forged = "vm\n2026-01-01T00:00:00Z INFO relay::audit: event=\"session_start\"";
+    let (code, _, err) = ctl(&r, &["token", "create", "--instance", forged, "--host", "h", "--port", "5900"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("instance may hold letters, digits"), "{err}");
+    let (code, _, _) = ctl(&r, &["instance", "reset", "a b"]);
+    assert_eq!(code, 2, "every operation that names an instance checks it");
 }
 
 #[test]

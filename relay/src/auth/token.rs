@@ -40,6 +40,22 @@ pub fn generate() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// The longest instance id relay accepts.
+pub const MAX_INSTANCE_LEN: usize = 255;
+
+/// Why a string cannot name an instance. Instance ids are 1 to 255 letters, digits and
+/// `- _ . : @` (nova's UUIDs, libvirt domain names, Proxmox ids fit): they reach logs,
+/// listings and keys, so nothing in them may look like markup or a line break.
+pub fn check_instance(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_INSTANCE_LEN {
+        return Err(format!("instance must be 1 to {MAX_INSTANCE_LEN} characters"));
+    }
+    match id.chars().find(|c| !(c.is_ascii_alphanumeric() || "-_.:@".contains(*c))) {
+        Some(c) => Err(format!("instance may hold letters, digits and - _ . : @ only, not {c:?}")),
+        None => Ok(()),
+    }
+}
+
 /// A password or key that must never reach a log: `Debug` prints `<redacted>`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -178,5 +194,15 @@ mod tests {
         assert_eq!(TokenHash::of(&a), TokenHash::of(&a));
         assert_ne!(TokenHash::of(&a), TokenHash::of(&b));
         assert_eq!(TokenHash::of(&a).id().len(), 12);
+    }
+
+    #[test]
+    fn instance_ids_are_plain_names() {
+        for good in ["0d4b3d2c-3a0e-4b6e-9a43-1f0c9b8e7a61", "instance-0000001a", "vm-1", "101", "a.b:c@d_e"] {
+            assert!(check_instance(good).is_ok(), "{good}");
+        }
+        for bad in ["", "evil\nline", "a b", "x\u{1b}[31m", "<script>", &"a".repeat(256)] {
+            assert!(check_instance(bad).is_err(), "{bad:?}");
+        }
     }
 }

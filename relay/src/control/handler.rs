@@ -8,6 +8,7 @@ use super::replies::{
 use crate::app::{App, unix_now};
 use crate::auth::passwords::{PasswordStore, check_password};
 use crate::auth::store::Filter;
+use crate::auth::token::check_instance;
 use crate::auth::{NewToken, StoreError, TokenHash, TokenRecord, TokenStore, token};
 use crate::config::{Config, Tokens};
 use crate::front::token_param;
@@ -91,6 +92,9 @@ pub async fn handle(ctx: &ControlContext<'_>, envelope: Envelope) -> Result<Valu
     }
     let now = unix_now();
     let store = ctx.tokens;
+    if let Some(instance) = envelope.request.instance() {
+        check_instance(instance).map_err(|e| ControlError::new(ErrorKind::BadRequest, e))?;
+    }
     match envelope.request {
         Request::TokenCreate(req) => reply(create(ctx, req).await?),
         Request::TokenCheck { token } => reply(match store.check(TokenHash::of(&token), now).await.map_err(unavailable)? {
@@ -160,9 +164,6 @@ fn reply(result: impl Serialize) -> Result<Value, ControlError> {
 
 async fn create(ctx: &ControlContext<'_>, req: NewToken) -> Result<TokenCreated, ControlError> {
     let bad = |m: String| Err(ControlError::new(ErrorKind::BadRequest, m));
-    if req.instance.is_empty() || req.instance.len() > 255 {
-        return bad("instance must be 1 to 255 characters".into());
-    }
     if req.target.host.is_empty() || req.target.host.len() > 255 || req.target.port == 0 {
         return bad("host must be 1 to 255 characters and port 1 to 65535".into());
     }

@@ -66,6 +66,20 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The instance a request names, if any: checked before anything is done with it.
+    pub fn instance(&self) -> Option<&str> {
+        match self {
+            Request::TokenCreate(t) => Some(&t.instance),
+            Request::TokenList { instance, .. } | Request::Sessions { instance } => instance.as_deref(),
+            Request::InstancePasswordSet { instance, .. }
+            | Request::InstancePasswordClear { instance, .. }
+            | Request::InstanceReset { instance, .. } => Some(instance),
+            Request::TokenCheck { .. } | Request::TokenTouch { .. } | Request::TokenDelete { .. } | Request::Stats => None,
+        }
+    }
+}
+
 impl Envelope {
     pub fn new(request: Request) -> Self {
         Envelope { v: VERSION, request }
