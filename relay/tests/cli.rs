@@ -237,16 +237,9 @@ fn without_permission_for_ebpf_relay_runs_in_userspace_and_says_why() {
     let root = std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
     assert!(root && Path::new("/usr/bin/setpriv").exists(), "needs root and setpriv to drop to an unprivileged user");
     let dir = scratch("noperm");
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let log = dir.join("relay.log");
-    let unprivileged = |extra: &[&str]| {
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", RELAY, "run"])
-            .args(["--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--control"])
-            .arg(dir.join("control.sock"))
-            .args(extra);
-        cmd
-    };
+    let control = nobodys_dir(&dir).join("control.sock");
+    let unprivileged = |extra: &[&str]| as_nobody(&control, extra);
     let mut child = unprivileged(&[]).stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
@@ -263,5 +256,51 @@ fn without_permission_for_ebpf_relay_runs_in_userspace_and_says_why() {
     assert!(!out.status.success(), "an explicit sockmap it cannot load is an error");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("relay.backend = sockmap"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A directory for uid 65534 (nobody) inside `parent`, private to it.
+fn nobodys_dir(parent: &Path) -> PathBuf {
+    let dir = parent.join("nobody");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    dir
+}
+
+/// `relay run` as uid 65534 (nobody), with its control socket at `control`.
+fn as_nobody(control: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", RELAY, "run"])
+        .args(["--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--control"])
+        .arg(control)
+        .args(extra);
+    cmd
+}
+
+/// Another user's socket where relay's should be: `relay ctl` sends nothing to it (a
+/// token create would hand over a hypervisor password). Where only root could have given
+/// that user the directory (a service's runtime directory), root's ctl trusts it.
+#[test]
+#[cfg_attr(relay_no_setpriv, ignore = "needs root and setpriv to run a server as another user")]
+fn ctl_sends_nothing_to_a_socket_served_by_another_user() {
+    let dir = scratch("impostor");
+    // World-writable, as /tmp is: anyone could have made the directory inside.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    let control = nobodys_dir(&dir).join("control.sock");
+    let mut child = as_nobody(&control, &[]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let ctl = |args: &[&str]| Command::new(RELAY).arg("ctl").arg("--control").arg(&control).args(args).output().unwrap();
+    let out = ctl(&["token", "create", "--instance", "vm", "--host", "h", "--port", "5900", "--hypervisor-password", "s3cret"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("served by uid 65534") && err.contains("nothing was sent"), "{err}");
+    // The same server where only root could have placed its directory: a service's.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = ctl(&["stats"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = child.kill();
+    let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,13 +13,15 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
-/// Binds the socket. Refuses to take over a socket another relay is serving.
+/// Binds the socket. Refuses a directory that someone else could swap the socket in, and
+/// to take over a socket another relay is serving.
 pub async fn bind(path: &Path) -> io::Result<UnixListener> {
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        check_private_dir(dir)?;
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
@@ -30,6 +32,28 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// Whether only relay's user (or root) can replace what is in `dir`: it must belong to
+/// relay's user or root, and others may not write to it unless the sticky bit keeps them
+/// to their own files. A directory another user made (say `/tmp/relay-<uid>`, created
+/// first by someone else) would let that user put an impostor in the socket's place.
+pub fn check_private_dir(dir: &Path) -> io::Result<()> {
+    let meta = std::fs::metadata(dir)?;
+    let me = std::fs::metadata("/proc/self")?.uid();
+    let refuse =
+        |why: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("control socket directory {}: {why}", dir.display())));
+    if meta.uid() != me && meta.uid() != 0 {
+        return refuse(format!(
+            "it belongs to uid {}, not to relay's user (uid {me}) or root; remove it or choose another --control path",
+            meta.uid()
+        ));
+    }
+    let sticky = meta.mode() & 0o1000 != 0;
+    if meta.mode() & 0o022 != 0 && !sticky {
+        return refuse(format!("others may write to it (mode {:o}); make it 0700", meta.mode() & 0o7777));
+    }
+    Ok(())
 }
 
 /// Serves until the task is dropped.
@@ -103,6 +127,30 @@ async fn write_reply<W: AsyncWriteExt + Unpin>(w: &mut W, reply: &Reply) -> io::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_directory_others_may_write_to_is_refused() {
+        let dir = std::env::temp_dir().join(format!("relay-ctl-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = bind(&dir.join("control.sock")).await.unwrap_err();
+        assert!(err.to_string().contains("others may write to it"), "{err}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(bind(&dir.join("control.sock")).await.is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    #[cfg_attr(relay_no_setpriv, ignore = "needs root, to hand a directory to another user")]
+    async fn a_directory_another_user_owns_is_refused() {
+        let dir = std::env::temp_dir().join(format!("relay-ctl-owner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        let err = bind(&dir.join("control.sock")).await.unwrap_err();
+        assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn any_line_is_a_request_a_blank_or_a_bad_request() {
