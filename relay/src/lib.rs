@@ -15,6 +15,7 @@ pub mod dial;
 pub mod front;
 pub mod relay;
 pub mod rfb;
+pub mod rlimit;
 pub mod run;
 pub mod server;
 pub mod session;
