@@ -142,6 +142,8 @@ pub struct Limits {
     pub half_close_timeout_secs: u64,
     /// Requests served on one keep-alive connection of the web client.
     pub max_requests_per_connection: usize,
+    /// A web client that takes no byte of a response for this long is disconnected.
+    pub web_send_timeout_secs: u64,
     pub shutdown_grace_secs: u64,
 }
 
@@ -158,6 +160,7 @@ impl Default for Limits {
             session_idle_timeout_secs: 0,
             half_close_timeout_secs: 30,
             max_requests_per_connection: 200,
+            web_send_timeout_secs: 60,
             shutdown_grace_secs: 5,
         }
     }

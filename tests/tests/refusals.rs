@@ -153,3 +153,61 @@ async fn a_silent_hypervisor_gives_the_viewer_a_reason() {
     let refused = handshake(&mut ws, b"RFB 003.008\n", None).await;
     assert!(matches!(&refused, Err(ViewerError::Refused(why)) if why.ends_with("did not answer in time")), "{refused:?}");
 }
+
+/// A body on a web request is read and dropped, never parsed as the next request (which
+/// behind a connection-reusing proxy lets one client's request answer another's), and
+/// relay closes when it says it closes.
+#[tokio::test]
+async fn web_request_bodies_cannot_smuggle_a_request() {
+    let web = scratch_dir("web-body");
+    std::fs::write(web.join("vnc_lite.html"), "<html>lite</html>").unwrap();
+    std::fs::write(web.join("secret.js"), "smuggled").unwrap();
+    let root = web.clone();
+    let relay = TestRelay::start_with(move |c| c.listen.web = Some(root)).await;
+
+    let hidden = "GET /secret.js HTTP/1.1\r\nHost: a\r\n\r\n";
+    let request = format!(
+        "GET /vnc_lite.html HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n{hidden}GET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        hidden.len()
+    );
+    let replies = raw(relay.ws, request.as_bytes()).await;
+    assert_eq!(replies.matches("HTTP/1.1 ").count(), 2, "one answer per request, the body none: {replies}");
+    assert!(!replies.contains("smuggled"), "{replies}");
+    assert!(replies.contains("HTTP/1.1 404 ") && replies.ends_with("no such file\n"), "{replies}");
+
+    // A 404 on a keep-alive connection says so, and the connection serves on.
+    let mut s = TcpStream::connect(relay.ws).await.unwrap();
+    s.write_all(b"GET /nope HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let missing = read_head(&mut s).await.unwrap();
+    assert!(missing.contains("Connection: keep-alive"), "{missing}");
+    s.write_all(b"GET /vnc_lite.html HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    assert!(read_head(&mut s).await.unwrap().starts_with("HTTP/1.1 200"));
+
+    for (bad, status) in [("Transfer-Encoding: chunked\r\n", "400"), ("Content-Length: 1000000\r\n", "413")] {
+        let reply = raw(relay.ws, format!("GET /vnc_lite.html HTTP/1.1\r\n{bad}\r\n").as_bytes()).await;
+        assert!(reply.starts_with(&format!("HTTP/1.1 {status} ")) && reply.contains("Connection: close"), "{bad}: {reply}");
+    }
+    let _ = std::fs::remove_dir_all(&web);
+}
+
+/// A client that asks for a large file and reads nothing is disconnected after the send
+/// timeout; relay sends files in pieces and holds one piece for it, not the file.
+#[tokio::test]
+async fn a_web_client_that_stops_reading_is_disconnected() {
+    let web = scratch_dir("web-slow");
+    let big = vec![b'x'; 8 << 20];
+    std::fs::write(web.join("big.js"), &big).unwrap();
+    let root = web.clone();
+    let relay = TestRelay::start_with(move |c| {
+        c.listen.web = Some(root);
+        c.limits.web_send_timeout_secs = 1;
+    })
+    .await;
+    let mut s = TcpStream::connect(relay.ws).await.unwrap();
+    s.write_all(b"GET /big.js HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await.expect("relay ended the response");
+    assert!(got.len() < big.len(), "the slow client was cut off ({} of {} bytes)", got.len(), big.len());
+    let _ = std::fs::remove_dir_all(&web);
+}

@@ -10,7 +10,7 @@ use crate::wire::prefixed::Prefixed;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::timeout_at;
+use tokio::time::{timeout, timeout_at};
 use tracing::{debug, info};
 
 /// The first byte of a TLS handshake record.
@@ -84,17 +84,28 @@ impl Conn {
         None
     }
 
-    /// Serves one file of the web client; false when the connection should close.
+    /// Serves one file of the web client; false when the connection should close. A body
+    /// the request declares is read and dropped first (bounded), so it cannot pass for the
+    /// next request.
     async fn serve_web(&self, stream: &mut Prefixed<Transport>, head: &RequestHead) -> bool {
         bump(&self.app.counters.web_requests);
+        if let Err(reject) = self.discard_body(stream, head).await {
+            debug!(status = reject.status, reason = %reject.message, "web request body refused");
+            send_and_close(stream, &reject.to_bytes()).await;
+            return false;
+        }
         let response = match &self.app.config.listen.web {
             Some(root) => web::respond(root, head).await,
             None => Err(Reject::new(404, "Not Found", "relay serves no web client here (see listen.web); consoles open over WebSocket")),
         };
+        let send_timeout = Duration::from_secs(self.app.config.limits.web_send_timeout_secs);
         match response {
-            Ok(bytes) => stream.write_all(&bytes).await.is_ok(),
-            // A missing file leaves the connection usable; anything else ends it.
-            Err(reject) if reject.status == 404 => stream.write_all(&reject.to_bytes()).await.is_ok(),
+            Ok(file) => send_file(stream, file, send_timeout).await.is_ok(),
+            // A missing file leaves the connection usable, and says so.
+            Err(reject) if reject.status == 404 => {
+                let keep = head.keep_alive();
+                timeout(send_timeout, stream.write_all(&reject.response(keep))).await.is_ok_and(|w| w.is_ok()) && keep
+            }
             Err(reject) => {
                 debug!(status = reject.status, path = head.path(), "web request refused");
                 send_and_close(stream, &reject.to_bytes()).await;
@@ -103,9 +114,34 @@ impl Conn {
         }
     }
 
+    /// Reads and drops the body `head` declares, up to [`MAX_DISCARDED_BODY`] bytes.
+    async fn discard_body(&self, stream: &mut Prefixed<Transport>, head: &RequestHead) -> Result<(), Reject> {
+        let mut left = head.body_len()?;
+        if left > MAX_DISCARDED_BODY {
+            return Err(Reject::new(413, "Content Too Large", "relay's web client takes no request bodies"));
+        }
+        let from_prefix = (left as usize).min(stream.prefix.len());
+        stream.prefix.drain(..from_prefix);
+        left -= from_prefix as u64;
+        let mut sink = [0u8; 4096];
+        while left > 0 {
+            let want = (left as usize).min(sink.len());
+            let n = match timeout_at(self.deadline, stream.io.read(&mut sink[..want])).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return Err(Reject::new(400, "Bad Request", "the request body ended early or came too slowly")),
+            };
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
     /// Door-specific checks that come before the token is spent; for the WebSocket door,
     /// the upgrade it agreed to.
     pub(super) fn check_door(&self, req: &ConsoleRequest, tls: bool) -> Result<Option<ws::Upgrade>, Reject> {
+        // What follows a console request's head is the console's own bytes.
+        if req.head.body_len()? > 0 {
+            return Err(Reject::new(400, "Bad Request", "a console request carries no body"));
+        }
         match req.door {
             Door::Connect if req.head.method != "CONNECT" => {
                 Err(Reject::new(405, "Method Not Allowed", "this door takes CONNECT /console?token=TOKEN"))
@@ -132,6 +168,35 @@ impl Conn {
         info!(target: AUDIT, event = "refused", door = %req.door, status = reject.status, reason = %reject.message);
         send_and_close(stream, &reject.to_bytes()).await;
     }
+}
+
+/// The most of a request body relay reads and drops on the web door; a larger one is
+/// refused (413) and the connection closed.
+const MAX_DISCARDED_BODY: u64 = 64 << 10;
+/// The piece a file is sent in: what a slow reader can hold relay to.
+const FILE_PIECE: usize = 64 << 10;
+
+/// Sends a file response in pieces, each of which the client must take within
+/// `send_timeout` (nginx's send_timeout): a client that stops reading is disconnected
+/// rather than holding the connection, and relay holds one piece for it, not the file.
+async fn send_file<S: AsyncWrite + Unpin>(stream: &mut S, response: web::FileResponse, send_timeout: Duration) -> std::io::Result<()> {
+    let slow = || std::io::Error::new(std::io::ErrorKind::TimedOut, "web client took no bytes for the send timeout");
+    timeout(send_timeout, stream.write_all(&response.head)).await.map_err(|_| slow())??;
+    let Some((file, len)) = response.body else { return Ok(()) };
+    let mut file = file.take(len);
+    let mut piece = vec![0u8; FILE_PIECE.min(len as usize).max(1)];
+    let mut sent = 0;
+    while sent < len {
+        let n = file.read(&mut piece).await?;
+        if n == 0 {
+            // The file shrank under us: the promised length cannot be kept, so the
+            // connection must end rather than run into the next response.
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        timeout(send_timeout, stream.write_all(&piece[..n])).await.map_err(|_| slow())??;
+        sent += n as u64;
+    }
+    Ok(())
 }
 
 /// Sends a final response and closes so that the client reads it: closing with unread

@@ -50,27 +50,29 @@ pub fn content_type(path: &Path) -> &'static str {
     }
 }
 
-/// Reads the file behind a GET or HEAD and builds the whole response.
-pub async fn respond(root: &Path, head: &RequestHead) -> Result<Vec<u8>, Reject> {
+/// A response to a GET or HEAD: its head, and the file to send after it (GET).
+pub struct FileResponse {
+    pub head: Vec<u8>,
+    pub body: Option<(tokio::fs::File, u64)>,
+}
+
+/// Opens the file behind a GET or HEAD; the caller sends it in pieces.
+pub async fn respond(root: &Path, head: &RequestHead) -> Result<FileResponse, Reject> {
     if head.method != "GET" && head.method != "HEAD" {
         return Err(Reject::new(405, "Method Not Allowed", "only GET and HEAD are served").with_header("Allow", "GET, HEAD"));
     }
     let path = resolve(root, head.path())?;
-    let meta = tokio::fs::metadata(&path).await.map_err(|_| Reject::new(404, "Not Found", "no such file"))?;
+    let not_found = || Reject::new(404, "Not Found", "no such file");
+    let file = tokio::fs::File::open(&path).await.map_err(|_| not_found())?;
+    let meta = file.metadata().await.map_err(|_| not_found())?;
     if !meta.is_file() {
-        return Err(Reject::new(404, "Not Found", "no such file"));
+        return Err(not_found());
     }
     if meta.len() > MAX_FILE_BYTES {
         return Err(Reject::new(500, "Internal Server Error", "file too large to serve"));
     }
-    let body = if head.method == "GET" {
-        tokio::fs::read(&path).await.map_err(|_| Reject::new(404, "Not Found", "no such file"))?
-    } else {
-        Vec::new()
-    };
-    let mut out = response_head(200, "OK", content_type(&path), meta.len(), head.keep_alive()).into_bytes();
-    out.extend_from_slice(&body);
-    Ok(out)
+    let response = response_head(200, "OK", content_type(&path), meta.len(), head.keep_alive()).into_bytes();
+    Ok(FileResponse { head: response, body: (head.method == "GET").then_some((file, meta.len())) })
 }
 
 #[cfg(test)]

@@ -36,6 +36,32 @@ impl RequestHead {
     pub fn keep_alive(&self) -> bool {
         !self.header_has_token("connection", "close")
     }
+
+    /// The length of the body that follows the head: `Content-Length`, which must be one
+    /// number however often it is given. A chunked (or any) `Transfer-Encoding` is refused:
+    /// nothing relay serves takes a body, and guessing where one ends is how a reverse
+    /// proxy in front and relay come to disagree about where the next request starts.
+    pub fn body_len(&self) -> Result<u64, Reject> {
+        if self.header("transfer-encoding").is_some() {
+            return Err(Reject::new(400, "Bad Request", "request bodies with Transfer-Encoding are not accepted"));
+        }
+        let mut lengths = self.headers.iter().filter(|(n, _)| n == "content-length").flat_map(|(_, v)| v.split(','));
+        let Some(first) = lengths.next() else { return Ok(0) };
+        let parse = |v: &str| {
+            let v = v.trim();
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Reject::new(400, "Bad Request", "Content-Length is not a number"));
+            }
+            v.parse::<u64>().map_err(|_| Reject::new(400, "Bad Request", "Content-Length is too large"))
+        };
+        let len = parse(first)?;
+        for other in lengths {
+            if parse(other)? != len {
+                return Err(Reject::new(400, "Bad Request", "conflicting Content-Length headers"));
+            }
+        }
+        Ok(len)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,9 +138,15 @@ impl Reject {
         self.headers.push((name, value.into()));
         self
     }
+    /// The response, closing the connection.
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.response(false)
+    }
+
+    /// The response, saying whether the connection stays open after it.
+    pub fn response(&self, keep_alive: bool) -> Vec<u8> {
         let body = format!("{}\n", self.message);
-        let mut head = response_head(self.status, self.phrase, "text/plain; charset=utf-8", body.len() as u64, false);
+        let mut head = response_head(self.status, self.phrase, "text/plain; charset=utf-8", body.len() as u64, keep_alive);
         for (name, value) in &self.headers {
             head.insert_str(head.len() - 2, &format!("{name}: {value}\r\n"));
         }
@@ -151,6 +183,22 @@ mod tests {
         assert!(head.header_has_token("connection", "upgrade"));
         for cut in 0..len - 1 {
             assert_eq!(parse_request(&UPGRADE[..cut], 8192), Ok(None), "prefix {cut}");
+        }
+    }
+
+    #[test]
+    fn a_body_is_one_content_length_and_never_chunked() {
+        let head = |extra: &str| parse_request(format!("GET / HTTP/1.1\r\n{extra}\r\n").as_bytes(), 8192).unwrap().unwrap().0;
+        assert_eq!(head("").body_len(), Ok(0));
+        assert_eq!(head("Content-Length: 12\r\n").body_len(), Ok(12));
+        assert_eq!(head("Content-Length: 12\r\nContent-Length: 12, 12\r\n").body_len(), Ok(12));
+        for bad in [
+            "Content-Length: 1\r\nContent-Length: 2\r\n",
+            "Content-Length: -1\r\n",
+            "Content-Length: +5\r\n",
+            "Transfer-Encoding: chunked\r\n",
+        ] {
+            assert_eq!(head(bad).body_len().unwrap_err().status, 400, "{bad:?}");
         }
     }
 
