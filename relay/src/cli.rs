@@ -99,23 +99,36 @@ pub enum TokenCommand {
         /// The console kind recorded with the token.
         #[arg(long, default_value = "novnc")]
         console: String,
-        /// The hypervisor's VNC password for this console.
+        /// The hypervisor's VNC password for this console, read from a file (`-`: stdin).
+        #[arg(long, value_name = "FILE", conflicts_with = "hypervisor_password")]
+        hypervisor_password_file: Option<PathBuf>,
+        /// The same on the command line, where `ps` shows it to every user: prefer
+        /// --hypervisor-password-file.
         #[arg(long)]
         hypervisor_password: Option<String>,
-        /// Also set the instance's console password, which viewers must give.
+        /// Also set the instance's console password, which viewers must give, read from a
+        /// file (`-`: stdin).
+        #[arg(long, value_name = "FILE", conflicts_with = "password")]
+        password_file: Option<PathBuf>,
+        /// The same on the command line, where `ps` shows it to every user: prefer
+        /// --password-file.
         #[arg(long)]
         password: Option<String>,
     },
     /// Is the token valid, and what does it open?
     Check {
-        token: String,
+        #[command(flatten)]
+        token: TokenArg,
     },
     /// Mark the token as in use now.
     Touch {
-        token: String,
+        #[command(flatten)]
+        token: TokenArg,
     },
+    /// Delete the token.
     Delete {
-        token: String,
+        #[command(flatten)]
+        token: TokenArg,
     },
     /// Tokens of an instance or of a hypervisor host.
     List {
@@ -124,6 +137,14 @@ pub enum TokenCommand {
         #[arg(long)]
         host: Option<String>,
     },
+}
+
+/// A token to act on.
+#[derive(Debug, clap::Args)]
+pub struct TokenArg {
+    /// The token; `-` or nothing reads it from stdin. On the command line, `ps` shows it
+    /// to every user of the machine while the command runs.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,8 +166,13 @@ pub enum PasswordCommand {
     /// Set (or reset) the instance's console password: at most 8 printable ASCII characters.
     Set {
         id: String,
+        /// The password, read from a file (`-`: stdin).
+        #[arg(long, value_name = "FILE", required_unless_present = "password", conflicts_with = "password")]
+        password_file: Option<PathBuf>,
+        /// The password on the command line, where `ps` shows it to every user: prefer
+        /// --password-file.
         #[arg(long)]
-        password: String,
+        password: Option<String>,
         /// End the instance's live consoles, so everyone must give the new password.
         #[arg(long)]
         disconnect: bool,

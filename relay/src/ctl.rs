@@ -2,7 +2,7 @@
 
 use crate::auth::Secret;
 use crate::auth::{NewToken, Target};
-use crate::cli::{CtlArgs, CtlCommand, InstanceCommand, PasswordCommand, TokenCommand};
+use crate::cli::{CtlArgs, CtlCommand, InstanceCommand, PasswordCommand, TokenArg, TokenCommand};
 use crate::config::default_control_path;
 use crate::control::client::{ClientError, call};
 use crate::control::proto::Request;
@@ -12,12 +12,18 @@ use crate::control::replies::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Runs one ctl command; returns the process exit code.
 pub async fn run(args: CtlArgs) -> i32 {
     let path = args.control.clone().unwrap_or_else(default_control_path);
-    let req = to_request(args.command);
+    let req = match to_request(args.command) {
+        Ok(req) => req,
+        Err(e) => {
+            eprintln!("relay ctl: {e}");
+            return 2;
+        }
+    };
     let printed = match &req {
         Request::TokenCreate(_) => show(&path, req, args.json, print_created).await,
         Request::TokenCheck { .. } => show(&path, req, args.json, print_checked).await,
@@ -83,8 +89,9 @@ impl Validity for Stats {}
 impl Validity for PasswordChanged {}
 impl Validity for InstanceReset {}
 
-fn to_request(command: CtlCommand) -> Request {
-    match command {
+/// The request a command asks for, with its secrets read from files or stdin where given so.
+fn to_request(command: CtlCommand) -> std::io::Result<Request> {
+    Ok(match command {
         CtlCommand::Token(t) => match t {
             TokenCommand::Create {
                 instance,
@@ -95,7 +102,9 @@ fn to_request(command: CtlCommand) -> Request {
                 internal_access_path,
                 single_use,
                 console,
+                hypervisor_password_file,
                 hypervisor_password,
+                password_file,
                 password,
             } => Request::TokenCreate(NewToken {
                 instance,
@@ -105,24 +114,59 @@ fn to_request(command: CtlCommand) -> Request {
                 idle_timeout,
                 single_use,
                 hypervisor_schemes: None,
-                hypervisor_password: hypervisor_password.map(Secret),
-                password: password.map(Secret),
+                hypervisor_password: secret(hypervisor_password, hypervisor_password_file)?.map(Secret),
+                password: secret(password, password_file)?.map(Secret),
             }),
-            TokenCommand::Check { token } => Request::TokenCheck { token },
-            TokenCommand::Touch { token } => Request::TokenTouch { token },
-            TokenCommand::Delete { token } => Request::TokenDelete { token },
+            TokenCommand::Check { token } => Request::TokenCheck { token: token_text(token)? },
+            TokenCommand::Touch { token } => Request::TokenTouch { token: token_text(token)? },
+            TokenCommand::Delete { token } => Request::TokenDelete { token: token_text(token)? },
             TokenCommand::List { instance, host } => Request::TokenList { instance, host },
         },
         CtlCommand::Sessions { instance } => Request::Sessions { instance },
         CtlCommand::Stats => Request::Stats,
         CtlCommand::Instance(InstanceCommand::Reset { id, revoke }) => Request::InstanceReset { instance: id, revoke },
-        CtlCommand::Instance(InstanceCommand::Password(PasswordCommand::Set { id, password, disconnect })) => {
+        CtlCommand::Instance(InstanceCommand::Password(PasswordCommand::Set { id, password_file, password, disconnect })) => {
+            let password = secret(password, password_file)?.unwrap_or_default();
             Request::InstancePasswordSet { instance: id, password: Secret(password), disconnect }
         }
         CtlCommand::Instance(InstanceCommand::Password(PasswordCommand::Clear { id, disconnect })) => {
             Request::InstancePasswordClear { instance: id, disconnect }
         }
+    })
+}
+
+/// A secret given inline, or read from `file`.
+fn secret(inline: Option<String>, file: Option<PathBuf>) -> std::io::Result<Option<String>> {
+    match (inline, file) {
+        (Some(s), _) => Ok(Some(s)),
+        (None, Some(file)) => read_secret(&file).map(Some),
+        (None, None) => Ok(None),
     }
+}
+
+/// A token from the command line, or from stdin when it says `-` or nothing.
+fn token_text(arg: TokenArg) -> std::io::Result<String> {
+    match arg.token {
+        Some(token) if token != "-" => Ok(token),
+        _ => read_secret(Path::new("-")),
+    }
+}
+
+/// The first line of `file` (`-`: stdin), without its line break: what `echo`, a secrets
+/// file or a pipe from a vault gives.
+fn read_secret(file: &Path) -> std::io::Result<String> {
+    let text = if file == Path::new("-") {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line
+    } else {
+        std::fs::read_to_string(file).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", file.display())))?
+    };
+    let line = text.lines().next().unwrap_or_default();
+    if line.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("no secret in {}", file.display())));
+    }
+    Ok(line.to_string())
 }
 
 fn print_created(t: TokenCreated) {

@@ -343,3 +343,42 @@ fn a_low_open_file_limit_is_raised_or_reported() {
     assert!(log.contains("WARN") && log.contains("needed=10256") && log.contains("consoles=384"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Secrets need not be on the command line, where `ps` shows them: passwords come from a
+/// file or stdin, tokens from stdin; the old flags still work and their help says why not.
+#[test]
+fn secrets_come_from_files_or_stdin() {
+    let dir = scratch("secrets");
+    let r = start(&dir);
+    let ctl_in = |args: &[&str], input: &str| {
+        let mut child = Command::new(RELAY)
+            .arg("ctl")
+            .arg("--control")
+            .arg(&r.control)
+            .args(args)
+            .arg("--json")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "relay ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let created =
+        ctl_in(&["token", "create", "--instance", "vm-s", "--host", "h", "--port", "5900", "--hypervisor-password-file", "-"], "hvpw\n");
+    let token = created["token"].as_str().unwrap().to_string();
+    assert_eq!(ctl_in(&["token", "check", "-"], &format!("{token}\n"))["valid"], true);
+    assert_eq!(ctl_in(&["token", "touch"], &format!("{token}\n"))["touched"], true, "no argument reads stdin too");
+    let file = dir.join("pw");
+    std::fs::write(&file, "s3cret\n").unwrap();
+    let set = ctl_in(&["instance", "password", "set", "vm-s", "--password-file", file.to_str().unwrap()], "");
+    assert_eq!(set["password"], "set");
+    let (code, _, err) = ctl(&r, &["instance", "password", "set", "vm-s", "--password-file", "/nonexistent/pw"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/pw"), "{err}");
+    let help = Command::new(RELAY).args(["ctl", "token", "create", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("`ps` shows it to every user"));
+}
