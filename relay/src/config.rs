@@ -87,6 +87,10 @@ pub struct WebSocket {
     /// Origins allowed besides the Host the request came to: full origins
     /// (`https://dash.example.com`) or bare host names.
     pub allowed_origins: Vec<String>,
+    /// Host names (optionally `name:port`) relay answers to on the WebSocket listener;
+    /// empty: any. Set it to the names viewers use, so that a site that points its own name
+    /// at relay's address (DNS rebinding) is refused even though its Origin matches its Host.
+    pub allowed_hosts: Vec<String>,
     /// Believe `X-Forwarded-Proto` and `X-Forwarded-For` (only behind a reverse proxy you
     /// run): the first for the Origin check, the second as the viewer's address in audit
     /// events and per-source lock-out.

@@ -211,3 +211,22 @@ async fn a_web_client_that_stops_reading_is_disconnected() {
     assert!(got.len() < big.len(), "the slow client was cut off ({} of {} bytes)", got.len(), big.len());
     let _ = std::fs::remove_dir_all(&web);
 }
+
+/// With `allowed_hosts` set, a request naming another Host (a rebound DNS name) gets no
+/// console and no page, although its Origin matches its Host.
+#[tokio::test]
+async fn hosts_outside_allowed_hosts_are_refused() {
+    let relay = TestRelay::start_with(|c| c.websocket.allowed_hosts = vec!["console.example.com".into()]).await;
+    let upgrade = |host: &str| {
+        format!(
+            "GET /?token=t HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    let rebound = raw(relay.ws, upgrade("evil.example").as_bytes()).await;
+    assert!(rebound.starts_with("HTTP/1.1 403 ") && rebound.contains("allowed_hosts"), "{rebound}");
+    let page = raw(relay.ws, b"GET /vnc.html HTTP/1.1\r\nHost: evil.example\r\n\r\n").await;
+    assert!(page.starts_with("HTTP/1.1 403 "), "{page}");
+    // The name viewers use passes the Host check (and reaches the token check).
+    let served = raw(relay.ws, upgrade("console.example.com:6080").as_bytes()).await;
+    assert!(served.starts_with("HTTP/1.1 403 ") && served.contains("unknown console token"), "{served}");
+}

@@ -89,7 +89,11 @@ impl Conn {
     /// next request.
     async fn serve_web(&self, stream: &mut Prefixed<Transport>, head: &RequestHead) -> bool {
         bump(&self.app.counters.web_requests);
-        if let Err(reject) = self.discard_body(stream, head).await {
+        let checked = match origin::check_host(head.header("host"), &self.app.config.websocket.allowed_hosts) {
+            Ok(()) => self.discard_body(stream, head).await,
+            Err(e) => Err(Reject::new(403, "Forbidden", e)),
+        };
+        if let Err(reject) = checked {
             debug!(status = reject.status, reason = %reject.message, "web request body refused");
             send_and_close(stream, &reject.to_bytes()).await;
             return false;
@@ -150,6 +154,7 @@ impl Conn {
             Door::WebSocket => {
                 let upgrade = ws::check(&req.head)?;
                 let cfg = &self.app.config.websocket;
+                origin::check_host(req.head.header("host"), &cfg.allowed_hosts).map_err(|e| Reject::new(403, "Forbidden", e))?;
                 let forwarded = cfg.trust_forwarded_headers.then(|| req.head.header("x-forwarded-proto")).flatten();
                 let scheme = match forwarded {
                     Some(p) if p.eq_ignore_ascii_case("https") => "https",

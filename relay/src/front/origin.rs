@@ -75,6 +75,22 @@ pub fn check(origin: Option<&str>, host_header: Option<&str>, scheme: &str, allo
     Ok(())
 }
 
+/// Whether the request's `Host` is one relay answers to: any when `allowed` is empty; else
+/// an entry with the same name (and port, when the entry names one).
+pub fn check_host(host_header: Option<&str>, allowed: &[String]) -> Result<(), String> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let host = host_header.and_then(split_host_port);
+    let served = host.as_ref().is_some_and(|(name, port)| {
+        allowed
+            .iter()
+            .filter_map(|entry| split_host_port(entry))
+            .any(|(e_name, e_port)| &e_name == name && (e_port.is_none() || e_port == *port))
+    });
+    if served { Ok(()) } else { Err(format!("Host {:?} is not served here (websocket.allowed_hosts)", host_header.unwrap_or(""))) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +122,16 @@ mod tests {
         let allowed: Vec<String> = Vec::new();
         assert_eq!(check(Some("http://a"), Some("a"), "http", &allowed), Ok(()));
         assert!(check(Some("http://a"), Some("b"), "http", &allowed).is_err());
+    }
+
+    #[test]
+    fn hosts_outside_the_allow_list_are_refused() {
+        let allowed = vec!["console.example.com".to_string(), "10.0.0.5:6080".to_string()];
+        assert_eq!(check_host(Some("anything"), &[]), Ok(()), "no list: as before");
+        assert_eq!(check_host(Some("Console.Example.com:443"), &allowed), Ok(()));
+        assert_eq!(check_host(Some("10.0.0.5:6080"), &allowed), Ok(()));
+        assert!(check_host(Some("10.0.0.5:7000"), &allowed).is_err(), "the entry names a port");
+        assert!(check_host(Some("evil.example"), &allowed).is_err(), "a rebound name");
+        assert!(check_host(None, &allowed).is_err());
     }
 }
