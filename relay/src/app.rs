@@ -8,6 +8,7 @@ use crate::auth::passwords::{MemoryPasswords, PasswordStore};
 use crate::config::Config;
 use crate::relay::backend::Relays;
 use crate::session::Registry;
+use crate::sources::Sources;
 use crate::telemetry::Counters;
 use crate::tls::{self, FrontTls, Ktls};
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub struct App {
     pub passwords: Arc<dyn PasswordStore>,
     pub lockout: Lockout,
     pub sessions: Arc<Registry>,
+    /// Open connections per source address.
+    pub sources: Arc<Sources>,
     pub counters: Counters,
     /// The front doors' TLS identity, when configured.
     pub front_tls: Option<FrontTls>,
@@ -50,12 +53,14 @@ impl App {
         let passwords = Arc::new(MemoryPasswords::new(p.max_instances));
         let lockout = Lockout::new(p.max_failures, p.lockout_secs, p.max_tracked);
         let relays = Arc::new(Relays::start(&config.relay, config.limits.max_sessions)?);
+        let sources = Sources::new(config.limits.max_connections_per_source);
         Ok(Arc::new(App {
             config,
             tokens,
             passwords,
             lockout,
             sessions,
+            sources,
             counters: Counters::default(),
             front_tls,
             hypervisor_tls,

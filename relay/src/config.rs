@@ -132,6 +132,9 @@ impl Default for Hypervisor {
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Connections open at once from one source address (the proxy-reported one where
+    /// trusted); 0 = no limit.
+    pub max_connections_per_source: usize,
     pub max_sessions: usize,
     pub max_sessions_per_instance: usize,
     pub max_header_bytes: usize,
@@ -155,6 +158,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 20_000,
+            max_connections_per_source: 200,
             max_sessions: 10_000,
             max_sessions_per_instance: 16,
             max_header_bytes: 8192,

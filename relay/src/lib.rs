@@ -20,6 +20,7 @@ pub mod run;
 pub mod server;
 pub mod session;
 pub mod sockopt;
+pub mod sources;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

@@ -230,3 +230,57 @@ async fn hosts_outside_allowed_hosts_are_refused() {
     let served = raw(relay.ws, upgrade("console.example.com:6080").as_bytes()).await;
     assert!(served.starts_with("HTTP/1.1 403 ") && served.contains("unknown console token"), "{served}");
 }
+
+/// One source cannot take every place under max_connections: past its share it gets 503
+/// at once, and another address is served meanwhile. Behind a trusted proxy, the share
+/// is the reported client's.
+#[tokio::test]
+async fn one_source_cannot_fill_the_connection_limit() {
+    let relay = TestRelay::start_with(|c| {
+        c.limits.max_connections = 20;
+        c.limits.max_connections_per_source = 5;
+    })
+    .await;
+    let from = |ip: &str| {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        socket.connect(relay.ws)
+    };
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(from("127.0.0.1").await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut sixth = from("127.0.0.1").await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(2), sixth.read_to_string(&mut reply)).await.expect("answered at once").unwrap();
+    assert!(reply.starts_with("HTTP/1.1 503 ") && reply.contains("too many connections from your address"), "{reply}");
+    let mut other = from("127.0.0.2").await.unwrap();
+    other.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(2), other.read_to_string(&mut reply)).await.expect("served at once").unwrap();
+    assert!(reply.starts_with("HTTP/1.1 404 "), "another source is served: {reply}");
+    drop(silent);
+
+    let proxied = TestRelay::start_with(|c| {
+        c.limits.max_connections_per_source = 1;
+        c.websocket.trust_forwarded_headers = true;
+    })
+    .await;
+    // A first client's console, held in its hypervisor handshake (the hypervisor is silent).
+    let silent_hv = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let token = proxied.token("vm-held", silent_hv.local_addr().unwrap()).await;
+    let head = |client: &str, token: &str| {
+        format!(
+            "GET /?token={token} HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: {client}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    let mut held = TcpStream::connect(proxied.ws).await.unwrap();
+    held.write_all(head("198.51.100.7", &token).as_bytes()).await.unwrap();
+    assert!(read_head(&mut held).await.unwrap().starts_with("HTTP/1.1 101"));
+    // A second from the same client is over its share; one from another client is not.
+    let same = raw(proxied.ws, head("198.51.100.7", "t").as_bytes()).await;
+    assert!(same.starts_with("HTTP/1.1 503 "), "{same}");
+    let other = raw(proxied.ws, head("198.51.100.8", "t").as_bytes()).await;
+    assert!(other.starts_with("HTTP/1.1 403 ") && other.contains("unknown console token"), "{other}");
+}

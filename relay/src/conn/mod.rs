@@ -12,6 +12,7 @@ use crate::app::{App, unix_now};
 use crate::auth::TokenHash;
 use crate::front::{Door, token_param};
 use crate::session::SessionInfo;
+use crate::sources::SourcePlace;
 use crate::telemetry::{AUDIT, bump};
 use crate::transport::Transport;
 use crate::wire::http::{Reject, RequestHead};
@@ -42,7 +43,14 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, peer: SocketAddr, listener
     bump(&app.counters.connections_accepted);
     let _ = stream.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + app.config.handshake_timeout();
-    let conn = Conn { app, id, peer, client: peer.ip(), deadline, _permit: permit };
+    // Counted by the TCP peer here, or by the address a trusted proxy reports once the
+    // request head says it.
+    let source = if app.config.websocket.trust_forwarded_headers { None } else { app.sources.admit(peer.ip()) };
+    if source.is_none() && !app.config.websocket.trust_forwarded_headers {
+        refuse_source(&app, stream, peer.ip()).await;
+        return;
+    }
+    let conn = Conn { app, id, peer, client: peer.ip(), deadline, _permit: permit, _source: source };
     async move {
         let Some(transport) = conn.accept_tls(stream).await else { return };
         conn.run(transport, listener).await
@@ -61,6 +69,8 @@ struct Conn {
     deadline: tokio::time::Instant,
     /// Held, never read: dropping the connection releases its place.
     _permit: OwnedSemaphorePermit,
+    /// Its place in its source's count, likewise.
+    _source: Option<SourcePlace>,
 }
 
 /// A request that asked for a console, and the door it came through.
@@ -80,10 +90,18 @@ impl Conn {
         // The handshakes share one deadline from here: a slow peer cannot hold a
         // connection open before its console exists.
         self.deadline = tokio::time::Instant::now() + self.app.config.handshake_timeout();
-        if self.app.config.websocket.trust_forwarded_headers
-            && let Some(client) = forwarded_for(&req.head)
-        {
-            self.client = client;
+        if self.app.config.websocket.trust_forwarded_headers {
+            if let Some(client) = forwarded_for(&req.head) {
+                self.client = client;
+            }
+            match self.app.sources.admit(self.client) {
+                Some(place) => self._source = Some(place),
+                None => {
+                    let reject = Reject::new(503, "Service Unavailable", "too many connections from your address");
+                    self.refuse(&mut stream, &reject, &req).await;
+                    return;
+                }
+            }
         }
         let upgrade = match self.check_door(&req, stream.io.is_tls()) {
             Ok(upgrade) => upgrade,
@@ -131,6 +149,17 @@ impl Conn {
         };
         let span = info_span!("session", instance = %record.instance, token_id = %record.id, door = %req.door, client = %self.client);
         self.console(stream, upgrade, record, hash, session).instrument(span).await
+    }
+}
+
+/// Refuses a connection from a source that has its fill: a 503 where the door speaks
+/// plain HTTP first (under TLS the connection is just closed), and an audit event.
+async fn refuse_source(app: &App, mut stream: TcpStream, source: IpAddr) {
+    bump(&app.counters.connections_refused);
+    info!(target: AUDIT, event = "refused", status = 503, source = %source, reason = "too many connections from this source");
+    if app.front_tls.is_none() {
+        let reject = Reject::new(503, "Service Unavailable", "too many connections from your address");
+        send_and_close(&mut stream, &reject.to_bytes()).await;
     }
 }
 
