@@ -14,6 +14,7 @@ pub mod ctl;
 pub mod dial;
 pub mod front;
 pub mod relay;
+pub mod reserve;
 pub mod rfb;
 pub mod rlimit;
 pub mod run;

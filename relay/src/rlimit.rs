@@ -26,6 +26,11 @@ pub fn needed(max_connections: usize) -> u64 {
     (max_connections as u64).saturating_mul(2).saturating_add(OVERHEAD)
 }
 
+/// The connections a soft limit of `soft` descriptors holds (at least one).
+pub fn fits(soft: u64) -> usize {
+    usize::try_from(soft.saturating_sub(OVERHEAD) / 2).unwrap_or(usize::MAX).max(1)
+}
+
 /// Raises the soft open-file limit towards the hard one, as far as `max_connections` needs.
 pub fn fit(max_connections: usize) -> io::Result<Fitted> {
     let needed = needed(max_connections);

@@ -30,7 +30,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         config.log.format = f;
     }
     telemetry::init(&config.log);
-    fit_open_files(config.limits.max_connections);
+    config.limits.max_connections = fit_open_files(config.limits.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let shutdown = server::shutdown_signal()?;
@@ -48,21 +48,33 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Fits the open-file limit to `max_connections`, and says so in the log.
-fn fit_open_files(max_connections: usize) {
-    use crate::rlimit::{Fitted, fit};
+/// Fits the open-file limit to `max_connections`, and says so in the log; returns the
+/// connections relay can hold: fewer than asked when the limit is short, so that relay
+/// refuses connections (503) before it runs out of descriptors.
+fn fit_open_files(max_connections: usize) -> usize {
+    use crate::rlimit::{Fitted, fit, fits};
     match fit(max_connections) {
-        Ok(Fitted::Enough { .. }) => {}
-        Ok(Fitted::Raised { from, to }) => tracing::info!(from, to, max_connections, "raised the open-file limit to fit max_connections"),
-        Ok(Fitted::Short { soft, hard, needed }) => tracing::warn!(
-            soft,
-            hard,
-            needed,
-            max_connections,
-            consoles = soft.saturating_sub(crate::rlimit::needed(0)) / 2,
-            "the open-file limit is below what max_connections needs; about `consoles` consoles fit: raise the hard limit (LimitNOFILE=, ulimit -Hn) or lower limits.max_connections"
-        ),
-        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
+        Ok(Fitted::Enough { .. }) => max_connections,
+        Ok(Fitted::Raised { from, to }) => {
+            tracing::info!(from, to, max_connections, "raised the open-file limit to fit max_connections");
+            max_connections
+        }
+        Ok(Fitted::Short { soft, hard, needed }) => {
+            let connections = fits(soft);
+            tracing::warn!(
+                soft,
+                hard,
+                needed,
+                max_connections,
+                connections,
+                "the open-file limit is below what max_connections needs: relay holds `connections` at most and refuses the rest (503); raise the hard limit (LimitNOFILE=, ulimit -Hn) or lower limits.max_connections"
+            );
+            connections
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read or raise the open-file limit");
+            max_connections
+        }
     }
 }
 

@@ -4,6 +4,7 @@ use crate::app::{App, unix_now};
 use crate::config::Config;
 use crate::conn::{self, Listener};
 use crate::control;
+use crate::reserve::{Reserve, out_of_descriptors};
 use crate::tls::Ktls;
 use anyhow::Context as _;
 use std::future::Future;
@@ -96,17 +97,39 @@ async fn bind(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
     }
 }
 
+/// How many refusals may be under way at once; past it a connection over the limit is
+/// closed unanswered (each refusal holds a descriptor for up to a second).
+const MAX_REFUSING: usize = 64;
+
 async fn accept_loop(app: Arc<App>, listener: TcpListener, kind: Listener, permits: Arc<Semaphore>) {
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let reserve = Reserve::new();
     loop {
-        // At the connection limit, stop accepting: the kernel's backlog pushes back.
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
         match listener.accept().await {
-            Ok((stream, peer)) => {
+            Ok((stream, peer)) => match permits.clone().try_acquire_owned() {
                 // The permit lives as long as the connection, console included.
-                tokio::spawn(conn::handle(app.clone(), stream, peer, kind, permit));
+                Ok(permit) => {
+                    tokio::spawn(conn::handle(app.clone(), stream, peer, kind, permit));
+                }
+                // At the connection limit: answer, rather than leave the viewer waiting.
+                Err(_) => {
+                    if let Ok(refusal) = refusing.clone().try_acquire_owned() {
+                        tokio::spawn(conn::refuse_busy(app.clone(), stream, refusal));
+                    }
+                }
+            },
+            // Out of descriptors: the reserve one takes the waiting connection, which is
+            // told so and closed; then the reserve is taken back.
+            Err(e) if out_of_descriptors(&e) && reserve.release() => {
+                if let Ok((stream, _)) = listener.accept().await {
+                    conn::refuse_now(stream);
+                }
+                reserve.refill();
+                warn!(error = %e, "out of file descriptors: refusing new connections (see the open-file limit at start-up)");
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(e) => {
-                // Usually out of file descriptors; back off instead of spinning.
+                reserve.refill();
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -340,7 +340,7 @@ fn a_low_open_file_limit_is_raised_or_reported() {
     assert!(log.contains("raised the open-file limit") && log.contains("from=1024"), "{log}");
     let (soft, log) = run("1024:1024", &dir.join("short.log"));
     assert_eq!(soft, "1024");
-    assert!(log.contains("WARN") && log.contains("needed=10256") && log.contains("consoles=384"), "{log}");
+    assert!(log.contains("WARN") && log.contains("needed=10256") && log.contains("connections=384"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -381,4 +381,38 @@ fn secrets_come_from_files_or_stdin() {
     assert!(err.contains("/nonexistent/pw"), "{err}");
     let help = Command::new(RELAY).args(["ctl", "token", "create", "--help"]).output().unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("`ps` shows it to every user"));
+}
+
+/// With few descriptors (a hard limit of 300: 22 connections fit), connections past what
+/// fits are answered 503 at once instead of left hanging, and the control socket answers.
+#[test]
+fn past_what_the_descriptors_hold_connections_are_refused_and_ctl_answers() {
+    let dir = scratch("fdlimit");
+    let control = dir.join("control.sock");
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=300:300")
+        .args([RELAY, "run", "--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--control"])
+        .arg(&control)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let ws = line.split_whitespace().find_map(|w| w.strip_prefix("websocket=")).unwrap().to_string();
+    let held: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(&ws).unwrap()).collect();
+    let mut refused = 0;
+    for mut s in held.iter().skip(22) {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        refused += usize::from(reply.starts_with("HTTP/1.1 503 ") && reply.contains("connection limit"));
+    }
+    assert_eq!(refused, 18, "every connection past the 22 that fit is answered 503");
+    let out = Command::new(RELAY).args(["ctl", "--json", "--control"]).arg(&control).arg("stats").output().unwrap();
+    assert!(out.status.success(), "ctl answers: {}", String::from_utf8_lossy(&out.stderr));
+    drop(held);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -152,6 +152,26 @@ impl Conn {
     }
 }
 
+/// The answer to a connection past `max_connections`.
+const BUSY: &str = "relay is at its connection limit; try again shortly";
+
+/// Refuses a connection over the connection limit: a 503 where the door speaks plain HTTP
+/// first (under TLS the connection is just closed). `refusal` bounds how many are under way.
+pub async fn refuse_busy(app: Arc<App>, mut stream: TcpStream, refusal: OwnedSemaphorePermit) {
+    bump(&app.counters.connections_refused);
+    info!(target: AUDIT, event = "refused", status = 503, reason = "at the connection limit");
+    if app.front_tls.is_none() {
+        send_and_close(&mut stream, &Reject::new(503, "Service Unavailable", BUSY).to_bytes()).await;
+    }
+    drop(refusal);
+}
+
+/// Refuses a connection at once, with what the socket takes without waiting (out of
+/// descriptors: nothing may be held).
+pub fn refuse_now(stream: TcpStream) {
+    let _ = stream.try_write(&Reject::new(503, "Service Unavailable", BUSY).to_bytes());
+}
+
 /// Refuses a connection from a source that has its fill: a 503 where the door speaks
 /// plain HTTP first (under TLS the connection is just closed), and an audit event.
 async fn refuse_source(app: &App, mut stream: TcpStream, source: IpAddr) {

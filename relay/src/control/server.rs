@@ -5,6 +5,7 @@
 use super::handler::{ControlContext, handle};
 use super::proto::{ControlError, Envelope, ErrorKind, MAX_LINE, Reply};
 use crate::app::App;
+use crate::reserve::{Reserve, out_of_descriptors};
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -59,9 +60,14 @@ pub fn check_private_dir(dir: &Path) -> io::Result<()> {
 /// Serves until the task is dropped.
 pub async fn serve(app: Arc<App>, listener: UnixListener, path: PathBuf) {
     let owner = std::fs::metadata(&path).map(|m| m.uid()).ok();
+    // Out of descriptors, the operator still gets in: the reserve one is given up for
+    // the control client, and taken back at the next accept.
+    let reserve = Reserve::new();
     loop {
+        reserve.refill();
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
+            Err(e) if out_of_descriptors(&e) && reserve.release() => continue,
             Err(e) => {
                 warn!(error = %e, "control socket accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
