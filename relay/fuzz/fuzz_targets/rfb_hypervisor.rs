@@ -1,7 +1,8 @@
 //! A hostile or broken hypervisor: any bytes, cut anywhere.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use relay::rfb::hypervisor::{HypervisorAuth, HypervisorHandshake, Scheme};
+use relay::auth::Scheme;
+use relay::rfb::hypervisor::{HypervisorAuth, HypervisorHandshake};
 
 mod split_feed;
 
