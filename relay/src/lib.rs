@@ -13,6 +13,7 @@ pub mod control;
 pub mod ctl;
 pub mod dial;
 pub mod front;
+pub mod heap;
 pub mod relay;
 pub mod reserve;
 pub mod rfb;

@@ -143,8 +143,12 @@ async fn housekeeping(app: Arc<App>) {
     let period = Duration::from_secs(cfg.sweep_interval_secs.min(cfg.touch_interval_secs).max(1));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trimmer = crate::heap::Trimmer::default();
     loop {
         tick.tick().await;
+        if trimmer.look(app.sessions.len()) {
+            debug!(live = app.sessions.len(), "most consoles have gone: returned free memory to the kernel");
+        }
         let now = unix_now();
         for hash in app.sessions.live_tokens() {
             let _ = app.tokens.touch(hash, now).await;
