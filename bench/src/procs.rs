@@ -105,6 +105,8 @@ auth_schemes = ["none"]
 
 [limits]
 max_connections = 50000
+# Every client of the bench is one address.
+max_connections_per_source = 0
 max_sessions = 30000
 max_sessions_per_instance = 30000
 handshake_timeout_secs = 30

@@ -133,7 +133,8 @@ impl Default for Hypervisor {
 pub struct Limits {
     pub max_connections: usize,
     /// Connections open at once from one source address (the proxy-reported one where
-    /// trusted); 0 = no limit.
+    /// trusted); 0 = no limit (the default: behind a TCP load balancer every viewer is
+    /// its address).
     pub max_connections_per_source: usize,
     pub max_sessions: usize,
     pub max_sessions_per_instance: usize,
@@ -158,7 +159,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 20_000,
-            max_connections_per_source: 200,
+            max_connections_per_source: 0,
             max_sessions: 10_000,
             max_sessions_per_instance: 16,
             max_header_bytes: 8192,

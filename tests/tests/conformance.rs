@@ -69,6 +69,8 @@ async fn start(backend: Backend, adjust: impl FnOnce(&mut relay::config::Config)
         // The back-end itself from the first byte; the move from copy has its own test.
         c.relay.kernel_after_ms = 0;
         c.limits.max_sessions_per_instance = 2000;
+        // Every viewer here is 127.0.0.1.
+        c.limits.max_connections_per_source = 0;
         c.limits.session_idle_timeout_secs = 0;
         adjust(c)
     })
