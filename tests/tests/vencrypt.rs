@@ -83,8 +83,8 @@ async fn bad_certificates_are_refused() {
     let (ca_file, client) = (p.dir.join("ca.pem"), p.client.clone());
     let relay = TestRelay::start_with(move |c| vencrypt(c, &ca_file, Some(&client))).await;
     let cases = [
-        ("unknown CA", qemu(&stranger, &p.dir, &["127.0.0.1"], false, None).await),
-        ("wrong host name", qemu(&p.ca, &p.dir, &["hv.example"], false, None).await),
+        ("unknown-CA", qemu(&stranger, &p.dir, &["127.0.0.1"], false, None).await),
+        ("wrong-host-name", qemu(&p.ca, &p.dir, &["hv.example"], false, None).await),
     ];
     for (what, hv) in &cases {
         let token = relay.token(what, hv.addr()).await;
@@ -94,7 +94,7 @@ async fn bad_certificates_are_refused() {
     // QEMU will not start with an expired certificate; a minimal VeNCrypt server will.
     let (cert, key) = p.ca.issue(Role::Server, &["127.0.0.1"], true);
     let expired = expired_vencrypt_server(cert, key).await;
-    let token = relay.token("expired certificate", expired).await;
+    let token = relay.token("expired-certificate", expired).await;
     assert!(refused(&relay, &token).await.starts_with("console unavailable"), "expired certificate");
     let stats = relay.ctl(Request::Stats).await.unwrap();
     assert_eq!(stats["counters"]["hypervisor_failures"], 3);
