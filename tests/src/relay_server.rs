@@ -89,6 +89,21 @@ impl TestRelay {
         call(&self.control, Request::Stats).await.expect("stats")
     }
 
+    /// Waits (up to 2 s) until no console is live: a viewer sees its console's end a
+    /// moment before relay's bookkeeping of it is done (on uring, the ring reports the end
+    /// after it has shut the sockets down).
+    pub async fn no_live_consoles(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            let live = self.stats().await.sessions_active;
+            if live == 0 {
+                return;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(2), "{live} consoles still live 2 s after their end");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// `stats` once `n` consoles have ended (waiting up to 5 s for them).
     pub async fn ended(&self, n: u64) -> Stats {
         let started = std::time::Instant::now();
