@@ -31,6 +31,11 @@ impl Sources {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a limit is set; without one nothing is counted (no lock per connection).
+    pub fn limited(&self) -> bool {
+        self.per_source > 0
+    }
+
     /// A place for one more connection from `source`, or None when it has its fill.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<SourcePlace> {
         let mut open = self.open();

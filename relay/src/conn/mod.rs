@@ -45,11 +45,13 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, peer: SocketAddr, listener
     let deadline = tokio::time::Instant::now() + app.config.handshake_timeout();
     // Counted by the TCP peer here, or by the address a trusted proxy reports once the
     // request head says it.
-    let source = if app.config.websocket.trust_forwarded_headers { None } else { app.sources.admit(peer.ip()) };
-    if source.is_none() && !app.config.websocket.trust_forwarded_headers {
-        refuse_source(&app, stream, peer.ip()).await;
-        return;
-    }
+    let source = match app.sources.limited() && !app.config.websocket.trust_forwarded_headers {
+        false => None,
+        true => match app.sources.admit(peer.ip()) {
+            Some(place) => Some(place),
+            None => return refuse_source(&app, stream, peer.ip()).await,
+        },
+    };
     let conn = Conn { app, id, peer, client: peer.ip(), deadline, _permit: permit, _source: source };
     async move {
         let Some(transport) = conn.accept_tls(stream).await else { return };
@@ -90,10 +92,12 @@ impl Conn {
         // The handshakes share one deadline from here: a slow peer cannot hold a
         // connection open before its console exists.
         self.deadline = tokio::time::Instant::now() + self.app.config.handshake_timeout();
-        if self.app.config.websocket.trust_forwarded_headers {
-            if let Some(client) = forwarded_for(&req.head) {
-                self.client = client;
-            }
+        if self.app.config.websocket.trust_forwarded_headers
+            && let Some(client) = forwarded_for(&req.head)
+        {
+            self.client = client;
+        }
+        if self.app.config.websocket.trust_forwarded_headers && self.app.sources.limited() {
             match self.app.sources.admit(self.client) {
                 Some(place) => self._source = Some(place),
                 None => {
