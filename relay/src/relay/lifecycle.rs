@@ -191,15 +191,6 @@ impl Ended {
             Ended::HalfCloseTimeout => Cause::HalfClosedTooLong,
         }
     }
-
-    /// The side whose doing ended the console, when it was a side's.
-    pub fn side(&self) -> Option<Side> {
-        match self {
-            Ended::Closed(side) => Some(*side),
-            Ended::Failed(f) => Some(f.side),
-            _ => None,
-        }
-    }
 }
 
 impl fmt::Display for Ended {
@@ -287,10 +278,6 @@ impl Lifecycle {
         self.first.get_or_insert(Ended::Closed(dir.from()));
         self.half_close_at.get_or_insert_with(|| Instant::now() + self.half_close_timeout);
         self.finished == [true; 2]
-    }
-
-    pub fn is_finished(&self, dir: Direction) -> bool {
-        self.finished[dir.index()]
     }
 
     /// A side failed: the console is over. Returns the side that must see a reset, if any.
