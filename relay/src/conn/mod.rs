@@ -49,7 +49,7 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, peer: SocketAddr, listener
         false => None,
         true => match app.sources.admit(peer.ip()) {
             Some(place) => Some(place),
-            None => return refuse_source(&app, stream, peer.ip()).await,
+            None => return refuse_before_reading(&app, stream, SOURCE_FULL).await,
         },
     };
     let conn = Conn { app, id, peer, client: peer.ip(), deadline, _permit: permit, _source: source };
@@ -101,7 +101,7 @@ impl Conn {
             match self.app.sources.admit(self.client) {
                 Some(place) => self._source = Some(place),
                 None => {
-                    let reject = Reject::new(503, "Service Unavailable", "too many connections from your address");
+                    let reject = Reject::new(503, "Service Unavailable", SOURCE_FULL);
                     self.refuse(&mut stream, &reject, &req).await;
                     return;
                 }
@@ -158,33 +158,30 @@ impl Conn {
 
 /// The answer to a connection past `max_connections`.
 const BUSY: &str = "relay is at its connection limit; try again shortly";
+/// The answer to a connection from a source past `max_connections_per_source`.
+const SOURCE_FULL: &str = "too many connections from your address";
 
-/// Refuses a connection over the connection limit: a 503 where the door speaks plain HTTP
-/// first (under TLS the connection is just closed). `refusal` bounds how many are under way.
-pub async fn refuse_busy(app: Arc<App>, mut stream: TcpStream, refusal: OwnedSemaphorePermit) {
-    bump(&app.counters.connections_refused);
-    info!(target: AUDIT, event = "refused", status = 503, reason = "at the connection limit");
-    if app.front_tls.is_none() {
-        send_and_close(&mut stream, &Reject::new(503, "Service Unavailable", BUSY).to_bytes()).await;
-    }
+/// Refuses a connection over the connection limit; `refusal` bounds how many are under way.
+pub async fn refuse_busy(app: Arc<App>, stream: TcpStream, refusal: OwnedSemaphorePermit) {
+    refuse_before_reading(&app, stream, BUSY).await;
     drop(refusal);
+}
+
+/// Refuses a connection before reading anything from it: a 503 where the door speaks
+/// plain HTTP first (under TLS the connection is just closed), and an audit event.
+async fn refuse_before_reading(app: &App, mut stream: TcpStream, why: &str) {
+    bump(&app.counters.connections_refused);
+    let source = stream.peer_addr().map(|a| a.ip()).ok();
+    info!(target: AUDIT, event = "refused", status = 503, source = ?source, reason = why);
+    if app.front_tls.is_none() {
+        send_and_close(&mut stream, &Reject::new(503, "Service Unavailable", why).to_bytes()).await;
+    }
 }
 
 /// Refuses a connection at once, with what the socket takes without waiting (out of
 /// descriptors: nothing may be held).
 pub fn refuse_now(stream: TcpStream) {
     let _ = stream.try_write(&Reject::new(503, "Service Unavailable", BUSY).to_bytes());
-}
-
-/// Refuses a connection from a source that has its fill: a 503 where the door speaks
-/// plain HTTP first (under TLS the connection is just closed), and an audit event.
-async fn refuse_source(app: &App, mut stream: TcpStream, source: IpAddr) {
-    bump(&app.counters.connections_refused);
-    info!(target: AUDIT, event = "refused", status = 503, source = %source, reason = "too many connections from this source");
-    if app.front_tls.is_none() {
-        let reject = Reject::new(503, "Service Unavailable", "too many connections from your address");
-        send_and_close(&mut stream, &reject.to_bytes()).await;
-    }
 }
 
 /// The client a trusted reverse proxy reports: the first `X-Forwarded-For` entry.
