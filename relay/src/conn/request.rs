@@ -94,7 +94,7 @@ impl Conn {
             Err(e) => Err(Reject::new(403, "Forbidden", e)),
         };
         if let Err(reject) = checked {
-            debug!(status = reject.status, reason = %reject.message, "web request body refused");
+            debug!(status = reject.status, reason = %reject.message, "web request refused before serving");
             send_and_close(stream, &reject.to_bytes()).await;
             return false;
         }
