@@ -5,6 +5,7 @@
 //! success clears the instance's count and the source's. Both maps are bounded:
 //! when full, entries that are neither locked nor recent are dropped first.
 
+use super::store::StoreFuture;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -38,6 +39,29 @@ impl std::fmt::Display for Locked {
             Locked::Source { retry_in } => ("your address", retry_in),
         };
         write!(f, "too many wrong passwords for {what}; try again in {secs} s")
+    }
+}
+
+/// Where failures are counted: this process ([`Lockout`]), or a store every appliance
+/// shares, so that a guesser cannot multiply his tries by spreading them over a fleet.
+pub trait LockoutStore: Send + Sync + 'static {
+    /// Whether an attempt for `instance` from `source` may be made at `now`.
+    fn check(&self, instance: &str, source: IpAddr, now: u64) -> StoreFuture<'_, Result<(), Locked>>;
+    /// Records a wrong password; returns the lock-out it caused, if any.
+    fn failure(&self, instance: &str, source: IpAddr, now: u64) -> StoreFuture<'_, Option<Locked>>;
+    fn success(&self, instance: &str, source: IpAddr) -> StoreFuture<'_, ()>;
+}
+
+impl LockoutStore for Lockout {
+    fn check(&self, instance: &str, source: IpAddr, now: u64) -> StoreFuture<'_, Result<(), Locked>> {
+        Box::pin(std::future::ready(Ok(Lockout::check(self, instance, source, now))))
+    }
+    fn failure(&self, instance: &str, source: IpAddr, now: u64) -> StoreFuture<'_, Option<Locked>> {
+        Box::pin(std::future::ready(Ok(Lockout::failure(self, instance, source, now))))
+    }
+    fn success(&self, instance: &str, source: IpAddr) -> StoreFuture<'_, ()> {
+        Lockout::success(self, instance, source);
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 

@@ -4,6 +4,7 @@ pub mod lockout;
 pub mod memory;
 pub mod passwords;
 pub mod scheme;
+pub mod seal;
 pub mod store;
 pub mod token;
 

@@ -173,10 +173,40 @@ impl TokenRecord {
         }
     }
 
+    /// What a sealed hypervisor password of this token is bound to.
+    fn seal_context(&self) -> String {
+        format!("token:{}", self.id)
+    }
+
     /// Whether the store may forget it: expired or lapsed. A used single-use token is
     /// kept until then, so that a second attempt hears "already used", not "unknown".
     pub fn dead(&self, now: u64) -> bool {
         matches!(self.usable(now), Err(super::TokenRejection::Expired | super::TokenRejection::Idle))
+    }
+}
+
+/// A record as a shared or persistent store keeps it: with the hypervisor's password
+/// sealed (see [`super::seal`]), since the record alone never serializes it.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StoredToken {
+    #[serde(flatten)]
+    pub record: TokenRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor_password: Option<String>,
+}
+
+impl StoredToken {
+    pub fn seal(record: &TokenRecord, sealer: &super::seal::Sealer) -> StoredToken {
+        let sealed = record.hypervisor_password.as_ref().map(|p| sealer.seal(&record.seal_context(), p));
+        StoredToken { record: record.clone(), hypervisor_password: sealed }
+    }
+
+    pub fn open(self, sealer: &super::seal::Sealer) -> Result<TokenRecord, super::seal::SealError> {
+        let mut record = self.record;
+        if let Some(sealed) = &self.hypervisor_password {
+            record.hypervisor_password = Some(sealer.open(&record.seal_context(), sealed)?);
+        }
+        Ok(record)
     }
 }
 
