@@ -116,6 +116,9 @@ shutdown_grace_secs = 1
 backend = "{backend}"
 kernel_after_ms = {kernel_after_ms}
 
+[store]
+backend = "memory"
+
 [log]
 filter = "warn"
 "#,

@@ -46,6 +46,7 @@ fn start_logging(dir: &Path, log: Option<&Path>) -> Running {
     let mut child = Command::new(RELAY)
         .args(["run", "--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--control"])
         .arg(&control)
+        .env("RELAY_STATE_DIR", dir)
         .env("RUST_LOG", "debug")
         .stdout(Stdio::piped())
         .stderr(stderr)
@@ -184,6 +185,7 @@ fn a_second_relay_does_not_steal_the_control_socket() {
     let out = Command::new(RELAY)
         .args(["run", "--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--control"])
         .arg(&r.control)
+        .env("RELAY_STATE_DIR", &dir)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -274,7 +276,9 @@ fn as_nobody(control: &Path, extra: &[&str]) -> Command {
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", RELAY, "run"])
         .args(["--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--control"])
         .arg(control)
-        .args(extra);
+        .args(extra)
+        // Its store beside its socket, where it may write.
+        .env("RELAY_STATE_DIR", control.parent().expect("socket directory"));
     cmd
 }
 
@@ -319,6 +323,7 @@ fn a_low_open_file_limit_is_raised_or_reported() {
             .arg(&config)
             .arg("--control")
             .arg(dir.join("control.sock"))
+            .env("RELAY_STATE_DIR", &dir)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -393,6 +398,7 @@ fn past_what_the_descriptors_hold_connections_are_refused_and_ctl_answers() {
         .arg("--nofile=300:300")
         .args([RELAY, "run", "--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--control"])
         .arg(&control)
+        .env("RELAY_STATE_DIR", &dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -1,0 +1,754 @@
+//! The `local` store: console tokens and console passwords in one file on this appliance,
+//! so that they outlive a restart.
+//!
+//! The file is a journal of JSON lines, one change per line:
+//!
+//! ```text
+//! {"t":"token","hash":HEX,"rec":{..}}      a token (HEX: its SHA-256)
+//! {"t":"used","hash":HEX,"at":T}           redeemed at T (marks it used)
+//! {"t":"touch","hash":HEX,"at":T}          in use at T
+//! {"t":"del","hash":HEX}                   deleted
+//! {"t":"del_instance","instance":ID}       every token of ID deleted
+//! {"t":"pw","instance":ID,"sealed":..}     ID's console password set
+//! {"t":"pw_clear","instance":ID}           ID's console password cleared
+//! ```
+//!
+//! Passwords, console and hypervisor, are written sealed ([`crate::auth::seal`]), never in
+//! clear. The maps in memory ([`MemoryStore`], [`MemoryPasswords`]) keep every semantic and
+//! answer every read; the file is read only when the store opens, replayed into them, and
+//! then rewritten as a snapshot of the live records ("compaction"). Compaction happens
+//! again at a sweep once the journal holds more than twice the live records plus 1000 lines.
+//!
+//! Durability: each change is written with one `write(2)` to the O_APPEND file before its
+//! call answers, so every acknowledged change survives SIGKILL (the kernel holds it).
+//! Token creation and deletion and password changes are also fsynced before they answer,
+//! so they survive power loss too. Redeems and touches are not (the hot path): a power
+//! loss may undo the last seconds of them. Only one relay may use the file: it is locked
+//! while the store is open.
+
+use crate::auth::memory::MemoryStore;
+use crate::auth::passwords::{MemoryPasswords, PasswordStore};
+use crate::auth::seal::Sealer;
+use crate::auth::store::{Filter, StoreError, StoreFuture, TokenRejection, TokenStore};
+use crate::auth::token::{Secret, StoredToken, TokenHash, TokenRecord};
+use anyhow::{Context as _, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use tracing::{info, warn};
+
+/// A sweep compacts the journal once it holds more than twice the live records plus this.
+const SLACK_LINES: usize = 1000;
+
+/// One journal line.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum Line {
+    Token {
+        #[serde(with = "hex")]
+        hash: TokenHash,
+        rec: Box<StoredToken>,
+    },
+    Used {
+        #[serde(with = "hex")]
+        hash: TokenHash,
+        at: u64,
+    },
+    Touch {
+        #[serde(with = "hex")]
+        hash: TokenHash,
+        at: u64,
+    },
+    Del {
+        #[serde(with = "hex")]
+        hash: TokenHash,
+    },
+    DelInstance {
+        instance: String,
+    },
+    Pw {
+        instance: String,
+        sealed: String,
+    },
+    PwClear {
+        instance: String,
+    },
+}
+
+/// What a sealed console password is bound to.
+fn password_context(instance: &str) -> String {
+    format!("password:{instance}")
+}
+
+/// The open journal, and the keys compaction needs: the memory stores cannot enumerate.
+struct Journal {
+    /// Opened O_APPEND and locked.
+    file: Arc<File>,
+    lines: usize,
+    /// A write failed part-way: the next line starts with a newline, so that it does not
+    /// join the fragment (which replay then skips).
+    torn: bool,
+    /// The file misses a change since a write failed: the next sweep rewrites it from memory.
+    stale: bool,
+    /// Every stored token's hash (and some gone ones: compaction prunes them). A used
+    /// single-use token carries its record, as the memory store answers only
+    /// "already used" for it.
+    tokens: HashMap<TokenHash, Option<TokenRecord>>,
+    /// Instances with a console password.
+    passwords: HashSet<String>,
+}
+
+impl Journal {
+    /// Appends one line with a single write, so that a crash leaves at most a torn last line.
+    fn append(&mut self, line: &Line) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(512);
+        if self.torn {
+            buf.push(b'\n');
+        }
+        serde_json::to_writer(&mut buf, line)?;
+        buf.push(b'\n');
+        match (&*self.file).write_all(&buf) {
+            Ok(()) => {
+                self.lines += 1;
+                self.torn = false;
+                Ok(())
+            }
+            Err(e) => {
+                self.torn = true;
+                self.stale = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+pub struct LocalStore {
+    tokens: MemoryStore,
+    passwords: MemoryPasswords,
+    sealer: Sealer,
+    path: PathBuf,
+    /// Held across each change to memory and its line, so that the journal's order is
+    /// memory's order.
+    journal: Mutex<Journal>,
+}
+
+/// The answer of a memory store's call. Their futures are ready at once; taking the answer
+/// here lets a call hold the journal's lock, a std guard that may not cross an `.await`.
+fn answer<T>(mut future: StoreFuture<'_, T>) -> Result<T, StoreError> {
+    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => result,
+        Poll::Pending => Err(StoreError::Unavailable("the memory store did not answer at once".into())),
+    }
+}
+
+fn ready<T: Send + 'static>(result: Result<T, StoreError>) -> StoreFuture<'static, T> {
+    Box::pin(std::future::ready(result))
+}
+
+/// Opens `path` for appending and locks it, making sure the lock is on the file that is
+/// at `path` (a relay compacting it at that moment renames a new file over it).
+fn open_locked(path: &Path) -> anyhow::Result<File> {
+    let name = path.display();
+    for _ in 0..3 {
+        let file =
+            OpenOptions::new().read(true).append(true).create(true).mode(0o600).open(path).with_context(|| format!("store file {name}"))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => bail!("store file {name}: another relay uses this store file"),
+            Err(TryLockError::Error(e)) => return Err(e).with_context(|| format!("store file {name}: lock")),
+        }
+        let (locked, current) = (file.metadata()?, std::fs::metadata(path).with_context(|| format!("store file {name}"))?);
+        if (locked.dev(), locked.ino()) == (current.dev(), current.ino()) {
+            return Ok(file);
+        }
+    }
+    bail!("store file {name}: it keeps being replaced; another relay uses this store file")
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+impl LocalStore {
+    /// Opens (or creates) the store file, replays it and compacts it. Fails when another
+    /// relay holds it, or when a sealed password does not open with `sealer`'s key.
+    pub fn open(path: &Path, sealer: Sealer, max_tokens: usize, max_passwords: usize) -> anyhow::Result<LocalStore> {
+        let dir = parent_dir(path);
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("store directory {}", dir.display()))?;
+        }
+        let file = open_locked(path)?;
+        let mut bytes = Vec::new();
+        (&file).read_to_end(&mut bytes).with_context(|| format!("store file {}", path.display()))?;
+        let journal =
+            Journal { file: Arc::new(file), lines: 0, torn: false, stale: false, tokens: HashMap::new(), passwords: HashSet::new() };
+        let store = LocalStore {
+            tokens: MemoryStore::new(max_tokens),
+            passwords: MemoryPasswords::new(max_passwords),
+            sealer,
+            path: path.to_path_buf(),
+            journal: Mutex::new(journal),
+        };
+        let now = crate::app::unix_now();
+        {
+            let mut journal = store.journal();
+            store.replay(&mut journal, &bytes, now)?;
+            // Also drops a torn last line, which the next append would otherwise join.
+            store.compact(&mut journal, now).with_context(|| format!("store file {}: compaction", path.display()))?;
+            info!(path = %path.display(), tokens = journal.tokens.len(), passwords = journal.passwords.len(), "store file loaded");
+        }
+        Ok(store)
+    }
+
+    fn journal(&self) -> MutexGuard<'_, Journal> {
+        // A panic mid-change leaves at worst a line missing, as a failed write does.
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unavailable(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Unavailable(format!("store file {}: {what}: {e}", self.path.display()))
+    }
+
+    fn replay(&self, journal: &mut Journal, bytes: &[u8], now: u64) -> anyhow::Result<()> {
+        for (n, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+            if raw.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match serde_json::from_slice::<Line>(raw) {
+                Ok(line) => self.apply(journal, line).with_context(|| format!("store file {}, line {}", self.path.display(), n + 1))?,
+                Err(e) => {
+                    warn!(path = %self.path.display(), line = n + 1, error = %e, "store file: skipped a line that does not parse (cut short by a crash?)")
+                }
+            }
+        }
+        // Only now, after every touch, is it known which tokens are dead.
+        answer(self.tokens.sweep(now))?;
+        Ok(())
+    }
+
+    /// Replays one line through the memory stores, so that it means what it meant.
+    fn apply(&self, journal: &mut Journal, line: Line) -> anyhow::Result<()> {
+        match line {
+            Line::Token { hash, rec } => {
+                let id = rec.record.id.clone();
+                // Refuse to start rather than lose a password that is there but will not open.
+                let record = rec.open(&self.sealer).map_err(|e| anyhow!("token {id}: {e}"))?;
+                let used = (record.single_use && record.used).then(|| record.clone());
+                match answer(self.tokens.insert(hash, record)) {
+                    Ok(()) => {
+                        journal.tokens.insert(hash, used);
+                    }
+                    // Forgetting a token fails closed: its console just does not open.
+                    Err(e) => warn!(path = %self.path.display(), token = %id, error = %e, "store file: token not loaded"),
+                }
+            }
+            Line::Used { hash, at } => {
+                if let Ok(Ok(record)) = answer(self.tokens.redeem(hash, at))
+                    && record.single_use
+                {
+                    journal.tokens.insert(hash, Some(record));
+                }
+            }
+            Line::Touch { hash, at } => {
+                if answer(self.tokens.touch(hash, at))?
+                    && let Some(Some(record)) = journal.tokens.get_mut(&hash)
+                {
+                    record.last_touched = record.last_touched.max(at);
+                }
+            }
+            Line::Del { hash } => {
+                answer(self.tokens.delete(hash))?;
+                journal.tokens.remove(&hash);
+            }
+            Line::DelInstance { instance } => {
+                answer(self.tokens.delete_instance(&instance))?;
+                journal.tokens.retain(|_, used| used.as_ref().is_none_or(|r| r.instance != instance));
+            }
+            Line::Pw { instance, sealed } => {
+                // Dropping a console password would open the console without one: refuse.
+                let password =
+                    self.sealer.open(&password_context(&instance), &sealed).map_err(|e| anyhow!("password of {instance}: {e}"))?;
+                answer(self.passwords.set(&instance, password))
+                    .map_err(|e| anyhow!("password of {instance}: {e}; raise the bound on console passwords"))?;
+                journal.passwords.insert(instance);
+            }
+            Line::PwClear { instance } => {
+                answer(self.passwords.clear(&instance))?;
+                journal.passwords.remove(&instance);
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the file as one line per live token and password: to `<path>.tmp`, fsynced,
+    /// renamed over `path`, directory fsynced. The new file is locked before it takes the
+    /// name, so that the name always leads to a locked file.
+    fn compact(&self, journal: &mut Journal, now: u64) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        let mut lines = 0;
+        let mut gone = Vec::new();
+        for (hash, used) in &journal.tokens {
+            let record = match (answer(self.tokens.check(*hash, now)), used) {
+                (Ok(Ok(record)), _) => record,
+                (Ok(Err(TokenRejection::AlreadyUsed)), Some(record)) => record.clone(),
+                _ => {
+                    gone.push(*hash);
+                    continue;
+                }
+            };
+            serde_json::to_writer(&mut buf, &Line::Token { hash: *hash, rec: Box::new(StoredToken::seal(&record, &self.sealer)) })?;
+            buf.push(b'\n');
+            lines += 1;
+        }
+        let mut cleared = Vec::new();
+        for instance in &journal.passwords {
+            let Ok(Some(password)) = answer(self.passwords.get(instance)) else {
+                cleared.push(instance.clone());
+                continue;
+            };
+            let sealed = self.sealer.seal(&password_context(instance), &password);
+            serde_json::to_writer(&mut buf, &Line::Pw { instance: instance.clone(), sealed })?;
+            buf.push(b'\n');
+            lines += 1;
+        }
+
+        let tmp = PathBuf::from(format!("{}.tmp", self.path.display()));
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let written = (|| -> std::io::Result<File> {
+            let file = OpenOptions::new().append(true).create_new(true).mode(0o600).open(&tmp)?;
+            file.try_lock()?;
+            (&file).write_all(&buf)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            Ok(file)
+        })();
+        let file = written.inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
+        // `path` is the new file now: append there even if the directory's fsync fails.
+        (journal.file, journal.lines, journal.torn, journal.stale) = (Arc::new(file), lines, false, false);
+        for hash in gone {
+            journal.tokens.remove(&hash);
+        }
+        for instance in cleared {
+            journal.passwords.remove(&instance);
+        }
+        File::open(parent_dir(&self.path))?.sync_all()
+    }
+
+    /// Waits until the journal's writes are on disk, off the async threads.
+    async fn sync(&self, file: Arc<File>) -> Result<(), StoreError> {
+        match tokio::task::spawn_blocking(move || file.sync_data()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.unavailable("fsync", e)),
+            Err(e) => Err(self.unavailable("fsync", e)),
+        }
+    }
+
+    fn insert_now(&self, hash: TokenHash, record: TokenRecord, line: Line) -> Result<Arc<File>, StoreError> {
+        let mut journal = self.journal();
+        answer(self.tokens.insert(hash, record))?;
+        if let Err(e) = journal.append(&line) {
+            // Undone, so that no one is handed a token that a restart would forget.
+            let _ = answer(self.tokens.delete(hash));
+            return Err(self.unavailable("write", e));
+        }
+        journal.tokens.insert(hash, None);
+        Ok(journal.file.clone())
+    }
+
+    fn redeem_now(&self, hash: TokenHash, now: u64) -> Result<Result<TokenRecord, TokenRejection>, StoreError> {
+        let mut journal = self.journal();
+        let before = match answer(self.tokens.check(hash, now))? {
+            Ok(record) => record,
+            Err(why) => return Ok(Err(why)),
+        };
+        let record = match answer(self.tokens.redeem(hash, now))? {
+            Ok(record) => record,
+            Err(why) => return Ok(Err(why)),
+        };
+        // The used flag is news worth a line when it changes, or always for a single-use
+        // token (it is what refuses a second redeem); otherwise only the touch is.
+        let line = if record.single_use || !before.used { Line::Used { hash, at: now } } else { Line::Touch { hash, at: now } };
+        if record.single_use {
+            journal.tokens.insert(hash, Some(record.clone()));
+        }
+        if let Err(e) = journal.append(&line) {
+            warn!(path = %self.path.display(), error = %e, "store file: a redeem was not written; the next sweep rewrites the file");
+        }
+        Ok(Ok(record))
+    }
+
+    fn touch_now(&self, hash: TokenHash, now: u64) -> Result<bool, StoreError> {
+        let mut journal = self.journal();
+        if !answer(self.tokens.touch(hash, now))? {
+            return Ok(false);
+        }
+        if let Some(Some(record)) = journal.tokens.get_mut(&hash) {
+            record.last_touched = record.last_touched.max(now);
+        }
+        if let Err(e) = journal.append(&Line::Touch { hash, at: now }) {
+            warn!(path = %self.path.display(), error = %e, "store file: a touch was not written; the next sweep rewrites the file");
+        }
+        Ok(true)
+    }
+
+    /// Deletions are fsynced like creations: a revoked token must not come back.
+    fn delete_now(&self, hash: TokenHash) -> Result<Option<Arc<File>>, StoreError> {
+        let mut journal = self.journal();
+        if !answer(self.tokens.delete(hash))? {
+            return Ok(None);
+        }
+        journal.tokens.remove(&hash);
+        // Deleted all the same: the next sweep rewrites the file without it.
+        journal.append(&Line::Del { hash }).map_err(|e| self.unavailable("write", e))?;
+        Ok(Some(journal.file.clone()))
+    }
+
+    fn delete_instance_now(&self, instance: &str) -> Result<(usize, Option<Arc<File>>), StoreError> {
+        let mut journal = self.journal();
+        let deleted = answer(self.tokens.delete_instance(instance))?;
+        if deleted == 0 {
+            return Ok((0, None));
+        }
+        journal.tokens.retain(|_, used| used.as_ref().is_none_or(|r| r.instance != instance));
+        journal.append(&Line::DelInstance { instance: instance.to_string() }).map_err(|e| self.unavailable("write", e))?;
+        Ok((deleted, Some(journal.file.clone())))
+    }
+
+    fn sweep_now(&self, now: u64) -> Result<usize, StoreError> {
+        let swept = answer(self.tokens.sweep(now))?;
+        let mut journal = self.journal();
+        let live = answer(self.tokens.count())? + journal.passwords.len();
+        if (journal.stale || journal.lines > live.saturating_mul(2).saturating_add(SLACK_LINES))
+            && let Err(e) = self.compact(&mut journal, now)
+        {
+            warn!(path = %self.path.display(), error = %e, "store file: compaction failed; still appending to it");
+        }
+        Ok(swept)
+    }
+
+    fn set_now(&self, instance: &str, password: Secret, line: Line) -> Result<Arc<File>, StoreError> {
+        let mut journal = self.journal();
+        let before = answer(self.passwords.get(instance))?;
+        answer(self.passwords.set(instance, password))?;
+        if let Err(e) = journal.append(&line) {
+            // Put back what the file still says.
+            let _ = match before {
+                Some(old) => answer(self.passwords.set(instance, old)),
+                None => answer(self.passwords.clear(instance)).map(drop),
+            };
+            return Err(self.unavailable("write", e));
+        }
+        journal.passwords.insert(instance.to_string());
+        Ok(journal.file.clone())
+    }
+
+    fn clear_now(&self, instance: &str) -> Result<Option<Arc<File>>, StoreError> {
+        let mut journal = self.journal();
+        let Some(before) = answer(self.passwords.get(instance))? else { return Ok(None) };
+        answer(self.passwords.clear(instance))?;
+        if let Err(e) = journal.append(&Line::PwClear { instance: instance.to_string() }) {
+            // Put it back: a console keeps its password rather than lose it only until a restart.
+            let _ = answer(self.passwords.set(instance, before));
+            return Err(self.unavailable("write", e));
+        }
+        journal.passwords.remove(instance);
+        Ok(Some(journal.file.clone()))
+    }
+}
+
+impl TokenStore for LocalStore {
+    fn insert(&self, hash: TokenHash, record: TokenRecord) -> StoreFuture<'_, ()> {
+        let line = Line::Token { hash, rec: Box::new(StoredToken::seal(&record, &self.sealer)) };
+        let written = self.insert_now(hash, record, line);
+        Box::pin(async move { self.sync(written?).await })
+    }
+
+    fn redeem(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>> {
+        ready(self.redeem_now(hash, now))
+    }
+
+    fn check(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>> {
+        self.tokens.check(hash, now)
+    }
+
+    fn touch(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, bool> {
+        ready(self.touch_now(hash, now))
+    }
+
+    fn delete(&self, hash: TokenHash) -> StoreFuture<'_, bool> {
+        let written = self.delete_now(hash);
+        Box::pin(async move {
+            match written? {
+                Some(file) => self.sync(file).await.map(|()| true),
+                None => Ok(false),
+            }
+        })
+    }
+
+    fn delete_instance(&self, instance: &str) -> StoreFuture<'_, usize> {
+        let written = self.delete_instance_now(instance);
+        Box::pin(async move {
+            match written? {
+                (deleted, Some(file)) => self.sync(file).await.map(|()| deleted),
+                (deleted, None) => Ok(deleted),
+            }
+        })
+    }
+
+    fn list(&self, filter: Filter, now: u64) -> StoreFuture<'_, Vec<TokenRecord>> {
+        self.tokens.list(filter, now)
+    }
+
+    fn sweep(&self, now: u64) -> StoreFuture<'_, usize> {
+        ready(self.sweep_now(now))
+    }
+
+    fn count(&self) -> StoreFuture<'_, usize> {
+        self.tokens.count()
+    }
+}
+
+impl PasswordStore for LocalStore {
+    fn set(&self, instance: &str, password: Secret) -> StoreFuture<'_, ()> {
+        let line = Line::Pw { instance: instance.to_string(), sealed: self.sealer.seal(&password_context(instance), &password) };
+        let written = self.set_now(instance, password, line);
+        Box::pin(async move { self.sync(written?).await })
+    }
+
+    fn clear(&self, instance: &str) -> StoreFuture<'_, bool> {
+        let written = self.clear_now(instance);
+        Box::pin(async move {
+            match written? {
+                Some(file) => self.sync(file).await.map(|()| true),
+                None => Ok(false),
+            }
+        })
+    }
+
+    fn get(&self, instance: &str) -> StoreFuture<'_, Option<Secret>> {
+        self.passwords.get(instance)
+    }
+}
+
+/// A token hash as 64 hex digits.
+mod hex {
+    use crate::auth::token::TokenHash;
+    use serde::de::Error as _;
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(hash: &TokenHash, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hash.0.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TokenHash, D::Error> {
+        let text = String::deserialize(d)?;
+        let digit = |c: u8| (c as char).to_digit(16).map(|v| v as u8);
+        let mut hash = [0u8; 32];
+        if text.len() != 64 {
+            return Err(D::Error::custom("a token hash is 64 hex digits"));
+        }
+        for (byte, pair) in hash.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+            *byte = match (digit(pair[0]), digit(pair[1])) {
+                (Some(hi), Some(lo)) => (hi << 4) | lo,
+                _ => return Err(D::Error::custom("a token hash is 64 hex digits")),
+            };
+        }
+        Ok(TokenHash(hash))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::unix_now;
+    use crate::auth::token::{NewToken, Target, generate};
+
+    fn sealer() -> Sealer {
+        Sealer::from_material(&[7u8; 32]).unwrap()
+    }
+
+    /// A scratch directory of this test and process.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("relay-local-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn new_token(instance: &str, single_use: bool, hypervisor_password: Option<&str>) -> NewToken {
+        NewToken {
+            instance: instance.into(),
+            console: "novnc".into(),
+            target: Target { host: "hv1".into(), port: 5900, internal_access_path: None },
+            ttl: None,
+            idle_timeout: None,
+            single_use,
+            hypervisor_schemes: None,
+            hypervisor_password: hypervisor_password.map(|p| Secret(p.into())),
+            password: None,
+        }
+    }
+
+    async fn add(store: &LocalStore, req: NewToken, now: u64) -> TokenHash {
+        let hash = TokenHash::of(&generate());
+        store.insert(hash, TokenRecord::new(&hash, req, now, 600, 120)).await.unwrap();
+        hash
+    }
+
+    fn holds(haystack: &[u8], needle: &str) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn tokens_and_passwords_survive_a_restart() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = scratch("restart");
+        let path = dir.join("state").join("store.jsonl");
+        let now = unix_now();
+        let store = LocalStore::open(&path, sealer(), 10, 10).unwrap();
+        let plain = add(&store, new_token("vm1", false, Some("hvpw1")), now).await;
+        let once = add(&store, new_token("vm1", true, None), now).await;
+        let deleted = add(&store, new_token("vm2", false, None), now).await;
+        let expired = add(&store, new_token("vm2", false, None), now - 1000).await;
+        assert!(store.redeem(once, now).await.unwrap().is_ok());
+        assert!(store.redeem(plain, now + 1).await.unwrap().is_ok());
+        assert!(store.touch(plain, now + 5).await.unwrap());
+        assert!(store.delete(deleted).await.unwrap());
+        store.set("vm1", Secret("pw1".into())).await.unwrap();
+        store.set("vm2", Secret("pw2".into())).await.unwrap();
+        assert!(store.clear("vm2").await.unwrap());
+        drop(store);
+
+        let store = LocalStore::open(&path, sealer(), 10, 10).unwrap();
+        let record = store.check(plain, now + 6).await.unwrap().unwrap();
+        assert_eq!(record.hypervisor_password, Some(Secret("hvpw1".into())));
+        assert_eq!((record.last_touched, record.used), (now + 5, true));
+        assert_eq!(store.redeem(once, now + 6).await.unwrap().unwrap_err(), TokenRejection::AlreadyUsed);
+        assert_eq!(store.check(deleted, now + 6).await.unwrap().unwrap_err(), TokenRejection::Unknown);
+        assert_eq!(store.check(expired, now + 6).await.unwrap().unwrap_err(), TokenRejection::Unknown, "dead: dropped");
+        assert_eq!(store.count().await.unwrap(), 2);
+        assert_eq!(store.get("vm1").await.unwrap(), Some(Secret("pw1".into())));
+        assert_eq!(store.get("vm2").await.unwrap(), None);
+        assert_eq!(store.delete_instance("vm1").await.unwrap(), 2);
+        drop(store);
+
+        let store = LocalStore::open(&path, sealer(), 10, 10).unwrap();
+        assert_eq!(store.count().await.unwrap(), 0, "changes after a reopen are kept too");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_file_holds_no_clear_password() {
+        let dir = scratch("clear");
+        let path = dir.join("store.jsonl");
+        let now = unix_now();
+        let store = LocalStore::open(&path, sealer(), 10, 10).unwrap();
+        let hash = add(&store, new_token("vm1", false, Some("Hv7#mW3r")), now).await;
+        store.set("vm1", Secret("Zq9!xK2p".into())).await.unwrap();
+        let check = |when: &str| {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(holds(&bytes, &format!("{:02x}", hash.0[0])), "{when}: the file is written");
+            assert!(!holds(&bytes, "Hv7#mW3r") && !holds(&bytes, "Zq9!xK2p"), "{when}: a clear password in the file");
+        };
+        check("journal");
+        drop(store);
+        let store = LocalStore::open(&path, sealer(), 10, 10).unwrap();
+        check("snapshot");
+        assert_eq!(store.get("vm1").await.unwrap(), Some(Secret("Zq9!xK2p".into())));
+        drop(store);
+        assert!(LocalStore::open(&path, Sealer::from_material(&[8u8; 32]).unwrap(), 10, 10).is_err(), "another key");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_skipped() {
+        let dir = scratch("torn");
+        let path = dir.join("store.jsonl");
+        let now = unix_now();
+        let store = LocalStore::open(&path, sealer(), 10, 10).unwrap();
+        let a = add(&store, new_token("vm1", false, None), now).await;
+        let b = add(&store, new_token("vm2", true, None), now).await;
+        store.set("vm1", Secret("pw1".into())).await.unwrap();
+        drop(store);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"t\":\"token\",\"hash\":\"ab").unwrap();
+        drop(file);
+
+        let store = LocalStore::open(&path, sealer(), 10, 10).unwrap();
+        assert!(store.check(a, now).await.unwrap().is_ok());
+        assert!(store.check(b, now).await.unwrap().is_ok());
+        assert_eq!(store.get("vm1").await.unwrap(), Some(Secret("pw1".into())));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().all(|l| serde_json::from_str::<Line>(l).is_ok()), "compaction dropped the fragment");
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_relay_at_a_time() {
+        let dir = scratch("lock");
+        let path = dir.join("store.jsonl");
+        let first = LocalStore::open(&path, sealer(), 10, 10).unwrap();
+        let second = LocalStore::open(&path, sealer(), 10, 10).err().expect("a second open fails");
+        assert!(second.to_string().contains("another relay uses this store file"), "{second:#}");
+        drop(first);
+        assert!(LocalStore::open(&path, sealer(), 10, 10).is_ok(), "free again once closed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_live_records_and_shrinks_the_file() {
+        let dir = scratch("compact");
+        let path = dir.join("store.jsonl");
+        let now = unix_now();
+        let store = LocalStore::open(&path, sealer(), 10, 10).unwrap();
+        let kept = add(&store, new_token("vm1", false, Some("hvpw1")), now).await;
+        let once = add(&store, new_token("vm1", true, None), now).await;
+        assert!(store.redeem(once, now).await.unwrap().is_ok());
+        store.set("vm1", Secret("pw1".into())).await.unwrap();
+        for _ in 0..10 {
+            let gone = add(&store, new_token("vm2", false, None), now).await;
+            assert!(store.delete(gone).await.unwrap());
+        }
+        for i in 0..1100 {
+            assert!(store.touch(kept, now + i % 60).await.unwrap());
+        }
+        let before = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(store.sweep(now + 60).await.unwrap(), 0);
+        let after = std::fs::metadata(&path).unwrap().len();
+        assert!(after < before / 10, "{before} bytes, then {after}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3, "two tokens and a password");
+        assert!(LocalStore::open(&path, sealer(), 10, 10).is_err(), "the new file is locked too");
+        store.set("vm2", Secret("pw2".into())).await.unwrap();
+        drop(store);
+
+        let store = LocalStore::open(&path, sealer(), 10, 10).unwrap();
+        let record = store.check(kept, now + 60).await.unwrap().unwrap();
+        assert_eq!((record.last_touched, record.hypervisor_password), (now + 59, Some(Secret("hvpw1".into()))));
+        assert_eq!(store.redeem(once, now + 60).await.unwrap().unwrap_err(), TokenRejection::AlreadyUsed);
+        assert_eq!(store.get("vm1").await.unwrap(), Some(Secret("pw1".into())));
+        assert_eq!(store.get("vm2").await.unwrap(), Some(Secret("pw2".into())), "appended after the compaction");
+        assert_eq!(store.count().await.unwrap(), 2);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
