@@ -2,10 +2,10 @@
 //! registry and the counters.
 
 use crate::auth::TokenStore;
-use crate::auth::lockout::Lockout;
-use crate::auth::memory::MemoryStore;
-use crate::auth::passwords::{MemoryPasswords, PasswordStore};
+use crate::auth::lockout::LockoutStore;
+use crate::auth::passwords::PasswordStore;
 use crate::config::Config;
+use crate::fleet::{Fleet, Me};
 use crate::relay::backend::Relays;
 use crate::session::Registry;
 use crate::sources::Sources;
@@ -20,7 +20,9 @@ pub struct App {
     pub config: Config,
     pub tokens: Arc<dyn TokenStore>,
     pub passwords: Arc<dyn PasswordStore>,
-    pub lockout: Lockout,
+    pub lockout: Arc<dyn LockoutStore>,
+    /// The appliances that share the store; resets reach them through it.
+    pub fleet: Arc<dyn Fleet>,
     pub sessions: Arc<Registry>,
     /// Open connections per source address.
     pub sources: Arc<Sources>,
@@ -47,18 +49,18 @@ impl App {
             Some(ca) => Some(tls::hypervisor_connector(ca, h.vencrypt_client_cert.as_deref(), h.vencrypt_client_key.as_deref())?),
             None => None,
         };
-        let tokens = Arc::new(MemoryStore::new(config.tokens.max_tokens));
         let sessions = Registry::new(config.limits.max_sessions, config.limits.max_sessions_per_instance);
-        let p = &config.passwords;
-        let passwords = Arc::new(MemoryPasswords::new(p.max_instances));
-        let lockout = Lockout::new(p.max_failures, p.lockout_secs, p.max_tracked);
         let relays = Arc::new(Relays::start(&config.relay, config.limits.max_sessions)?);
+        let me =
+            Me { name: config.store.appliance(), address: appliance_address(&config), sessions: sessions.clone(), relays: relays.clone() };
+        let crate::store::Stores { tokens, passwords, lockout, fleet } = crate::store::open(&config, me)?;
         let sources = Sources::new(config.limits.max_connections_per_source);
         Ok(Arc::new(App {
             config,
             tokens,
             passwords,
             lockout,
+            fleet,
             sessions,
             sources,
             counters: Counters::default(),
@@ -74,6 +76,13 @@ impl App {
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// Where this appliance's doors are, for the fleet's list: the public URLs where set,
+/// else the listeners.
+fn appliance_address(config: &Config) -> String {
+    let doors = crate::control::handler::DoorBases::of(config, config.tls.cert.is_some());
+    [doors.novnc, doors.connect].into_iter().flatten().collect::<Vec<_>>().join(" ")
 }
 
 pub fn unix_now() -> u64 {

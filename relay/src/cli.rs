@@ -65,7 +65,12 @@ pub enum CtlCommand {
     Sessions {
         #[arg(long)]
         instance: Option<String>,
+        /// Every appliance's consoles (redis store), not just this one's.
+        #[arg(long)]
+        cluster: bool,
     },
+    /// The appliances sharing this one's store, from their heartbeats.
+    Cluster,
     /// Counters.
     Stats,
     /// Per-instance operations.

@@ -5,10 +5,12 @@ use crate::auth::{NewToken, Target};
 use crate::cli::{CtlArgs, CtlCommand, InstanceCommand, PasswordCommand, TokenArg, TokenCommand};
 use crate::config::default_control_path;
 use crate::control::client::{ClientError, call};
+use crate::control::handler::describe;
 use crate::control::proto::Request;
 use crate::control::replies::{
-    AccessUrls, Deleted, InstanceReset, PasswordChanged, SessionList, Stats, TokenChecked, TokenCreated, TokenList, Touched,
+    AccessUrls, Cluster, Deleted, InstanceReset, PasswordChanged, SessionList, Stats, TokenChecked, TokenCreated, TokenList, Touched,
 };
+use crate::fleet::FleetSessions;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -30,7 +32,9 @@ pub async fn run(args: CtlArgs) -> i32 {
         Request::TokenTouch { .. } => show(&path, req, args.json, |_: Touched| println!("touched")).await,
         Request::TokenDelete { .. } => show(&path, req, args.json, |_: Deleted| println!("deleted")).await,
         Request::TokenList { .. } => show(&path, req, args.json, print_tokens).await,
-        Request::Sessions { .. } => show(&path, req, args.json, print_sessions).await,
+        Request::Sessions { .. } => show(&path, req, args.json, |l: SessionList| print_sessions(None, l.sessions)).await,
+        Request::ClusterSessions { .. } => show(&path, req, args.json, print_fleet_sessions).await,
+        Request::Cluster => show(&path, req, args.json, print_cluster).await,
         Request::Stats => show(&path, req, args.json, print_stats).await,
         Request::InstancePasswordSet { .. } | Request::InstancePasswordClear { .. } => show(&path, req, args.json, print_password).await,
         Request::InstanceReset { .. } => show(&path, req, args.json, print_reset).await,
@@ -85,6 +89,8 @@ impl Validity for Touched {}
 impl Validity for Deleted {}
 impl Validity for TokenList {}
 impl Validity for SessionList {}
+impl Validity for FleetSessions {}
+impl Validity for Cluster {}
 impl Validity for Stats {}
 impl Validity for PasswordChanged {}
 impl Validity for InstanceReset {}
@@ -122,7 +128,9 @@ fn to_request(command: CtlCommand) -> std::io::Result<Request> {
             TokenCommand::Delete { token } => Request::TokenDelete { token: token_text(token)? },
             TokenCommand::List { instance, host } => Request::TokenList { instance, host },
         },
-        CtlCommand::Sessions { instance } => Request::Sessions { instance },
+        CtlCommand::Sessions { instance, cluster: false } => Request::Sessions { instance },
+        CtlCommand::Sessions { instance, cluster: true } => Request::ClusterSessions { instance },
+        CtlCommand::Cluster => Request::Cluster,
         CtlCommand::Stats => Request::Stats,
         CtlCommand::Instance(InstanceCommand::Reset { id, revoke }) => Request::InstanceReset { instance: id, revoke },
         CtlCommand::Instance(InstanceCommand::Password(PasswordCommand::Set { id, password_file, password, disconnect })) => {
@@ -199,12 +207,14 @@ fn print_tokens(list: TokenList) {
     }
 }
 
-fn print_sessions(list: SessionList) {
-    println!("{:>6} {:<24} {:<10} {:<22} {:<22} {:>12} {:>12}", "ID", "INSTANCE", "DOOR", "VIEWER", "HYPERVISOR", "TO-HV", "TO-VIEWER");
-    for x in list.sessions {
+fn print_sessions(appliance: Option<&str>, sessions: Vec<crate::session::SessionView>) {
+    let at = appliance.map_or(String::new(), |_| format!("{:<16} ", "APPLIANCE"));
+    println!("{at}{:>6} {:<24} {:<10} {:<22} {:<22} {:>12} {:>12}", "ID", "INSTANCE", "DOOR", "VIEWER", "HYPERVISOR", "TO-HV", "TO-VIEWER");
+    for x in sessions {
         let i = &x.info;
+        let at = appliance.map_or(String::new(), |a| format!("{a:<16} "));
         println!(
-            "{:>6} {:<24} {:<10} {:<22} {:<22} {:>12} {:>12}",
+            "{at}{:>6} {:<24} {:<10} {:<22} {:<22} {:>12} {:>12}",
             i.id,
             i.instance,
             i.door.to_string(),
@@ -213,6 +223,24 @@ fn print_sessions(list: SessionList) {
             x.bytes_to_hypervisor,
             x.bytes_to_viewer
         );
+    }
+}
+
+fn print_fleet_sessions(f: FleetSessions) {
+    for a in f.appliances {
+        print_sessions(Some(&a.appliance), a.sessions);
+    }
+    if !f.missing.is_empty() {
+        println!("did not answer: {}", f.missing.join(", "));
+    }
+}
+
+fn print_cluster(c: Cluster) {
+    println!("store: {}; this appliance: {}", c.store, c.this);
+    println!("{:<20} {:<8} {:>8} {:>12} {:<6} ADDRESS", "NAME", "VERSION", "CONSOLES", "LAST-SEEN", "ALIVE");
+    for a in c.appliances {
+        let alive = if a.alive { "yes" } else { "NO" };
+        println!("{:<20} {:<8} {:>8} {:>12} {:<6} {}", a.name, a.version, a.live_consoles, a.last_seen, alive, a.address);
     }
 }
 
@@ -238,8 +266,12 @@ fn print_stats(s: Stats) {
 
 fn print_password(p: PasswordChanged) {
     println!("instance {}: console password {}; disconnected {} live console(s)", p.instance, p.password, p.disconnected);
+    if let Some(fleet) = &p.fleet {
+        println!("fleet: {}", describe(fleet));
+    }
 }
 
 fn print_reset(r: InstanceReset) {
-    println!("instance {}: disconnected {} live console(s), revoked {} token(s)", r.instance, r.disconnected, r.revoked);
+    println!("instance {}: disconnected {} live console(s) here, revoked {} token(s)", r.instance, r.disconnected, r.revoked);
+    println!("fleet: {}", describe(&r.fleet));
 }

@@ -67,6 +67,7 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
     }
     tasks.spawn(control::server::serve(app.clone(), control_listener, control_path.clone()));
     tasks.spawn(housekeeping(app.clone()));
+    tasks.spawn(app.fleet.clone().background());
     tasks.spawn(reload_on_sighup(app.clone()));
 
     shutdown.await;

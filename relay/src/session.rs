@@ -62,6 +62,9 @@ pub struct SessionView {
 struct Entry {
     info: SessionInfo,
     token: TokenHash,
+    /// The instance's reset epoch when the session started: a reset elsewhere in the
+    /// fleet raises the epoch and ends the sessions started under an older one.
+    epoch: u64,
     bytes: Arc<ByteCounters>,
     stop: watch::Sender<Option<String>>,
 }
@@ -112,7 +115,7 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn register(self: &Arc<Self>, info: SessionInfo, token: TokenHash) -> Result<SessionHandle, RegisterError> {
+    pub fn register(self: &Arc<Self>, info: SessionInfo, token: TokenHash, epoch: u64) -> Result<SessionHandle, RegisterError> {
         let mut inner = self.lock();
         if inner.sessions.len() >= self.max_sessions {
             return Err(RegisterError::TooManySessions(self.max_sessions));
@@ -125,7 +128,7 @@ impl Registry {
         let (stop, stop_rx) = watch::channel(None);
         let bytes = Arc::new(ByteCounters::default());
         let id = info.id;
-        inner.sessions.insert(id, Entry { info, token, bytes: bytes.clone(), stop });
+        inner.sessions.insert(id, Entry { info, token, epoch, bytes: bytes.clone(), stop });
         Ok(SessionHandle { registry: self.clone(), id, bytes, stop: stop_rx })
     }
 
@@ -152,6 +155,24 @@ impl Registry {
             told += 1;
         }
         told
+    }
+
+    /// Tells the sessions of `instance` started under an epoch older than `epoch` to end;
+    /// returns how many were told.
+    pub fn disconnect_before(&self, instance: &str, epoch: u64, reason: &str) -> usize {
+        let inner = self.lock();
+        let Some(ids) = inner.by_instance.get(instance) else { return 0 };
+        let mut told = 0;
+        for entry in ids.iter().filter_map(|id| inner.sessions.get(id)).filter(|e| e.epoch < epoch) {
+            entry.stop.send_replace(Some(reason.to_string()));
+            told += 1;
+        }
+        told
+    }
+
+    /// The instances with live sessions (bounded by `max_sessions`).
+    pub fn live_instances(&self) -> Vec<String> {
+        self.lock().by_instance.keys().cloned().collect()
     }
 
     /// Tells every live session to end (shutdown).
@@ -214,10 +235,10 @@ mod tests {
     #[test]
     fn disconnect_reaches_only_that_instance_and_drop_unregisters() {
         let reg = Registry::new(10, 2);
-        let a1 = reg.register(info(1, "a"), TokenHash::of("x")).unwrap();
-        let a2 = reg.register(info(2, "a"), TokenHash::of("x")).unwrap();
-        let b = reg.register(info(3, "b"), TokenHash::of("y")).unwrap();
-        assert_eq!(reg.register(info(4, "a"), TokenHash::of("x")).err(), Some(RegisterError::TooManyForInstance(2)));
+        let a1 = reg.register(info(1, "a"), TokenHash::of("x"), 0).unwrap();
+        let a2 = reg.register(info(2, "a"), TokenHash::of("x"), 0).unwrap();
+        let b = reg.register(info(3, "b"), TokenHash::of("y"), 0).unwrap();
+        assert_eq!(reg.register(info(4, "a"), TokenHash::of("x"), 0).err(), Some(RegisterError::TooManyForInstance(2)));
         assert_eq!(reg.live_tokens().len(), 2);
         assert_eq!(reg.disconnect_instance("a", "reset"), 2);
         assert_eq!(a1.stop.borrow().as_deref(), Some("reset"));
@@ -231,9 +252,20 @@ mod tests {
     }
 
     #[test]
+    fn a_fleet_reset_ends_only_sessions_older_than_its_epoch() {
+        let reg = Registry::new(10, 5);
+        let old = reg.register(info(1, "a"), TokenHash::of("x"), 3).unwrap();
+        let new = reg.register(info(2, "a"), TokenHash::of("x"), 4).unwrap();
+        assert_eq!(reg.live_instances(), vec!["a".to_string()]);
+        assert_eq!(reg.disconnect_before("a", 4, "reset"), 1);
+        assert_eq!(old.stop.borrow().as_deref(), Some("reset"));
+        assert_eq!(*new.stop.borrow(), None);
+    }
+
+    #[test]
     fn global_limit() {
         let reg = Registry::new(1, 5);
-        let _a = reg.register(info(1, "a"), TokenHash::of("x")).unwrap();
-        assert_eq!(reg.register(info(2, "b"), TokenHash::of("x")).err(), Some(RegisterError::TooManySessions(1)));
+        let _a = reg.register(info(1, "a"), TokenHash::of("x"), 0).unwrap();
+        assert_eq!(reg.register(info(2, "b"), TokenHash::of("x"), 0).err(), Some(RegisterError::TooManySessions(1)));
     }
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info, info_span};
 
 /// Which listener accepted the connection, and so which doors it may open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,8 +130,7 @@ impl Conn {
                 return;
             }
             Err(e) => {
-                warn!(error = %e, "token store failed");
-                self.refuse(&mut stream, &Reject::new(503, "Service Unavailable", "token store unavailable"), &req).await;
+                self.store_unavailable(&mut stream, &req, &e).await;
                 return;
             }
         };
@@ -144,7 +143,15 @@ impl Conn {
             hypervisor: format!("{}:{}", record.target.host, record.target.port),
             started: unix_now(),
         };
-        let session = match self.app.sessions.register(info, hash) {
+        // The reset epoch the console starts under: a reset anywhere in the fleet ends it.
+        let epoch = match self.app.fleet.epoch(&record.instance).await {
+            Ok(epoch) => epoch,
+            Err(e) => {
+                self.store_unavailable(&mut stream, &req, &e).await;
+                return;
+            }
+        };
+        let session = match self.app.sessions.register(info, hash, epoch) {
             Ok(s) => s,
             Err(e) => {
                 self.refuse(&mut stream, &Reject::new(503, "Service Unavailable", e.to_string()), &req).await;

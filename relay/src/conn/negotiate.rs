@@ -115,7 +115,7 @@ impl Conn {
             }
         };
         if wants_password {
-            self.audit_password(&record.instance, &viewer_done);
+            self.audit_password(&record.instance, &viewer_done).await;
         }
         let (hypervisor, done) = match (hypervisor, viewer_done) {
             (Ok((stream, done)), Ok(Ok(viewer_done))) => (stream, (done, viewer_done)),
@@ -179,10 +179,19 @@ impl Conn {
         let Some(password) = password else {
             return (ViewerHandshake::new(ViewerAuth::None, challenge()), self.deadline, false);
         };
-        if let Err(locked) = self.app.lockout.check(instance, self.client, unix_now()) {
-            bump(&self.app.counters.viewer_auth_failures);
-            info!(target: AUDIT, event = "viewer_auth", outcome = "locked_out", source = %self.client, detail = %locked);
-            return (ViewerHandshake::refuse(locked.to_string()), self.deadline, false);
+        match self.app.lockout.check(instance, self.client, unix_now()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(locked)) => {
+                bump(&self.app.counters.viewer_auth_failures);
+                info!(target: AUDIT, event = "viewer_auth", outcome = "locked_out", source = %self.client, detail = %locked);
+                return (ViewerHandshake::refuse(locked.to_string()), self.deadline, false);
+            }
+            // Without the count, a guesser could not be stopped: no attempt.
+            Err(e) => {
+                warn!(error = %e, "lock-out store failed");
+                info!(target: AUDIT, event = "viewer_auth", outcome = "store_unavailable", source = %self.client);
+                return (ViewerHandshake::refuse("console unavailable: lock-out store unavailable"), self.deadline, false);
+            }
         }
         let entry = Duration::from_secs(self.app.config.passwords.entry_timeout_secs);
         let deadline = self.deadline.max(tokio::time::Instant::now() + entry);
@@ -190,17 +199,25 @@ impl Conn {
     }
 
     /// One audit event per password attempt, and the lock-out bookkeeping.
-    fn audit_password<T>(&self, instance: &str, result: &Result<Result<T, DriveError>, tokio::time::error::Elapsed>) {
+    async fn audit_password<T>(&self, instance: &str, result: &Result<Result<T, DriveError>, tokio::time::error::Elapsed>) {
         let source = self.client;
         match result {
             Ok(Ok(_)) => {
-                self.app.lockout.success(instance, source);
+                if let Err(e) = self.app.lockout.success(instance, source).await {
+                    warn!(error = %e, "lock-out store failed to clear the count");
+                }
                 info!(target: AUDIT, event = "viewer_auth", outcome = "success", source = %source);
             }
             Ok(Err(DriveError::Rfb(RfbError::WrongPassword))) => {
                 bump(&self.app.counters.viewer_auth_failures);
-                let locked = self.app.lockout.failure(instance, source, unix_now());
-                info!(target: AUDIT, event = "viewer_auth", outcome = "wrong_password", source = %source, locked_out = locked.is_some());
+                let locked = match self.app.lockout.failure(instance, source, unix_now()).await {
+                    Ok(locked) => locked.is_some(),
+                    Err(e) => {
+                        warn!(error = %e, "lock-out store failed to count a wrong password");
+                        false
+                    }
+                };
+                info!(target: AUDIT, event = "viewer_auth", outcome = "wrong_password", source = %source, locked_out = locked);
             }
             Ok(Err(e)) => info!(target: AUDIT, event = "viewer_auth", outcome = "abandoned", source = %source, error = %e),
             Err(_) => info!(target: AUDIT, event = "viewer_auth", outcome = "timed_out", source = %source),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -172,6 +172,13 @@ impl Conn {
         bump(&self.app.counters.connections_refused);
         info!(target: AUDIT, event = "refused", door = %req.door, status = reject.status, reason = %reject.message);
         send_and_close(stream, &reject.to_bytes()).await;
+    }
+
+    /// Refuses a console the store cannot vouch for (Redis down): a 503 and an audit
+    /// event. Live consoles are not affected.
+    pub(super) async fn store_unavailable(&self, stream: &mut Prefixed<Transport>, req: &ConsoleRequest, error: &crate::auth::StoreError) {
+        warn!(error = %error, "console store unavailable: refusing a new console");
+        self.refuse(stream, &Reject::new(503, "Service Unavailable", "console store unavailable; try again shortly"), req).await;
     }
 }
 

@@ -3,14 +3,15 @@
 
 use super::proto::{ControlError, Envelope, ErrorKind, Request, VERSION};
 use super::replies::{
-    AccessUrls, Deleted, InstanceReset, PasswordChanged, SessionList, Stats, TokenChecked, TokenCreated, TokenList, Touched,
+    AccessUrls, Cluster, Deleted, InstanceReset, PasswordChanged, SessionList, Stats, TokenChecked, TokenCreated, TokenList, Touched,
 };
 use crate::app::{App, unix_now};
 use crate::auth::passwords::{PasswordStore, check_password};
 use crate::auth::store::Filter;
 use crate::auth::token::check_instance;
 use crate::auth::{NewToken, StoreError, TokenHash, TokenRecord, TokenStore, token};
-use crate::config::{Config, Tokens};
+use crate::config::{Config, StoreBackend, Tokens};
+use crate::fleet::{Delivery, Fleet};
 use crate::front::token_param;
 use crate::relay::backend::Relays;
 use crate::session::Registry;
@@ -24,6 +25,10 @@ pub struct ControlContext<'a> {
     pub tokens: &'a dyn TokenStore,
     pub passwords: &'a dyn PasswordStore,
     pub sessions: &'a Registry,
+    /// The appliances sharing the store: resets reach them through it.
+    pub fleet: &'a dyn Fleet,
+    pub store_backend: StoreBackend,
+    pub appliance: String,
     /// Read only, for `stats`.
     pub counters: &'a Counters,
     pub relays: &'a Relays,
@@ -74,6 +79,9 @@ impl<'a> ControlContext<'a> {
             tokens: app.tokens.as_ref(),
             passwords: app.passwords.as_ref(),
             sessions: &app.sessions,
+            fleet: app.fleet.as_ref(),
+            store_backend: app.config.store.backend,
+            appliance: app.config.store.appliance(),
             counters: &app.counters,
             relays: &app.relays,
             token_defaults: &app.config.tokens,
@@ -123,6 +131,11 @@ pub async fn handle(ctx: &ControlContext<'_>, envelope: Envelope) -> Result<Valu
         Request::Sessions { instance } => {
             reply(SessionList { sessions: ctx.sessions.list(instance.as_deref(), |cookie| ctx.relays.kernel_bytes(cookie)) })
         }
+        Request::ClusterSessions { instance } => reply(ctx.fleet.sessions(instance).await.map_err(unavailable)?),
+        Request::Cluster => {
+            let store = serde_json::to_value(ctx.store_backend).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+            reply(Cluster { store, this: ctx.appliance.clone(), appliances: ctx.fleet.appliances().await.map_err(unavailable)? })
+        }
         Request::Stats => {
             let live = ctx.sessions.list(None, |cookie| ctx.relays.kernel_bytes(cookie));
             reply(Stats {
@@ -140,20 +153,21 @@ pub async fn handle(ctx: &ControlContext<'_>, envelope: Envelope) -> Result<Valu
                 return Err(ControlError::new(ErrorKind::BadRequest, format!("password: {e}")));
             }
             ctx.passwords.set(&instance, password).await.map_err(store_error)?;
-            reply(password_changed(ctx, instance, "set", disconnect))
+            reply(password_changed(ctx, instance, "set", disconnect).await)
         }
         Request::InstancePasswordClear { instance, disconnect } => {
             let had = ctx.passwords.clear(&instance).await.map_err(unavailable)?;
             if !had {
                 return Err(ControlError::new(ErrorKind::NotFound, "the instance has no console password"));
             }
-            reply(password_changed(ctx, instance, "cleared", disconnect))
+            reply(password_changed(ctx, instance, "cleared", disconnect).await)
         }
         Request::InstanceReset { instance, revoke } => {
             let revoked = if revoke { store.delete_instance(&instance).await.map_err(unavailable)? } else { 0 };
-            let disconnected = ctx.sessions.disconnect_instance(&instance, "console reset by operator");
-            info!(target: AUDIT, event = "instance_reset", instance = %instance, disconnected, revoked);
-            reply(InstanceReset { instance, disconnected, revoked })
+            let disconnected = ctx.sessions.disconnect_instance(&instance, RESET);
+            let fleet = ctx.fleet.reset(&instance, RESET).await;
+            info!(target: AUDIT, event = "instance_reset", instance = %instance, disconnected, revoked, fleet = ?fleet);
+            reply(InstanceReset { instance, disconnected, revoked, fleet })
         }
     }
 }
@@ -204,10 +218,27 @@ fn found(yes: bool) -> Result<(), ControlError> {
 
 /// Audits a password change and, when asked, ends the instance's live consoles
 /// (QEMU keeps clients connected across a password change; only relay can end them).
-fn password_changed(ctx: &ControlContext<'_>, instance: String, change: &str, disconnect: bool) -> PasswordChanged {
-    let disconnected = if disconnect { ctx.sessions.disconnect_instance(&instance, "console password changed") } else { 0 };
-    info!(target: AUDIT, event = "console_password_changed", instance = %instance, change, disconnected);
-    PasswordChanged { instance, password: change.into(), disconnected }
+async fn password_changed(ctx: &ControlContext<'_>, instance: String, change: &str, disconnect: bool) -> PasswordChanged {
+    const CHANGED: &str = "console password changed";
+    let (disconnected, fleet) = if disconnect {
+        (ctx.sessions.disconnect_instance(&instance, CHANGED), Some(ctx.fleet.reset(&instance, CHANGED).await))
+    } else {
+        (0, None)
+    };
+    info!(target: AUDIT, event = "console_password_changed", instance = %instance, change, disconnected, fleet = ?fleet);
+    PasswordChanged { instance, password: change.into(), disconnected, fleet }
+}
+
+/// Why an operator's reset ends a console.
+const RESET: &str = "console reset by operator";
+
+/// Whether a reset reached the fleet, for people.
+pub fn describe(delivery: &Delivery) -> String {
+    match delivery {
+        Delivery::Alone => "this appliance only (no fleet)".into(),
+        Delivery::Told { epoch } => format!("every appliance told (epoch {epoch})"),
+        Delivery::Pending { reason } => format!("NOT yet told to the fleet ({reason}); delivered when the store is back"),
+    }
 }
 
 fn store_error(e: StoreError) -> ControlError {

@@ -44,6 +44,13 @@ pub enum Request {
         #[serde(default)]
         instance: Option<String>,
     },
+    /// Every appliance's live consoles (of one instance), asked through the store.
+    ClusterSessions {
+        #[serde(default)]
+        instance: Option<String>,
+    },
+    /// The appliances that share this one's store, from their heartbeats.
+    Cluster,
     Stats,
     /// Sets the console password viewers must give; `disconnect` ends live consoles.
     InstancePasswordSet {
@@ -71,11 +78,15 @@ impl Request {
     pub fn instance(&self) -> Option<&str> {
         match self {
             Request::TokenCreate(t) => Some(&t.instance),
-            Request::TokenList { instance, .. } | Request::Sessions { instance } => instance.as_deref(),
+            Request::TokenList { instance, .. } | Request::Sessions { instance } | Request::ClusterSessions { instance } => {
+                instance.as_deref()
+            }
             Request::InstancePasswordSet { instance, .. }
             | Request::InstancePasswordClear { instance, .. }
             | Request::InstanceReset { instance, .. } => Some(instance),
-            Request::TokenCheck { .. } | Request::TokenTouch { .. } | Request::TokenDelete { .. } | Request::Stats => None,
+            Request::TokenCheck { .. } | Request::TokenTouch { .. } | Request::TokenDelete { .. } | Request::Stats | Request::Cluster => {
+                None
+            }
         }
     }
 }

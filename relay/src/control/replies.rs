@@ -2,6 +2,7 @@
 //! and `relay ctl` (and tests) that read it. `docs/control-protocol.md` lists them.
 
 use crate::auth::{TokenRecord, TokenRejection};
+use crate::fleet::{Appliance, Delivery};
 use crate::relay::backend::BackendsView;
 use crate::relay::lifecycle::Cause;
 use crate::session::SessionView;
@@ -91,16 +92,31 @@ pub struct PasswordChanged {
     pub instance: String,
     /// `set` or `cleared`.
     pub password: String,
-    /// Live consoles ended because of the change (when asked).
+    /// Live consoles ended because of the change (when asked), on this appliance.
     pub disconnected: usize,
+    /// Whether the other appliances were told to end theirs (when asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<Delivery>,
 }
 
 /// `instance_reset`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceReset {
     pub instance: String,
-    /// Live consoles ended, on every door.
+    /// Live consoles ended on this appliance, on every door.
     pub disconnected: usize,
     /// Tokens deleted.
     pub revoked: usize,
+    /// Whether the other appliances of the fleet were told.
+    pub fleet: Delivery,
+}
+
+/// `cluster`: the appliances sharing the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cluster {
+    /// The store back-end: `memory`, `local` or `redis`.
+    pub store: String,
+    /// The appliance that answered.
+    pub this: String,
+    pub appliances: Vec<Appliance>,
 }
