@@ -35,3 +35,11 @@ pub fn uring() {
     let started = relay::relay::uring::Uring::start(8);
     require(&format!("the io_uring back-end ({:?})", started.as_ref().err().map(ToString::to_string)), started.is_ok());
 }
+
+pub fn redis() {
+    require("redis-server (Debian's redis-server)", Path::new(crate::servers::REDIS_SERVER).exists());
+}
+
+pub fn haproxy() {
+    require("haproxy (Debian's haproxy)", Path::new(crate::servers::HAPROXY).exists());
+}

@@ -113,7 +113,7 @@ impl Drop for Qemu {
 }
 
 /// A port that was free a moment ago, above 5900 so it maps to a VNC display number.
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     for _ in 0..100 {
         let port = 20000 + (rand_u16() % 30000);
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {

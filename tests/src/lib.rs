@@ -4,6 +4,7 @@ pub mod fake_hypervisor;
 pub mod hypervisor;
 pub mod pki;
 pub mod relay_server;
+pub mod servers;
 pub mod tls_client;
 pub mod viewer;
 pub mod ws_viewer;

@@ -57,6 +57,8 @@ impl TestRelay {
         config.listen.control = Some(dir.join("control.sock"));
         config.limits.handshake_timeout_secs = 5;
         config.limits.shutdown_grace_secs = 2;
+        // Tests that need another store say so; a shared default file would couple them.
+        config.store.backend = relay::config::StoreBackend::Memory;
         adjust(&mut config);
         let (bound_tx, bound_rx) = oneshot::channel();
         let (stop, stop_rx) = oneshot::channel::<()>();

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Debian packages the integration tests use: a real hypervisor VNC server, a real
-/// browser, and Debian's noVNC checkout (served by relay as nova does).
-const APT_PACKAGES: &[&str] = &["qemu-system-x86", "chromium", "novnc"];
+/// browser, Debian's noVNC checkout (served by relay as nova does), and the Redis and
+/// HAProxy a fleet runs with (the tests start their own, on free ports).
+const APT_PACKAGES: &[&str] = &["qemu-system-x86", "chromium", "novnc", "redis-server", "haproxy"];
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();

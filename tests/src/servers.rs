@@ -1,0 +1,218 @@
+//! Servers from Debian's packages that fleet tests need: Redis and HAProxy, each started
+//! on a free port in a scratch directory and stopped by its PID (SIGKILL on drop).
+
+use crate::hypervisor::free_port;
+use crate::relay_server::scratch_dir;
+use anyhow::{Context, bail};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const REDIS_SERVER: &str = "/usr/bin/redis-server";
+pub const HAPROXY: &str = "/usr/sbin/haproxy";
+
+/// A redis-server of our own. It keeps an append-only file with `appendfsync always`, as a
+/// fleet's Redis should, so that a killed and restarted server still has every write it
+/// acknowledged.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    pub async fn start() -> anyhow::Result<RedisServer> {
+        let mut last = String::new();
+        for _ in 0..10 {
+            let mut server = RedisServer { child: None, port: free_port()?, dir: scratch_dir("redis") };
+            match server.spawn().await {
+                Ok(()) => return Ok(server),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        bail!("redis-server did not start: {last}")
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let port = self.port.to_string();
+        let child = Command::new(REDIS_SERVER)
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server")?;
+        self.child = Some(child);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("redis-server exited: {status}");
+            }
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)).await {
+                let mut pong = [0u8; 7];
+                if s.write_all(b"PING\r\n").await.is_ok()
+                    && matches!(tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut pong)).await, Ok(Ok(_)))
+                    && &pong == b"+PONG\r\n"
+                {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("redis-server did not answer within 10 s")
+    }
+
+    /// SIGKILL: the server vanishes mid-run.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, with the data it had.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// HAProxy in TCP mode, round robin over `backends`, on a free port.
+pub struct Haproxy {
+    child: Child,
+    pub addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Haproxy {
+    pub async fn round_robin(backends: &[SocketAddr]) -> anyhow::Result<Haproxy> {
+        let dir = scratch_dir("haproxy");
+        let port = free_port()?;
+        let servers: String = backends.iter().enumerate().map(|(i, b)| format!("    server relay{i} {b}\n")).collect();
+        let config = format!(
+            "global\n    maxconn 1000\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\
+             frontend consoles\n    bind 127.0.0.1:{port}\n    default_backend relays\n\
+             backend relays\n    balance roundrobin\n{servers}"
+        );
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, config)?;
+        let child = Command::new(HAPROXY)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting haproxy")?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let started = Instant::now();
+        while TcpStream::connect(addr).await.is_err() {
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("haproxy did not listen within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Haproxy { child, addr, dir })
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// relay's binary, built beside the tests by `cargo test --workspace` (relay's own
+/// integration tests need it).
+pub fn relay_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>/relay
+    let bin = exe.parent().and_then(|d| d.parent()).map(|d| d.join("relay")).expect("target dir");
+    assert!(bin.exists(), "{} is missing: build it first (cargo build -p relay; cargo xtask test does)", bin.display());
+    bin
+}
+
+/// relay as a process of its own, for what only a process can show (SIGKILL).
+pub struct RelayProcess {
+    child: Option<Child>,
+    pub connect: SocketAddr,
+    pub ws: SocketAddr,
+    pub control: PathBuf,
+}
+
+impl RelayProcess {
+    /// Runs `relay run --config <config>`; waits for its "relay listening" line.
+    pub async fn start(config: &std::path::Path) -> anyhow::Result<RelayProcess> {
+        use std::io::BufRead as _;
+        let mut child = Command::new(relay_binary())
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting relay")?;
+        let stdout = child.stdout.take().expect("piped");
+        let line = tokio::task::spawn_blocking(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            let first = lines.next();
+            // Keep the pipe drained so relay never blocks on it.
+            std::thread::spawn(move || for _ in lines {});
+            first
+        });
+        let line = match tokio::time::timeout(Duration::from_secs(30), line).await {
+            Ok(Ok(Some(Ok(line)))) => line,
+            _ => {
+                let _ = child.kill();
+                bail!("relay did not report its listeners");
+            }
+        };
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .map(str::to_string)
+                .with_context(|| format!("{name} in {line:?}"))
+        };
+        Ok(RelayProcess {
+            child: Some(child),
+            connect: field("connect")?.parse()?,
+            ws: field("websocket")?.parse()?,
+            control: field("control")?.into(),
+        })
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
