@@ -9,6 +9,7 @@ mod hv;
 mod measure;
 mod procs;
 mod report;
+mod stores;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -59,7 +60,8 @@ pub struct Args {
     /// Skip the idle-session memory runs.
     #[arg(long)]
     no_memory: bool,
-    /// Only these paths (direct, connect, ws, socat, haproxy, websockify); direct always runs.
+    /// Only these paths (direct, connect, ws, socat, haproxy, websockify, and `stores` for the
+    /// store back-ends); direct always runs.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Write the report (Markdown) to this file as well.
@@ -145,6 +147,8 @@ pub struct Run {
     pub others_cpu: f64,
     pub load_before: String,
     pub load_after: String,
+    /// The store back-ends' openings per second and the fleet's reset fan-out.
+    pub stores: Option<Result<stores::StoreRates, String>>,
 }
 
 fn main() -> Result<()> {
@@ -348,9 +352,22 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         relay.proc.check_alive()?;
     }
 
+    let stores = if args.only.is_empty() || args.only.iter().any(|o| o == "stores") {
+        eprintln!("relay-bench: store back-ends (memory, local, redis) and the reset fan-out");
+        let sub = dir.join("stores");
+        std::fs::create_dir_all(&sub)?;
+        let outcome = stores::run(&relay_bin, &sub, hv.addr, args.handshakes, args.inflight, args.repeat).await;
+        if let Err(e) = &outcome {
+            eprintln!("relay-bench: stores: {e:#}");
+        }
+        Some(outcome.map_err(|e| format!("{e:#}")))
+    } else {
+        None
+    };
+
     let elapsed = started.elapsed();
     let others = procs::machine_busy_secs() - busy_before - (procs::tree_cpu_secs(std::process::id()) - own_before);
-    let run = Run { args, paths, memory, notes, nofile, elapsed, others_cpu: others.max(0.0), load_before, load_after: loadavg() };
+    let run = Run { args, paths, memory, notes, nofile, elapsed, others_cpu: others.max(0.0), load_before, load_after: loadavg(), stores };
     let text = report::markdown(&run, &relay_bin);
     println!("{text}");
     if let Some(doc) = &run.args.doc {

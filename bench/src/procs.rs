@@ -85,6 +85,11 @@ pub const AUTO_KERNEL_AFTER: std::time::Duration = std::time::Duration::from_mil
 pub const AUTO_SETTLE: std::time::Duration = std::time::Duration::from_millis(1300);
 
 pub fn start_relay(binary: &Path, dir: &Path, backend: &str) -> Result<Relay> {
+    start_relay_with(binary, dir, backend, "[store]\nbackend = \"memory\"\n")
+}
+
+/// As [`start_relay`], with `store` as the config's `[store]` section.
+pub fn start_relay_with(binary: &Path, dir: &Path, backend: &str, store: &str) -> Result<Relay> {
     let control = dir.join("control.sock");
     let config = dir.join("relay.toml");
     std::fs::write(
@@ -116,8 +121,7 @@ shutdown_grace_secs = 1
 backend = "{backend}"
 kernel_after_ms = {kernel_after_ms}
 
-[store]
-backend = "memory"
+{store}
 
 [log]
 filter = "warn"

@@ -262,6 +262,10 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
         }
     }
 
+    if let Some(stores) = &run.stores {
+        stores_section(w, stores, &mut notes);
+    }
+
     let bytes_multi = a.bytes_multi.unwrap_or(a.bytes);
     let _ = writeln!(w, "\n## How measured\n");
     let how = [
@@ -372,4 +376,56 @@ fn mib(bytes: u64) -> f64 {
 /// Bytes a path's throughput runs moved (for direct, which has no proxy CPU entry).
 fn total_bytes(p: &crate::PathResult) -> u64 {
     p.throughput.iter().flatten().map(|r| r.bytes).sum()
+}
+
+/// Openings per second per store, beside `memory`, and the reset fan-out's times.
+fn stores_section(w: &mut String, stores: &Result<crate::stores::StoreRates, String>, notes: &mut Vec<String>) {
+    let _ = writeln!(w, "\n## Store back-ends\n");
+    let r = match stores {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(w, "Not measured: {e}");
+            return;
+        }
+    };
+    let _ = writeln!(
+        w,
+        "Console openings per second through the CONNECT door (TCP connect, token, RFB to ServerInit, close; same count \
+         and concurrency as the handshake column above) with each `[store] backend`, one relay process each, in rounds \
+         over the three in turn; the median round, and its ratio to `memory` from the same run. `redis` is a local \
+         redis-server (append-only file, fsync every second) on loopback.\n"
+    );
+    let _ = writeln!(w, "| store | openings/s (median) | vs memory | rounds |\n|---|---|---|---|");
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let base = r.rates.iter().find(|(s, _)| *s == "memory").map(|(_, v)| median(v)).unwrap_or(0.0);
+    for (store, rates) in &r.rates {
+        let m = median(rates);
+        let vs = if base > 0.0 { format!("{:.2}×", m / base) } else { "–".into() };
+        let rounds = rates.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+        let _ = writeln!(w, "| {store} | {m:.0} | {vs} | {rounds} |");
+    }
+    match &r.fanout {
+        Ok(times) if !times.is_empty() => {
+            let mut ms: Vec<f64> = times.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+            ms.sort_by(f64::total_cmp);
+            let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
+            let _ = writeln!(
+                w,
+                "\nReset fan-out: three relays on that Redis, {} consoles of one instance spread over them, `instance reset` \
+                 asked on the third; from the request to the end of the last console, over {} resets: p50 {:.2} ms, p99 \
+                 {:.2} ms, max {:.2} ms.",
+                r.consoles_per_reset,
+                ms.len(),
+                at(0.5),
+                at(0.99),
+                ms[ms.len() - 1]
+            );
+        }
+        Ok(_) => {}
+        Err(e) => notes.push(format!("reset fan-out: {e}")),
+    }
 }

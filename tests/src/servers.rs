@@ -20,14 +20,24 @@ pub const HAPROXY: &str = "/usr/sbin/haproxy";
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
-    dir: PathBuf,
+    pub dir: PathBuf,
+    /// Further arguments (TLS, ACL users, replication, Sentinel).
+    extra: Vec<String>,
+    /// Whether the port speaks TLS, so readiness is a TCP connect rather than a PING.
+    tls: bool,
 }
 
 impl RedisServer {
     pub async fn start() -> anyhow::Result<RedisServer> {
+        Self::start_with(Vec::new(), false).await
+    }
+
+    /// With `extra` arguments; `{port}` and `{dir}` in them are replaced. With `tls`, the
+    /// port is `--tls-port` and the plain port is off.
+    pub async fn start_with(extra: Vec<String>, tls: bool) -> anyhow::Result<RedisServer> {
         let mut last = String::new();
         for _ in 0..10 {
-            let mut server = RedisServer { child: None, port: free_port()?, dir: scratch_dir("redis") };
+            let mut server = RedisServer { child: None, port: free_port()?, dir: scratch_dir("redis"), extra: extra.clone(), tls };
             match server.spawn().await {
                 Ok(()) => return Ok(server),
                 Err(e) => last = e.to_string(),
@@ -42,13 +52,18 @@ impl RedisServer {
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let port = self.port.to_string();
+        let ports: [&str; 4] = if self.tls { ["--port", "0", "--tls-port", &port] } else { ["--port", &port, "--bind", "127.0.0.1"] };
+        let dir = self.dir.display().to_string();
+        let extra: Vec<String> = self.extra.iter().map(|a| a.replace("{port}", &port).replace("{dir}", &dir)).collect();
         let child = Command::new(REDIS_SERVER)
-            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .args(ports)
+            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
             .args(["--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&extra)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(self.dir.join("redis.log"))?)
             .stderr(Stdio::null())
             .spawn()
             .context("starting redis-server")?;
@@ -56,7 +71,11 @@ impl RedisServer {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(10) {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("redis-server exited: {status}");
+                let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+                bail!("redis-server exited ({status}): {}", log.lines().rev().take(3).collect::<Vec<_>>().join(" | "));
+            }
+            if self.tls && TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return Ok(());
             }
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)).await {
                 let mut pong = [0u8; 7];
