@@ -30,7 +30,7 @@ pub async fn run(relay_bin: &Path, dir: &Path, hv: SocketAddr, handshakes: usize
     if procs::which("redis-server").is_none() {
         bail!("redis-server is not installed (apt install redis-server)");
     }
-    let (mut redis, url) = start_redis(dir)?;
+    let (mut redis, url) = start_redis(dir).await?;
     let key = dir.join("secret.key");
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -83,7 +83,7 @@ pub async fn run(relay_bin: &Path, dir: &Path, hv: SocketAddr, handshakes: usize
     Ok(StoreRates { rates, fanout, consoles_per_reset: CONSOLES_EACH * 3 })
 }
 
-fn start_redis(dir: &Path) -> Result<(Proc, String)> {
+async fn start_redis(dir: &Path) -> Result<(Proc, String)> {
     let port = procs::free_port()?;
     let data = dir.join("redis");
     std::fs::create_dir_all(&data)?;
@@ -91,14 +91,14 @@ fn start_redis(dir: &Path) -> Result<(Proc, String)> {
     cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"])
         .args(["--protected-mode", "no", "--loglevel", "warning", "--dir"])
         .arg(&data);
-    let proc = Proc::spawn("redis-server", &mut cmd, dir)?;
+    let mut proc = Proc::spawn("redis-server", &mut cmd, dir)?;
+    procs::wait_listening(&mut proc, ([127, 0, 0, 1], port).into()).await?;
     Ok((proc, format!("redis://127.0.0.1:{port}/0")))
 }
 
 /// Resets issued on the third appliance while the instance has consoles on all three;
 /// each trial's time runs from the request to the end of the last console.
 async fn fanout(fleet: &[Relay], hv: SocketAddr) -> Result<Vec<Duration>> {
-    // Redis may still be starting: the first token waits for it.
     let mut times = Vec::new();
     for trial in 0..FANOUT_TRIALS {
         let instance = format!("fan-{trial}");

@@ -274,6 +274,9 @@ pub struct Store {
     pub key_prefix: String,
     /// redis: milliseconds a command may take before the store counts as unavailable.
     pub timeout_ms: u64,
+    /// redis: replicas that must have a new token or password before it is acknowledged
+    /// (Redis `WAIT`), so that a Sentinel failover cannot lose it; 0 = do not wait.
+    pub wait_replicas: u32,
     /// This appliance's name in the fleet (`relay ctl cluster`); the host name when absent.
     pub appliance_name: Option<String>,
 }
@@ -292,6 +295,7 @@ impl Default for Store {
             master_name: None,
             key_prefix: "relay".into(),
             timeout_ms: 1000,
+            wait_replicas: 0,
             appliance_name: None,
         }
     }

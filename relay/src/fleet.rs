@@ -55,8 +55,6 @@ pub struct FleetSessions {
 pub type Background = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 pub trait Fleet: Send + Sync + 'static {
-    /// The instance's reset epoch, for a console starting now.
-    fn epoch(&self, instance: &str) -> StoreFuture<'_, u64>;
     /// Ends the instance's consoles on the other appliances (this one's the caller ends).
     fn reset<'a>(&'a self, instance: &'a str, reason: &'a str) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>>;
     fn appliances(&self) -> StoreFuture<'_, Vec<Appliance>>;
@@ -101,9 +99,6 @@ fn ready<T: Send + 'static>(v: T) -> StoreFuture<'static, T> {
 }
 
 impl Fleet for Alone {
-    fn epoch(&self, _instance: &str) -> StoreFuture<'_, u64> {
-        ready(0)
-    }
     fn reset<'a>(&'a self, _instance: &'a str, _reason: &'a str) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
         Box::pin(std::future::ready(Delivery::Alone))
     }

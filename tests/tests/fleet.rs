@@ -8,7 +8,7 @@ use relay::auth::Secret;
 use relay::config::StoreBackend;
 use relay::control::client::call;
 use relay::control::proto::Request;
-use relay::control::replies::{Cluster, InstanceReset};
+use relay::control::replies::{Cluster, InstanceReset, Stats, TokenCreated};
 use relay::fleet::{Delivery, FleetSessions};
 use relay::relay::lifecycle::Cause;
 use relay_tests::browser::{assemble_web_root, open};
@@ -16,7 +16,7 @@ use relay_tests::env;
 use relay_tests::fake_hypervisor::{FakeVnc, Script};
 use relay_tests::hypervisor::{Qemu, VncAuth};
 use relay_tests::relay_server::{TestRelay, new_token, scratch_dir};
-use relay_tests::servers::{Haproxy, RedisServer};
+use relay_tests::servers::{Haproxy, RedisServer, RelayProcess};
 use relay_tests::viewer::{ViewerError, handshake};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -203,26 +203,57 @@ async fn wrong_passwords_spread_over_the_fleet_lock_out_after_max_failures_in_to
 
 #[tokio::test]
 #[cfg_attr(any(relay_no_redis, relay_no_haproxy), ignore = "redis-server or haproxy is not installed: cargo xtask deps")]
-async fn haproxy_spreads_viewers_over_the_fleet_and_any_appliance_serves_any_token() {
+async fn haproxy_spreads_viewers_over_three_relay_processes_and_any_serves_any_token() {
     env::haproxy();
+    env::redis();
     let hv = FakeVnc::start(Script::echo()).await;
-    let fleet = fleet(|_| {}).await;
-    let doors: Vec<_> = fleet.relays.iter().map(|r| r.connect).collect();
+    let redis = RedisServer::start().await.unwrap();
+    let dir = scratch_dir("fleet-lb");
+    let key = key_file(&dir);
+    let mut relays = Vec::new();
+    for name in ["a", "b", "c"] {
+        let sub = dir.join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let config = sub.join("relay.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[listen]\nwebsocket = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:0\"\ncontrol = \"{}\"\n\n\
+                 [store]\nbackend = \"redis\"\nurl = \"{}\"\nsecret_key_file = \"{}\"\nappliance_name = \"{name}\"\n\n\
+                 [log]\nfilter = \"warn\"\n",
+                sub.join("control.sock").display(),
+                redis.url(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        relays.push(RelayProcess::start(&config).await.unwrap());
+    }
+    let doors: Vec<_> = relays.iter().map(|r| r.connect).collect();
     let lb = Haproxy::round_robin(&doors).await.unwrap();
-    let token = fleet.relays[0].token("vm-lb", hv.addr()).await;
+    let created: TokenCreated = call(&relays[0].control, Request::TokenCreate(new_token("vm-lb", hv.addr()))).await.unwrap();
     let mut consoles = Vec::new();
     for _ in 0..6 {
         let mut s = TcpStream::connect(lb.addr).await.unwrap();
-        s.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(format!("CONNECT /console?token={} HTTP/1.1\r\nHost: relay\r\n\r\n", created.token).as_bytes()).await.unwrap();
         let head = relay_tests::relay_server::read_head(&mut s).await.unwrap();
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         handshake(&mut s, RFB38, None).await.unwrap();
         assert!(alive(&mut s).await);
         consoles.push(s);
     }
-    for relay in &fleet.relays {
-        assert_eq!(relay.stats().await.sessions_active, 2, "round robin: two consoles on each appliance");
+    for relay in &relays {
+        let stats: Stats = call(&relay.control, Request::Stats).await.unwrap();
+        assert_eq!(stats.sessions_active, 2, "round robin: two consoles on each appliance");
     }
+    // One reset, asked of the last process, ends all six.
+    let reset: InstanceReset = call(&relays[2].control, Request::InstanceReset { instance: "vm-lb".into(), revoke: false }).await.unwrap();
+    assert!(matches!(reset.fleet, Delivery::Told { .. }), "{reset:?}");
+    for s in &mut consoles {
+        ended_within(s, Duration::from_secs(1)).await;
+    }
+    drop(relays);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]

@@ -145,12 +145,12 @@ async fn sentinel_failover_is_followed_and_keeps_replicated_tokens() {
         c.store.master_name = Some("relay".into());
         c.store.secret_key_file = Some(key);
         c.store.timeout_ms = 300;
+        // Acknowledged only once the replica has it: the failover cannot lose it.
+        c.store.wait_replicas = 1;
     })
     .await;
     let hv = FakeVnc::start(Script::echo()).await;
     let token = relay.token("vm-failover", hv.addr()).await;
-    // Replication is asynchronous: the token is on the replica once it has caught up.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     master.kill();
     let started = Instant::now();
     let mut opened = None;
@@ -165,8 +165,11 @@ async fn sentinel_failover_is_followed_and_keeps_replicated_tokens() {
     }
     let took = opened.expect("the token opens a console once Sentinel has promoted the replica");
     eprintln!("consoles opened again {took:?} after the master was killed");
-    // And relay writes to the new master.
-    relay.token("vm-after", hv.addr()).await;
+    // And relay writes to the new master; with no replica left, a write it cannot
+    // replicate is refused rather than acknowledged.
+    let refused = relay.ctl(relay::control::proto::Request::TokenCreate(relay_tests::relay_server::new_token("vm-after", hv.addr()))).await;
+    // ("only 0 of 1 replicas confirmed", or a timeout on a loaded machine: never an "ok")
+    assert!(refused.is_err(), "a write no replica confirmed was acknowledged: {refused:?}");
     drop(replica);
     let _ = std::fs::remove_dir_all(dir);
 }

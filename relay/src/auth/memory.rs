@@ -34,55 +34,52 @@ impl MemoryStore {
     }
 }
 
-fn ready<T: Send + 'static>(v: T) -> StoreFuture<'static, T> {
-    Box::pin(std::future::ready(Ok(v)))
-}
-
-impl TokenStore for MemoryStore {
-    fn insert(&self, hash: TokenHash, record: TokenRecord) -> StoreFuture<'_, ()> {
+/// The answers of [`TokenStore`], at once: the local store calls these while it holds its
+/// journal's lock, which may not be held across an `.await`.
+impl MemoryStore {
+    pub fn insert_now(&self, hash: TokenHash, record: TokenRecord) -> Result<(), StoreError> {
         let mut map = self.map();
         if map.len() >= self.max_tokens {
             let now = record.created;
             map.retain(|_, r| !r.dead(now));
             if map.len() >= self.max_tokens {
-                return Box::pin(std::future::ready(Err(StoreError::Full(self.max_tokens))));
+                return Err(StoreError::Full(self.max_tokens));
             }
         }
         map.insert(hash, record);
-        ready(())
+        Ok(())
     }
 
-    fn redeem(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>> {
-        ready(self.validate(hash, now, true))
+    pub fn redeem_now(&self, hash: TokenHash, now: u64) -> Result<Result<TokenRecord, TokenRejection>, StoreError> {
+        Ok(self.validate(hash, now, true))
     }
 
-    fn check(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>> {
-        ready(self.validate(hash, now, false))
+    pub fn check_now(&self, hash: TokenHash, now: u64) -> Result<Result<TokenRecord, TokenRejection>, StoreError> {
+        Ok(self.validate(hash, now, false))
     }
 
-    fn touch(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, bool> {
+    pub fn touch_now(&self, hash: TokenHash, now: u64) -> Result<bool, StoreError> {
         let mut map = self.map();
-        let found = map.get_mut(&hash).map(|r| r.last_touched = r.last_touched.max(now)).is_some();
-        ready(found)
+        Ok(map.get_mut(&hash).map(|r| r.last_touched = r.last_touched.max(now)).is_some())
     }
 
-    fn delete(&self, hash: TokenHash) -> StoreFuture<'_, bool> {
-        ready(self.map().remove(&hash).is_some())
+    pub fn delete_now(&self, hash: TokenHash) -> Result<bool, StoreError> {
+        Ok(self.map().remove(&hash).is_some())
     }
 
-    fn delete_instance(&self, instance: &str) -> StoreFuture<'_, usize> {
+    pub fn delete_instance_now(&self, instance: &str) -> Result<usize, StoreError> {
         let mut map = self.map();
         let before = map.len();
         map.retain(|_, r| r.instance != instance);
-        ready(before - map.len())
+        Ok(before - map.len())
     }
 
-    fn list(&self, filter: Filter, now: u64) -> StoreFuture<'_, Vec<TokenRecord>> {
+    pub fn list_now(&self, filter: &Filter, now: u64) -> Result<Vec<TokenRecord>, StoreError> {
         let map = self.map();
         let mut found: Vec<TokenRecord> = map
             .values()
             .filter(|r| r.usable(now).is_ok())
-            .filter(|r| match &filter {
+            .filter(|r| match filter {
                 Filter::Instance(i) => &r.instance == i,
                 Filter::Host(h) => &r.target.host == h,
                 Filter::All => true,
@@ -90,18 +87,52 @@ impl TokenStore for MemoryStore {
             .cloned()
             .collect();
         found.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
-        ready(found)
+        Ok(found)
     }
 
-    fn sweep(&self, now: u64) -> StoreFuture<'_, usize> {
+    pub fn sweep_now(&self, now: u64) -> Result<usize, StoreError> {
         let mut map = self.map();
         let before = map.len();
         map.retain(|_, r| !r.dead(now));
-        ready(before - map.len())
+        Ok(before - map.len())
     }
 
+    pub fn count_now(&self) -> Result<usize, StoreError> {
+        Ok(self.map().len())
+    }
+}
+
+fn ready<T: Send + 'static>(v: Result<T, StoreError>) -> StoreFuture<'static, T> {
+    Box::pin(std::future::ready(v))
+}
+
+impl TokenStore for MemoryStore {
+    fn insert(&self, hash: TokenHash, record: TokenRecord) -> StoreFuture<'_, ()> {
+        ready(self.insert_now(hash, record))
+    }
+    fn redeem(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>> {
+        ready(self.redeem_now(hash, now))
+    }
+    fn check(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>> {
+        ready(self.check_now(hash, now))
+    }
+    fn touch(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, bool> {
+        ready(self.touch_now(hash, now))
+    }
+    fn delete(&self, hash: TokenHash) -> StoreFuture<'_, bool> {
+        ready(self.delete_now(hash))
+    }
+    fn delete_instance(&self, instance: &str) -> StoreFuture<'_, usize> {
+        ready(self.delete_instance_now(instance))
+    }
+    fn list(&self, filter: Filter, now: u64) -> StoreFuture<'_, Vec<TokenRecord>> {
+        ready(self.list_now(&filter, now))
+    }
+    fn sweep(&self, now: u64) -> StoreFuture<'_, usize> {
+        ready(self.sweep_now(now))
+    }
     fn count(&self) -> StoreFuture<'_, usize> {
-        ready(self.map().len())
+        ready(self.count_now())
     }
 }
 

@@ -25,11 +25,24 @@ pub fn check_password(password: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What a console starting now needs to know of its instance, read at once.
+#[derive(Debug, Default)]
+pub struct InstanceState {
+    pub password: Option<Secret>,
+    /// The instance's reset epoch: a reset anywhere in the fleet raises it and ends the
+    /// consoles started under an older one (always 0 for one appliance alone).
+    pub epoch: u64,
+}
+
 pub trait PasswordStore: Send + Sync + 'static {
     fn set(&self, instance: &str, password: Secret) -> StoreFuture<'_, ()>;
     /// False when the instance had no password.
     fn clear(&self, instance: &str) -> StoreFuture<'_, bool>;
     fn get(&self, instance: &str) -> StoreFuture<'_, Option<Secret>>;
+    /// The password and the reset epoch, in one read where the store can.
+    fn state<'a>(&'a self, instance: &'a str) -> StoreFuture<'a, InstanceState> {
+        Box::pin(async move { Ok(InstanceState { password: self.get(instance).await?, epoch: 0 }) })
+    }
 }
 
 /// The embedded password store.
@@ -48,22 +61,33 @@ impl MemoryPasswords {
     }
 }
 
-impl PasswordStore for MemoryPasswords {
-    fn set(&self, instance: &str, password: Secret) -> StoreFuture<'_, ()> {
+/// The answers of [`PasswordStore`], at once (see [`super::memory::MemoryStore`]'s).
+impl MemoryPasswords {
+    pub fn set_now(&self, instance: &str, password: Secret) -> Result<(), super::StoreError> {
         let mut map = self.map();
         if map.len() >= self.max && !map.contains_key(instance) {
-            return Box::pin(std::future::ready(Err(super::StoreError::Full(self.max))));
+            return Err(super::StoreError::Full(self.max));
         }
         map.insert(instance.to_string(), password);
-        Box::pin(std::future::ready(Ok(())))
+        Ok(())
+    }
+    pub fn clear_now(&self, instance: &str) -> Result<bool, super::StoreError> {
+        Ok(self.map().remove(instance).is_some())
+    }
+    pub fn get_now(&self, instance: &str) -> Result<Option<Secret>, super::StoreError> {
+        Ok(self.map().get(instance).cloned())
+    }
+}
+
+impl PasswordStore for MemoryPasswords {
+    fn set(&self, instance: &str, password: Secret) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(self.set_now(instance, password)))
     }
     fn clear(&self, instance: &str) -> StoreFuture<'_, bool> {
-        let removed = self.map().remove(instance).is_some();
-        Box::pin(std::future::ready(Ok(removed)))
+        Box::pin(std::future::ready(self.clear_now(instance)))
     }
     fn get(&self, instance: &str) -> StoreFuture<'_, Option<Secret>> {
-        let found = self.map().get(instance).cloned();
-        Box::pin(std::future::ready(Ok(found)))
+        Box::pin(std::future::ready(self.get_now(instance)))
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::{CONNECT_OK, Conn, send_and_close};
 use crate::app::unix_now;
-use crate::auth::{TokenHash, TokenRecord};
+use crate::auth::{Secret, TokenHash, TokenRecord};
 use crate::dial::{DialError, dial};
 use crate::front::ws;
 use crate::relay::{self, Control, Ended, Established, Peer};
@@ -47,6 +47,7 @@ impl Conn {
         record: TokenRecord,
         hash: TokenHash,
         session: SessionHandle,
+        password: Option<Secret>,
     ) {
         let timeout = Duration::from_secs(self.app.config.hypervisor.connect_timeout_secs);
         let dialed = match timeout_at(self.deadline, dial(&record.target, timeout)).await {
@@ -65,7 +66,7 @@ impl Conn {
                 if stream.write_all(CONNECT_OK).await.is_err() {
                     return;
                 }
-                self.negotiate(stream, dialed, &record, hash, session).await
+                self.negotiate(stream, dialed, &record, hash, session, password).await
             }
             Some(upgrade) => {
                 if stream.write_all(&upgrade.response()).await.is_err() {
@@ -73,7 +74,7 @@ impl Conn {
                 }
                 let max_frame = self.app.config.limits.max_ws_message_bytes as u64;
                 match WsByteStream::new(stream, max_frame) {
-                    Ok(ws) => self.negotiate(ws, dialed, &record, hash, session).await,
+                    Ok(ws) => self.negotiate(ws, dialed, &record, hash, session, password).await,
                     Err(e) => warn!(target: AUDIT, event = "viewer_handshake_failed", error = %e),
                 }
             }
@@ -88,6 +89,7 @@ impl Conn {
         record: &TokenRecord,
         hash: TokenHash,
         session: SessionHandle,
+        password: Option<Secret>,
     ) {
         let started = Instant::now();
         let hypervisor = match dialed {
@@ -98,7 +100,7 @@ impl Conn {
             }
         };
         let (viewer_machine, deadline, wants_password) = match &hypervisor {
-            Ok(_) => self.viewer_machine(&record.instance).await,
+            Ok(_) => self.viewer_machine(&record.instance, password).await,
             Err(HypervisorFailed(why)) => {
                 bump(&self.app.counters.hypervisor_failures);
                 let refusal = ViewerHandshake::refuse(format!("console unavailable: {why}"));
@@ -168,14 +170,7 @@ impl Conn {
     /// What the viewer must prove: nothing, or the instance's console password (unless
     /// lock-out refuses the attempt outright). Password entry gets its own deadline: a
     /// person is typing.
-    async fn viewer_machine(&self, instance: &str) -> (ViewerHandshake, tokio::time::Instant, bool) {
-        let password = match self.app.passwords.get(instance).await {
-            Ok(p) => p,
-            Err(e) => {
-                warn!(error = %e, "password store failed");
-                return (ViewerHandshake::refuse("console unavailable: password store unavailable"), self.deadline, false);
-            }
-        };
+    async fn viewer_machine(&self, instance: &str, password: Option<Secret>) -> (ViewerHandshake, tokio::time::Instant, bool) {
         let Some(password) = password else {
             return (ViewerHandshake::new(ViewerAuth::None, challenge()), self.deadline, false);
         };

@@ -39,7 +39,6 @@ use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
 use tracing::{info, warn};
 
 /// A sweep compacts the journal once it holds more than twice the live records plus this.
@@ -137,15 +136,6 @@ pub struct LocalStore {
     journal: Mutex<Journal>,
 }
 
-/// The answer of a memory store's call. Their futures are ready at once; taking the answer
-/// here lets a call hold the journal's lock, a std guard that may not cross an `.await`.
-fn answer<T>(mut future: StoreFuture<'_, T>) -> Result<T, StoreError> {
-    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(result) => result,
-        Poll::Pending => Err(StoreError::Unavailable("the memory store did not answer at once".into())),
-    }
-}
-
 fn ready<T: Send + 'static>(result: Result<T, StoreError>) -> StoreFuture<'static, T> {
     Box::pin(std::future::ready(result))
 }
@@ -234,7 +224,7 @@ impl LocalStore {
             }
         }
         // Only now, after every touch, is it known which tokens are dead.
-        answer(self.tokens.sweep(now))?;
+        self.tokens.sweep_now(now)?;
         Ok(())
     }
 
@@ -246,7 +236,7 @@ impl LocalStore {
                 // Refuse to start rather than lose a password that is there but will not open.
                 let record = rec.open(&self.sealer).map_err(|e| anyhow!("token {id}: {e}"))?;
                 let used = (record.single_use && record.used).then(|| record.clone());
-                match answer(self.tokens.insert(hash, record)) {
+                match self.tokens.insert_now(hash, record) {
                     Ok(()) => {
                         journal.tokens.insert(hash, used);
                     }
@@ -255,37 +245,38 @@ impl LocalStore {
                 }
             }
             Line::Used { hash, at } => {
-                if let Ok(Ok(record)) = answer(self.tokens.redeem(hash, at))
+                if let Ok(Ok(record)) = self.tokens.redeem_now(hash, at)
                     && record.single_use
                 {
                     journal.tokens.insert(hash, Some(record));
                 }
             }
             Line::Touch { hash, at } => {
-                if answer(self.tokens.touch(hash, at))?
+                if self.tokens.touch_now(hash, at)?
                     && let Some(Some(record)) = journal.tokens.get_mut(&hash)
                 {
                     record.last_touched = record.last_touched.max(at);
                 }
             }
             Line::Del { hash } => {
-                answer(self.tokens.delete(hash))?;
+                self.tokens.delete_now(hash)?;
                 journal.tokens.remove(&hash);
             }
             Line::DelInstance { instance } => {
-                answer(self.tokens.delete_instance(&instance))?;
+                self.tokens.delete_instance_now(&instance)?;
                 journal.tokens.retain(|_, used| used.as_ref().is_none_or(|r| r.instance != instance));
             }
             Line::Pw { instance, sealed } => {
                 // Dropping a console password would open the console without one: refuse.
                 let password =
                     self.sealer.open(&password_context(&instance), &sealed).map_err(|e| anyhow!("password of {instance}: {e}"))?;
-                answer(self.passwords.set(&instance, password))
+                self.passwords
+                    .set_now(&instance, password)
                     .map_err(|e| anyhow!("password of {instance}: {e}; raise the bound on console passwords"))?;
                 journal.passwords.insert(instance);
             }
             Line::PwClear { instance } => {
-                answer(self.passwords.clear(&instance))?;
+                self.passwords.clear_now(&instance)?;
                 journal.passwords.remove(&instance);
             }
         }
@@ -300,7 +291,7 @@ impl LocalStore {
         let mut lines = 0;
         let mut gone = Vec::new();
         for (hash, used) in &journal.tokens {
-            let record = match (answer(self.tokens.check(*hash, now)), used) {
+            let record = match (self.tokens.check_now(*hash, now), used) {
                 (Ok(Ok(record)), _) => record,
                 (Ok(Err(TokenRejection::AlreadyUsed)), Some(record)) => record.clone(),
                 _ => {
@@ -314,7 +305,7 @@ impl LocalStore {
         }
         let mut cleared = Vec::new();
         for instance in &journal.passwords {
-            let Ok(Some(password)) = answer(self.passwords.get(instance)) else {
+            let Ok(Some(password)) = self.passwords.get_now(instance) else {
                 cleared.push(instance.clone());
                 continue;
             };
@@ -362,10 +353,10 @@ impl LocalStore {
 
     fn insert_now(&self, hash: TokenHash, record: TokenRecord, line: Line) -> Result<Arc<File>, StoreError> {
         let mut journal = self.journal();
-        answer(self.tokens.insert(hash, record))?;
+        self.tokens.insert_now(hash, record)?;
         if let Err(e) = journal.append(&line) {
             // Undone, so that no one is handed a token that a restart would forget.
-            let _ = answer(self.tokens.delete(hash));
+            let _ = self.tokens.delete_now(hash);
             return Err(self.unavailable("write", e));
         }
         journal.tokens.insert(hash, None);
@@ -374,11 +365,11 @@ impl LocalStore {
 
     fn redeem_now(&self, hash: TokenHash, now: u64) -> Result<Result<TokenRecord, TokenRejection>, StoreError> {
         let mut journal = self.journal();
-        let before = match answer(self.tokens.check(hash, now))? {
+        let before = match self.tokens.check_now(hash, now)? {
             Ok(record) => record,
             Err(why) => return Ok(Err(why)),
         };
-        let record = match answer(self.tokens.redeem(hash, now))? {
+        let record = match self.tokens.redeem_now(hash, now)? {
             Ok(record) => record,
             Err(why) => return Ok(Err(why)),
         };
@@ -396,7 +387,7 @@ impl LocalStore {
 
     fn touch_now(&self, hash: TokenHash, now: u64) -> Result<bool, StoreError> {
         let mut journal = self.journal();
-        if !answer(self.tokens.touch(hash, now))? {
+        if !self.tokens.touch_now(hash, now)? {
             return Ok(false);
         }
         if let Some(Some(record)) = journal.tokens.get_mut(&hash) {
@@ -411,7 +402,7 @@ impl LocalStore {
     /// Deletions are fsynced like creations: a revoked token must not come back.
     fn delete_now(&self, hash: TokenHash) -> Result<Option<Arc<File>>, StoreError> {
         let mut journal = self.journal();
-        if !answer(self.tokens.delete(hash))? {
+        if !self.tokens.delete_now(hash)? {
             return Ok(None);
         }
         journal.tokens.remove(&hash);
@@ -422,7 +413,7 @@ impl LocalStore {
 
     fn delete_instance_now(&self, instance: &str) -> Result<(usize, Option<Arc<File>>), StoreError> {
         let mut journal = self.journal();
-        let deleted = answer(self.tokens.delete_instance(instance))?;
+        let deleted = self.tokens.delete_instance_now(instance)?;
         if deleted == 0 {
             return Ok((0, None));
         }
@@ -432,9 +423,9 @@ impl LocalStore {
     }
 
     fn sweep_now(&self, now: u64) -> Result<usize, StoreError> {
-        let swept = answer(self.tokens.sweep(now))?;
+        let swept = self.tokens.sweep_now(now)?;
         let mut journal = self.journal();
-        let live = answer(self.tokens.count())? + journal.passwords.len();
+        let live = self.tokens.count_now()? + journal.passwords.len();
         if (journal.stale || journal.lines > live.saturating_mul(2).saturating_add(SLACK_LINES))
             && let Err(e) = self.compact(&mut journal, now)
         {
@@ -445,13 +436,13 @@ impl LocalStore {
 
     fn set_now(&self, instance: &str, password: Secret, line: Line) -> Result<Arc<File>, StoreError> {
         let mut journal = self.journal();
-        let before = answer(self.passwords.get(instance))?;
-        answer(self.passwords.set(instance, password))?;
+        let before = self.passwords.get_now(instance)?;
+        self.passwords.set_now(instance, password)?;
         if let Err(e) = journal.append(&line) {
             // Put back what the file still says.
             let _ = match before {
-                Some(old) => answer(self.passwords.set(instance, old)),
-                None => answer(self.passwords.clear(instance)).map(drop),
+                Some(old) => self.passwords.set_now(instance, old),
+                None => self.passwords.clear_now(instance).map(drop),
             };
             return Err(self.unavailable("write", e));
         }
@@ -461,11 +452,11 @@ impl LocalStore {
 
     fn clear_now(&self, instance: &str) -> Result<Option<Arc<File>>, StoreError> {
         let mut journal = self.journal();
-        let Some(before) = answer(self.passwords.get(instance))? else { return Ok(None) };
-        answer(self.passwords.clear(instance))?;
+        let Some(before) = self.passwords.get_now(instance)? else { return Ok(None) };
+        self.passwords.clear_now(instance)?;
         if let Err(e) = journal.append(&Line::PwClear { instance: instance.to_string() }) {
             // Put it back: a console keeps its password rather than lose it only until a restart.
-            let _ = answer(self.passwords.set(instance, before));
+            let _ = self.passwords.set_now(instance, before);
             return Err(self.unavailable("write", e));
         }
         journal.passwords.remove(instance);

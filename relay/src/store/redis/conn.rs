@@ -35,6 +35,8 @@ pub struct Redis {
     source: Mutex<Source>,
     state: Mutex<State>,
     timeout: Duration,
+    /// Replicas a write must reach before it is acknowledged.
+    wait_replicas: u32,
     /// A description of the server for logs, without credentials.
     pub name: String,
 }
@@ -95,7 +97,8 @@ impl Redis {
             (None, None) => anyhow::bail!("store: no redis url"),
         };
         let state = State { conn: None, retry_at: Instant::now(), backoff: BACKOFF_MIN };
-        Ok(Redis { source: Mutex::new(source), state: Mutex::new(state), timeout: Duration::from_millis(cfg.timeout_ms), name })
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        Ok(Redis { source: Mutex::new(source), state: Mutex::new(state), timeout, wait_replicas: cfg.wait_replicas, name })
     }
 
     /// A fresh client for the current master (pub/sub needs a connection of its own).
@@ -172,6 +175,24 @@ impl Redis {
                 Err(timed_out())
             }
         }
+    }
+}
+
+impl Redis {
+    /// Waits until `wait_replicas` replicas have the writes made so far on this
+    /// connection (Redis `WAIT`); an error when fewer confirm within the deadline.
+    pub async fn replicated(&self) -> Result<(), StoreError> {
+        let want = self.wait_replicas;
+        if want == 0 {
+            return Ok(());
+        }
+        // WAIT's own timeout, a little inside the command deadline.
+        let ms = (self.timeout.as_millis() as u64 * 3 / 4).max(1);
+        let got: u32 = self.run(|mut c| async move { redis::cmd("WAIT").arg(want).arg(ms).query_async(&mut c).await }).await?;
+        if got < want {
+            return Err(StoreError::Unavailable(format!("only {got} of {want} replicas confirmed the write in time")));
+        }
+        Ok(())
     }
 }
 

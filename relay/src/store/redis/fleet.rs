@@ -59,7 +59,7 @@ impl RedisFleet {
     }
 
     fn epoch_key(&self, instance: &str) -> String {
-        format!("{}:{{{instance}}}:epoch", self.prefix)
+        super::keys::of_instance(&self.prefix, instance, super::keys::EPOCH)
     }
     fn channel(&self, name: &str) -> String {
         format!("{}:{name}", self.prefix)
@@ -225,14 +225,6 @@ impl RedisFleet {
 }
 
 impl Fleet for RedisFleet {
-    fn epoch(&self, instance: &str) -> StoreFuture<'_, u64> {
-        let key = self.epoch_key(instance);
-        Box::pin(async move {
-            let epoch: Option<u64> = self.redis.run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await }).await?;
-            Ok(epoch.unwrap_or(0))
-        })
-    }
-
     fn reset<'a>(&'a self, instance: &'a str, reason: &'a str) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
         Box::pin(async move {
             match self.publish_reset(instance, reason).await {

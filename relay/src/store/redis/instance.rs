@@ -4,9 +4,10 @@
 //! share its hash tag (`P:{INSTANCE}:…`).
 
 use super::conn::Redis;
+use super::keys::{self, EPOCH, FAILURES, PASSWORD};
 use crate::auth::Secret;
 use crate::auth::lockout::{Locked, LockoutStore};
-use crate::auth::passwords::PasswordStore;
+use crate::auth::passwords::{InstanceState, PasswordStore};
 use crate::auth::seal::Sealer;
 use crate::auth::store::{StoreError, StoreFuture};
 use redis::Script;
@@ -24,7 +25,13 @@ impl RedisPasswords {
         RedisPasswords { redis, sealer, prefix: prefix.to_string() }
     }
     fn key(&self, instance: &str) -> String {
-        format!("{}:{{{instance}}}:password", self.prefix)
+        keys::of_instance(&self.prefix, instance, PASSWORD)
+    }
+
+    fn open(&self, instance: &str, sealed: Option<String>) -> Result<Option<Secret>, StoreError> {
+        // A password that does not open (another key file) must not let viewers in
+        // without one: the console is refused as unavailable.
+        sealed.map(|s| self.sealer.open(&context(instance), &s).map_err(|e| StoreError::Unavailable(e.to_string()))).transpose()
     }
 }
 
@@ -36,9 +43,10 @@ fn context(instance: &str) -> String {
 impl PasswordStore for RedisPasswords {
     fn set(&self, instance: &str, password: Secret) -> StoreFuture<'_, ()> {
         let (key, sealed) = (self.key(instance), self.sealer.seal(&context(instance), &password));
-        Box::pin(
-            async move { self.redis.run(|mut c| async move { redis::cmd("SET").arg(&key).arg(&sealed).query_async(&mut c).await }).await },
-        )
+        Box::pin(async move {
+            self.redis.run(|mut c| async move { redis::cmd("SET").arg(&key).arg(&sealed).query_async::<()>(&mut c).await }).await?;
+            self.redis.replicated().await
+        })
     }
 
     fn clear(&self, instance: &str) -> StoreFuture<'_, bool> {
@@ -50,13 +58,21 @@ impl PasswordStore for RedisPasswords {
     }
 
     fn get(&self, instance: &str) -> StoreFuture<'_, Option<Secret>> {
-        let (key, context) = (self.key(instance), context(instance));
+        let (key, instance) = (self.key(instance), instance.to_string());
         Box::pin(async move {
             let sealed: Option<String> =
                 self.redis.run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await }).await?;
-            // A password that does not open (another key file) must not let viewers in
-            // without one: the console is refused as unavailable.
-            sealed.map(|s| self.sealer.open(&context, &s).map_err(|e| StoreError::Unavailable(e.to_string()))).transpose()
+            self.open(&instance, sealed)
+        })
+    }
+
+    /// One MGET of both keys (they share the instance's slot).
+    fn state<'a>(&'a self, instance: &'a str) -> StoreFuture<'a, InstanceState> {
+        let both = [self.key(instance), keys::of_instance(&self.prefix, instance, EPOCH)];
+        Box::pin(async move {
+            let (sealed, epoch): (Option<String>, Option<u64>) =
+                self.redis.run(|mut c| async move { redis::cmd("MGET").arg(&both).query_async(&mut c).await }).await?;
+            Ok(InstanceState { password: self.open(instance, sealed)?, epoch: epoch.unwrap_or(0) })
         })
     }
 }
@@ -97,7 +113,7 @@ impl RedisLockout {
         RedisLockout { redis, prefix: prefix.to_string(), max_failures: max_failures.max(1), cooldown_secs }
     }
     fn keys(&self, instance: &str, source: IpAddr) -> (String, String) {
-        (format!("{}:{{{instance}}}:failures", self.prefix), format!("{}:source:{{{source}}}:failures", self.prefix))
+        (keys::of_instance(&self.prefix, instance, FAILURES), format!("{}:source:{{{source}}}:{FAILURES}", self.prefix))
     }
 }
 

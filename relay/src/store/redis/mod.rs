@@ -3,4 +3,5 @@
 pub mod conn;
 pub mod fleet;
 pub mod instance;
+pub mod keys;
 pub mod tokens;

@@ -76,7 +76,7 @@ impl RedisTokens {
         format!("{}:tokens", self.prefix)
     }
     fn by_instance(&self, instance: &str) -> String {
-        format!("{}:{{{instance}}}:tokens", self.prefix)
+        super::keys::of_instance(&self.prefix, instance, super::keys::TOKENS)
     }
     fn by_host(&self, host: &str) -> String {
         format!("{}:host:{{{host}}}:tokens", self.prefix)
@@ -211,7 +211,8 @@ impl TokenStore for RedisTokens {
                 pipe.cmd("EXPIREAT").arg(&index).arg(r.expires).arg("NX").ignore();
                 pipe.cmd("EXPIREAT").arg(&index).arg(r.expires).arg("GT").ignore();
             }
-            self.redis.run(|mut c| async move { pipe.query_async::<()>(&mut c).await }).await
+            self.redis.run(|mut c| async move { pipe.query_async::<()>(&mut c).await }).await?;
+            self.redis.replicated().await
         })
     }
 
