@@ -374,8 +374,15 @@ impl LocalStore {
             Err(why) => return Ok(Err(why)),
         };
         // The used flag is news worth a line when it changes, or always for a single-use
-        // token (it is what refuses a second redeem); otherwise only the touch is.
-        let line = if record.single_use || !before.used { Line::Used { hash, at: now } } else { Line::Touch { hash, at: now } };
+        // token (it is what refuses a second redeem); otherwise only the touch is, and not
+        // even that when the token was already touched this second (a burst of openings).
+        let line = if record.single_use || !before.used {
+            Line::Used { hash, at: now }
+        } else if before.last_touched < now {
+            Line::Touch { hash, at: now }
+        } else {
+            return Ok(Ok(record));
+        };
         if record.single_use {
             journal.tokens.insert(hash, Some(record.clone()));
         }

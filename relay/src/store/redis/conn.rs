@@ -33,7 +33,10 @@ struct State {
 
 pub struct Redis {
     source: Mutex<Source>,
-    state: Mutex<State>,
+    /// Taken briefly by every call (a std lock: never held across an `.await`).
+    state: std::sync::Mutex<State>,
+    /// Held while connecting, so that one caller connects and the others wait for it.
+    connecting: Mutex<()>,
     timeout: Duration,
     /// Replicas a write must reach before it is acknowledged.
     wait_replicas: u32,
@@ -98,7 +101,19 @@ impl Redis {
         };
         let state = State { conn: None, retry_at: Instant::now(), backoff: BACKOFF_MIN };
         let timeout = Duration::from_millis(cfg.timeout_ms);
-        Ok(Redis { source: Mutex::new(source), state: Mutex::new(state), timeout, wait_replicas: cfg.wait_replicas, name })
+        Ok(Redis {
+            source: Mutex::new(source),
+            state: std::sync::Mutex::new(state),
+            connecting: Mutex::new(()),
+            timeout,
+            wait_replicas: cfg.wait_replicas,
+            name,
+        })
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Plain assignments only: a poisoned lock still guards a consistent state.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A fresh client for the current master (pub/sub needs a connection of its own).
@@ -113,12 +128,18 @@ impl Redis {
 
     /// The shared connection, connecting first if there is none.
     async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
-        let mut state = self.state.lock().await;
-        if let Some(conn) = &state.conn {
-            return Ok(conn.clone());
+        if let Some(conn) = self.lock_state().conn.clone() {
+            return Ok(conn);
         }
-        if Instant::now() < state.retry_at {
-            return Err(StoreError::Unavailable(format!("redis {} is unreachable; retrying shortly", self.name)));
+        let _connecting = self.connecting.lock().await;
+        {
+            let state = self.lock_state();
+            if let Some(conn) = &state.conn {
+                return Ok(conn.clone());
+            }
+            if Instant::now() < state.retry_at {
+                return Err(StoreError::Unavailable(format!("redis {} is unreachable; retrying shortly", self.name)));
+            }
         }
         let connect = async {
             let client = self.client().await?;
@@ -126,7 +147,9 @@ impl Redis {
                 redis::AsyncConnectionConfig::new().set_response_timeout(Some(self.timeout)).set_connection_timeout(Some(self.timeout));
             client.get_multiplexed_async_connection_with_config(&config).await.map_err(unavailable)
         };
-        match tokio::time::timeout(self.timeout * 2, connect).await.unwrap_or_else(|_| Err(timed_out())) {
+        let connected = tokio::time::timeout(self.timeout * 2, connect).await.unwrap_or_else(|_| Err(timed_out()));
+        let mut state = self.lock_state();
+        match connected {
             Ok(conn) => {
                 state.conn = Some(conn.clone());
                 state.backoff = BACKOFF_MIN;
@@ -149,8 +172,7 @@ impl Redis {
             || e.is_unrecoverable_error()
             || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
         if broken {
-            let mut state = self.state.lock().await;
-            if state.conn.take().is_some() {
+            if self.lock_state().conn.take().is_some() {
                 tracing::warn!(server = %self.name, error = %e, "lost the redis store; reconnecting");
             }
         }
@@ -171,7 +193,7 @@ impl Redis {
             }
             Err(_) => {
                 // A command that hangs means a server that is gone or stuck: start afresh.
-                self.state.lock().await.conn = None;
+                self.lock_state().conn = None;
                 Err(timed_out())
             }
         }

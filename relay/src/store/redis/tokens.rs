@@ -28,7 +28,8 @@ local single, used = f[6] == '1', f[7] == '1'
 if now >= expires then return {'expired'} end
 if idle > 0 and now >= last + idle then return {'idle'} end
 if single and used then return {'already_used'} end
-if ARGV[2] == '1' then
+-- Only a change is written: a burst of openings within one second writes once.
+if ARGV[2] == '1' and (now > last or (single and not used)) then
   if now > last then last = now end
   if single then used = true end
   redis.call('HSET', KEYS[1], 'last', last, 'used', used and '1' or '0')
