@@ -412,6 +412,11 @@ impl Config {
             if store.sentinels.is_empty() != store.master_name.is_none() {
                 return bad("store: sentinels and master_name go together");
             }
+            if !store.sentinels.is_empty() && store.ca_file.is_some() {
+                return bad(
+                    "store: ca_file is not supported with sentinels yet (the master's certificate would be checked against the system's roots)",
+                );
+            }
             if store.secret_key_file.is_none() {
                 return bad("store: the redis back-end needs store.secret_key_file (the same key on every appliance) to seal passwords");
             }

@@ -273,5 +273,8 @@ fn print_password(p: PasswordChanged) {
 
 fn print_reset(r: InstanceReset) {
     println!("instance {}: disconnected {} live console(s) here, revoked {} token(s)", r.instance, r.disconnected, r.revoked);
+    if let Some(e) = &r.revoke_error {
+        println!("tokens NOT revoked: {e}; run the reset with --revoke again once the store is back");
+    }
     println!("fleet: {}", describe(&r.fleet));
 }

@@ -73,7 +73,16 @@ struct Entry {
 struct Inner {
     sessions: HashMap<u64, Entry>,
     by_instance: HashMap<String, HashSet<u64>>,
+    /// The newest fleet reset heard per instance (epoch, reason, when), kept a while: a
+    /// console redeemed before a reset whose message arrives before the console is
+    /// registered is ended as it registers.
+    resets: HashMap<String, (u64, String, std::time::Instant)>,
 }
+
+/// How long a reset is remembered for consoles still being registered, and for how many
+/// instances at most.
+const RESET_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
+const MAX_RESETS_REMEMBERED: usize = 10_000;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegisterError {
@@ -128,6 +137,10 @@ impl Registry {
         let (stop, stop_rx) = watch::channel(None);
         let bytes = Arc::new(ByteCounters::default());
         let id = info.id;
+        if let Some((newer, reason, _)) = inner.resets.get(&info.instance).filter(|(e, _, _)| epoch < *e) {
+            tracing::debug!(instance = %info.instance, reset = newer, epoch, "a console redeemed before a reset ends as it registers");
+            stop.send_replace(Some(reason.clone()));
+        }
         inner.sessions.insert(id, Entry { info, token, epoch, bytes: bytes.clone(), stop });
         Ok(SessionHandle { registry: self.clone(), id, bytes, stop: stop_rx })
     }
@@ -160,7 +173,20 @@ impl Registry {
     /// Tells the sessions of `instance` started under an epoch older than `epoch` to end;
     /// returns how many were told.
     pub fn disconnect_before(&self, instance: &str, epoch: u64, reason: &str) -> usize {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        let now = std::time::Instant::now();
+        if inner.resets.len() >= MAX_RESETS_REMEMBERED {
+            inner.resets.retain(|_, (_, _, at)| now.duration_since(*at) < RESET_MEMORY);
+            if inner.resets.len() >= MAX_RESETS_REMEMBERED {
+                inner.resets.clear();
+            }
+        }
+        if epoch > 0 {
+            let seen = inner.resets.entry(instance.to_string()).or_insert((0, String::new(), now));
+            if epoch > seen.0 {
+                *seen = (epoch, reason.to_string(), now);
+            }
+        }
         let Some(ids) = inner.by_instance.get(instance) else { return 0 };
         let mut told = 0;
         for entry in ids.iter().filter_map(|id| inner.sessions.get(id)).filter(|e| e.epoch < epoch) {
@@ -260,6 +286,11 @@ mod tests {
         assert_eq!(reg.disconnect_before("a", 4, "reset"), 1);
         assert_eq!(old.stop.borrow().as_deref(), Some("reset"));
         assert_eq!(*new.stop.borrow(), None);
+        // Redeemed before the reset, registered after its message: ended as it registers.
+        let late = reg.register(info(3, "a"), TokenHash::of("x"), 3).unwrap();
+        assert_eq!(late.stop.borrow().as_deref(), Some("reset"));
+        let after = reg.register(info(4, "a"), TokenHash::of("x"), 5).unwrap();
+        assert_eq!(*after.stop.borrow(), None);
     }
 
     #[test]

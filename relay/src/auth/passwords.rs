@@ -25,24 +25,11 @@ pub fn check_password(password: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// What a console starting now needs to know of its instance, read at once.
-#[derive(Debug, Default)]
-pub struct InstanceState {
-    pub password: Option<Secret>,
-    /// The instance's reset epoch: a reset anywhere in the fleet raises it and ends the
-    /// consoles started under an older one (always 0 for one appliance alone).
-    pub epoch: u64,
-}
-
 pub trait PasswordStore: Send + Sync + 'static {
     fn set(&self, instance: &str, password: Secret) -> StoreFuture<'_, ()>;
     /// False when the instance had no password.
     fn clear(&self, instance: &str) -> StoreFuture<'_, bool>;
     fn get(&self, instance: &str) -> StoreFuture<'_, Option<Secret>>;
-    /// The password and the reset epoch, in one read where the store can.
-    fn state<'a>(&'a self, instance: &'a str) -> StoreFuture<'a, InstanceState> {
-        Box::pin(async move { Ok(InstanceState { password: self.get(instance).await?, epoch: 0 }) })
-    }
 }
 
 /// The embedded password store.

@@ -13,6 +13,11 @@ use ring::rand::{SecureRandom, SystemRandom};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
+/// What a sealed console password is bound to: its instance.
+pub fn password_context(instance: &str) -> String {
+    format!("password:{instance}")
+}
+
 /// Fewest bytes of key material a key file must hold.
 pub const MIN_KEY_BYTES: usize = 32;
 

@@ -127,6 +127,11 @@ pub struct TokenRecord {
     /// Kept for the hypervisor handshake; never serialized to clients or logs.
     #[serde(skip)]
     pub hypervisor_password: Option<Secret>,
+    /// Set by a redeem where the store has a clock the fleet shares (Redis: its `TIME`,
+    /// in µs): the reset epoch the console starts under. A reset raises the instance's
+    /// epoch to at least its own time, so it ends exactly the consoles redeemed before it.
+    #[serde(skip)]
+    pub redeemed_epoch: u64,
 }
 
 impl std::fmt::Debug for TokenRecord {
@@ -156,6 +161,7 @@ impl TokenRecord {
             used: false,
             hypervisor_schemes: req.hypervisor_schemes,
             hypervisor_password: req.hypervisor_password,
+            redeemed_epoch: 0,
         }
     }
 

@@ -143,16 +143,14 @@ impl Conn {
             hypervisor: format!("{}:{}", record.target.host, record.target.port),
             started: unix_now(),
         };
-        // The console password, and the reset epoch the console starts under: a reset
-        // anywhere in the fleet ends it.
-        let state = match self.app.passwords.state(&record.instance).await {
-            Ok(state) => state,
+        let password = match self.app.passwords.get(&record.instance).await {
+            Ok(password) => password,
             Err(e) => {
                 self.store_unavailable(&mut stream, &req, &e).await;
                 return;
             }
         };
-        let session = match self.app.sessions.register(info, hash, state.epoch) {
+        let session = match self.app.sessions.register(info, hash, record.redeemed_epoch) {
             Ok(s) => s,
             Err(e) => {
                 self.refuse(&mut stream, &Reject::new(503, "Service Unavailable", e.to_string()), &req).await;
@@ -160,7 +158,7 @@ impl Conn {
             }
         };
         let span = info_span!("session", instance = %record.instance, token_id = %record.id, door = %req.door, client = %self.client);
-        self.console(stream, upgrade, record, hash, session, state.password).instrument(span).await
+        self.console(stream, upgrade, record, hash, session, password).instrument(span).await
     }
 }
 

@@ -163,11 +163,21 @@ pub async fn handle(ctx: &ControlContext<'_>, envelope: Envelope) -> Result<Valu
             reply(password_changed(ctx, instance, "cleared", disconnect).await)
         }
         Request::InstanceReset { instance, revoke } => {
-            let revoked = if revoke { store.delete_instance(&instance).await.map_err(unavailable)? } else { 0 };
+            // Revoked first, so that no console can open on a token the reset is ending;
+            // a store that cannot revoke does not keep the consoles from ending.
+            let revoked = if revoke { Some(store.delete_instance(&instance).await) } else { None };
             let disconnected = ctx.sessions.disconnect_instance(&instance, RESET);
             let fleet = ctx.fleet.reset(&instance, RESET).await;
-            info!(target: AUDIT, event = "instance_reset", instance = %instance, disconnected, revoked, fleet = ?fleet);
-            reply(InstanceReset { instance, disconnected, revoked, fleet })
+            let revoke_error = match &revoked {
+                Some(Err(e)) => Some(e.to_string()),
+                _ => None,
+            };
+            let revoked = match revoked {
+                Some(Ok(n)) => n,
+                _ => 0,
+            };
+            info!(target: AUDIT, event = "instance_reset", instance = %instance, disconnected, revoked, fleet = ?fleet, revoke_error = ?revoke_error);
+            reply(InstanceReset { instance, disconnected, revoked, revoke_error, fleet })
         }
     }
 }
@@ -183,6 +193,9 @@ async fn create(ctx: &ControlContext<'_>, req: NewToken) -> Result<TokenCreated,
     }
     if req.ttl == Some(0) {
         return bad("ttl must be at least 1 second".into());
+    }
+    if req.ttl.is_some_and(|t| t > MAX_LIFETIME_SECS) || req.idle_timeout.is_some_and(|t| t > MAX_LIFETIME_SECS) {
+        return bad(format!("ttl and idle_timeout must be at most {MAX_LIFETIME_SECS} seconds (ten years)"));
     }
     if let Some(path) = &req.target.internal_access_path
         && (path.is_empty() || path.len() > 2048 || path.bytes().any(|b| b.is_ascii_control() || b == b' '))
@@ -228,6 +241,10 @@ async fn password_changed(ctx: &ControlContext<'_>, instance: String, change: &s
     info!(target: AUDIT, event = "console_password_changed", instance = %instance, change, disconnected, fleet = ?fleet);
     PasswordChanged { instance, password: change.into(), disconnected, fleet }
 }
+
+/// The longest a token may live or idle: stores keep times as seconds in Redis scripts,
+/// whose numbers are exact only below 2^53.
+const MAX_LIFETIME_SECS: u64 = 10 * 365 * 86_400;
 
 /// Why an operator's reset ends a console.
 const RESET: &str = "console reset by operator";

@@ -107,6 +107,10 @@ pub struct InstanceReset {
     pub disconnected: usize,
     /// Tokens deleted.
     pub revoked: usize,
+    /// Why `revoke` deleted nothing: the store could not be reached (the consoles were
+    /// still ended; revoke again once it is back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_error: Option<String>,
     /// Whether the other appliances of the fleet were told.
     pub fleet: Delivery,
 }

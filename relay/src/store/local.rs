@@ -28,7 +28,7 @@
 
 use crate::auth::memory::MemoryStore;
 use crate::auth::passwords::{MemoryPasswords, PasswordStore};
-use crate::auth::seal::Sealer;
+use crate::auth::seal::{Sealer, password_context};
 use crate::auth::store::{Filter, StoreError, StoreFuture, TokenRejection, TokenStore};
 use crate::auth::token::{Secret, StoredToken, TokenHash, TokenRecord};
 use anyhow::{Context as _, anyhow, bail};
@@ -77,11 +77,6 @@ enum Line {
     PwClear {
         instance: String,
     },
-}
-
-/// What a sealed console password is bound to.
-fn password_context(instance: &str) -> String {
-    format!("password:{instance}")
 }
 
 /// The open journal, and the keys compaction needs: the memory stores cannot enumerate.
@@ -369,23 +364,31 @@ impl LocalStore {
             Ok(record) => record,
             Err(why) => return Ok(Err(why)),
         };
+        // A single-use token is taken on disk before it is handed out: were the line lost,
+        // a restart would give the token back for a second console.
+        if before.single_use
+            && let Err(e) = journal.append(&Line::Used { hash, at: now })
+        {
+            return Err(self.unavailable("a single-use token's redeem", e));
+        }
         let record = match self.tokens.redeem_now(hash, now)? {
             Ok(record) => record,
             Err(why) => return Ok(Err(why)),
         };
-        // The used flag is news worth a line when it changes, or always for a single-use
-        // token (it is what refuses a second redeem); otherwise only the touch is, and not
-        // even that when the token was already touched this second (a burst of openings).
-        let line = if record.single_use || !before.used {
+        if record.single_use {
+            journal.tokens.insert(hash, Some(record.clone()));
+            return Ok(Ok(record));
+        }
+        // Otherwise the used flag is news worth a line when it changes, then only the
+        // touch, and not even that when the token was touched this second already (a
+        // burst of openings). Such a line lost costs a touch, not a second console.
+        let line = if !before.used {
             Line::Used { hash, at: now }
         } else if before.last_touched < now {
             Line::Touch { hash, at: now }
         } else {
             return Ok(Ok(record));
         };
-        if record.single_use {
-            journal.tokens.insert(hash, Some(record.clone()));
-        }
         if let Err(e) = journal.append(&line) {
             warn!(path = %self.path.display(), error = %e, "store file: a redeem was not written; the next sweep rewrites the file");
         }

@@ -171,10 +171,8 @@ impl Redis {
             || e.is_timeout()
             || e.is_unrecoverable_error()
             || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
-        if broken {
-            if self.lock_state().conn.take().is_some() {
-                tracing::warn!(server = %self.name, error = %e, "lost the redis store; reconnecting");
-            }
+        if broken && self.lock_state().conn.take().is_some() {
+            tracing::warn!(server = %self.name, error = %e, "lost the redis store; reconnecting");
         }
     }
 
@@ -201,20 +199,34 @@ impl Redis {
 }
 
 impl Redis {
-    /// Waits until `wait_replicas` replicas have the writes made so far on this
-    /// connection (Redis `WAIT`); an error when fewer confirm within the deadline.
-    pub async fn replicated(&self) -> Result<(), StoreError> {
+    /// Runs a write that must reach `wait_replicas` replicas before it is acknowledged
+    /// (Redis `WAIT`). WAIT blocks the connection it is sent on, so the write and its
+    /// WAIT go over a connection of their own, never the one consoles share.
+    pub async fn run_replicated<T, F, Fut>(&self, cmd: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
         let want = self.wait_replicas;
         if want == 0 {
-            return Ok(());
+            return self.run(cmd).await;
         }
-        // WAIT's own timeout, a little inside the command deadline.
-        let ms = (self.timeout.as_millis() as u64 * 3 / 4).max(1);
-        let got: u32 = self.run(|mut c| async move { redis::cmd("WAIT").arg(want).arg(ms).query_async(&mut c).await }).await?;
-        if got < want {
-            return Err(StoreError::Unavailable(format!("only {got} of {want} replicas confirmed the write in time")));
-        }
-        Ok(())
+        // WAIT's own timeout, a little inside the deadline.
+        let wait_ms = (self.timeout.as_millis() as u64 * 3 / 4).max(1);
+        let write = async {
+            let client = self.client().await?;
+            let config =
+                redis::AsyncConnectionConfig::new().set_response_timeout(Some(self.timeout)).set_connection_timeout(Some(self.timeout));
+            let conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(unavailable)?;
+            let value = cmd(conn.clone()).await.map_err(unavailable)?;
+            let mut conn = conn;
+            let got: u32 = redis::cmd("WAIT").arg(want).arg(wait_ms).query_async(&mut conn).await.map_err(unavailable)?;
+            if got < want {
+                return Err(StoreError::Unavailable(format!("only {got} of {want} replicas confirmed the write in time")));
+            }
+            Ok(value)
+        };
+        tokio::time::timeout(self.timeout * 2, write).await.unwrap_or_else(|_| Err(timed_out()))
     }
 }
 

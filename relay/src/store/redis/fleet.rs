@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
@@ -31,6 +31,27 @@ const FORGET_AFTER_SECS: u64 = 86_400;
 const MAX_PENDING: usize = 10_000;
 /// How long `sessions --cluster` waits for the other appliances.
 const ASK_WAIT: Duration = Duration::from_millis(1000);
+
+/// Raises an instance's epoch to Redis's clock in µs, or by one if the clock is behind it
+/// (the epoch never goes back), and keeps it for a day; answers the new epoch. A console's
+/// epoch is the clock at its redeem, so the reset ends exactly those redeemed before it;
+/// an epoch lost with its key (expiry, failover) ends nothing wrongly.
+static RAISE_EPOCH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = t[1] .. string.format('%06d', tonumber(t[2]))
+local old = redis.call('GET', KEYS[1])
+if old and tonumber(old) >= tonumber(now) then
+  redis.call('INCR', KEYS[1])
+else
+  redis.call('SET', KEYS[1], now)
+end
+redis.call('EXPIRE', KEYS[1], 86400)
+return redis.call('GET', KEYS[1])
+"#,
+    )
+});
 
 #[derive(Debug, Serialize, Deserialize)]
 struct ResetMessage {
@@ -51,11 +72,14 @@ pub struct RedisFleet {
     prefix: String,
     me: Me,
     pending: Mutex<VecDeque<(String, String)>>,
+    /// One delivery of the pending resets at a time (the ticks and the listener both try).
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl RedisFleet {
     pub fn new(redis: Arc<Redis>, prefix: &str, me: Me) -> RedisFleet {
-        RedisFleet { redis, prefix: prefix.to_string(), me, pending: Mutex::new(VecDeque::new()) }
+        let (pending, flushing) = (Mutex::new(VecDeque::new()), tokio::sync::Mutex::new(()));
+        RedisFleet { redis, prefix: prefix.to_string(), me, pending, flushing }
     }
 
     fn epoch_key(&self, instance: &str) -> String {
@@ -71,7 +95,8 @@ impl RedisFleet {
     /// Raises the epoch and tells the fleet.
     async fn publish_reset(&self, instance: &str, reason: &str) -> Result<u64, StoreError> {
         let key = self.epoch_key(instance);
-        let epoch: u64 = self.redis.run(|mut c| async move { redis::cmd("INCR").arg(&key).query_async(&mut c).await }).await?;
+        let epoch: String = self.redis.run(|mut c| async move { RAISE_EPOCH.key(&key).invoke_async(&mut c).await }).await?;
+        let epoch: u64 = epoch.parse().map_err(|_| StoreError::Unavailable(format!("redis answered epoch {epoch:?}")))?;
         let message = ResetMessage { instance: instance.into(), epoch, reason: reason.into(), from: self.me.name.clone() };
         let payload = serde_json::to_string(&message).unwrap_or_default();
         let channel = self.channel("resets");
@@ -86,14 +111,18 @@ impl RedisFleet {
 
     /// Delivers the resets kept while Redis was away, oldest first.
     async fn flush_pending(&self) {
+        let _one_at_a_time = self.flushing.lock().await;
         loop {
-            let Some((instance, reason)) = self.lock_pending().front().cloned() else { return };
+            let Some((instance, reason)) = self.lock_pending().pop_front() else { return };
             match self.publish_reset(&instance, &reason).await {
                 Ok(epoch) => {
-                    self.lock_pending().pop_front();
                     info!(target: crate::telemetry::AUDIT, event = "instance_reset_delivered", instance = %instance, epoch, late = true);
                 }
-                Err(_) => return,
+                Err(_) => {
+                    // Back at the front, to be tried first next time.
+                    self.lock_pending().push_front((instance, reason));
+                    return;
+                }
             }
         }
     }

@@ -4,11 +4,11 @@
 //! share its hash tag (`P:{INSTANCE}:…`).
 
 use super::conn::Redis;
-use super::keys::{self, EPOCH, FAILURES, PASSWORD};
+use super::keys::{self, FAILURES, PASSWORD};
 use crate::auth::Secret;
 use crate::auth::lockout::{Locked, LockoutStore};
-use crate::auth::passwords::{InstanceState, PasswordStore};
-use crate::auth::seal::Sealer;
+use crate::auth::passwords::PasswordStore;
+use crate::auth::seal::{Sealer, password_context};
 use crate::auth::store::{StoreError, StoreFuture};
 use redis::Script;
 use std::net::IpAddr;
@@ -31,21 +31,15 @@ impl RedisPasswords {
     fn open(&self, instance: &str, sealed: Option<String>) -> Result<Option<Secret>, StoreError> {
         // A password that does not open (another key file) must not let viewers in
         // without one: the console is refused as unavailable.
-        sealed.map(|s| self.sealer.open(&context(instance), &s).map_err(|e| StoreError::Unavailable(e.to_string()))).transpose()
+        sealed.map(|s| self.sealer.open(&password_context(instance), &s).map_err(|e| StoreError::Unavailable(e.to_string()))).transpose()
     }
-}
-
-/// What a sealed console password is bound to.
-fn context(instance: &str) -> String {
-    format!("password:{instance}")
 }
 
 impl PasswordStore for RedisPasswords {
     fn set(&self, instance: &str, password: Secret) -> StoreFuture<'_, ()> {
-        let (key, sealed) = (self.key(instance), self.sealer.seal(&context(instance), &password));
+        let (key, sealed) = (self.key(instance), self.sealer.seal(&password_context(instance), &password));
         Box::pin(async move {
-            self.redis.run(|mut c| async move { redis::cmd("SET").arg(&key).arg(&sealed).query_async::<()>(&mut c).await }).await?;
-            self.redis.replicated().await
+            self.redis.run_replicated(|mut c| async move { redis::cmd("SET").arg(&key).arg(&sealed).query_async::<()>(&mut c).await }).await
         })
     }
 
@@ -63,16 +57,6 @@ impl PasswordStore for RedisPasswords {
             let sealed: Option<String> =
                 self.redis.run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await }).await?;
             self.open(&instance, sealed)
-        })
-    }
-
-    /// One MGET of both keys (they share the instance's slot).
-    fn state<'a>(&'a self, instance: &'a str) -> StoreFuture<'a, InstanceState> {
-        let both = [self.key(instance), keys::of_instance(&self.prefix, instance, EPOCH)];
-        Box::pin(async move {
-            let (sealed, epoch): (Option<String>, Option<u64>) =
-                self.redis.run(|mut c| async move { redis::cmd("MGET").arg(&both).query_async(&mut c).await }).await?;
-            Ok(InstanceState { password: self.open(instance, sealed)?, epoch: epoch.unwrap_or(0) })
         })
     }
 }

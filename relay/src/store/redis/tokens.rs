@@ -16,7 +16,8 @@ use redis::{Script, Value};
 use std::sync::{Arc, LazyLock};
 
 /// Checks a token and, when redeeming, takes it: marks a single-use token used, and
-/// counts as a touch. Answers `{status}` or `{"ok", rec, hv, last, used}`.
+/// counts as a touch. Answers `{status}` or `{"ok", rec, hv, last, used, secs, µs}`, the
+/// last two Redis's clock at the redeem (the console's reset epoch).
 static VALIDATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -37,7 +38,8 @@ if ARGV[2] == '1' and (now > last or (single and not used)) then
   if not single and idle > 0 and last + idle < expires then ends = last + idle end
   redis.call('EXPIREAT', KEYS[1], ends)
 end
-return {'ok', f[1], f[2] or '', tostring(last), used and '1' or '0'}
+local t = redis.call('TIME')
+return {'ok', f[1], f[2] or '', tostring(last), used and '1' or '0', t[1], t[2]}
 "#,
     )
 });
@@ -71,7 +73,7 @@ impl RedisTokens {
     }
 
     fn key(&self, hash: &TokenHash) -> String {
-        format!("{}:tok:{{{}}}", self.prefix, hex(hash))
+        super::keys::token(&self.prefix, &hex(hash))
     }
     fn all(&self) -> String {
         format!("{}:tokens", self.prefix)
@@ -88,12 +90,13 @@ impl RedisTokens {
         let reply: Vec<String> =
             self.redis.run(|mut c| async move { VALIDATE.key(key).arg(now).arg(u8::from(redeem)).invoke_async(&mut c).await }).await?;
         match reply.first().map(String::as_str) {
-            Some("ok") if reply.len() == 5 => {
+            Some("ok") if reply.len() == 7 => {
                 let mut stored: StoredToken = serde_json::from_str(&reply[1]).map_err(corrupt)?;
                 stored.hypervisor_password = Some(reply[2].clone()).filter(|hv| !hv.is_empty());
                 let mut record = stored.open(&self.sealer).map_err(|e| StoreError::Unavailable(e.to_string()))?;
                 record.last_touched = reply[3].parse().unwrap_or(record.last_touched);
                 record.used = reply[4] == "1";
+                record.redeemed_epoch = micros(&reply[5], &reply[6]);
                 Ok(Ok(record))
             }
             Some("unknown") => Ok(Err(TokenRejection::Unknown)),
@@ -128,7 +131,7 @@ impl RedisTokens {
         }
         let mut pipe = redis::pipe();
         for name in &names {
-            pipe.cmd("HMGET").arg(format!("{}:tok:{{{name}}}", self.prefix)).arg(&["rec", "last", "used"]);
+            pipe.cmd("HMGET").arg(super::keys::token(&self.prefix, name)).arg(&["rec", "last", "used"]);
         }
         let rows: Vec<(Option<String>, Option<u64>, Option<String>)> =
             self.redis.run(|mut c| async move { pipe.query_async(&mut c).await }).await?;
@@ -154,6 +157,12 @@ impl RedisTokens {
         found.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
         Ok(found)
     }
+}
+
+/// Redis's `TIME` (seconds, microseconds) in microseconds.
+fn micros(secs: &str, micros: &str) -> u64 {
+    let (s, us) = (secs.parse::<u64>().unwrap_or(0), micros.parse::<u64>().unwrap_or(0));
+    s.saturating_mul(1_000_000).saturating_add(us)
 }
 
 fn hex(hash: &TokenHash) -> String {
@@ -212,8 +221,7 @@ impl TokenStore for RedisTokens {
                 pipe.cmd("EXPIREAT").arg(&index).arg(r.expires).arg("NX").ignore();
                 pipe.cmd("EXPIREAT").arg(&index).arg(r.expires).arg("GT").ignore();
             }
-            self.redis.run(|mut c| async move { pipe.query_async::<()>(&mut c).await }).await?;
-            self.redis.replicated().await
+            self.redis.run_replicated(|mut c| async move { pipe.query_async::<()>(&mut c).await }).await
         })
     }
 
@@ -252,12 +260,13 @@ impl TokenStore for RedisTokens {
             if names.is_empty() {
                 return Ok(0);
             }
-            let keys: Vec<String> = names.iter().map(|n| format!("{}:tok:{{{n}}}", self.prefix)).collect();
+            let keys: Vec<String> = names.iter().map(|n| super::keys::token(&self.prefix, n)).collect();
             let mut pipe = redis::pipe();
             for key in &keys {
                 pipe.del(key);
             }
-            pipe.zrem(self.all(), &names).ignore().del(&index).ignore();
+            // Only the names read: a token created meanwhile stays findable.
+            pipe.zrem(self.all(), &names).ignore().zrem(&index, &names).ignore();
             let deleted: Vec<i64> = self.redis.run(|mut c| async move { pipe.query_async(&mut c).await }).await?;
             Ok(deleted.iter().filter(|&&n| n == 1).count())
         })
