@@ -395,7 +395,7 @@ fn stores_section(w: &mut String, stores: &Result<crate::stores::StoreRates, Str
          over the three in turn; the median round, and its ratio to `memory` from the same run. `redis` is a local \
          redis-server (append-only file, fsync every second) on loopback.\n"
     );
-    let _ = writeln!(w, "| store | openings/s (median) | vs memory | rounds |\n|---|---|---|---|");
+    let _ = writeln!(w, "| store | openings/s (median) | vs memory | rounds | relay CPU ms per opening | redis-server CPU ms per opening |\n|---|---|---|---|---|---|");
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
@@ -406,7 +406,9 @@ fn stores_section(w: &mut String, stores: &Result<crate::stores::StoreRates, Str
         let m = median(rates);
         let vs = if base > 0.0 { format!("{:.2}×", m / base) } else { "–".into() };
         let rounds = rates.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
-        let _ = writeln!(w, "| {store} | {m:.0} | {vs} | {rounds} |");
+        let (relay_ms, redis_ms) = r.cpu_ms.iter().find(|(s, _, _)| s == store).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
+        let redis_cell = if *store == "redis" { format!("{redis_ms:.3}") } else { "–".into() };
+        let _ = writeln!(w, "| {store} | {m:.0} | {vs} | {rounds} | {relay_ms:.3} | {redis_cell} |");
     }
     match &r.fanout {
         Ok(times) if !times.is_empty() => {

@@ -17,6 +17,9 @@ pub const STORES: [&str; 3] = ["memory", "local", "redis"];
 pub struct StoreRates {
     /// Per store: the openings per second of each round.
     pub rates: Vec<(&'static str, Vec<f64>)>,
+    /// Per store: CPU milliseconds per opening of relay's process, and of redis-server
+    /// (for `redis`), over all rounds.
+    pub cpu_ms: Vec<(&'static str, f64, f64)>,
     /// The time from a reset's request to the end of the last of its consoles, per trial.
     pub fanout: Result<Vec<Duration>, String>,
     pub consoles_per_reset: usize,
@@ -30,7 +33,7 @@ pub async fn run(relay_bin: &Path, dir: &Path, hv: SocketAddr, handshakes: usize
     if procs::which("redis-server").is_none() {
         bail!("redis-server is not installed (apt install redis-server)");
     }
-    let (mut redis, url) = start_redis(dir).await?;
+    let (redis, url) = start_redis(dir).await?;
     let key = dir.join("secret.key");
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -58,9 +61,16 @@ pub async fn run(relay_bin: &Path, dir: &Path, hv: SocketAddr, handshakes: usize
     }
     // Rounds over the stores in turn, so that a burst of other work spreads over them.
     let mut rates: Vec<(&'static str, Vec<f64>)> = STORES.iter().map(|s| (*s, Vec::new())).collect();
+    // CPU seconds of relay and of redis-server, and openings, per store.
+    let mut cpu = [(0.0f64, 0.0f64, 0u64); 3];
     for round in 1..=rounds {
-        for ((store, target), (_, list)) in STORES.iter().zip(&targets).zip(rates.iter_mut()) {
+        for (i, ((store, target), (_, list))) in STORES.iter().zip(&targets).zip(rates.iter_mut()).enumerate() {
+            let (relay_pid, redis_pid) = (relays[i].1.proc.pid(), redis.pid());
+            let before = (procs::tree_cpu_secs(relay_pid), procs::tree_cpu_secs(redis_pid));
             let hs = measure::handshakes(target, handshakes, inflight, Duration::from_secs(20)).await?;
+            cpu[i].0 += procs::tree_cpu_secs(relay_pid) - before.0;
+            cpu[i].1 += procs::tree_cpu_secs(redis_pid) - before.1;
+            cpu[i].2 += hs.ok;
             if hs.failed > 0 {
                 bail!("{store} store: {} of {} openings failed: {:?}", hs.failed, hs.ok + hs.failed, hs.first_error);
             }
@@ -79,8 +89,16 @@ pub async fn run(relay_bin: &Path, dir: &Path, hv: SocketAddr, handshakes: usize
     let fanout = fanout(&fleet, hv).await.map_err(|e| format!("{e:#}"));
     drop(fleet);
     drop(relays);
-    let _ = &mut redis;
-    Ok(StoreRates { rates, fanout, consoles_per_reset: CONSOLES_EACH * 3 })
+    drop(redis);
+    let cpu_ms = STORES
+        .iter()
+        .zip(cpu)
+        .map(|(store, (relay, redis, n))| {
+            let per = |secs: f64| if n > 0 { secs * 1e3 / n as f64 } else { 0.0 };
+            (*store, per(relay), per(redis))
+        })
+        .collect();
+    Ok(StoreRates { rates, cpu_ms, fanout, consoles_per_reset: CONSOLES_EACH * 3 })
 }
 
 async fn start_redis(dir: &Path) -> Result<(Proc, String)> {
