@@ -389,7 +389,9 @@ fn idle_steps(args: &Args, nofile: u64, notes: &mut Vec<String>) -> Vec<usize> {
     if args.no_memory {
         return Vec::new();
     }
-    let most = (nofile.saturating_sub(200) / 2 / 100 * 100) as usize;
+    // relay keeps 256 descriptors aside and answers 503 past what the rest hold
+    // (relay/src/rlimit.rs): the largest step stays inside that.
+    let most = (nofile.saturating_sub(256) / 2 / 100 * 100) as usize;
     let mut steps: Vec<usize> = args.idle.iter().map(|&n| n.min(most)).filter(|&n| n > 0).collect();
     steps.sort_unstable();
     steps.dedup();
