@@ -395,7 +395,10 @@ fn stores_section(w: &mut String, stores: &Result<crate::stores::StoreRates, Str
          over the three in turn; the median round, and its ratio to `memory` from the same run. `redis` is a local \
          redis-server (append-only file, fsync every second) on loopback.\n"
     );
-    let _ = writeln!(w, "| store | openings/s (median) | vs memory | rounds | relay CPU ms per opening | redis-server CPU ms per opening |\n|---|---|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "| store | openings/s (median) | vs memory | rounds | relay CPU ms per opening | redis-server CPU ms per opening |\n|---|---|---|---|---|---|"
+    );
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);

@@ -19,6 +19,8 @@ use tokio_rustls::TlsConnector;
 pub struct App {
     pub config: Config,
     pub tokens: Arc<dyn TokenStore>,
+    /// Where a console's token is looked up: the store, then any other authority.
+    pub token_sources: crate::auth::sources::Sources,
     pub passwords: Arc<dyn PasswordStore>,
     pub lockout: Arc<dyn LockoutStore>,
     /// The appliances that share the store; resets reach them through it.
@@ -54,10 +56,12 @@ impl App {
         let me =
             Me { name: config.store.appliance(), address: appliance_address(&config), sessions: sessions.clone(), relays: relays.clone() };
         let crate::store::Stores { tokens, passwords, lockout, fleet } = crate::store::open(&config, me)?;
+        let token_sources = crate::store::open_sources(&config, tokens.clone())?;
         let sources = Sources::new(config.limits.max_connections_per_source);
         Ok(Arc::new(App {
             config,
             tokens,
+            token_sources,
             passwords,
             lockout,
             fleet,

@@ -20,6 +20,7 @@ pub struct Config {
     pub tls: Tls,
     pub relay: Relay,
     pub store: Store,
+    pub websockify: Websockify,
     pub log: Log,
 }
 
@@ -74,12 +75,47 @@ pub struct Tokens {
     pub sweep_interval_secs: u64,
     /// How often live sessions mark their token as in use.
     pub touch_interval_secs: u64,
+    /// Where a token is looked up, in order; the first that knows it decides.
+    pub sources: Vec<TokenSourceKind>,
 }
 
 impl Default for Tokens {
     fn default() -> Self {
-        Tokens { ttl_secs: 600, idle_timeout_secs: 600, max_tokens: 100_000, sweep_interval_secs: 30, touch_interval_secs: 30 }
+        Tokens {
+            ttl_secs: 600,
+            idle_timeout_secs: 600,
+            max_tokens: 100_000,
+            sweep_interval_secs: 30,
+            touch_interval_secs: 30,
+            sources: vec![TokenSourceKind::Store],
+        }
     }
+}
+
+/// A token authority (`[tokens] sources`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenSourceKind {
+    /// relay's own store (`relay ctl token create`).
+    Store,
+    /// websockify's TokenFile: `[websockify] token_file`.
+    WebsockifyFile,
+    /// websockify's TokenRedis: `[websockify] redis_url`.
+    WebsockifyRedis,
+}
+
+/// websockify's token sources, read only (`[tokens] sources`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Websockify {
+    /// A file, or a directory of files, of `token: host:port` lines.
+    pub token_file: Option<PathBuf>,
+    /// The Redis holding websockify's tokens (`redis://` or `rediss://`).
+    pub redis_url: Option<String>,
+    /// A file holding that Redis's password.
+    pub redis_password_file: Option<PathBuf>,
+    /// websockify's namespace: keys are `namespace:token`; empty, the token alone.
+    pub redis_namespace: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -394,6 +430,16 @@ impl Config {
         }
         if self.tokens.ttl_secs == 0 {
             return bad("tokens.ttl_secs must be at least 1");
+        }
+        let sources = &self.tokens.sources;
+        if sources.is_empty() || sources.iter().enumerate().any(|(i, s)| sources[..i].contains(s)) {
+            return bad("tokens.sources must name at least one source, each once");
+        }
+        if sources.contains(&TokenSourceKind::WebsockifyFile) && self.websockify.token_file.is_none() {
+            return bad("tokens.sources has websockify-file: set websockify.token_file");
+        }
+        if sources.contains(&TokenSourceKind::WebsockifyRedis) && self.websockify.redis_url.is_none() {
+            return bad("tokens.sources has websockify-redis: set websockify.redis_url");
         }
         if self.limits.relay_buffer_bytes < 1024 || self.limits.max_header_bytes < 512 {
             return bad("limits: relay_buffer_bytes must be at least 1024 and max_header_bytes at least 512");

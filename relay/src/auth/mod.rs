@@ -5,6 +5,7 @@ pub mod memory;
 pub mod passwords;
 pub mod scheme;
 pub mod seal;
+pub mod sources;
 pub mod store;
 pub mod token;
 

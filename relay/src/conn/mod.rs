@@ -120,8 +120,9 @@ impl Conn {
             return;
         };
         let hash = TokenHash::of(&token);
+        let redeemed = self.app.token_sources.redeem(&token, hash, unix_now()).await;
         drop(token);
-        let record = match self.app.tokens.redeem(hash, unix_now()).await {
+        let record = match redeemed {
             Ok(Ok(record)) => record,
             Ok(Err(rejection)) => {
                 bump(&self.app.counters.token_rejections);

@@ -10,7 +10,10 @@ use crate::auth::lockout::{Lockout, LockoutStore};
 use crate::auth::memory::MemoryStore;
 use crate::auth::passwords::{MemoryPasswords, PasswordStore};
 use crate::auth::seal::Sealer;
-use crate::config::{Config, StoreBackend};
+use crate::auth::sources::websockify_file::TokenFile;
+use crate::auth::sources::websockify_redis::TokenRedis;
+use crate::auth::sources::{Sources, StoreSource, TokenSource};
+use crate::config::{Config, StoreBackend, TokenSourceKind};
 use crate::fleet::{Alone, Fleet, Me};
 use anyhow::Context as _;
 use std::sync::Arc;
@@ -60,6 +63,33 @@ pub fn open(config: &Config, me: Me) -> anyhow::Result<Stores> {
             }
         }
     })
+}
+
+/// The token sources of `[tokens] sources`, in order; `tokens` is the store's.
+pub fn open_sources(config: &Config, tokens: Arc<dyn TokenStore>) -> anyhow::Result<Sources> {
+    let ttl = config.tokens.ttl_secs;
+    let ws = &config.websockify;
+    let mut sources: Vec<Box<dyn TokenSource>> = Vec::new();
+    for kind in &config.tokens.sources {
+        sources.push(match kind {
+            TokenSourceKind::Store => Box::new(StoreSource(tokens.clone())),
+            TokenSourceKind::WebsockifyFile => {
+                let path = ws.token_file.as_deref().context("websockify.token_file")?;
+                Box::new(TokenFile::open(path, ttl).context("websockify.token_file")?)
+            }
+            TokenSourceKind::WebsockifyRedis => {
+                let store = crate::config::Store {
+                    url: ws.redis_url.clone(),
+                    password_file: ws.redis_password_file.clone(),
+                    ..crate::config::Store::default()
+                };
+                let redis = redis::conn::Redis::new(&store).context("websockify.redis_url")?;
+                tracing::info!(server = %redis.name, namespace = %ws.redis_namespace, "token source websockify-redis");
+                Box::new(TokenRedis::new(redis, &ws.redis_namespace, ttl))
+            }
+        });
+    }
+    Ok(Sources::new(sources))
 }
 
 /// Makes `dir` (mode 0700) if it is missing.

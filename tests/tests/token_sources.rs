@@ -1,0 +1,92 @@
+//! Token authorities besides relay's own store: websockify's token files and its Redis
+//! tokens open consoles through relay unchanged, and relay's own tokens keep working
+//! beside them.
+
+use relay::config::TokenSourceKind;
+use relay_tests::env;
+use relay_tests::fake_hypervisor::{FakeVnc, Script};
+use relay_tests::relay_server::{TestRelay, scratch_dir};
+use relay_tests::servers::RedisServer;
+use relay_tests::viewer::handshake;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const RFB38: &[u8; 12] = b"RFB 003.008\n";
+
+async fn opens(relay: &TestRelay, token: &str) -> bool {
+    match relay.connect_door(token).await {
+        Ok(mut s) => handshake(&mut s, RFB38, None).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn websockify_token_files_open_consoles_and_are_read_again_when_changed() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let dir = scratch_dir("wsfile");
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let hv_addr = hv.addr();
+    std::fs::write(tokens.join("vms"), format!("# websockify's format\nws-tok-1: {hv_addr}\n")).unwrap();
+    let dir_for_relay = tokens.clone();
+    let relay = TestRelay::start_with(move |c| {
+        c.tokens.sources = vec![TokenSourceKind::Store, TokenSourceKind::WebsockifyFile];
+        c.websockify.token_file = Some(dir_for_relay);
+    })
+    .await;
+    assert!(opens(&relay, "ws-tok-1").await, "a websockify token opens its console");
+    // Named after its token in the listings, so that it can be found and reset.
+    let mut live = relay.connect_door("ws-tok-1").await.unwrap();
+    handshake(&mut live, RFB38, None).await.unwrap();
+    let listed = relay.ctl(relay::control::proto::Request::Sessions { instance: None }).await.unwrap();
+    let instance = listed["sessions"][0]["instance"].as_str().unwrap().to_string();
+    assert!(instance.starts_with("websockify-"), "{listed}");
+    let reset = relay.ctl(relay::control::proto::Request::InstanceReset { instance, revoke: false }).await.unwrap();
+    assert!(reset["disconnected"].as_u64().unwrap() >= 1, "{reset}");
+    drop(live);
+    assert!(!opens(&relay, "ws-tok-2").await, "an unknown one does not");
+    let own = relay.token("vm-own", hv.addr()).await;
+    assert!(opens(&relay, &own).await, "relay's own tokens still work beside");
+
+    // Whatever writes websockify's files keeps doing so: a new file, and a token removed.
+    std::fs::write(tokens.join("vms"), "# emptied\n").unwrap();
+    std::fs::write(tokens.join("more"), format!("ws-tok-2: {hv_addr}\n")).unwrap();
+    let started = Instant::now();
+    while !opens(&relay, "ws-tok-2").await {
+        assert!(started.elapsed() < Duration::from_secs(5), "the changed files were not read again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!opens(&relay, "ws-tok-1").await, "a token taken out of the file no longer opens");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+#[cfg_attr(relay_no_redis, ignore = "redis-server is not installed: cargo xtask deps")]
+async fn websockify_redis_tokens_in_both_value_forms_and_a_namespace() {
+    env::redis();
+    let redis = RedisServer::start().await.unwrap();
+    let hv = FakeVnc::start(Script::echo()).await;
+    let (host, port) = (hv.addr().ip().to_string(), hv.addr().port());
+    // As websockify's users write them: JSON, or host:port, under the namespace.
+    let mut s = TcpStream::connect(("127.0.0.1", redis.port)).await.unwrap();
+    let json = format!(r#"{{"host": "{host}", "port": "{port}"}}"#);
+    for (key, value) in [("consoles:tok-json", json.as_str()), ("consoles:tok-plain", &format!("{host}:{port}")), ("tok-outside", "x:1")] {
+        let cmd = format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n", key.len(), value.len());
+        s.write_all(cmd.as_bytes()).await.unwrap();
+        let mut ok = [0u8; 5];
+        s.read_exact(&mut ok).await.unwrap();
+        assert_eq!(&ok, b"+OK\r\n");
+    }
+    let url = redis.url();
+    let relay = TestRelay::start_with(move |c| {
+        c.tokens.sources = vec![TokenSourceKind::Store, TokenSourceKind::WebsockifyRedis];
+        c.websockify.redis_url = Some(url);
+        c.websockify.redis_namespace = "consoles".into();
+    })
+    .await;
+    assert!(opens(&relay, "tok-json").await, "JSON value");
+    assert!(opens(&relay, "tok-plain").await, "host:port value");
+    assert!(!opens(&relay, "tok-outside").await, "only keys under the namespace");
+    assert!(!opens(&relay, "tok-missing").await);
+}
