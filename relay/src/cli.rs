@@ -135,6 +135,30 @@ pub enum TokenCommand {
         #[command(flatten)]
         token: TokenArg,
     },
+    /// Sign a token for the `jwt` source, here, with a key file (no control socket).
+    Sign {
+        /// HS256: the secret; RS256, ES256, EdDSA: the private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long, value_enum, ignore_case = true)]
+        algorithm: crate::config::JwtAlgorithm,
+        #[arg(long)]
+        kid: Option<String>,
+        #[arg(long)]
+        instance: String,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        /// Seconds until it expires.
+        #[arg(long, default_value_t = 600)]
+        ttl: u64,
+        #[arg(long)]
+        internal_access_path: Option<String>,
+        /// Give it a random `jti`: it opens one console.
+        #[arg(long)]
+        single_use: bool,
+    },
     /// Tokens of an instance or of a hypervisor host.
     List {
         #[arg(long, conflicts_with = "host")]

@@ -21,6 +21,7 @@ pub struct Config {
     pub relay: Relay,
     pub store: Store,
     pub websockify: Websockify,
+    pub jwt: Jwt,
     pub log: Log,
 }
 
@@ -102,6 +103,50 @@ pub enum TokenSourceKind {
     WebsockifyFile,
     /// websockify's TokenRedis: `[websockify] redis_url`.
     WebsockifyRedis,
+    /// Signed tokens: `[jwt] keys`.
+    Jwt,
+}
+
+/// Signed console tokens (`[tokens] sources` with `jwt`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Jwt {
+    /// The keys tokens may be signed with; a token naming a `kid` is checked with that one.
+    pub keys: Vec<JwtKey>,
+    /// Seconds of clock difference allowed for `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// Refuse tokens without `exp` (websockify's tokens may lack it).
+    pub require_exp: bool,
+}
+
+impl Default for Jwt {
+    fn default() -> Self {
+        Jwt { keys: Vec::new(), leeway_secs: 30, require_exp: true }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKey {
+    /// HS256: the secret; the others: the public key (PEM). `relay ctl token sign` reads
+    /// the secret or private key from a file of its own.
+    pub file: PathBuf,
+    pub algorithm: JwtAlgorithm,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum JwtAlgorithm {
+    #[value(name = "HS256")]
+    HS256,
+    #[value(name = "RS256")]
+    RS256,
+    #[value(name = "ES256")]
+    ES256,
+    #[value(name = "EdDSA")]
+    EdDSA,
 }
 
 /// websockify's token sources, read only (`[tokens] sources`).
@@ -440,6 +485,9 @@ impl Config {
         }
         if sources.contains(&TokenSourceKind::WebsockifyRedis) && self.websockify.redis_url.is_none() {
             return bad("tokens.sources has websockify-redis: set websockify.redis_url");
+        }
+        if sources.contains(&TokenSourceKind::Jwt) && self.jwt.keys.is_empty() {
+            return bad("tokens.sources has jwt: list the keys tokens are signed with in [jwt] keys");
         }
         if self.limits.relay_buffer_bytes < 1024 || self.limits.max_header_bytes < 512 {
             return bad("limits: relay_buffer_bytes must be at least 1024 and max_header_bytes at least 512");

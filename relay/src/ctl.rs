@@ -18,6 +18,18 @@ use std::path::{Path, PathBuf};
 
 /// Runs one ctl command; returns the process exit code.
 pub async fn run(args: CtlArgs) -> i32 {
+    if let CtlCommand::Token(TokenCommand::Sign { .. }) = &args.command {
+        return match sign(args.command) {
+            Ok(token) => {
+                println!("{token}");
+                0
+            }
+            Err(e) => {
+                eprintln!("relay ctl: {e:#}");
+                2
+            }
+        };
+    }
     let path = args.control.clone().unwrap_or_else(default_control_path);
     let req = match to_request(args.command) {
         Ok(req) => req,
@@ -127,6 +139,7 @@ fn to_request(command: CtlCommand) -> std::io::Result<Request> {
             TokenCommand::Touch { token } => Request::TokenTouch { token: token_text(token)? },
             TokenCommand::Delete { token } => Request::TokenDelete { token: token_text(token)? },
             TokenCommand::List { instance, host } => Request::TokenList { instance, host },
+            TokenCommand::Sign { .. } => return Err(std::io::Error::other("token sign runs locally")),
         },
         CtlCommand::Sessions { instance, cluster: false } => Request::Sessions { instance },
         CtlCommand::Sessions { instance, cluster: true } => Request::ClusterSessions { instance },
@@ -141,6 +154,28 @@ fn to_request(command: CtlCommand) -> std::io::Result<Request> {
             Request::InstancePasswordClear { instance: id, disconnect }
         }
     })
+}
+
+/// `token sign`: a JWT for the `jwt` source, signed here.
+fn sign(command: CtlCommand) -> anyhow::Result<String> {
+    let CtlCommand::Token(TokenCommand::Sign { key, algorithm, kid, instance, host, port, ttl, internal_access_path, single_use }) =
+        command
+    else {
+        anyhow::bail!("not a sign command");
+    };
+    crate::auth::token::check_instance(&instance).map_err(anyhow::Error::msg)?;
+    let now = crate::app::unix_now();
+    let claims = crate::auth::sources::jwt::Claims {
+        host,
+        port: port.into(),
+        exp: Some(now + ttl),
+        nbf: Some(now),
+        instance: Some(instance),
+        internal_access_path,
+        console: None,
+        jti: single_use.then(crate::auth::token::generate),
+    };
+    crate::auth::sources::jwt::sign(&crate::config::JwtKey { file: key, algorithm, kid }, &claims)
 }
 
 /// A secret given inline, or read from `file`.
@@ -237,10 +272,12 @@ fn print_fleet_sessions(f: FleetSessions) {
 
 fn print_cluster(c: Cluster) {
     println!("store: {}; this appliance: {}", c.store, c.this);
-    println!("{:<20} {:<8} {:>8} {:>12} {:<6} ADDRESS", "NAME", "VERSION", "CONSOLES", "LAST-SEEN", "ALIVE");
+    println!("{:<20} {:<8} {:>8} {:>10} {:<6} ADDRESS", "NAME", "VERSION", "CONSOLES", "LAST-SEEN", "ALIVE");
+    let now = crate::app::unix_now();
     for a in c.appliances {
         let alive = if a.alive { "yes" } else { "NO" };
-        println!("{:<20} {:<8} {:>8} {:>12} {:<6} {}", a.name, a.version, a.live_consoles, a.last_seen, alive, a.address);
+        let seen = format!("{}s ago", now.saturating_sub(a.last_seen));
+        println!("{:<20} {:<8} {:>8} {:>10} {:<6} {}", a.name, a.version, a.live_consoles, seen, alive, a.address);
     }
 }
 

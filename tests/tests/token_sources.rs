@@ -90,3 +90,77 @@ async fn websockify_redis_tokens_in_both_value_forms_and_a_namespace() {
     assert!(!opens(&relay, "tok-outside").await, "only keys under the namespace");
     assert!(!opens(&relay, "tok-missing").await);
 }
+
+mod signed {
+    use super::*;
+    use base64::Engine as _;
+    use relay::auth::sources::jwt::{Claims, sign};
+    use relay::config::{JwtAlgorithm, JwtKey};
+    use std::path::Path;
+
+    fn key(file: &Path, algorithm: JwtAlgorithm, kid: &str) -> JwtKey {
+        JwtKey { file: file.to_path_buf(), algorithm, kid: Some(kid.into()) }
+    }
+
+    fn claims(hv: std::net::SocketAddr, exp: Option<u64>, jti: Option<&str>) -> Claims {
+        Claims {
+            host: hv.ip().to_string(),
+            port: hv.port().into(),
+            exp,
+            nbf: None,
+            instance: Some("vm-signed".into()),
+            internal_access_path: None,
+            console: None,
+            jti: jti.map(String::from),
+        }
+    }
+
+    #[tokio::test]
+    async fn signed_tokens_open_consoles_and_forgeries_do_not() {
+        let hv = FakeVnc::start(Script::echo()).await;
+        let dir = scratch_dir("jwt");
+        let secret = dir.join("hs.key");
+        std::fs::write(&secret, "a-long-shared-secret-for-hs256-tokens\n").unwrap();
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let (private, public) = (dir.join("es.key"), dir.join("es.pub"));
+        std::fs::write(&private, pair.serialize_pem()).unwrap();
+        std::fs::write(&public, pair.public_key_pem()).unwrap();
+        let keys = vec![key(&secret, JwtAlgorithm::HS256, "k1"), key(&public, JwtAlgorithm::ES256, "k2")];
+        let relay = TestRelay::start_with(move |c| {
+            c.tokens.sources = vec![TokenSourceKind::Store, TokenSourceKind::Jwt];
+            c.jwt.keys = keys;
+        })
+        .await;
+        let now = relay::app::unix_now();
+        let hs = |c: &Claims| sign(&key(&secret, JwtAlgorithm::HS256, "k1"), c).unwrap();
+
+        assert!(opens(&relay, &hs(&claims(hv.addr(), Some(now + 60), None))).await, "HS256");
+        let es = sign(&key(&private, JwtAlgorithm::ES256, "k2"), &claims(hv.addr(), Some(now + 60), None)).unwrap();
+        assert!(opens(&relay, &es).await, "ES256, a second key (rotation)");
+        let own = relay.token("vm-own", hv.addr()).await;
+        assert!(opens(&relay, &own).await, "relay's own tokens beside");
+
+        // Forgeries and the stale.
+        let other = dir.join("other.key");
+        std::fs::write(&other, "not-the-secret-relay-was-given").unwrap();
+        let forged = sign(&key(&other, JwtAlgorithm::HS256, "k1"), &claims(hv.addr(), Some(now + 60), None)).unwrap();
+        assert!(relay.connect_door(&forged).await.unwrap_err().contains("403"), "a bad signature");
+        let wrong_kid = sign(&key(&secret, JwtAlgorithm::HS256, "k9"), &claims(hv.addr(), Some(now + 60), None)).unwrap();
+        assert!(relay.connect_door(&wrong_kid).await.unwrap_err().contains("403"), "a kid no key has");
+        let expired = hs(&claims(hv.addr(), Some(now - 3600), None));
+        let refused = relay.connect_door(&expired).await.unwrap_err();
+        assert!(refused.contains("403") && refused.contains("expired"), "{refused}");
+        assert!(relay.connect_door(&hs(&claims(hv.addr(), None, None))).await.is_err(), "no exp, while exp is required");
+        let b64 = |v: &serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let body = serde_json::to_value(claims(hv.addr(), Some(now + 60), None)).unwrap();
+        let none = format!("{}.{}.", b64(&serde_json::json!({"alg": "none", "typ": "JWT"})), b64(&body));
+        assert!(relay.connect_door(&none).await.is_err(), "alg: none");
+
+        // A jti opens one console.
+        let once = hs(&claims(hv.addr(), Some(now + 60), Some("one-time-1")));
+        assert!(opens(&relay, &once).await);
+        let again = relay.connect_door(&once).await.unwrap_err();
+        assert!(again.contains("already used"), "{again}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -100,6 +100,22 @@ impl MemoryStore {
     pub fn count_now(&self) -> Result<usize, StoreError> {
         Ok(self.map().len())
     }
+
+    /// Stores `marker` under `hash` unless a live record is there: true when stored.
+    pub fn take_once_now(&self, hash: TokenHash, marker: TokenRecord, now: u64) -> Result<bool, StoreError> {
+        let mut map = self.map();
+        if map.get(&hash).is_some_and(|r| !r.dead(now)) {
+            return Ok(false);
+        }
+        if map.len() >= self.max_tokens {
+            map.retain(|_, r| !r.dead(now));
+            if map.len() >= self.max_tokens {
+                return Err(StoreError::Full(self.max_tokens));
+            }
+        }
+        map.insert(hash, marker);
+        Ok(true)
+    }
 }
 
 fn ready<T: Send + 'static>(v: Result<T, StoreError>) -> StoreFuture<'static, T> {
@@ -133,6 +149,10 @@ impl TokenStore for MemoryStore {
     }
     fn count(&self) -> StoreFuture<'_, usize> {
         ready(self.count_now())
+    }
+    fn take_once(&self, hash: TokenHash, expires: u64) -> StoreFuture<'_, bool> {
+        let now = crate::app::unix_now();
+        ready(self.take_once_now(hash, TokenRecord::taken(&hash, now, expires), now))
     }
 }
 

@@ -54,4 +54,8 @@ pub trait TokenStore: Send + Sync + 'static {
     fn sweep(&self, now: u64) -> StoreFuture<'_, usize>;
     /// How many tokens are stored (usable or not yet swept).
     fn count(&self) -> StoreFuture<'_, usize>;
+    /// Marks `hash` as used until `expires`: true the first time, false after (across the
+    /// fleet, for a shared store). For what is single-use but kept elsewhere: a signed
+    /// token's `jti`.
+    fn take_once(&self, hash: TokenHash, expires: u64) -> StoreFuture<'_, bool>;
 }

@@ -179,6 +179,25 @@ impl TokenRecord {
         }
     }
 
+    /// A used single-use record that only says `hash` was taken, until `expires`.
+    pub fn taken(hash: &TokenHash, now: u64, expires: u64) -> TokenRecord {
+        TokenRecord {
+            id: hash.id(),
+            instance: "taken".into(),
+            console: "taken".into(),
+            target: Target { host: "-".into(), port: 0, internal_access_path: None },
+            created: now,
+            expires,
+            last_touched: now,
+            idle_timeout: 0,
+            single_use: true,
+            used: true,
+            hypervisor_schemes: None,
+            hypervisor_password: None,
+            redeemed_epoch: 0,
+        }
+    }
+
     /// What a sealed hypervisor password of this token is bound to.
     fn seal_context(&self) -> String {
         format!("token:{}", self.id)

@@ -358,6 +358,21 @@ impl LocalStore {
         Ok(journal.file.clone())
     }
 
+    /// Takes `hash` once, on disk before it answers; the file to sync when taken.
+    fn take_once_now(&self, hash: TokenHash, marker: TokenRecord, now: u64) -> Result<Option<Arc<File>>, StoreError> {
+        let mut journal = self.journal();
+        if !self.tokens.take_once_now(hash, marker.clone(), now)? {
+            return Ok(None);
+        }
+        let line = Line::Token { hash, rec: Box::new(StoredToken::seal(&marker, &self.sealer)) };
+        if let Err(e) = journal.append(&line) {
+            let _ = self.tokens.delete_now(hash);
+            return Err(self.unavailable("write", e));
+        }
+        journal.tokens.insert(hash, Some(marker));
+        Ok(Some(journal.file.clone()))
+    }
+
     fn redeem_now(&self, hash: TokenHash, now: u64) -> Result<Result<TokenRecord, TokenRejection>, StoreError> {
         let mut journal = self.journal();
         let before = match self.tokens.check_now(hash, now)? {
@@ -479,6 +494,17 @@ impl TokenStore for LocalStore {
         let line = Line::Token { hash, rec: Box::new(StoredToken::seal(&record, &self.sealer)) };
         let written = self.insert_now(hash, record, line);
         Box::pin(async move { self.sync(written?).await })
+    }
+
+    fn take_once(&self, hash: TokenHash, expires: u64) -> StoreFuture<'_, bool> {
+        let now = crate::app::unix_now();
+        let written = self.take_once_now(hash, TokenRecord::taken(&hash, now, expires), now);
+        Box::pin(async move {
+            match written? {
+                Some(file) => self.sync(file).await.map(|()| true),
+                None => Ok(false),
+            }
+        })
     }
 
     fn redeem(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>> {

@@ -10,6 +10,7 @@ use crate::auth::lockout::{Lockout, LockoutStore};
 use crate::auth::memory::MemoryStore;
 use crate::auth::passwords::{MemoryPasswords, PasswordStore};
 use crate::auth::seal::Sealer;
+use crate::auth::sources::jwt::JwtSource;
 use crate::auth::sources::websockify_file::TokenFile;
 use crate::auth::sources::websockify_redis::TokenRedis;
 use crate::auth::sources::{Sources, StoreSource, TokenSource};
@@ -76,6 +77,10 @@ pub fn open_sources(config: &Config, tokens: Arc<dyn TokenStore>) -> anyhow::Res
             TokenSourceKind::WebsockifyFile => {
                 let path = ws.token_file.as_deref().context("websockify.token_file")?;
                 Box::new(TokenFile::open(path, ttl).context("websockify.token_file")?)
+            }
+            TokenSourceKind::Jwt => {
+                let jwt = &config.jwt;
+                Box::new(JwtSource::new(&jwt.keys, jwt.leeway_secs, jwt.require_exp, ttl, tokens.clone())?)
             }
             TokenSourceKind::WebsockifyRedis => {
                 let store = crate::config::Store {

@@ -3,6 +3,7 @@
 //! `[tokens] sources`. The first source that knows a token decides; everything after the
 //! look-up (dial, RFB, relay) is the same whichever it was.
 
+pub mod jwt;
 pub mod websockify_file;
 pub mod websockify_redis;
 

@@ -291,6 +291,17 @@ impl TokenStore for RedisTokens {
         })
     }
 
+    fn take_once(&self, hash: TokenHash, expires: u64) -> StoreFuture<'_, bool> {
+        let key = format!("{}:taken:{{{}}}", self.prefix, hex(&hash));
+        Box::pin(async move {
+            let set: Option<String> = self
+                .redis
+                .run(|mut c| async move { redis::cmd("SET").arg(&key).arg(1).arg("NX").arg("EXAT").arg(expires).query_async(&mut c).await })
+                .await?;
+            Ok(set.is_some())
+        })
+    }
+
     fn count(&self) -> StoreFuture<'_, usize> {
         let all = self.all();
         Box::pin(async move { self.redis.run(|mut c| async move { redis::cmd("ZCARD").arg(&all).query_async(&mut c).await }).await })
