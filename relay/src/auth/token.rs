@@ -20,6 +20,11 @@ impl TokenHash {
         TokenHash(Sha256::digest(token.as_bytes()).into())
     }
 
+    /// All 64 hex digits, as stores name the token.
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// A short, non-secret name for the token, safe for logs and listings.
     pub fn id(&self) -> String {
         self.0[..6].iter().map(|b| format!("{b:02x}")).collect()

@@ -73,7 +73,7 @@ impl RedisTokens {
     }
 
     fn key(&self, hash: &TokenHash) -> String {
-        super::keys::token(&self.prefix, &hex(hash))
+        super::keys::token(&self.prefix, &hash.hex())
     }
     fn all(&self) -> String {
         format!("{}:tokens", self.prefix)
@@ -165,10 +165,6 @@ fn micros(secs: &str, micros: &str) -> u64 {
     s.saturating_mul(1_000_000).saturating_add(us)
 }
 
-fn hex(hash: &TokenHash) -> String {
-    hash.0.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn corrupt(e: serde_json::Error) -> StoreError {
     StoreError::Unavailable(format!("a token record in redis does not parse: {e}"))
 }
@@ -192,7 +188,7 @@ impl TokenStore for RedisTokens {
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             let r = &record;
             let ends = if r.idle_timeout > 0 { r.expires.min(r.last_touched.saturating_add(r.idle_timeout)) } else { r.expires };
-            let name = hex(&hash);
+            let name = hash.hex();
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .hset_multiple(
@@ -242,7 +238,7 @@ impl TokenStore for RedisTokens {
     }
 
     fn delete(&self, hash: TokenHash) -> StoreFuture<'_, bool> {
-        let (key, all, name) = (self.key(&hash), self.all(), hex(&hash));
+        let (key, all, name) = (self.key(&hash), self.all(), hash.hex());
         Box::pin(async move {
             // The instance and host indexes drop the name when next read.
             let (n,): (i64,) =
@@ -292,7 +288,7 @@ impl TokenStore for RedisTokens {
     }
 
     fn take_once(&self, hash: TokenHash, expires: u64) -> StoreFuture<'_, bool> {
-        let key = format!("{}:taken:{{{}}}", self.prefix, hex(&hash));
+        let key = format!("{}:taken:{{{}}}", self.prefix, hash.hex());
         Box::pin(async move {
             let set: Option<String> = self
                 .redis
