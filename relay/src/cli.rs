@@ -101,8 +101,8 @@ pub enum TokenCommand {
         /// The token opens one console, once.
         #[arg(long)]
         single_use: bool,
-        /// The console kind recorded with the token.
-        #[arg(long, default_value = "novnc")]
+        /// The console kind: `vnc` opens at either door, nova's `novnc` at the WebSocket door only, `xvpvnc` at the CONNECT door only.
+        #[arg(long, default_value = "vnc")]
         console: String,
         /// The hypervisor's VNC password for this console, read from a file (`-`: stdin).
         #[arg(long, value_name = "FILE", conflicts_with = "hypervisor_password")]

@@ -22,6 +22,7 @@ pub struct Config {
     pub store: Store,
     pub websockify: Websockify,
     pub jwt: Jwt,
+    pub nova: Nova,
     pub log: Log,
 }
 
@@ -105,6 +106,43 @@ pub enum TokenSourceKind {
     WebsockifyRedis,
     /// Signed tokens: `[jwt] keys`.
     Jwt,
+    /// nova's `console_auth_tokens`: `[nova] database_urls` (or `config_file`).
+    Nova,
+}
+
+/// nova's console tokens, read from its cell databases (`[tokens] sources` with `nova`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Nova {
+    /// A nova.conf to take `[database] connection`, `[vnc]`, `[console] allowed_origins`
+    /// and `[consoleauth] enforce_session_timeout` from (where this file leaves them unset).
+    pub config_file: Option<PathBuf>,
+    /// One per cell: the `[database] connection` of its nova.conf (`mysql://`,
+    /// `mysql+pymysql://`), user and password included.
+    pub database_urls: Vec<String>,
+    /// End a console within `tokens.touch_interval_secs` of its token's row vanishing
+    /// (nova deletes them when an instance is deleted, migrated or rebuilt).
+    pub end_when_token_deleted: bool,
+    /// nova's `[consoleauth] enforce_session_timeout`: end a console when its token
+    /// expires too (within `tokens.touch_interval_secs`).
+    pub enforce_session_timeout: bool,
+    /// How long a look-up may take before the database counts as unavailable.
+    pub timeout_ms: u64,
+    /// Connections kept open to each cell database at most.
+    pub max_connections: usize,
+}
+
+impl Default for Nova {
+    fn default() -> Self {
+        Nova {
+            config_file: None,
+            database_urls: Vec::new(),
+            end_when_token_deleted: true,
+            enforce_session_timeout: false,
+            timeout_ms: 2000,
+            max_connections: 8,
+        }
+    }
 }
 
 /// Signed console tokens (`[tokens] sources` with `jwt`).
@@ -448,7 +486,11 @@ pub enum ConfigError {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))?;
+        if let Some(nova_conf) = config.nova.config_file.clone() {
+            crate::auth::sources::nova::conf::apply(&mut config, &nova_conf)
+                .map_err(|e| ConfigError::Invalid(format!("nova.config_file: {e:#}")))?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -488,6 +530,12 @@ impl Config {
         }
         if sources.contains(&TokenSourceKind::Jwt) && self.jwt.keys.is_empty() {
             return bad("tokens.sources has jwt: list the keys tokens are signed with in [jwt] keys");
+        }
+        if sources.contains(&TokenSourceKind::Nova) && self.nova.database_urls.is_empty() {
+            return bad("tokens.sources has nova: set nova.database_urls (one per cell) or nova.config_file");
+        }
+        if self.nova.timeout_ms == 0 || self.nova.max_connections == 0 {
+            return bad("nova: timeout_ms and max_connections must be at least 1");
         }
         if self.limits.relay_buffer_bytes < 1024 || self.limits.max_header_bytes < 512 {
             return bad("limits: relay_buffer_bytes must be at least 1024 and max_header_bytes at least 512");

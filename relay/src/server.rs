@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::conn::{self, Listener};
 use crate::control;
 use crate::reserve::{Reserve, out_of_descriptors};
+use crate::telemetry::AUDIT;
 use crate::tls::Ktls;
 use anyhow::Context as _;
 use std::future::Future;
@@ -151,8 +152,16 @@ async fn housekeeping(app: Arc<App>) {
             debug!(live = app.sessions.len(), "most consoles have gone: returned free memory to the kernel");
         }
         let now = unix_now();
-        for hash in app.sessions.live_tokens() {
-            let _ = app.tokens.touch(hash, now).await;
+        for (source, live) in app.sessions.live_tokens() {
+            match app.token_sources.keep(&source, &live, now).await {
+                Ok(gone) => {
+                    for hash in gone {
+                        let ended = app.sessions.disconnect_token(hash, "its console token was revoked at its source");
+                        info!(target: AUDIT, event = "token_revoked", source = %source, token_id = %hash.id(), disconnected = ended);
+                    }
+                }
+                Err(e) => warn!(source = %source, error = %e, "could not check the live consoles' tokens; they stay open"),
+            }
         }
         match app.tokens.sweep(now).await {
             Ok(0) => {}

@@ -49,6 +49,9 @@ pub struct SessionInfo {
     pub viewer: SocketAddr,
     pub hypervisor: String,
     pub started: u64,
+    /// The token source that opened it (`store`, `nova`, `jwt`, …).
+    #[serde(default)]
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,11 +229,24 @@ impl Registry {
         views
     }
 
-    /// Tokens behind live sessions, to keep them from lapsing while in use.
-    pub fn live_tokens(&self) -> Vec<TokenHash> {
+    /// Tokens behind live sessions by the source that honoured them, to keep them in use
+    /// (and to learn of those revoked there).
+    pub fn live_tokens(&self) -> HashMap<String, Vec<TokenHash>> {
         let inner = self.lock();
-        let set: HashSet<TokenHash> = inner.sessions.values().map(|e| e.token).collect();
-        set.into_iter().collect()
+        let mut by_source: HashMap<String, HashSet<TokenHash>> = HashMap::new();
+        for e in inner.sessions.values() {
+            by_source.entry(e.info.source.clone()).or_default().insert(e.token);
+        }
+        by_source.into_iter().map(|(source, set)| (source, set.into_iter().collect())).collect()
+    }
+
+    /// Tells the sessions opened with `token` to end; returns how many were told.
+    pub fn disconnect_token(&self, token: TokenHash, reason: &str) -> usize {
+        let inner = self.lock();
+        let told = inner.sessions.values().filter(|e| e.token == token).inspect(|e| {
+            e.stop.send_replace(Some(reason.to_string()));
+        });
+        told.count()
     }
 
     pub fn len(&self) -> usize {
@@ -255,7 +271,22 @@ mod tests {
             viewer: "127.0.0.1:1".parse().unwrap(),
             hypervisor: "h:5900".into(),
             started: 0,
+            source: "store".into(),
         }
+    }
+
+    #[test]
+    fn live_tokens_by_source_and_ending_one_token() {
+        let reg = Registry::new(10, 5);
+        let nova = SessionInfo { source: "nova".into(), ..info(2, "b") };
+        let (x, y) = (TokenHash::of("x"), TokenHash::of("y"));
+        let a = reg.register(info(1, "a"), x, 0).unwrap();
+        let b = reg.register(nova, y, 0).unwrap();
+        let b2 = reg.register(SessionInfo { source: "nova".into(), ..info(3, "b") }, y, 0).unwrap();
+        let live = reg.live_tokens();
+        assert_eq!((live["store"].as_slice(), live["nova"].as_slice()), ([x].as_slice(), [y].as_slice()), "each token once, under its source");
+        assert_eq!(reg.disconnect_token(y, "revoked"), 2);
+        assert!(b.stop.borrow().is_some() && b2.stop.borrow().is_some() && a.stop.borrow().is_none());
     }
 
     #[test]
@@ -265,7 +296,7 @@ mod tests {
         let a2 = reg.register(info(2, "a"), TokenHash::of("x"), 0).unwrap();
         let b = reg.register(info(3, "b"), TokenHash::of("y"), 0).unwrap();
         assert_eq!(reg.register(info(4, "a"), TokenHash::of("x"), 0).err(), Some(RegisterError::TooManyForInstance(2)));
-        assert_eq!(reg.live_tokens().len(), 2);
+        assert_eq!(reg.live_tokens()["store"].len(), 2);
         assert_eq!(reg.disconnect_instance("a", "reset"), 2);
         assert_eq!(a1.stop.borrow().as_deref(), Some("reset"));
         assert_eq!(a2.stop.borrow().as_deref(), Some("reset"));

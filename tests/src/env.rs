@@ -40,6 +40,10 @@ pub fn redis() {
     require("redis-server (Debian's redis-server)", Path::new(crate::servers::REDIS_SERVER).exists());
 }
 
+pub fn mariadb() {
+    require("mariadbd (Debian's mariadb-server)", Path::new(crate::servers::MARIADBD).exists());
+}
+
 pub fn haproxy() {
     require("haproxy (Debian's haproxy)", Path::new(crate::servers::HAPROXY).exists());
 }

@@ -178,7 +178,7 @@ impl Drop for TestRelay {
 pub fn new_token(instance: &str, hypervisor: SocketAddr) -> NewToken {
     NewToken {
         instance: instance.into(),
-        console: "novnc".into(),
+        console: "vnc".into(),
         target: Target { host: hypervisor.ip().to_string(), port: hypervisor.port(), internal_access_path: None },
         ttl: None,
         idle_timeout: None,

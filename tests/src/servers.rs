@@ -235,3 +235,159 @@ impl Drop for RelayProcess {
         self.kill();
     }
 }
+
+pub const MARIADBD: &str = "/usr/sbin/mariadbd";
+const MARIADB_INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
+const MARIADB: &str = "/usr/bin/mariadb";
+
+/// nova's `console_auth_tokens` as its migrations leave it on MySQL (the initial schema
+/// of nova/db/main/migrations, then `tls_port`).
+pub const NOVA_CONSOLE_AUTH_TOKENS: &str = "CREATE TABLE console_auth_tokens (
+    created_at DATETIME NULL,
+    updated_at DATETIME NULL,
+    id INTEGER NOT NULL AUTO_INCREMENT,
+    token_hash VARCHAR(255) NOT NULL,
+    console_type VARCHAR(255) NOT NULL,
+    host VARCHAR(255) NOT NULL,
+    port INTEGER NOT NULL,
+    internal_access_path VARCHAR(255) NULL,
+    instance_uuid VARCHAR(36) NOT NULL,
+    expires INTEGER NOT NULL,
+    access_url_base VARCHAR(255) NULL,
+    tls_port INTEGER NULL,
+    PRIMARY KEY (id),
+    CONSTRAINT uniq_console_auth_tokens0token_hash UNIQUE (token_hash),
+    INDEX console_auth_tokens_instance_uuid_idx (instance_uuid),
+    INDEX console_auth_tokens_host_expires_idx (host, expires),
+    INDEX console_auth_tokens_token_hash_idx (token_hash),
+    INDEX console_auth_tokens_token_hash_instance_uuid_idx (token_hash, instance_uuid)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb3";
+
+/// A MariaDB server of our own (Debian's mariadb-server) holding a `nova` database with
+/// nova's token table; relay reads it as `relay`, allowed SELECT on that table only.
+pub struct Mariadb {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Mariadb {
+    pub async fn start_nova() -> anyhow::Result<Mariadb> {
+        let dir = scratch_dir("mariadb");
+        let data = dir.join("data");
+        let install = Command::new(MARIADB_INSTALL_DB)
+            .args(["--no-defaults", "--user=root", "--auth-root-authentication-method=socket", "--skip-test-db"])
+            .arg(format!("--datadir={}", data.display()))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("install.log"))?)
+            .stderr(Stdio::null())
+            .status()
+            .context("running mariadb-install-db")?;
+        if !install.success() {
+            bail!("mariadb-install-db failed ({install}): see {}", dir.join("install.log").display());
+        }
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port()?;
+            let child = Command::new(MARIADBD)
+                .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1", "--skip-name-resolve", "--innodb-buffer-pool-size=16M"])
+                .arg(format!("--port={port}"))
+                .arg(format!("--datadir={}", data.display()))
+                .arg(format!("--socket={}", dir.join("sock").display()))
+                .arg(format!("--pid-file={}", dir.join("pid").display()))
+                .arg(format!("--log-error={}", dir.join("error.log").display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting mariadbd")?;
+            let mut db = Mariadb { child, port, dir: dir.clone() };
+            match db.ready().await {
+                Ok(()) => {
+                    db.sql(&format!(
+                        "CREATE DATABASE nova; USE nova; {NOVA_CONSOLE_AUTH_TOKENS}; \
+                         CREATE USER 'relay'@'127.0.0.1' IDENTIFIED BY 'relay-secret'; \
+                         GRANT SELECT ON nova.console_auth_tokens TO 'relay'@'127.0.0.1';"
+                    ))?;
+                    return Ok(db);
+                }
+                Err(e) => last = e.to_string(),
+            }
+            // Dropping `db` kills the server that did not come up; its data stays for the
+            // next try (an emptied `dir` is not removed).
+            db.dir = PathBuf::new();
+        }
+        bail!("mariadbd did not start: {last}")
+    }
+
+    async fn ready(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Some(status) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
+                bail!("mariadbd exited ({status}): {}", log.lines().rev().take(3).collect::<Vec<_>>().join(" | "));
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() && self.sql("SELECT 1").is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("mariadbd did not answer within 30 s")
+    }
+
+    /// relay's `[nova] database_urls` entry, in nova.conf's form.
+    pub fn url(&self) -> String {
+        format!("mysql+pymysql://relay:relay-secret@127.0.0.1:{}/nova?charset=utf8", self.port)
+    }
+
+    /// Runs `sql` as root over the server's socket (as nova's services write rows).
+    pub fn sql(&self, sql: &str) -> anyhow::Result<String> {
+        let out = Command::new(MARIADB)
+            .args(["--no-defaults", "--batch", "--skip-column-names", "-uroot"])
+            .arg(format!("--socket={}", self.dir.join("sock").display()))
+            .arg("-e")
+            .arg(sql)
+            .stdin(Stdio::null())
+            .output()
+            .context("running mariadb")?;
+        if !out.status.success() {
+            bail!("mariadb: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes a token's row as nova's `ConsoleAuthToken.authorize` does: the token's
+    /// SHA-256 in hex, `expires` = now + ttl.
+    pub fn authorize(&self, token: &str, console_type: &str, target: SocketAddr, instance: &str, expires: i64) -> anyhow::Result<()> {
+        use sha2::Digest;
+        let hash: String = sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        self.sql(&format!(
+            "INSERT INTO nova.console_auth_tokens (created_at, token_hash, console_type, host, port, instance_uuid, expires, access_url_base) \
+             VALUES (UTC_TIMESTAMP(), '{hash}', '{console_type}', '{}', {}, '{instance}', {expires}, 'http://127.0.0.1:6080/vnc_lite.html')",
+            target.ip(),
+            target.port()
+        ))?;
+        Ok(())
+    }
+
+    /// SIGKILL: the database vanishes.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Deletes the instance's rows, as nova does when it is deleted or migrated.
+    pub fn clean_instance(&self, instance: &str) -> anyhow::Result<()> {
+        self.sql(&format!("DELETE FROM nova.console_auth_tokens WHERE instance_uuid = '{instance}'")).map(drop)
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

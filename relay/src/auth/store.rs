@@ -19,6 +19,8 @@ pub enum TokenRejection {
     Idle,
     #[error("console token was already used")]
     AlreadyUsed,
+    #[error("console token is for another kind of console than this door serves")]
+    WrongConsole,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

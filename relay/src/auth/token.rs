@@ -109,8 +109,9 @@ pub struct NewToken {
     pub password: Option<Secret>,
 }
 
+/// A console kind that opens at either door (nova's kinds each name one door).
 fn default_console() -> String {
-    "novnc".into()
+    "vnc".into()
 }
 
 /// A stored token. Times are Unix seconds.
@@ -137,6 +138,9 @@ pub struct TokenRecord {
     /// epoch to at least its own time, so it ends exactly the consoles redeemed before it.
     #[serde(skip)]
     pub redeemed_epoch: u64,
+    /// The token source that honoured it (`[tokens] sources`); set by the look-up.
+    #[serde(skip)]
+    pub source: &'static str,
 }
 
 impl std::fmt::Debug for TokenRecord {
@@ -167,6 +171,7 @@ impl TokenRecord {
             hypervisor_schemes: req.hypervisor_schemes,
             hypervisor_password: req.hypervisor_password,
             redeemed_epoch: 0,
+            source: "",
         }
     }
 
@@ -200,6 +205,7 @@ impl TokenRecord {
             hypervisor_schemes: None,
             hypervisor_password: None,
             redeemed_epoch: 0,
+            source: "",
         }
     }
 

@@ -9,7 +9,7 @@ mod request;
 use request::send_and_close;
 
 use crate::app::{App, unix_now};
-use crate::auth::TokenHash;
+use crate::auth::{TokenHash, TokenRejection};
 use crate::front::{Door, token_param};
 use crate::session::SessionInfo;
 use crate::sources::SourcePlace;
@@ -120,7 +120,10 @@ impl Conn {
             return;
         };
         let hash = TokenHash::of(&token);
+        let door = req.door;
         let redeemed = self.app.token_sources.redeem(&token, hash, unix_now()).await;
+        let redeemed = redeemed
+            .map(|r| r.and_then(|record| if door.admits(&record.console) { Ok(record) } else { Err(TokenRejection::WrongConsole) }));
         drop(token);
         let record = match redeemed {
             Ok(Ok(record)) => record,
@@ -143,6 +146,7 @@ impl Conn {
             viewer: self.peer,
             hypervisor: format!("{}:{}", record.target.host, record.target.port),
             started: unix_now(),
+            source: record.source.to_string(),
         };
         let password = match self.app.passwords.get(&record.instance).await {
             Ok(password) => password,

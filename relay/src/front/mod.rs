@@ -17,6 +17,15 @@ pub enum Door {
     Connect,
 }
 
+impl Door {
+    /// Whether a token for a `console` kind opens a console here. nova's kinds each name
+    /// a door (`novnc` the WebSocket one, `xvpvnc` CONNECT); relay's own `vnc` opens
+    /// either; any other (SPICE, serial, MKS) neither.
+    pub fn admits(self, console: &str) -> bool {
+        matches!((self, console), (_, "vnc") | (Door::WebSocket, "novnc") | (Door::Connect, "xvpvnc"))
+    }
+}
+
 impl std::fmt::Display for Door {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -82,6 +82,7 @@ pub fn open_sources(config: &Config, tokens: Arc<dyn TokenStore>) -> anyhow::Res
                 let jwt = &config.jwt;
                 Box::new(JwtSource::new(&jwt.keys, jwt.leeway_secs, jwt.require_exp, ttl, tokens.clone())?)
             }
+            TokenSourceKind::Nova => Box::new(crate::auth::sources::nova::NovaSource::new(&config.nova).context("nova.database_urls")?),
             TokenSourceKind::WebsockifyRedis => {
                 let store = crate::config::Store {
                     url: ws.redis_url.clone(),

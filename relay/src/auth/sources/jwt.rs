@@ -138,6 +138,10 @@ impl JwtSource {
 }
 
 impl TokenSource for JwtSource {
+    fn name(&self) -> &'static str {
+        "jwt"
+    }
+
     fn redeem<'a>(&'a self, token: &'a str, hash: TokenHash, now: u64) -> StoreFuture<'a, Found> {
         Box::pin(async move {
             // Not a JWT (three dot-separated parts): another source's token.

@@ -4,6 +4,7 @@
 //! look-up (dial, RFB, relay) is the same whichever it was.
 
 pub mod jwt;
+pub mod nova;
 pub mod websockify_file;
 pub mod websockify_redis;
 
@@ -15,20 +16,43 @@ use std::sync::Arc;
 pub type Found = Option<Result<TokenRecord, TokenRejection>>;
 
 pub trait TokenSource: Send + Sync + 'static {
+    /// The name in `[tokens] sources`, also shown with the consoles it opened.
+    fn name(&self) -> &'static str;
+
     /// Redeems `token` (its SHA-256 is `hash`) for a console starting at `now`.
     fn redeem<'a>(&'a self, token: &'a str, hash: TokenHash, now: u64) -> StoreFuture<'a, Found>;
+
+    /// Called every touch interval with the tokens of this source's live consoles: keeps
+    /// them in use, and returns those the source no longer honours (their consoles end).
+    fn keep<'a>(&'a self, _live: &'a [TokenHash], _now: u64) -> StoreFuture<'a, Vec<TokenHash>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
 }
 
 /// relay's own store: tokens made by `token create`.
 pub struct StoreSource(pub Arc<dyn TokenStore>);
 
 impl TokenSource for StoreSource {
+    fn name(&self) -> &'static str {
+        "store"
+    }
+
     fn redeem<'a>(&'a self, _token: &'a str, hash: TokenHash, now: u64) -> StoreFuture<'a, Found> {
         Box::pin(async move {
             Ok(match self.0.redeem(hash, now).await? {
                 Err(TokenRejection::Unknown) => None,
                 known => Some(known),
             })
+        })
+    }
+
+    /// A live console's token lapses from its last use, not from its redeem.
+    fn keep<'a>(&'a self, live: &'a [TokenHash], now: u64) -> StoreFuture<'a, Vec<TokenHash>> {
+        Box::pin(async move {
+            for hash in live {
+                self.0.touch(*hash, now).await?;
+            }
+            Ok(Vec::new())
         })
     }
 }
@@ -47,10 +71,19 @@ impl Sources {
     pub async fn redeem(&self, token: &str, hash: TokenHash, now: u64) -> Result<Result<TokenRecord, TokenRejection>, StoreError> {
         for source in &self.0 {
             if let Some(found) = source.redeem(token, hash, now).await? {
-                return Ok(found);
+                return Ok(found.map(|record| TokenRecord { source: source.name(), ..record }));
             }
         }
         Ok(Err(TokenRejection::Unknown))
+    }
+
+    /// Keeps the live consoles' tokens of the source named `source` in use; returns the
+    /// tokens it no longer honours.
+    pub async fn keep(&self, source: &str, live: &[TokenHash], now: u64) -> Result<Vec<TokenHash>, StoreError> {
+        match self.0.iter().find(|s| s.name() == source) {
+            Some(s) => s.keep(live, now).await,
+            None => Ok(Vec::new()),
+        }
     }
 }
 
@@ -61,7 +94,7 @@ pub fn outside_record(source: &str, hash: &TokenHash, target: Target, now: u64, 
     TokenRecord {
         id: hash.id(),
         instance: format!("{source}-{}", hash.id()),
-        console: "novnc".into(),
+        console: "vnc".into(),
         target,
         created: now,
         expires: now.saturating_add(ttl),
@@ -72,6 +105,7 @@ pub fn outside_record(source: &str, hash: &TokenHash, target: Target, now: u64, 
         hypervisor_schemes: None,
         hypervisor_password: None,
         redeemed_epoch: 0,
+        source: "",
     }
 }
 

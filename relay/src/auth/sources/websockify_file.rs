@@ -71,6 +71,10 @@ impl TokenFile {
 }
 
 impl TokenSource for TokenFile {
+    fn name(&self) -> &'static str {
+        "websockify-file"
+    }
+
     fn redeem<'a>(&'a self, _token: &'a str, hash: TokenHash, now: u64) -> StoreFuture<'a, Found> {
         let mut state = self.lock();
         self.refresh(&mut state);

@@ -38,6 +38,10 @@ fn parse_value(value: &str) -> Option<Target> {
 }
 
 impl TokenSource for TokenRedis {
+    fn name(&self) -> &'static str {
+        "websockify-redis"
+    }
+
     fn redeem<'a>(&'a self, token: &'a str, hash: TokenHash, now: u64) -> StoreFuture<'a, Found> {
         let key = if self.namespace.is_empty() { token.to_string() } else { format!("{}:{token}", self.namespace) };
         Box::pin(async move {
