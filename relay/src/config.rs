@@ -155,11 +155,14 @@ pub struct Jwt {
     pub leeway_secs: u64,
     /// Refuse tokens without `exp` (websockify's tokens may lack it).
     pub require_exp: bool,
+    /// How long `instance reset --revoke` refuses the instance's tokens issued before it
+    /// (by `iat`, else `nbf`); sign tokens that expire sooner than this.
+    pub revoke_for_secs: u64,
 }
 
 impl Default for Jwt {
     fn default() -> Self {
-        Jwt { keys: Vec::new(), leeway_secs: 30, require_exp: true }
+        Jwt { keys: Vec::new(), leeway_secs: 30, require_exp: true, revoke_for_secs: 86_400 }
     }
 }
 

@@ -170,6 +170,7 @@ fn sign(command: CtlCommand) -> anyhow::Result<String> {
         port: port.into(),
         exp: Some(now + ttl),
         nbf: Some(now),
+        iat: Some(now),
         instance: Some(instance),
         internal_access_path,
         console: None,

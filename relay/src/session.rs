@@ -284,7 +284,11 @@ mod tests {
         let b = reg.register(nova, y, 0).unwrap();
         let b2 = reg.register(SessionInfo { source: "nova".into(), ..info(3, "b") }, y, 0).unwrap();
         let live = reg.live_tokens();
-        assert_eq!((live["store"].as_slice(), live["nova"].as_slice()), ([x].as_slice(), [y].as_slice()), "each token once, under its source");
+        assert_eq!(
+            (live["store"].as_slice(), live["nova"].as_slice()),
+            ([x].as_slice(), [y].as_slice()),
+            "each token once, under its source"
+        );
         assert_eq!(reg.disconnect_token(y, "revoked"), 2);
         assert!(b.stop.borrow().is_some() && b2.stop.borrow().is_some() && a.stop.borrow().is_none());
     }

@@ -108,6 +108,7 @@ mod signed {
             port: hv.port().into(),
             exp,
             nbf: None,
+            iat: None,
             instance: Some("vm-signed".into()),
             internal_access_path: None,
             console: None,
@@ -161,6 +162,21 @@ mod signed {
         assert!(opens(&relay, &once).await);
         let again = relay.connect_door(&once).await.unwrap_err();
         assert!(again.contains("already used"), "{again}");
+
+        // A reset with revocation refuses the instance's tokens issued before it (and those
+        // that do not say when they were issued), not those issued after.
+        let issued = |iat: Option<u64>| hs(&Claims { iat, ..claims(hv.addr(), Some(now + 60), None) });
+        let (before, undated, after) = (issued(Some(now - 1)), issued(None), issued(Some(now + 2)));
+        assert!(opens(&relay, &before).await && opens(&relay, &undated).await);
+        let reset = relay.ctl(relay::control::proto::Request::InstanceReset { instance: "vm-signed".into(), revoke: true }).await.unwrap();
+        assert!(reset["revoke_error"].is_null(), "{reset}");
+        for revoked in [&before, &undated] {
+            let refused = relay.connect_door(revoked).await.unwrap_err();
+            assert!(refused.contains("403") && refused.contains("revoked"), "{refused}");
+        }
+        assert!(opens(&relay, &after).await, "a token issued after the reset");
+        let listed = relay.ctl(relay::control::proto::Request::TokenList { instance: None, host: None }).await.unwrap();
+        assert!(!listed.to_string().contains("revoked"), "the store's note is no token: {listed}");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -19,6 +19,8 @@ pub enum TokenRejection {
     Idle,
     #[error("console token was already used")]
     AlreadyUsed,
+    #[error("console token was revoked")]
+    Revoked,
     #[error("console token is for another kind of console than this door serves")]
     WrongConsole,
 }
@@ -60,4 +62,15 @@ pub trait TokenStore: Send + Sync + 'static {
     /// fleet, for a shared store). For what is single-use but kept elsewhere: a signed
     /// token's `jti`.
     fn take_once(&self, hash: TokenHash, expires: u64) -> StoreFuture<'_, bool>;
+
+    /// Notes that `instance` was reset at `at`: its signed tokens issued before then are
+    /// refused until `until` (they are checked nowhere else to be revoked).
+    fn revoke_signed<'a>(&'a self, instance: &'a str, at: u64, until: u64) -> StoreFuture<'a, ()> {
+        self.insert(super::token::revocation_key(instance), TokenRecord::revocation(instance, at, until))
+    }
+
+    /// When `instance`'s signed tokens were last revoked, while that holds.
+    fn signed_revoked_at<'a>(&'a self, instance: &'a str, now: u64) -> StoreFuture<'a, Option<u64>> {
+        Box::pin(async move { Ok(self.check(super::token::revocation_key(instance), now).await?.ok().map(|r| r.created)) })
+    }
 }

@@ -37,6 +37,17 @@ impl std::fmt::Debug for TokenHash {
     }
 }
 
+/// The console kind of a revocation note.
+const REVOKED: &str = "revoked";
+
+/// Where an instance's revocation note is kept: a hash no token hashes to (a SHA-256
+/// with its first byte flipped has no known preimage), so no viewer can redeem the note.
+pub fn revocation_key(instance: &str) -> TokenHash {
+    let mut key = TokenHash::of(&format!("revoked:{instance}"));
+    key.0[0] ^= 0xff;
+    key
+}
+
 /// Makes a fresh token from the operating system's CSPRNG (via rand's thread RNG,
 /// which reseeds from it).
 pub fn generate() -> String {
@@ -207,6 +218,33 @@ impl TokenRecord {
             redeemed_epoch: 0,
             source: "",
         }
+    }
+
+    /// The note that `instance` was reset at `at`: its signed tokens issued before then are
+    /// refused until `until`. Kept in the token store (under [`revocation_key`]) so that it
+    /// is as durable and as shared as the tokens.
+    pub fn revocation(instance: &str, at: u64, until: u64) -> TokenRecord {
+        TokenRecord {
+            id: revocation_key(instance).id(),
+            instance: instance.to_string(),
+            console: REVOKED.into(),
+            target: Target { host: "-".into(), port: 0, internal_access_path: None },
+            created: at,
+            expires: until,
+            last_touched: at,
+            idle_timeout: 0,
+            single_use: false,
+            used: false,
+            hypervisor_schemes: None,
+            hypervisor_password: None,
+            redeemed_epoch: 0,
+            source: "",
+        }
+    }
+
+    /// Whether this is a store's own note (a taken `jti`, a revocation), not a token.
+    pub fn is_note(&self) -> bool {
+        self.console == REVOKED || self.console == "taken"
     }
 
     /// What a sealed hypervisor password of this token is bound to.

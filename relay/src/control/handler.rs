@@ -10,7 +10,7 @@ use crate::auth::passwords::{PasswordStore, check_password};
 use crate::auth::store::Filter;
 use crate::auth::token::check_instance;
 use crate::auth::{NewToken, StoreError, TokenHash, TokenRecord, TokenStore, token};
-use crate::config::{Config, StoreBackend, Tokens};
+use crate::config::{Config, StoreBackend, TokenSourceKind, Tokens};
 use crate::fleet::{Delivery, Fleet};
 use crate::front::token_param;
 use crate::relay::backend::Relays;
@@ -34,6 +34,8 @@ pub struct ControlContext<'a> {
     pub relays: &'a Relays,
     /// Lifetimes of new tokens.
     pub token_defaults: &'a Tokens,
+    /// How long a reset refuses an instance's signed tokens; `None` without the jwt source.
+    pub signed_revocation_secs: Option<u64>,
     /// Where each door is reached, for the URLs a new token comes with.
     pub doors: DoorBases,
 }
@@ -85,6 +87,7 @@ impl<'a> ControlContext<'a> {
             counters: &app.counters,
             relays: &app.relays,
             token_defaults: &app.config.tokens,
+            signed_revocation_secs: app.config.tokens.sources.contains(&TokenSourceKind::Jwt).then_some(app.config.jwt.revoke_for_secs),
             doors: DoorBases::of(&app.config, app.front_tls.is_some()),
         }
     }
@@ -126,7 +129,9 @@ pub async fn handle(ctx: &ControlContext<'_>, envelope: Envelope) -> Result<Valu
                 (None, None) => Filter::All,
                 (Some(_), Some(_)) => return Err(ControlError::new(ErrorKind::BadRequest, "list by instance or by host, not both")),
             };
-            reply(TokenList { tokens: store.list(filter, now).await.map_err(unavailable)? })
+            let mut tokens = store.list(filter, now).await.map_err(unavailable)?;
+            tokens.retain(|t| !t.is_note());
+            reply(TokenList { tokens })
         }
         Request::Sessions { instance } => {
             reply(SessionList { sessions: ctx.sessions.list(instance.as_deref(), |cookie| ctx.relays.kernel_bytes(cookie)) })
@@ -165,7 +170,10 @@ pub async fn handle(ctx: &ControlContext<'_>, envelope: Envelope) -> Result<Valu
         Request::InstanceReset { instance, revoke } => {
             // Revoked first, so that no console can open on a token the reset is ending;
             // a store that cannot revoke does not keep the consoles from ending.
-            let revoked = if revoke { Some(store.delete_instance(&instance).await) } else { None };
+            let revoked = match revoke {
+                true => Some(revoke_instance(ctx, &instance, now).await),
+                false => None,
+            };
             let disconnected = ctx.sessions.disconnect_instance(&instance, RESET);
             let fleet = ctx.fleet.reset(&instance, RESET).await;
             let revoke_error = match &revoked {
@@ -180,6 +188,16 @@ pub async fn handle(ctx: &ControlContext<'_>, envelope: Envelope) -> Result<Valu
             reply(InstanceReset { instance, disconnected, revoked, revoke_error, fleet })
         }
     }
+}
+
+/// Deletes the instance's tokens, and notes the reset for its signed tokens (which
+/// exist only in the hands of those they were given to) when they are accepted.
+async fn revoke_instance(ctx: &ControlContext<'_>, instance: &str, now: u64) -> Result<usize, StoreError> {
+    let deleted = ctx.tokens.delete_instance(instance).await?;
+    if let Some(lasts) = ctx.signed_revocation_secs {
+        ctx.tokens.revoke_signed(instance, now, now.saturating_add(lasts)).await?;
+    }
+    Ok(deleted)
 }
 
 fn reply(result: impl Serialize) -> Result<Value, ControlError> {

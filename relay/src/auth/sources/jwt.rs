@@ -1,8 +1,10 @@
 //! Signed console tokens (JWT): a control plane signs a token naming the console's target,
 //! and any appliance that has the key checks it, with no state shared. The claims are
 //! websockify's JWTTokenApi's (`host`, `port`, `nbf`, `exp`) plus relay's own: `instance`,
-//! `internal_access_path`, `console`, and `jti`, which makes a token single-use (the store
-//! records each `jti` it has seen until the token expires).
+//! `internal_access_path`, `console`, `iat`, and `jti`, which makes a token single-use
+//! (the store records each `jti` it has seen until the token expires). Nothing is stored
+//! per token, so `instance reset --revoke` leaves a note in the store instead: the
+//! instance's tokens issued (`iat`, else `nbf`) at or before the reset are refused.
 //!
 //! Keys come from files, each with its algorithm (HS256, RS256, ES256 or EdDSA) and
 //! optionally a `kid`, so that keys can be rotated: a token naming a `kid` is checked
@@ -43,6 +45,9 @@ pub struct Claims {
     pub exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
+    /// Issued at: a reset with revocation refuses the instance's tokens issued before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,10 +158,17 @@ impl TokenSource for JwtSource {
                 Err(why) => return Ok(Some(Err(why))),
             };
             let jti = claims.jti.clone();
+            let issued = claims.iat.or(claims.nbf).unwrap_or(0);
             let record = match self.record(&hash, claims, now) {
                 Ok(record) => record,
                 Err(why) => return Ok(Some(Err(why))),
             };
+            // A reset with revocation since it was issued: the store has the note.
+            if let Some(at) = self.tokens.signed_revoked_at(&record.instance, now).await?
+                && issued <= at
+            {
+                return Ok(Some(Err(TokenRejection::Revoked)));
+            }
             // Single use: the first appliance to record the `jti` opens the console.
             if let Some(jti) = jti
                 && !self.tokens.take_once(TokenHash::of(&format!("jwt-jti:{jti}")), record.expires.max(now + 1)).await?
