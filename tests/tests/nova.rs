@@ -181,3 +181,70 @@ async fn novnc_in_chromium_opens_the_url_nova_hands_out() {
     let init = handshake(&mut s, RFB38, None).await.unwrap();
     assert_eq!((init.width, init.height), (720, 400), "QEMU's firmware screen");
 }
+
+/// The migration as an operator does it: relay's file names nova's sources and points at
+/// the nova.conf nova-novncproxy used; the database, the allowed origins and the session
+/// timeout come from there.
+#[tokio::test]
+#[cfg_attr(relay_no_mariadb, ignore = "mariadb-server is not installed: cargo xtask deps")]
+async fn the_relay_binary_takes_the_database_and_origins_from_nova_conf() {
+    use relay_tests::servers::RelayProcess;
+    env::mariadb();
+    let db = Mariadb::start_nova().await.unwrap();
+    let hv = FakeVnc::start(Script::echo()).await;
+    let dir = relay_tests::relay_server::scratch_dir("nova-conf");
+    let nova_conf = dir.join("nova.conf");
+    std::fs::write(
+        &nova_conf,
+        format!(
+            "[DEFAULT]\ndebug = False\n\n[database]\nconnection = {}\n\n[console]\nallowed_origins = dash.example.com\n\n\
+             [consoleauth]\nenforce_session_timeout = True\n",
+            db.url()
+        ),
+    )
+    .unwrap();
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\nwebsocket = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:0\"\ncontrol = \"{}\"\n\n\
+             [tokens]\nsources = [\"store\", \"nova\"]\ntouch_interval_secs = 1\n\n\
+             [nova]\nconfig_file = \"{}\"\n\n[store]\nbackend = \"memory\"\n\n[log]\nfilter = \"warn\"\n",
+            dir.join("control.sock").display(),
+            nova_conf.display()
+        ),
+    )
+    .unwrap();
+    let relay = RelayProcess::start(&config).await.unwrap();
+    let (token, short) = (nova_token(), nova_token());
+    db.authorize(&token, "novnc", hv.addr(), "5e6f7a8b-9c0d-4e1f-8a2b-4c5d6e7f8a9b", now() + 600).unwrap();
+    db.authorize(&short, "novnc", hv.addr(), "6f7a8b9c-0d1e-4f2a-9b3c-5d6e7f8a9b0c", now() + 2).unwrap();
+    let upgrade = |origin: &'static str, token: String| {
+        let ws = relay.ws;
+        async move {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let mut req = format!("ws://{ws}/?token={token}").into_client_request().unwrap();
+            req.headers_mut().insert("Origin", origin.parse().unwrap());
+            req.headers_mut().insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+            tokio_tungstenite::connect_async(req).await.map(|(ws, _)| relay_tests::ws_viewer::WsByteStream::new(ws))
+        }
+    };
+    assert!(upgrade("http://evil.example.net", token.clone()).await.is_err(), "an origin nova.conf does not allow");
+    let mut ws = upgrade("http://dash.example.com", token.clone()).await.expect("nova.conf's allowed origin, nova.conf's database");
+    handshake(&mut ws, RFB38, None).await.unwrap();
+    let mut expiring = upgrade("http://dash.example.com", short).await.unwrap();
+    handshake(&mut expiring, RFB38, None).await.unwrap();
+    // nova.conf's enforce_session_timeout: the console ends when its token expires.
+    let ended = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut buf = [0u8; 16];
+        loop {
+            match expiring.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the console outlived its token under enforce_session_timeout");
+    let _ = std::fs::remove_dir_all(dir);
+}
