@@ -9,6 +9,7 @@ mod hv;
 mod measure;
 mod procs;
 mod report;
+mod sources;
 mod stores;
 
 use anyhow::{Context, Result, bail};
@@ -60,8 +61,8 @@ pub struct Args {
     /// Skip the idle-session memory runs.
     #[arg(long)]
     no_memory: bool,
-    /// Only these paths (direct, connect, ws, socat, haproxy, websockify, and `stores` for the
-    /// store back-ends); direct always runs.
+    /// Only these paths (direct, connect, ws, socat, haproxy, websockify, `stores` for the
+    /// store back-ends and `sources` for the token sources); direct always runs.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Write the report (Markdown) to this file as well.
@@ -149,6 +150,8 @@ pub struct Run {
     pub load_after: String,
     /// The store back-ends' openings per second and the fleet's reset fan-out.
     pub stores: Option<Result<stores::StoreRates, String>>,
+    /// Openings per second through each token source.
+    pub sources: Option<Result<sources::SourceRates, String>>,
 }
 
 fn main() -> Result<()> {
@@ -365,9 +368,34 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         None
     };
 
+    let sources = if args.only.is_empty() || args.only.iter().any(|o| o == "sources") {
+        eprintln!("relay-bench: token sources (store, jwt, nova)");
+        let sub = dir.join("sources");
+        std::fs::create_dir_all(&sub)?;
+        let outcome = sources::run(&relay_bin, &sub, hv.addr, args.handshakes, args.inflight, args.repeat).await;
+        if let Err(e) = &outcome {
+            eprintln!("relay-bench: sources: {e:#}");
+        }
+        Some(outcome.map_err(|e| format!("{e:#}")))
+    } else {
+        None
+    };
+
     let elapsed = started.elapsed();
     let others = procs::machine_busy_secs() - busy_before - (procs::tree_cpu_secs(std::process::id()) - own_before);
-    let run = Run { args, paths, memory, notes, nofile, elapsed, others_cpu: others.max(0.0), load_before, load_after: loadavg(), stores };
+    let run = Run {
+        args,
+        paths,
+        memory,
+        notes,
+        nofile,
+        elapsed,
+        others_cpu: others.max(0.0),
+        load_before,
+        load_after: loadavg(),
+        stores,
+        sources,
+    };
     let text = report::markdown(&run, &relay_bin);
     println!("{text}");
     if let Some(doc) = &run.args.doc {

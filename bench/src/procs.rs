@@ -90,6 +90,11 @@ pub fn start_relay(binary: &Path, dir: &Path, backend: &str) -> Result<Relay> {
 
 /// As [`start_relay`], with `store` as the config's `[store]` section.
 pub fn start_relay_with(binary: &Path, dir: &Path, backend: &str, store: &str) -> Result<Relay> {
+    start_relay_sourced(binary, dir, backend, "", store)
+}
+
+/// As [`start_relay_with`], with `tokens` added to the `[tokens]` section (its sources).
+pub fn start_relay_sourced(binary: &Path, dir: &Path, backend: &str, tokens: &str, store: &str) -> Result<Relay> {
     let control = dir.join("control.sock");
     let config = dir.join("relay.toml");
     std::fs::write(
@@ -104,6 +109,7 @@ control = "{}"
 [tokens]
 ttl_secs = 86400
 idle_timeout_secs = 0
+{tokens}
 
 [hypervisor]
 auth_schemes = ["none"]

@@ -265,6 +265,9 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
     if let Some(stores) = &run.stores {
         stores_section(w, stores, &mut notes);
     }
+    if let Some(sources) = &run.sources {
+        sources_section(w, sources);
+    }
 
     let bytes_multi = a.bytes_multi.unwrap_or(a.bytes);
     let _ = writeln!(w, "\n## How measured\n");
@@ -378,6 +381,44 @@ fn total_bytes(p: &crate::PathResult) -> u64 {
     p.throughput.iter().flatten().map(|r| r.bytes).sum()
 }
 
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Openings per second per token source, beside relay's own store.
+fn sources_section(w: &mut String, sources: &Result<crate::sources::SourceRates, String>) {
+    let _ = writeln!(w, "\n## Token sources\n");
+    let r = match sources {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(w, "Not measured: {e}");
+            return;
+        }
+    };
+    let _ = writeln!(
+        w,
+        "Console openings per second through the CONNECT door (same count and concurrency as above) with the token \
+         found in relay's own store (`memory`), checked as a signed token (`jwt`, HS256, plus the store's look-up for a \
+         revocation), or read from nova's `console_auth_tokens` (`nova`, a local MariaDB, one SELECT on the unique \
+         hash index per opening); one relay each, in rounds over the three; the median round and its ratio to `store`.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| source | openings/s (median) | vs store | rounds | relay CPU ms per opening | mariadbd CPU ms per opening |\n|---|---|---|---|---|---|"
+    );
+    let base = r.rates.iter().find(|(s, _)| *s == "store").map(|(_, v)| median(v)).unwrap_or(0.0);
+    for (source, rates) in &r.rates {
+        let m = median(rates);
+        let vs = if base > 0.0 { format!("{:.2}×", m / base) } else { "–".into() };
+        let rounds = rates.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+        let (relay_ms, db_ms) = r.cpu_ms.iter().find(|(s, _, _)| s == source).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
+        let db_cell = if *source == "nova" { format!("{db_ms:.3}") } else { "–".into() };
+        let _ = writeln!(w, "| {source} | {m:.0} | {vs} | {rounds} | {relay_ms:.3} | {db_cell} |");
+    }
+}
+
 /// Openings per second per store, beside `memory`, and the reset fan-out's times.
 fn stores_section(w: &mut String, stores: &Result<crate::stores::StoreRates, String>, notes: &mut Vec<String>) {
     let _ = writeln!(w, "\n## Store back-ends\n");
@@ -399,11 +440,6 @@ fn stores_section(w: &mut String, stores: &Result<crate::stores::StoreRates, Str
         w,
         "| store | openings/s (median) | vs memory | rounds | relay CPU ms per opening | redis-server CPU ms per opening |\n|---|---|---|---|---|---|"
     );
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
     let base = r.rates.iter().find(|(s, _)| *s == "memory").map(|(_, v)| median(v)).unwrap_or(0.0);
     for (store, rates) in &r.rates {
         let m = median(rates);

@@ -188,7 +188,7 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 
 /// Debian packages of the proxies relay is compared with. The bench skips (visibly) any
 /// that is missing, so installing them is best effort.
-const BENCH_APT_PACKAGES: &[&str] = &["socat", "haproxy", "websockify"];
+const BENCH_APT_PACKAGES: &[&str] = &["socat", "haproxy", "websockify", "mariadb-server"];
 
 fn bench(root: &Path) -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(2).collect();
