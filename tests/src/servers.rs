@@ -337,7 +337,21 @@ impl Mariadb {
 
     /// relay's `[nova] database_urls` entry, in nova.conf's form.
     pub fn url(&self) -> String {
-        format!("mysql+pymysql://relay:relay-secret@127.0.0.1:{}/nova?charset=utf8", self.port)
+        self.cell_url("nova")
+    }
+
+    /// The entry for another cell's database on this server.
+    pub fn cell_url(&self, database: &str) -> String {
+        format!("mysql+pymysql://relay:relay-secret@127.0.0.1:{}/{database}?charset=utf8", self.port)
+    }
+
+    /// A second cell: its own database with nova's table, readable by relay.
+    pub fn add_cell(&self, database: &str) -> anyhow::Result<()> {
+        self.sql(&format!(
+            "CREATE DATABASE {database}; USE {database}; {NOVA_CONSOLE_AUTH_TOKENS}; \
+             GRANT SELECT ON {database}.console_auth_tokens TO 'relay'@'127.0.0.1';"
+        ))
+        .map(drop)
     }
 
     /// Runs `sql` as root over the server's socket (as nova's services write rows).
@@ -359,10 +373,23 @@ impl Mariadb {
     /// Writes a token's row as nova's `ConsoleAuthToken.authorize` does: the token's
     /// SHA-256 in hex, `expires` = now + ttl.
     pub fn authorize(&self, token: &str, console_type: &str, target: SocketAddr, instance: &str, expires: i64) -> anyhow::Result<()> {
+        self.authorize_in("nova", token, console_type, target, instance, expires)
+    }
+
+    /// As [`Mariadb::authorize`], in the cell database `database`.
+    pub fn authorize_in(
+        &self,
+        database: &str,
+        token: &str,
+        console_type: &str,
+        target: SocketAddr,
+        instance: &str,
+        expires: i64,
+    ) -> anyhow::Result<()> {
         use sha2::Digest;
         let hash: String = sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
         self.sql(&format!(
-            "INSERT INTO nova.console_auth_tokens (created_at, token_hash, console_type, host, port, instance_uuid, expires, access_url_base) \
+            "INSERT INTO {database}.console_auth_tokens (created_at, token_hash, console_type, host, port, instance_uuid, expires, access_url_base) \
              VALUES (UTC_TIMESTAMP(), '{hash}', '{console_type}', '{}', {}, '{instance}', {expires}, 'http://127.0.0.1:6080/vnc_lite.html')",
             target.ip(),
             target.port()

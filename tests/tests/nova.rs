@@ -102,6 +102,25 @@ async fn nova_rows_open_consoles_at_their_door_only_until_they_expire() {
 
 #[tokio::test]
 #[cfg_attr(relay_no_mariadb, ignore = "mariadb-server is not installed: cargo xtask deps")]
+async fn every_cell_database_is_asked() {
+    env::mariadb();
+    let db = Mariadb::start_nova().await.unwrap();
+    db.add_cell("nova_cell2").unwrap();
+    let hv = FakeVnc::start(Script::echo()).await;
+    let cell2 = db.cell_url("nova_cell2");
+    let relay = relay_on(&db, move |c| c.nova.database_urls.push(cell2)).await;
+    let (in_cell1, in_cell2) = (nova_token(), nova_token());
+    db.authorize(&in_cell1, "xvpvnc", hv.addr(), "7a8b9c0d-1e2f-4a3b-8c4d-6e7f8a9b0c1d", now() + 600).unwrap();
+    db.authorize_in("nova_cell2", &in_cell2, "xvpvnc", hv.addr(), "8b9c0d1e-2f3a-4b4c-9d5e-7f8a9b0c1d2e", now() + 600).unwrap();
+    assert!(connect(&relay, &in_cell1).await.is_ok(), "a token in the first cell");
+    let mut b = connect(&relay, &in_cell2).await.expect("a token in the second cell");
+    // A row deleted in its cell ends its console, though the other cell never had it.
+    db.sql("DELETE FROM nova_cell2.console_auth_tokens").unwrap();
+    assert!(ends_within(&mut b, Duration::from_secs(4)).await);
+}
+
+#[tokio::test]
+#[cfg_attr(relay_no_mariadb, ignore = "mariadb-server is not installed: cargo xtask deps")]
 async fn a_console_ends_when_nova_deletes_its_token_and_survives_the_database_going_away() {
     env::mariadb();
     let mut db = Mariadb::start_nova().await.unwrap();
