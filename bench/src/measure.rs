@@ -258,3 +258,48 @@ pub async fn idle_memory(
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(IdleMemory { baseline, points })
 }
+
+/// Console openings through each of several relays, in rounds over them in turn (so that
+/// a burst of other work spreads over all): per entry, the openings per second of each
+/// round, and the CPU milliseconds per opening of its relay and of `server` (a process
+/// they share: Redis, MariaDB).
+pub struct OpeningRounds {
+    pub rates: Vec<(&'static str, Vec<f64>)>,
+    pub cpu_ms: Vec<(&'static str, f64, f64)>,
+}
+
+/// `relays`: a name, the target to open, and the relay's pid.
+pub async fn opening_rounds(
+    what: &str,
+    relays: &[(&'static str, Target, u32)],
+    server: u32,
+    handshakes_each: usize,
+    inflight: usize,
+    rounds: usize,
+) -> Result<OpeningRounds> {
+    let mut rates: Vec<(&'static str, Vec<f64>)> = relays.iter().map(|(name, _, _)| (*name, Vec::new())).collect();
+    let mut cpu = vec![(0.0f64, 0.0f64, 0u64); relays.len()];
+    for round in 1..=rounds {
+        for (i, (name, target, pid)) in relays.iter().enumerate() {
+            let before = (procs::tree_cpu_secs(*pid), procs::tree_cpu_secs(server));
+            let hs = handshakes(target, handshakes_each, inflight, Duration::from_secs(20)).await?;
+            cpu[i].0 += procs::tree_cpu_secs(*pid) - before.0;
+            cpu[i].1 += procs::tree_cpu_secs(server) - before.1;
+            cpu[i].2 += hs.ok;
+            if hs.failed > 0 {
+                bail!("{what} {name}: {} of {} openings failed: {:?}", hs.failed, hs.ok + hs.failed, hs.first_error);
+            }
+            eprintln!("relay-bench:   {what} {name}, round {round}: {:.0} openings/s", hs.per_sec());
+            rates[i].1.push(hs.per_sec());
+        }
+    }
+    let cpu_ms = relays
+        .iter()
+        .zip(cpu)
+        .map(|((name, _, _), (relay, server, n))| {
+            let per = |secs: f64| if n > 0 { secs * 1e3 / n as f64 } else { 0.0 };
+            (*name, per(relay), per(server))
+        })
+        .collect();
+    Ok(OpeningRounds { rates, cpu_ms })
+}

@@ -404,18 +404,30 @@ fn sources_section(w: &mut String, sources: &Result<crate::sources::SourceRates,
          revocation), or read from nova's `console_auth_tokens` (`nova`, a local MariaDB, one SELECT on the unique \
          hash index per opening); one relay each, in rounds over the three; the median round and its ratio to `store`.\n"
     );
+    openings_table(w, "source", &r.rates, &r.cpu_ms, ("store", "nova", "mariadbd"));
+}
+
+/// A table of openings per second per relay (median round, ratio to `base`, every round,
+/// CPU per opening of relay and of the server only `uses_server` talks to).
+fn openings_table(
+    w: &mut String,
+    kind: &str,
+    rates: &[(&'static str, Vec<f64>)],
+    cpu_ms: &[(&'static str, f64, f64)],
+    (base, uses_server, server): (&str, &str, &str),
+) {
     let _ = writeln!(
         w,
-        "| source | openings/s (median) | vs store | rounds | relay CPU ms per opening | mariadbd CPU ms per opening |\n|---|---|---|---|---|---|"
+        "| {kind} | openings/s (median) | vs {base} | rounds | relay CPU ms per opening | {server} CPU ms per opening |\n|---|---|---|---|---|---|"
     );
-    let base = r.rates.iter().find(|(s, _)| *s == "store").map(|(_, v)| median(v)).unwrap_or(0.0);
-    for (source, rates) in &r.rates {
-        let m = median(rates);
-        let vs = if base > 0.0 { format!("{:.2}×", m / base) } else { "–".into() };
-        let rounds = rates.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
-        let (relay_ms, db_ms) = r.cpu_ms.iter().find(|(s, _, _)| s == source).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
-        let db_cell = if *source == "nova" { format!("{db_ms:.3}") } else { "–".into() };
-        let _ = writeln!(w, "| {source} | {m:.0} | {vs} | {rounds} | {relay_ms:.3} | {db_cell} |");
+    let base_rate = rates.iter().find(|(s, _)| *s == base).map(|(_, v)| median(v)).unwrap_or(0.0);
+    for (name, rounds) in rates {
+        let m = median(rounds);
+        let vs = if base_rate > 0.0 { format!("{:.2}×", m / base_rate) } else { "–".into() };
+        let list = rounds.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+        let (relay_ms, server_ms) = cpu_ms.iter().find(|(s, _, _)| s == name).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
+        let server_cell = if *name == uses_server { format!("{server_ms:.3}") } else { "–".into() };
+        let _ = writeln!(w, "| {name} | {m:.0} | {vs} | {list} | {relay_ms:.3} | {server_cell} |");
     }
 }
 
@@ -436,19 +448,7 @@ fn stores_section(w: &mut String, stores: &Result<crate::stores::StoreRates, Str
          over the three in turn; the median round, and its ratio to `memory` from the same run. `redis` is a local \
          redis-server (append-only file, fsync every second) on loopback.\n"
     );
-    let _ = writeln!(
-        w,
-        "| store | openings/s (median) | vs memory | rounds | relay CPU ms per opening | redis-server CPU ms per opening |\n|---|---|---|---|---|---|"
-    );
-    let base = r.rates.iter().find(|(s, _)| *s == "memory").map(|(_, v)| median(v)).unwrap_or(0.0);
-    for (store, rates) in &r.rates {
-        let m = median(rates);
-        let vs = if base > 0.0 { format!("{:.2}×", m / base) } else { "–".into() };
-        let rounds = rates.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
-        let (relay_ms, redis_ms) = r.cpu_ms.iter().find(|(s, _, _)| s == store).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
-        let redis_cell = if *store == "redis" { format!("{redis_ms:.3}") } else { "–".into() };
-        let _ = writeln!(w, "| {store} | {m:.0} | {vs} | {rounds} | {relay_ms:.3} | {redis_cell} |");
-    }
+    openings_table(w, "store", &r.rates, &r.cpu_ms, ("memory", "redis", "redis-server"));
     match &r.fanout {
         Ok(times) if !times.is_empty() => {
             let mut ms: Vec<f64> = times.iter().map(|d| d.as_secs_f64() * 1e3).collect();

@@ -48,34 +48,10 @@ pub async fn run(relay_bin: &Path, dir: &Path, hv: SocketAddr, handshakes: usize
             "jwt" => sign(relay_bin, &secret, hv)?,
             _ => NOVA_TOKEN.to_string(),
         };
-        targets.push(Target { addr: relay.connect, door: Door::Connect { token }, settle: Duration::ZERO });
+        targets.push((*source, Target { addr: relay.connect, door: Door::Connect { token }, settle: Duration::ZERO }, relay.proc.pid()));
     }
-    let mut rates: Vec<(&'static str, Vec<f64>)> = SOURCES.iter().map(|s| (*s, Vec::new())).collect();
-    let mut cpu = [(0.0f64, 0.0f64, 0u64); 3];
-    for round in 1..=rounds {
-        for (i, (source, target)) in SOURCES.iter().zip(&targets).enumerate() {
-            let (relay_pid, db_pid) = (relays[i].proc.pid(), db.pid());
-            let before = (procs::tree_cpu_secs(relay_pid), procs::tree_cpu_secs(db_pid));
-            let hs = measure::handshakes(target, handshakes, inflight, Duration::from_secs(20)).await?;
-            cpu[i].0 += procs::tree_cpu_secs(relay_pid) - before.0;
-            cpu[i].1 += procs::tree_cpu_secs(db_pid) - before.1;
-            cpu[i].2 += hs.ok;
-            if hs.failed > 0 {
-                bail!("{source} source: {} of {} openings failed: {:?}", hs.failed, hs.ok + hs.failed, hs.first_error);
-            }
-            eprintln!("relay-bench:   source {source}, round {round}: {:.0} openings/s", hs.per_sec());
-            rates[i].1.push(hs.per_sec());
-        }
-    }
-    let cpu_ms = SOURCES
-        .iter()
-        .zip(cpu)
-        .map(|(source, (relay, db, n))| {
-            let per = |secs: f64| if n > 0 { secs * 1e3 / n as f64 } else { 0.0 };
-            (*source, per(relay), per(db))
-        })
-        .collect();
-    Ok(SourceRates { rates, cpu_ms })
+    let measured = measure::opening_rounds("source", &targets, db.pid(), handshakes, inflight, rounds).await?;
+    Ok(SourceRates { rates: measured.rates, cpu_ms: measured.cpu_ms })
 }
 
 /// A token signed by `relay ctl token sign`, as a control plane would hand it out.

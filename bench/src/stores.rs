@@ -57,27 +57,9 @@ pub async fn run(relay_bin: &Path, dir: &Path, hv: SocketAddr, handshakes: usize
     let mut targets = Vec::new();
     for (store, relay) in &relays {
         let token = relay.token(hv).await.with_context(|| format!("token on the {store} store"))?;
-        targets.push(Target { addr: relay.connect, door: Door::Connect { token }, settle: Duration::ZERO });
+        targets.push((*store, Target { addr: relay.connect, door: Door::Connect { token }, settle: Duration::ZERO }, relay.proc.pid()));
     }
-    // Rounds over the stores in turn, so that a burst of other work spreads over them.
-    let mut rates: Vec<(&'static str, Vec<f64>)> = STORES.iter().map(|s| (*s, Vec::new())).collect();
-    // CPU seconds of relay and of redis-server, and openings, per store.
-    let mut cpu = [(0.0f64, 0.0f64, 0u64); 3];
-    for round in 1..=rounds {
-        for (i, ((store, target), (_, list))) in STORES.iter().zip(&targets).zip(rates.iter_mut()).enumerate() {
-            let (relay_pid, redis_pid) = (relays[i].1.proc.pid(), redis.pid());
-            let before = (procs::tree_cpu_secs(relay_pid), procs::tree_cpu_secs(redis_pid));
-            let hs = measure::handshakes(target, handshakes, inflight, Duration::from_secs(20)).await?;
-            cpu[i].0 += procs::tree_cpu_secs(relay_pid) - before.0;
-            cpu[i].1 += procs::tree_cpu_secs(redis_pid) - before.1;
-            cpu[i].2 += hs.ok;
-            if hs.failed > 0 {
-                bail!("{store} store: {} of {} openings failed: {:?}", hs.failed, hs.ok + hs.failed, hs.first_error);
-            }
-            eprintln!("relay-bench:   store {store}, round {round}: {:.0} openings/s", hs.per_sec());
-            list.push(hs.per_sec());
-        }
-    }
+    let measured = measure::opening_rounds("store", &targets, redis.pid(), handshakes, inflight, rounds).await?;
 
     // Two more appliances on the same Redis for the fan-out.
     let mut fleet = vec![relays.pop().expect("the redis relay").1];
@@ -90,15 +72,7 @@ pub async fn run(relay_bin: &Path, dir: &Path, hv: SocketAddr, handshakes: usize
     drop(fleet);
     drop(relays);
     drop(redis);
-    let cpu_ms = STORES
-        .iter()
-        .zip(cpu)
-        .map(|(store, (relay, redis, n))| {
-            let per = |secs: f64| if n > 0 { secs * 1e3 / n as f64 } else { 0.0 };
-            (*store, per(relay), per(redis))
-        })
-        .collect();
-    Ok(StoreRates { rates, cpu_ms, fanout, consoles_per_reset: CONSOLES_EACH * 3 })
+    Ok(StoreRates { rates: measured.rates, cpu_ms: measured.cpu_ms, fanout, consoles_per_reset: CONSOLES_EACH * 3 })
 }
 
 async fn start_redis(dir: &Path) -> Result<(Proc, String)> {
