@@ -36,6 +36,8 @@ pub struct App {
     pub ktls: Ktls,
     /// The back-ends established consoles run on.
     pub relays: Arc<Relays>,
+    /// Set when shutdown begins: `/readyz` says so and new consoles are refused.
+    pub draining: std::sync::atomic::AtomicBool,
     next_id: AtomicU64,
 }
 
@@ -72,8 +74,22 @@ impl App {
             hypervisor_tls,
             ktls: tls::probe_ktls(),
             relays,
+            draining: std::sync::atomic::AtomicBool::new(false),
             next_id: AtomicU64::new(1),
         }))
+    }
+
+    /// Whether relay takes consoles now (`/readyz`): not draining, and its token store
+    /// answering (a count is the cheapest question every store can be asked).
+    pub async fn readiness(&self) -> crate::front::health::Readiness {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("draining: relay is shutting down".into());
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(2), self.tokens.count()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the token store did not answer within 2 s".into()),
+        }
     }
 
     /// A process-unique id for a connection (and the session it may become).

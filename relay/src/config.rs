@@ -23,7 +23,40 @@ pub struct Config {
     pub websockify: Websockify,
     pub jwt: Jwt,
     pub nova: Nova,
+    pub keepalive: Keepalive,
     pub log: Log,
+}
+
+/// Keeping quiet consoles alive, and finding the dead ones: TCP keepalive on both legs of
+/// every connection (a viewer that vanished without a FIN frees its slot; a load balancer
+/// or NAT in between sees traffic).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Keepalive {
+    /// Seconds a connection may be quiet before the first probe; 0 turns TCP keepalive off.
+    pub tcp_idle_secs: u64,
+    /// Seconds between probes.
+    pub tcp_interval_secs: u64,
+    /// Unanswered probes after which the connection is dead.
+    pub tcp_probes: u32,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive { tcp_idle_secs: 60, tcp_interval_secs: 10, tcp_probes: 6 }
+    }
+}
+
+impl Keepalive {
+    /// The socket option for a connection, if keepalive is on.
+    pub fn tcp(&self) -> Option<socket2::TcpKeepalive> {
+        (self.tcp_idle_secs > 0).then(|| {
+            socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(self.tcp_idle_secs))
+                .with_interval(Duration::from_secs(self.tcp_interval_secs.max(1)))
+                .with_retries(self.tcp_probes.max(1))
+        })
+    }
 }
 
 /// TLS on the front doors (`https://`, `wss://`, CONNECT over TLS). With a certificate
@@ -275,6 +308,9 @@ pub struct Limits {
     pub max_requests_per_connection: usize,
     /// A web client that takes no byte of a response for this long is disconnected.
     pub web_send_timeout_secs: u64,
+    /// On SIGTERM, seconds of answering `/readyz` with 503 (and refusing new consoles)
+    /// before the listeners close, for load balancers to notice; live consoles go on.
+    pub drain_secs: u64,
     pub shutdown_grace_secs: u64,
 }
 
@@ -289,10 +325,11 @@ impl Default for Limits {
             handshake_timeout_secs: 15,
             max_ws_message_bytes: 4 << 20,
             relay_buffer_bytes: 32 << 10,
-            session_idle_timeout_secs: 0,
+            session_idle_timeout_secs: 3600,
             half_close_timeout_secs: 30,
             max_requests_per_connection: 200,
             web_send_timeout_secs: 60,
+            drain_secs: 0,
             shutdown_grace_secs: 5,
         }
     }

@@ -32,7 +32,11 @@ pub enum DialError {
 
 /// Connects to the hypervisor; the stream comes with any RFB bytes that arrived behind the
 /// CONNECT reply.
-pub async fn dial(target: &Target, connect_timeout: Duration) -> Result<Prefixed<TcpStream>, DialError> {
+pub async fn dial(
+    target: &Target,
+    connect_timeout: Duration,
+    keepalive: Option<&socket2::TcpKeepalive>,
+) -> Result<Prefixed<TcpStream>, DialError> {
     let name = format!("{}:{}", target.host, target.port);
     let attempt = async {
         let addrs = tokio::net::lookup_host((target.host.as_str(), target.port)).await.map_err(|e| DialError::Resolve(name.clone(), e))?;
@@ -49,6 +53,9 @@ pub async fn dial(target: &Target, connect_timeout: Duration) -> Result<Prefixed
     let mut stream = timeout(connect_timeout, attempt).await.map_err(|_| DialError::Timeout(name.clone()))??;
     // RFB is many small messages (input events, update requests): do not delay them.
     let _ = stream.set_nodelay(true);
+    if let Some(keepalive) = keepalive {
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(keepalive);
+    }
     let mut buffered = Vec::new();
     if let Some(path) = &target.internal_access_path {
         let exchange = access_path(&mut stream, path, &mut buffered);

@@ -72,6 +72,12 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
     tasks.spawn(reload_on_sighup(app.clone()));
 
     shutdown.await;
+    app.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    let drain = Duration::from_secs(app.config.limits.drain_secs);
+    if !drain.is_zero() {
+        info!(drain_secs = drain.as_secs(), "draining: /readyz answers 503 and new consoles are refused; live consoles go on");
+        tokio::time::sleep(drain).await;
+    }
     info!("shutting down: no new connections; ending live consoles");
     tasks.abort_all();
     let ended = app.sessions.disconnect_all("relay shutting down");

@@ -82,6 +82,13 @@ impl TestRelay {
         }
     }
 
+    /// Asks relay to shut down, as SIGTERM does (it drains first when `drain_secs` is set).
+    pub fn shut_down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     pub async fn ctl(&self, req: Request) -> anyhow::Result<Value> {
         Ok(request(&self.control, &Envelope::new(req)).await?)
     }

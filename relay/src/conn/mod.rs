@@ -42,6 +42,9 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, peer: SocketAddr, listener
     let id = app.next_id();
     bump(&app.counters.connections_accepted);
     let _ = stream.set_nodelay(true);
+    if let Some(keepalive) = app.config.keepalive.tcp() {
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+    }
     let deadline = tokio::time::Instant::now() + app.config.handshake_timeout();
     // Counted by the TCP peer here, or by the address a trusted proxy reports once the
     // request head says it.
@@ -106,6 +109,11 @@ impl Conn {
                     return;
                 }
             }
+        }
+        if self.app.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            let reject = Reject::new(503, "Service Unavailable", "relay is shutting down; try another");
+            self.refuse(&mut stream, &reject, &req).await;
+            return;
         }
         let upgrade = match self.check_door(&req, stream.io.is_tls()) {
             Ok(upgrade) => upgrade,

@@ -50,7 +50,8 @@ impl Conn {
         password: Option<Secret>,
     ) {
         let timeout = Duration::from_secs(self.app.config.hypervisor.connect_timeout_secs);
-        let dialed = match timeout_at(self.deadline, dial(&record.target, timeout)).await {
+        let keepalive = self.app.config.keepalive.tcp();
+        let dialed = match timeout_at(self.deadline, dial(&record.target, timeout, keepalive.as_ref())).await {
             Ok(r) => r,
             Err(_) => Err(DialError::Timeout(format!("{}:{}", record.target.host, record.target.port))),
         };

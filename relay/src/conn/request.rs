@@ -2,7 +2,7 @@
 //! and refusals.
 
 use super::{Conn, ConsoleRequest, Listener};
-use crate::front::{Door, origin, web, ws};
+use crate::front::{Door, health, origin, web, ws};
 use crate::telemetry::{AUDIT, bump};
 use crate::transport::Transport;
 use crate::wire::http::{Reject, RequestHead, parse_request};
@@ -88,6 +88,18 @@ impl Conn {
     /// the request declares is read and dropped first (bounded), so it cannot pass for the
     /// next request.
     async fn serve_web(&self, stream: &mut Prefixed<Transport>, head: &RequestHead) -> bool {
+        let send_timeout = Duration::from_secs(self.app.config.limits.web_send_timeout_secs);
+        if let Some(probe) = health::probe(head) {
+            let ready = match probe {
+                health::Probe::Ready => self.app.readiness().await,
+                _ => Ok(()),
+            };
+            if self.discard_body(stream, head).await.is_err() {
+                return false;
+            }
+            let sent = timeout(send_timeout, stream.write_all(&health::respond(head, probe, || ready))).await;
+            return sent.is_ok_and(|w| w.is_ok()) && head.keep_alive();
+        }
         bump(&self.app.counters.web_requests);
         let checked = match origin::check_host(head.header("host"), &self.app.config.websocket.allowed_hosts) {
             Ok(()) => self.discard_body(stream, head).await,
@@ -102,7 +114,6 @@ impl Conn {
             Some(root) => web::respond(root, head).await,
             None => Err(Reject::new(404, "Not Found", "relay serves no web client here (see listen.web); consoles open over WebSocket")),
         };
-        let send_timeout = Duration::from_secs(self.app.config.limits.web_send_timeout_secs);
         match response {
             Ok(file) => send_file(stream, file, send_timeout).await.is_ok(),
             // A missing file leaves the connection usable, and says so.

@@ -4,6 +4,7 @@
 //! lives in [`crate::conn`] and [`web`]'s file serving. The codecs the doors share with
 //! the dialer and the relay back-ends (HTTP heads, WebSocket framing) are in [`crate::wire`].
 
+pub mod health;
 pub mod origin;
 pub mod token_param;
 pub mod web;

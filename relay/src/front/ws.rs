@@ -13,8 +13,9 @@ pub struct Upgrade {
 }
 
 /// True when the request asks for a WebSocket (as opposed to a page of the web client).
+/// A WebSocket upgrade (RFC 6455 asks for HTTP/1.1; an HTTP/1.0 request is a web one).
 pub fn is_upgrade(head: &RequestHead) -> bool {
-    head.header_has_token("upgrade", "websocket")
+    head.version == 1 && head.header_has_token("upgrade", "websocket")
 }
 
 pub fn check(head: &RequestHead) -> Result<Upgrade, Reject> {

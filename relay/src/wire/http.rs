@@ -1,4 +1,5 @@
-//! HTTP/1.1 request and response heads, parsed from bytes with hard size limits.
+//! HTTP/1.x request and response heads, parsed from bytes with hard size limits. Requests
+//! may be HTTP/1.0 (load balancers' health checks are); relay answers in HTTP/1.1.
 
 use std::fmt::Write as _;
 
@@ -11,6 +12,8 @@ pub struct RequestHead {
     pub target: String,
     /// Names lower-cased, in arrival order.
     pub headers: Vec<(String, String)>,
+    /// The minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
 }
 
 impl RequestHead {
@@ -32,9 +35,13 @@ impl RequestHead {
         self.target.split_once('?').map(|(_, q)| q)
     }
 
-    /// Whether the client wants the connection kept open after the response.
+    /// Whether the client wants the connection kept open after the response: HTTP/1.1
+    /// unless it says `close`, HTTP/1.0 only if it says `keep-alive`.
     pub fn keep_alive(&self) -> bool {
-        !self.header_has_token("connection", "close")
+        match self.version {
+            0 => self.header_has_token("connection", "keep-alive"),
+            _ => !self.header_has_token("connection", "close"),
+        }
     }
 
     /// The length of the body that follows the head: `Content-Length`, which must be one
@@ -93,9 +100,9 @@ pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<(RequestHead, usiz
     if len > max {
         return Err(HeadError::TooLarge(max));
     }
-    if req.version != Some(1) {
-        return Err(HeadError::Malformed("only HTTP/1.1 is spoken here".into()));
-    }
+    let Some(version @ (0 | 1)) = req.version else {
+        return Err(HeadError::Malformed("only HTTP/1.0 and HTTP/1.1 are spoken here".into()));
+    };
     let headers = req
         .headers
         .iter()
@@ -104,8 +111,12 @@ pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<(RequestHead, usiz
             Ok((h.name.to_ascii_lowercase(), value.trim().to_string()))
         })
         .collect::<Result<_, HeadError>>()?;
-    let head =
-        RequestHead { method: req.method.unwrap_or_default().to_string(), target: req.path.unwrap_or_default().to_string(), headers };
+    let head = RequestHead {
+        method: req.method.unwrap_or_default().to_string(),
+        target: req.path.unwrap_or_default().to_string(),
+        headers,
+        version,
+    };
     Ok(Some((head, len)))
 }
 
@@ -206,7 +217,11 @@ mod tests {
     fn oversize_and_malformed_heads_are_refused() {
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(9000));
         assert_eq!(parse_request(big.as_bytes(), 8192), Err(HeadError::TooLarge(8192)));
-        assert!(matches!(parse_request(b"GET / HTTP/1.0\r\n\r\n", 8192), Err(HeadError::Malformed(_))));
+        let old = parse_request(b"OPTIONS / HTTP/1.0\r\n\r\n", 8192).unwrap().unwrap().0;
+        assert!(old.version == 0 && !old.keep_alive(), "HTTP/1.0 (HAProxy's health check) closes unless asked not to");
+        let kept = parse_request(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", 8192).unwrap().unwrap().0;
+        assert!(kept.keep_alive());
+        assert!(parse_request(b"GET / HTTP/2.0\r\n\r\n", 8192).is_err());
         assert!(matches!(parse_request(b"\x16\x03\x01\x02\x00\x01", 8192), Err(HeadError::Malformed(_))));
         let many: String = (0..60).map(|i| format!("X-{i}: y\r\n")).collect();
         let req = format!("GET / HTTP/1.1\r\n{many}\r\n");

@@ -1,0 +1,95 @@
+//! What running relay as an appliance needs around the console path: health answers a load
+//! balancer understands (HTTP/1.0 and `OPTIONS` included), and TCP keepalive on both legs.
+
+use relay_tests::fake_hypervisor::{FakeVnc, Script};
+use relay_tests::relay_server::TestRelay;
+use relay_tests::viewer::handshake;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const RFB38: &[u8; 12] = b"RFB 003.008\n";
+
+/// Sends `request` and reads until relay closes (or 5 s of keep-alive silence).
+async fn exchange(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn health_endpoints_answer_http_1_0_and_options_without_a_web_client() {
+    let relay = TestRelay::start_with(|c| c.websocket.allowed_hosts = vec!["console.example.com".into()]).await;
+    // HAProxy's default `option httpchk`: no Host header at all.
+    let options = exchange(relay.ws, "OPTIONS / HTTP/1.0\r\n\r\n").await;
+    assert!(options.starts_with("HTTP/1.1 200 OK\r\n"), "{options}");
+    assert!(options.contains("Connection: close"), "an HTTP/1.0 request is answered, then closed");
+    let alive = exchange(relay.ws, "GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert!(alive.starts_with("HTTP/1.1 200") && alive.ends_with("alive\n"), "{alive}");
+    let ready = exchange(relay.ws, "GET /readyz HTTP/1.1\r\nHost: 10.1.2.3\r\nConnection: close\r\n\r\n").await;
+    assert!(ready.starts_with("HTTP/1.1 200") && ready.ends_with("ready\n"), "{ready}");
+    // Two probes on one HTTP/1.1 connection.
+    let both = exchange(relay.ws, "HEAD /healthz HTTP/1.1\r\n\r\nGET /readyz HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(both.matches("HTTP/1.1 200 OK").count(), 2, "{both}");
+    // Everything else still goes through the Host allow-list and the web client rules.
+    let other = exchange(relay.ws, "GET /vnc.html HTTP/1.0\r\nHost: 10.1.2.3\r\n\r\n").await;
+    assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+}
+
+#[tokio::test]
+async fn readyz_says_not_ready_while_draining_and_new_consoles_are_refused() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let mut relay = TestRelay::start_with(|c| c.limits.drain_secs = 3).await;
+    let token = relay.token("vm-drain", hv.addr()).await;
+    let mut live = relay.connect_door(&token).await.unwrap();
+    handshake(&mut live, RFB38, None).await.unwrap();
+    relay.shut_down();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ready = exchange(relay.ws, "GET /readyz HTTP/1.0\r\n\r\n").await;
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("draining"), "{ready}");
+    let refused = relay.connect_door(&token).await.err().unwrap_or_default();
+    assert!(refused.contains("503"), "{refused}");
+    live.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    live.read_exact(&mut back).await.expect("a live console goes on while draining");
+}
+
+/// relay's socket whose local (`side` 2) or peer (`side` 3) address is `addr`, as `ss`
+/// shows it, once its timer is not a retransmission's (which `ss` shows instead).
+async fn socket_line(addr: SocketAddr, side: usize) -> String {
+    let mut line = String::new();
+    for _ in 0..50 {
+        let ss = std::process::Command::new("ss").args(["-tnoH", "state", "established"]).output().expect("ss (iproute2)");
+        let table = String::from_utf8_lossy(&ss.stdout).into_owned();
+        line = table.lines().find(|l| l.split_whitespace().nth(side) == Some(&addr.to_string())).unwrap_or_default().to_string();
+        if !line.is_empty() && !line.contains("timer:(on") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    line
+}
+
+/// Both of relay's sockets of a console carry a keepalive timer.
+#[tokio::test]
+async fn both_legs_of_a_console_have_tcp_keepalive() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let relay = TestRelay::start().await;
+    let token = relay.token("vm-ka", hv.addr()).await;
+    let mut console = relay.connect_door(&token).await.unwrap();
+    handshake(&mut console, RFB38, None).await.unwrap();
+    let viewer_leg = socket_line(relay.connect, 2).await;
+    let hv_leg = socket_line(hv.addr(), 3).await;
+    assert!(viewer_leg.contains("timer:(keepalive,59sec") || viewer_leg.contains("timer:(keepalive,1min"), "viewer leg: {viewer_leg:?}");
+    assert!(hv_leg.contains("timer:(keepalive"), "hypervisor leg: {hv_leg:?}");
+
+    let off = TestRelay::start_with(|c| c.keepalive.tcp_idle_secs = 0).await;
+    let token = off.token("vm-ka-off", hv.addr()).await;
+    let mut console = off.connect_door(&token).await.unwrap();
+    handshake(&mut console, RFB38, None).await.unwrap();
+    let viewer_leg = socket_line(off.connect, 2).await;
+    assert!(!viewer_leg.is_empty() && !viewer_leg.contains("keepalive"), "off means off: {viewer_leg:?}");
+}
