@@ -82,11 +82,20 @@ pub struct Listen {
     pub control: Option<PathBuf>,
     /// A noVNC checkout to serve on the WebSocket listener.
     pub web: Option<PathBuf>,
+    /// Load balancers whose connections may start with a PROXY protocol header (v1 or
+    /// v2) naming the viewer, on both doors; from anyone else such a header is refused.
+    pub proxy_protocol_from: Vec<crate::cidr::Cidr>,
 }
 
 impl Default for Listen {
     fn default() -> Self {
-        Listen { websocket: Some(([0, 0, 0, 0], 6080).into()), connect: Some(([0, 0, 0, 0], 6081).into()), control: None, web: None }
+        Listen {
+            websocket: Some(([0, 0, 0, 0], 6080).into()),
+            connect: Some(([0, 0, 0, 0], 6081).into()),
+            control: None,
+            web: None,
+            proxy_protocol_from: Vec::new(),
+        }
     }
 }
 

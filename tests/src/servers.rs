@@ -122,13 +122,20 @@ pub struct Haproxy {
 
 impl Haproxy {
     pub async fn round_robin(backends: &[SocketAddr]) -> anyhow::Result<Haproxy> {
+        let servers: String = backends.iter().enumerate().map(|(i, b)| format!("    server relay{i} {b}\n")).collect();
+        Self::start(&format!("backend relays\n    balance roundrobin\n{servers}")).await
+    }
+
+    /// HAProxy in TCP mode, its frontend on a free port sending to the backend `relays`
+    /// that `backend` defines; a stats socket in its directory ([`Haproxy::server_status`]).
+    pub async fn start(backend: &str) -> anyhow::Result<Haproxy> {
         let dir = scratch_dir("haproxy");
         let port = free_port()?;
-        let servers: String = backends.iter().enumerate().map(|(i, b)| format!("    server relay{i} {b}\n")).collect();
         let config = format!(
-            "global\n    maxconn 1000\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\
-             frontend consoles\n    bind 127.0.0.1:{port}\n    default_backend relays\n\
-             backend relays\n    balance roundrobin\n{servers}"
+            "global\n    maxconn 1000\n    stats socket {}/stats.sock level admin\n\
+             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\
+             frontend consoles\n    bind 127.0.0.1:{port}\n    default_backend relays\n{backend}",
+            dir.display()
         );
         let path = dir.join("haproxy.cfg");
         std::fs::write(&path, config)?;
@@ -150,6 +157,17 @@ impl Haproxy {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(Haproxy { child, addr, dir })
+    }
+
+    /// What HAProxy's health checks make of backend `relays`' server `name`: `UP`, `DOWN`, ...
+    pub async fn server_status(&self, name: &str) -> anyhow::Result<String> {
+        let mut s = tokio::net::UnixStream::connect(self.dir.join("stats.sock")).await?;
+        s.write_all(b"show stat\n").await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        // CSV: pxname, svname, ..., status is the 18th column.
+        let line = out.lines().find(|l| l.starts_with(&format!("relays,{name},"))).with_context(|| format!("no server {name}: {out}"))?;
+        Ok(line.split(',').nth(17).unwrap_or_default().to_string())
     }
 }
 

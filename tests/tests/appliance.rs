@@ -93,3 +93,89 @@ async fn both_legs_of_a_console_have_tcp_keepalive() {
     let viewer_leg = socket_line(off.connect, 2).await;
     assert!(!viewer_leg.is_empty() && !viewer_leg.contains("keepalive"), "off means off: {viewer_leg:?}");
 }
+
+/// Sends a PROXY header and a CONNECT request from `from`; the CONNECT door's status line.
+async fn connect_via(relay: &TestRelay, header: &[u8], token: &str) -> (String, TcpStream) {
+    let mut s = TcpStream::connect(relay.connect).await.unwrap();
+    s.write_all(header).await.unwrap();
+    s.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes()).await.unwrap();
+    let head = relay_tests::relay_server::read_head(&mut s).await.unwrap_or_default();
+    (head, s)
+}
+
+/// The viewer address of the live console of `instance`, as `sessions` lists it.
+async fn listed_viewer(relay: &TestRelay, instance: &str) -> String {
+    let listed = relay.ctl(relay::control::proto::Request::Sessions { instance: Some(instance.into()) }).await.unwrap();
+    listed["sessions"][0]["viewer"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn proxy_protocol_names_the_viewer_only_from_trusted_balancers() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let trusted = TestRelay::start_with(|c| c.listen.proxy_protocol_from = vec![relay::cidr::Cidr::parse("127.0.0.0/8").unwrap()]).await;
+    let token = trusted.token("vm-proxied", hv.addr()).await;
+    let (head, mut v1) = connect_via(&trusted, b"PROXY TCP4 198.51.100.7 127.0.0.1 51234 6081\r\n", &token).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    handshake(&mut v1, RFB38, None).await.unwrap();
+    assert_eq!(listed_viewer(&trusted, "vm-proxied").await, "198.51.100.7:51234", "v1's viewer");
+    drop(v1);
+    trusted.no_live_consoles().await;
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend([0x21, 0x21, 0, 36]);
+    v2.extend([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x42]);
+    v2.extend([0u8; 15].into_iter().chain([1]));
+    v2.extend([0x9c, 0x41, 0x17, 0xc1]);
+    let (head, mut v2s) = connect_via(&trusted, &v2, &token).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    handshake(&mut v2s, RFB38, None).await.unwrap();
+    assert_eq!(listed_viewer(&trusted, "vm-proxied").await, "[2001:db8::42]:40001", "v2's viewer");
+    drop(v2s);
+    // No header from a trusted balancer: its own address (a health check it makes).
+    let (head, _) = connect_via(&trusted, b"", &token).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // A broken header: closed, no console.
+    let (head, _) = connect_via(&trusted, b"PROXY TCP4 nonsense\r\n", &token).await;
+    assert!(head.is_empty(), "{head}");
+
+    // From anyone else, a PROXY header is no HTTP request.
+    let untrusted = TestRelay::start().await;
+    let token = untrusted.token("vm-spoof", hv.addr()).await;
+    let (head, _) = connect_via(&untrusted, b"PROXY TCP4 198.51.100.7 127.0.0.1 51234 6081\r\n", &token).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "a spoofed viewer address is refused: {head}");
+}
+
+/// Debian's HAProxy in front: its default `option httpchk` (`OPTIONS / HTTP/1.0`) marks
+/// relay up, and with `send-proxy-v2` relay sees the viewer's own address.
+#[tokio::test]
+#[cfg_attr(relay_no_haproxy, ignore = "haproxy is not installed: cargo xtask deps")]
+async fn haproxy_health_checks_relay_and_passes_the_viewer_with_proxy_v2() {
+    relay_tests::env::haproxy();
+    let hv = FakeVnc::start(Script::echo()).await;
+    let relay = TestRelay::start_with(|c| c.listen.proxy_protocol_from = vec![relay::cidr::Cidr::parse("127.0.0.1").unwrap()]).await;
+    let backend = format!(
+        "backend relays\n    option httpchk\n    server relay1 {} send-proxy-v2 check port {} inter 200ms rise 1 fall 1\n",
+        relay.connect,
+        relay.ws.port()
+    );
+    let lb = relay_tests::servers::Haproxy::start(&backend).await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let status = lb.server_status("relay1").await.unwrap();
+        if status == "UP" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "HAProxy's health check did not mark relay up: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A viewer on another loopback address, so that its address and HAProxy's differ.
+    let token = relay.token("vm-behind-lb", hv.addr()).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.5:0".parse().unwrap()).unwrap();
+    let mut s = socket.connect(lb.addr).await.unwrap();
+    let me = s.local_addr().unwrap();
+    s.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes()).await.unwrap();
+    let head = relay_tests::relay_server::read_head(&mut s).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    handshake(&mut s, RFB38, None).await.unwrap();
+    assert_eq!(listed_viewer(&relay, "vm-behind-lb").await, me.to_string(), "relay sees the viewer, not HAProxy");
+}

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::timeout_at;
 use tracing::{Instrument, info, info_span};
 
 /// Which listener accepted the connection, and so which doors it may open.
@@ -38,7 +39,7 @@ const CONNECT_OK: &[u8] = b"HTTP/1.1 200 OK\r\n\r\n";
 
 /// Serves one accepted connection; `permit` (its place under the connection limit) is
 /// released when the connection, or the console it becomes, ends.
-pub async fn handle(app: Arc<App>, stream: TcpStream, peer: SocketAddr, listener: Listener, permit: OwnedSemaphorePermit) {
+pub async fn handle(app: Arc<App>, mut stream: TcpStream, mut peer: SocketAddr, listener: Listener, permit: OwnedSemaphorePermit) {
     let id = app.next_id();
     bump(&app.counters.connections_accepted);
     let _ = stream.set_nodelay(true);
@@ -46,6 +47,19 @@ pub async fn handle(app: Arc<App>, stream: TcpStream, peer: SocketAddr, listener
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
     }
     let deadline = tokio::time::Instant::now() + app.config.handshake_timeout();
+    if app.config.listen.proxy_protocol_from.iter().any(|c| c.contains(peer.ip())) {
+        match timeout_at(deadline, proxied_viewer(&mut stream)).await {
+            Ok(Ok(Some(viewer))) => peer = viewer,
+            // No header (a health check the balancer makes itself), or one naming nobody.
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                bump(&app.counters.connections_refused);
+                info!(target: AUDIT, event = "refused", balancer = %peer, reason = %e);
+                return;
+            }
+            Err(_) => return,
+        }
+    }
     // Counted by the TCP peer here, or by the address a trusted proxy reports once the
     // request head says it.
     let source = match app.sources.limited() && !app.config.websocket.trust_forwarded_headers {
@@ -201,6 +215,17 @@ async fn refuse_before_reading(app: &App, mut stream: TcpStream, why: &str) {
 /// descriptors: nothing may be held).
 pub fn refuse_now(stream: TcpStream) {
     let _ = stream.try_write(&Reject::new(503, "Service Unavailable", BUSY).to_bytes());
+}
+
+/// The viewer a trusted balancer names in a PROXY protocol header, if the connection
+/// starts with one (its first byte says: `P` for v1, CR for v2; HTTP, TLS and the web
+/// client's requests start otherwise).
+async fn proxied_viewer(stream: &mut TcpStream) -> std::io::Result<Option<SocketAddr>> {
+    let mut first = [0u8; 1];
+    if stream.peek(&mut first).await? == 0 || !matches!(first[0], b'P' | b'\r') {
+        return Ok(None);
+    }
+    Ok(crate::wire::proxy::read(stream).await?.source)
 }
 
 /// The client a trusted reverse proxy reports: the first `X-Forwarded-For` entry.

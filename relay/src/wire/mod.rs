@@ -5,5 +5,6 @@
 
 pub mod http;
 pub mod prefixed;
+pub mod proxy;
 pub mod ws_frame;
 pub mod ws_stream;
