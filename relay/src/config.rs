@@ -74,10 +74,11 @@ pub struct Tls {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Listen {
-    /// WebSocket door (noVNC) and the static web client.
-    pub websocket: Option<SocketAddr>,
-    /// XVP-style CONNECT door for native viewers.
-    pub connect: Option<SocketAddr>,
+    /// WebSocket door (noVNC) and the static web client: an address, or several
+    /// (`["0.0.0.0:6080", "[::]:6080"]`); `[]` turns the door off.
+    pub websocket: Addrs,
+    /// XVP-style CONNECT door for native viewers, likewise.
+    pub connect: Addrs,
     /// Control socket path; when absent, see [`default_control_path`].
     pub control: Option<PathBuf>,
     /// A noVNC checkout to serve on the WebSocket listener.
@@ -87,11 +88,57 @@ pub struct Listen {
     pub proxy_protocol_from: Vec<crate::cidr::Cidr>,
 }
 
+/// A door's listen addresses: one (`"0.0.0.0:6080"`) or a list, written back the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Addrs(pub Vec<SocketAddr>);
+
+impl Addrs {
+    /// The first address: the one access URLs name when no public URL is set.
+    pub fn first(&self) -> Option<SocketAddr> {
+        self.0.first().copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<SocketAddr> for Addrs {
+    fn from(a: SocketAddr) -> Addrs {
+        Addrs(vec![a])
+    }
+}
+
+impl Serialize for Addrs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Addrs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Addrs, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(SocketAddr),
+            Many(Vec<SocketAddr>),
+        }
+        match OneOrMany::deserialize(d) {
+            Ok(OneOrMany::One(a)) => Ok(Addrs(vec![a])),
+            Ok(OneOrMany::Many(list)) => Ok(Addrs(list)),
+            Err(_) => Err(serde::de::Error::custom("a listen address (\"0.0.0.0:6080\") or a list of them")),
+        }
+    }
+}
+
 impl Default for Listen {
     fn default() -> Self {
         Listen {
-            websocket: Some(([0, 0, 0, 0], 6080).into()),
-            connect: Some(([0, 0, 0, 0], 6081).into()),
+            websocket: Addrs(vec![([0, 0, 0, 0], 6080).into()]),
+            connect: Addrs(vec![([0, 0, 0, 0], 6081).into()]),
             control: None,
             web: None,
             proxy_protocol_from: Vec::new(),
@@ -546,7 +593,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
-        if self.listen.websocket.is_none() && self.listen.connect.is_none() {
+        if self.listen.websocket.is_empty() && self.listen.connect.is_empty() {
             return bad("listen: at least one of websocket and connect is needed");
         }
         if self.hypervisor.auth_schemes.is_empty() {
@@ -660,6 +707,16 @@ mod tests {
         let defaults = Config::default();
         // The sample documents the defaults: every value in it is the default value.
         assert_eq!(toml::to_string(&sample).unwrap(), toml::to_string(&defaults).unwrap());
+    }
+
+    #[test]
+    fn a_door_listens_on_one_address_or_several() {
+        let one: Config = toml::from_str("[listen]\nwebsocket = \"127.0.0.1:6080\"\n").unwrap();
+        assert_eq!(one.listen.websocket.0, ["127.0.0.1:6080".parse().unwrap()]);
+        let two: Config = toml::from_str("[listen]\nwebsocket = [\"0.0.0.0:6080\", \"[::]:6080\"]\nconnect = []\n").unwrap();
+        assert_eq!(two.listen.websocket.0.len(), 2);
+        assert!(two.listen.connect.is_empty(), "[] turns a door off");
+        assert!(toml::from_str::<Config>("[listen]\nwebsocket = \"nowhere\"\n").is_err());
     }
 
     #[test]

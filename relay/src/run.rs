@@ -12,10 +12,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         None => Config::default(),
     };
     if let Some(a) = args.ws_listen {
-        config.listen.websocket = Some(a);
+        config.listen.websocket = a.into();
     }
     if let Some(a) = args.connect_listen {
-        config.listen.connect = Some(a);
+        config.listen.connect = a.into();
     }
     if let Some(p) = args.control {
         config.listen.control = Some(p);

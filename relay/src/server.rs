@@ -1,7 +1,7 @@
 //! Listeners, the connection limit, housekeeping, and graceful shutdown.
 
 use crate::app::{App, unix_now};
-use crate::config::Config;
+use crate::config::{Addrs, Config};
 use crate::conn::{self, Listener};
 use crate::control;
 use crate::reserve::{Reserve, out_of_descriptors};
@@ -21,15 +21,25 @@ use tracing::{debug, info, warn};
 /// Where a running relay listens (the real ports when the config asked for port 0).
 #[derive(Debug, Clone)]
 pub struct Bound {
+    /// The first address of each door (the others are in `config.listen`).
     pub websocket: Option<SocketAddr>,
     pub connect: Option<SocketAddr>,
+    pub all: Vec<(Listener, SocketAddr)>,
     pub control: PathBuf,
 }
 
 impl std::fmt::Display for Bound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Each door's first address first: `websocket=` and `connect=` name it.
         let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
-        write!(f, "websocket={} connect={} control={}", show(self.websocket), show(self.connect), self.control.display())
+        write!(f, "websocket={} connect={}", show(self.websocket), show(self.connect))?;
+        for (kind, addr) in &self.all {
+            if Some(*addr) != self.websocket && Some(*addr) != self.connect {
+                let name = if *kind == Listener::WebSocket { "websocket" } else { "connect" };
+                write!(f, " {name}={addr}")?;
+            }
+        }
+        write!(f, " control={}", self.control.display())
     }
 }
 
@@ -37,16 +47,24 @@ impl std::fmt::Display for Bound {
 /// once every listener is up.
 pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     config.validate()?;
-    let ws = bind(config.listen.websocket).await.context("websocket listener")?;
-    let connect = bind(config.listen.connect).await.context("connect listener")?;
+    let ws = bind(&config.listen.websocket).await.context("websocket listener")?;
+    let connect = bind(&config.listen.connect).await.context("connect listener")?;
     // Access URLs name the real ports.
-    config.listen.websocket = ws.as_ref().map(|l| l.local_addr()).transpose()?;
-    config.listen.connect = connect.as_ref().map(|l| l.local_addr()).transpose()?;
+    config.listen.websocket = Addrs(ws.iter().map(TcpListener::local_addr).collect::<Result<_, _>>()?);
+    config.listen.connect = Addrs(connect.iter().map(TcpListener::local_addr).collect::<Result<_, _>>()?);
     let control_path = config.control_path();
     let control_listener =
         control::server::bind(&control_path).await.with_context(|| format!("control socket {}", control_path.display()))?;
     let app = App::new(config)?;
-    let bound = Bound { websocket: app.config.listen.websocket, connect: app.config.listen.connect, control: control_path.clone() };
+    let listen = &app.config.listen;
+    let all = listen
+        .websocket
+        .0
+        .iter()
+        .map(|a| (Listener::WebSocket, *a))
+        .chain(listen.connect.0.iter().map(|a| (Listener::Connect, *a)))
+        .collect();
+    let bound = Bound { websocket: listen.websocket.first(), connect: listen.connect.first(), all, control: control_path.clone() };
     info!(%bound, web = ?app.config.listen.web, "relay listening");
     match (&app.ktls, app.front_tls.is_some() || app.hypervisor_tls.is_some()) {
         (Ktls::Available, _) => info!("kTLS: available in this kernel; TLS sessions are still carried by rustls in userspace"),
@@ -61,10 +79,9 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
     let max = app.config.limits.max_connections;
     let permits = Arc::new(Semaphore::new(max));
     let mut tasks = JoinSet::new();
-    for (listener, kind) in [(ws, Listener::WebSocket), (connect, Listener::Connect)] {
-        if let Some(listener) = listener {
-            tasks.spawn(accept_loop(app.clone(), listener, kind, permits.clone()));
-        }
+    let listeners = ws.into_iter().map(|l| (l, Listener::WebSocket)).chain(connect.into_iter().map(|l| (l, Listener::Connect)));
+    for (listener, kind) in listeners {
+        tasks.spawn(accept_loop(app.clone(), listener, kind, permits.clone()));
     }
     tasks.spawn(control::server::serve(app.clone(), control_listener, control_path.clone()));
     tasks.spawn(housekeeping(app.clone()));
@@ -98,11 +115,20 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
     Ok(())
 }
 
-async fn bind(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
-    match addr {
-        Some(a) => Ok(Some(TcpListener::bind(a).await.with_context(|| format!("cannot listen on {a}"))?)),
-        None => Ok(None),
+/// Binds every address of a door. An IPv6 wildcard listens for IPv6 only, so that
+/// `["0.0.0.0:6080", "[::]:6080"]` works as written.
+async fn bind(addrs: &Addrs) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    for &a in &addrs.0 {
+        let socket = if a.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+        socket.set_reuseaddr(true)?;
+        if a.is_ipv6() {
+            socket2::SockRef::from(&socket).set_only_v6(true)?;
+        }
+        socket.bind(a).with_context(|| format!("cannot listen on {a}"))?;
+        listeners.push(socket.listen(1024).with_context(|| format!("cannot listen on {a}"))?);
     }
+    Ok(listeners)
 }
 
 /// How many refusals may be under way at once; past it a connection over the limit is

@@ -28,6 +28,8 @@ pub struct TestRelay {
     pub connect: SocketAddr,
     pub control: PathBuf,
     pub dir: PathBuf,
+    /// Every listening address of every door.
+    pub listening: Vec<(relay::conn::Listener, SocketAddr)>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -52,8 +54,8 @@ impl TestRelay {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         let dir = scratch_dir("relay");
         let mut config = Config::default();
-        config.listen.websocket = Some("127.0.0.1:0".parse().unwrap());
-        config.listen.connect = Some("127.0.0.1:0".parse().unwrap());
+        config.listen.websocket = "127.0.0.1:0".parse::<SocketAddr>().unwrap().into();
+        config.listen.connect = "127.0.0.1:0".parse::<SocketAddr>().unwrap().into();
         config.listen.control = Some(dir.join("control.sock"));
         config.limits.handshake_timeout_secs = 5;
         config.limits.shutdown_grace_secs = 2;
@@ -77,6 +79,7 @@ impl TestRelay {
             ws: bound.websocket.unwrap_or(([127, 0, 0, 1], 9).into()),
             connect: bound.connect.unwrap_or(([127, 0, 0, 1], 9).into()),
             control: bound.control,
+            listening: bound.all,
             dir,
             stop: Some(stop),
         }

@@ -179,3 +179,24 @@ async fn haproxy_health_checks_relay_and_passes_the_viewer_with_proxy_v2() {
     handshake(&mut s, RFB38, None).await.unwrap();
     assert_eq!(listed_viewer(&relay, "vm-behind-lb").await, me.to_string(), "relay sees the viewer, not HAProxy");
 }
+
+/// One door on several addresses (IPv4 and IPv6, as `["0.0.0.0:6080", "[::]:6080"]`
+/// would): every one takes consoles.
+#[tokio::test]
+async fn a_door_on_several_addresses_takes_consoles_on_each() {
+    let hv = FakeVnc::start(Script::echo()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.listen.connect = relay::config::Addrs(vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()]);
+    })
+    .await;
+    let token = relay.token("vm-two-addresses", hv.addr()).await;
+    let doors: Vec<SocketAddr> = relay.listening.iter().filter(|(k, _)| *k == relay::conn::Listener::Connect).map(|(_, a)| *a).collect();
+    assert!(doors.len() == 2 && doors[1].is_ipv6(), "{doors:?}");
+    for addr in doors {
+        let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{addr}: {e}"));
+        s.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes()).await.unwrap();
+        let head = relay_tests::relay_server::read_head(&mut s).await.unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{addr}: {head}");
+        handshake(&mut s, RFB38, None).await.unwrap();
+    }
+}

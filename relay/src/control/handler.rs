@@ -60,9 +60,9 @@ impl DoorBases {
         };
         let (listen, public) = (&config.listen, &config.public);
         DoorBases {
-            novnc: public.novnc_base_url.clone().or_else(|| base(listen.websocket, "/vnc_lite.html")),
-            websocket: listen.websocket.is_some(),
-            connect: public.connect_base_url.clone().or_else(|| base(listen.connect, "/console")),
+            novnc: public.novnc_base_url.clone().or_else(|| base(listen.websocket.first(), "/vnc_lite.html")),
+            websocket: !listen.websocket.is_empty(),
+            connect: public.connect_base_url.clone().or_else(|| base(listen.connect.first(), "/console")),
         }
     }
 
