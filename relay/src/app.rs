@@ -45,12 +45,12 @@ impl App {
     /// Builds the shared state; fails on unreadable TLS material.
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
         let front_tls = match (&config.tls.cert, &config.tls.key) {
-            (Some(cert), Some(key)) => Some(FrontTls::load(cert, key)?),
+            (Some(cert), Some(key)) => Some(FrontTls::load(cert, key, &config.tls)?),
             _ => None,
         };
         let h = &config.hypervisor;
         let hypervisor_tls = match &h.vencrypt_ca_certs {
-            Some(ca) => Some(tls::hypervisor_connector(ca, h.vencrypt_client_cert.as_deref(), h.vencrypt_client_key.as_deref())?),
+            Some(ca) => Some(tls::hypervisor_connector(ca, h)?),
             None => None,
         };
         let sessions = Registry::new(config.limits.max_sessions, config.limits.max_sessions_per_instance);

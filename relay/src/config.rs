@@ -69,6 +69,21 @@ pub struct Tls {
     pub key: Option<PathBuf>,
     /// Refuse connections that do not start with TLS.
     pub ssl_only: bool,
+    /// The oldest TLS version viewers may use: "1.2" or "1.3".
+    pub min_version: TlsVersion,
+    /// The cipher suites offered, by their IANA names (`TLS13_AES_256_GCM_SHA384`,
+    /// `TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256`, ...); empty: rustls's defaults.
+    pub cipher_suites: Vec<String>,
+}
+
+/// A TLS protocol version, as configuration names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -324,6 +339,13 @@ pub struct Hypervisor {
     pub vencrypt_client_key: Option<PathBuf>,
     /// VeNCrypt X509Plain: user name sent with `vnc_password` inside TLS.
     pub plain_username: Option<String>,
+    /// VeNCrypt: check that the hypervisor's certificate names the host relay dialed.
+    /// nova does not (it checks the chain only); turn this off for compute certificates
+    /// whose names do not match how tokens address the hosts.
+    pub verify_hostname: bool,
+    /// VeNCrypt: the oldest TLS version, and the cipher suites (empty: the defaults).
+    pub tls_min_version: TlsVersion,
+    pub tls_cipher_suites: Vec<String>,
 }
 
 impl Default for Hypervisor {
@@ -336,6 +358,9 @@ impl Default for Hypervisor {
             vencrypt_client_cert: None,
             vencrypt_client_key: None,
             plain_username: None,
+            verify_hostname: true,
+            tls_min_version: TlsVersion::V1_2,
+            tls_cipher_suites: Vec::new(),
         }
     }
 }

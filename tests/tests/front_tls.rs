@@ -93,3 +93,57 @@ async fn a_client_that_does_not_trust_relay_fails_the_handshake() {
     // Still serving after failed handshakes.
     assert!(tls_client::connect(&ca.cert_pem(), relay2.connect, "localhost").await.is_ok());
 }
+
+/// A client limited to the given versions and suites, trusting `ca`.
+async fn client_hello(
+    ca: &Ca,
+    addr: std::net::SocketAddr,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    suite: Option<&str>,
+) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(suite) = suite {
+        provider.cipher_suites.retain(|s| format!("{:?}", s.suite()) == suite);
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.map(drop).map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn tls_minimum_version_and_cipher_suites() {
+    let ca = Ca::new("relay test CA");
+    let dir = scratch_dir("front-tls-policy");
+    let issued = ca.issue_files(&dir, "relay", Role::Server, &["localhost"], false);
+    let files = issued.clone();
+    let relay = TestRelay::start_with(move |c| {
+        c.tls.cert = Some(files.cert);
+        c.tls.key = Some(files.key);
+        c.tls.min_version = relay::config::TlsVersion::V1_3;
+        c.tls.cipher_suites = vec!["TLS13_AES_256_GCM_SHA384".into()];
+    })
+    .await;
+    let (v12, v13) = (&rustls::version::TLS12, &rustls::version::TLS13);
+    assert!(client_hello(&ca, relay.connect, &[v13], None).await.is_ok(), "TLS 1.3 with the allowed suite among those offered");
+    assert!(client_hello(&ca, relay.connect, &[v12], None).await.is_err(), "TLS 1.2 is below the minimum");
+    assert!(client_hello(&ca, relay.connect, &[v13], Some("TLS13_AES_128_GCM_SHA256")).await.is_err(), "a suite not allowed");
+    assert!(client_hello(&ca, relay.connect, &[v13], Some("TLS13_AES_256_GCM_SHA384")).await.is_ok());
+
+    // A suite rustls does not have, or none usable from the minimum version: refused at start.
+    let mut tls = relay::config::Tls { cipher_suites: vec!["TLS_RSA_WITH_RC4_128_MD5".into()], ..Default::default() };
+    let err = relay::tls::FrontTls::load(&issued.cert, &issued.key, &tls).err().expect("an unknown suite is refused");
+    assert!(format!("{err:#}").contains("unknown cipher suite"), "{err:#}");
+    tls.cipher_suites = vec!["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384".into()];
+    tls.min_version = relay::config::TlsVersion::V1_3;
+    assert!(relay::tls::FrontTls::load(&issued.cert, &issued.key, &tls).is_err(), "a TLS 1.2 suite with a 1.3 minimum");
+}

@@ -239,3 +239,26 @@ async fn a_vanishing_tls_hypervisor_gives_the_viewer_a_clean_end() {
     let ended = relay.ended(1).await.ended;
     assert_eq!(ended[&Cause::HypervisorClosed], 1, "{ended:?}");
 }
+
+/// nova's proxy checks a compute host's certificate chain but not its name; with
+/// `verify_hostname = false` relay does the same, and still refuses a stranger's chain.
+#[tokio::test]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
+async fn verify_hostname_off_accepts_a_misnamed_certificate_from_the_right_ca_only() {
+    env::qemu();
+    let p = pki();
+    let stranger = Ca::new("some other CA");
+    let (ca_file, client) = (p.dir.join("ca.pem"), p.client.clone());
+    let relay = TestRelay::start_with(move |c| {
+        vencrypt(c, &ca_file, Some(&client));
+        c.hypervisor.verify_hostname = false;
+    })
+    .await;
+    let misnamed = qemu(&p.ca, &p.dir, &["compute-7.internal"], false, None).await;
+    let token = relay.token("vm-misnamed", misnamed.addr()).await;
+    let mut viewer = relay.connect_door(&token).await.unwrap();
+    handshake(&mut viewer, b"RFB 003.008\n", None).await.expect("the chain is what counts");
+    let unknown = qemu(&stranger, &p.dir, &["127.0.0.1"], false, None).await;
+    let token = relay.token("vm-stranger", unknown.addr()).await;
+    assert!(refused(&relay, &token).await.starts_with("console unavailable"), "another CA's certificate");
+}
