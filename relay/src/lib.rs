@@ -26,6 +26,7 @@ pub mod session;
 pub mod sockopt;
 pub mod sources;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

@@ -2,7 +2,7 @@
 
 use crate::cli::{CtlArgs, RunArgs};
 use crate::config::Config;
-use crate::{ctl, server, telemetry};
+use crate::{ctl, server, systemd, telemetry};
 use std::io::Write as _;
 use std::path::Path;
 
@@ -33,13 +33,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     config.limits.max_connections = fit_open_files(config.limits.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let shutdown = server::shutdown_signal()?;
+        let signal = server::shutdown_signal()?;
+        let shutdown = async {
+            signal.await;
+            systemd::stopping();
+        };
+        systemd::spawn_watchdog();
         server::run(
             config,
             |bound| {
                 // One line on stdout for people and scripts; the log has the details.
                 println!("relay listening: {bound}");
                 let _ = std::io::stdout().flush();
+                systemd::ready(&format!("listening: {bound}"));
             },
             shutdown,
         )

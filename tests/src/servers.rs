@@ -200,8 +200,14 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Runs `relay run --config <config>`; waits for its "relay listening" line.
     pub async fn start(config: &std::path::Path) -> anyhow::Result<RelayProcess> {
+        Self::start_with_env(config, &[]).await
+    }
+
+    /// As [`RelayProcess::start`], with more environment variables.
+    pub async fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> anyhow::Result<RelayProcess> {
         use std::io::BufRead as _;
         let mut child = Command::new(relay_binary())
+            .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
             .arg(config)
@@ -237,6 +243,13 @@ impl RelayProcess {
             ws: field("websocket")?.parse()?,
             control: field("control")?.into(),
         })
+    }
+
+    /// SIGTERM: relay's own shutdown.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        }
     }
 
     /// SIGKILL: no shutdown, no flush.

@@ -12,7 +12,7 @@ use std::process::Command;
 /// Debian packages the integration tests use: a real hypervisor VNC server, a real
 /// browser, Debian's noVNC checkout (served by relay as nova does), and the Redis and
 /// HAProxy a fleet runs with (the tests start their own, on free ports).
-const APT_PACKAGES: &[&str] = &["qemu-system-x86", "chromium", "novnc", "redis-server", "haproxy", "mariadb-server"];
+const APT_PACKAGES: &[&str] = &["qemu-system-x86", "chromium", "novnc", "redis-server", "haproxy", "mariadb-server", "systemd"];
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
