@@ -19,6 +19,8 @@ fn main() {
     let haproxy = Path::new("/usr/sbin/haproxy");
     let mariadb = Path::new("/usr/sbin/mariadbd");
     let systemd_analyze = Path::new("/usr/bin/systemd-analyze");
+    // `cargo xtask test` builds the xtask binary the package test runs (`cargo xtask deb`).
+    let xtask = here.join("../target/debug/xtask");
     let probes = [
         ("relay_no_qemu", qemu.exists()),
         ("relay_no_browser", chromium.exists() && playwright.exists()),
@@ -27,6 +29,7 @@ fn main() {
         ("relay_no_haproxy", haproxy.exists()),
         ("relay_no_mariadb", mariadb.exists()),
         ("relay_no_systemd_analyze", systemd_analyze.exists()),
+        ("relay_no_xtask", xtask.exists()),
         // relay embeds its program only where the toolchain built it, and loads it as root.
         ("relay_no_sockmap", is_root() && std::env::var("RELAY_EBPF").as_deref() != Ok("off") && has_bpf_linker()),
         ("relay_no_uring", std::fs::read_to_string(uring_sysctl).map_or(true, |v| v.trim() != "2")),
@@ -39,7 +42,7 @@ fn main() {
             println!("cargo::rustc-cfg={cfg}");
         }
     }
-    for path in [qemu, chromium, novnc, uring_sysctl, redis, haproxy, mariadb, systemd_analyze, &playwright] {
+    for path in [qemu, chromium, novnc, uring_sysctl, redis, haproxy, mariadb, systemd_analyze, &xtask, &playwright] {
         println!("cargo::rerun-if-changed={}", path.display());
     }
     for var in ["RELAY_TEST_REQUIRE_ALL", "RELAY_EBPF", "PATH"] {

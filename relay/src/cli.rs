@@ -20,6 +20,34 @@ pub enum Command {
     CheckConfig { file: PathBuf },
     /// Talk to a running relay over its control socket.
     Ctl(CtlArgs),
+    /// Print the man page (roff) or a shell's completions, for packaging.
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: Generated,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Generated {
+    Man,
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Writes what `generate` asks for to `out`.
+pub fn generate(what: Generated, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let shell = match what {
+        Generated::Man => return clap_mangen::Man::new(cmd).render(out),
+        Generated::Bash => clap_complete::Shell::Bash,
+        Generated::Zsh => clap_complete::Shell::Zsh,
+        Generated::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut cmd, "relay", out);
+    Ok(())
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => relay::run::run(args),
         Command::CheckConfig { file } => relay::run::check_config(&file),
         Command::Ctl(args) => relay::run::ctl(args),
+        Command::Generate { what } => relay::cli::generate(what, &mut std::io::stdout().lock()).map(|()| 0).map_err(Into::into),
     };
     match result {
         Ok(code) => std::process::ExitCode::from(code),

@@ -77,3 +77,49 @@ async fn ready_watchdog_and_stopping_reach_the_notify_socket() {
     tokio::task::block_in_place(|| expect(&socket, "STOPPING=1", Duration::from_secs(10)));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `cargo xtask deb` makes a package that `dpkg -i` installs into an empty tree, and the
+/// binary and its man page work from there.
+#[test]
+#[cfg_attr(relay_no_xtask, ignore = "the xtask binary is not built: run through cargo xtask test")]
+fn the_deb_installs_into_a_clean_tree_and_works_from_it() {
+    let dir = scratch_dir("deb");
+    let xtask = relay_binary().with_file_name("xtask");
+    assert!(xtask.exists(), "{} is missing: run through cargo xtask test", xtask.display());
+    let built = std::process::Command::new(&xtask)
+        .arg("deb")
+        .arg("--binary")
+        .arg(relay_binary())
+        .arg("--out")
+        .arg(&dir)
+        .arg("--uncompressed")
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let deb =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "deb")).expect("a .deb");
+    // An empty system: dpkg's database and nothing else.
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("var/lib/dpkg/info")).unwrap();
+    std::fs::create_dir_all(root.join("var/lib/dpkg/updates")).unwrap();
+    std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    let installed = std::process::Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        // Scripts run outside the (empty) tree, told DPKG_ROOT; libc6 is not in it either.
+        .args(["--force-script-chrootless", "--force-depends", "-i"])
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(installed.status.success(), "{}", String::from_utf8_lossy(&installed.stderr));
+    let status = std::process::Command::new("dpkg").arg(format!("--root={}", root.display())).args(["-s", "relay"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&status.stdout).contains("Status: install ok installed"));
+    let version = std::process::Command::new(root.join("usr/bin/relay")).arg("--version").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), format!("relay {}", env!("CARGO_PKG_VERSION")));
+    let man = std::process::Command::new("man").args(["-P", "cat", "-l"]).arg(root.join("usr/share/man/man1/relay.1.gz")).output().unwrap();
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(man.status.success() && page.contains("check-config") && page.contains("ctl"), "{page}");
+    for file in ["lib/systemd/system/relay.service", "etc/relay/relay.toml", "usr/share/bash-completion/completions/relay"] {
+        assert!(root.join(file).is_file(), "{file} is not installed");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -5,6 +5,8 @@
 //! `deps` and `build-ebpf` install what they need on a Debian machine, idempotently: they
 //! check before they install, so a second run takes a second.
 
+mod deb;
+
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,7 +14,7 @@ use std::process::Command;
 /// Debian packages the integration tests use: a real hypervisor VNC server, a real
 /// browser, Debian's noVNC checkout (served by relay as nova does), and the Redis and
 /// HAProxy a fleet runs with (the tests start their own, on free ports).
-const APT_PACKAGES: &[&str] = &["qemu-system-x86", "chromium", "novnc", "redis-server", "haproxy", "mariadb-server", "systemd"];
+const APT_PACKAGES: &[&str] = &["qemu-system-x86", "chromium", "novnc", "redis-server", "haproxy", "mariadb-server", "systemd", "man-db"];
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
@@ -45,9 +47,10 @@ fn main() -> Result<()> {
             check(&root)
         }
         "bench" => bench(&root),
+        "deb" => deb::deb(&root, &std::env::args().skip(2).collect::<Vec<_>>()).map(drop),
         _ => {
             eprintln!(
-                "usage: cargo xtask <run|deps|build-ebpf|test|check|ci|bench>\n  run   set up the eBPF toolchain (best effort), then run relay with the embedded defaults\n        (arguments after `run` go to `relay run`)\n  deps  install test dependencies (Debian packages, npm packages)\n  build-ebpf  install the eBPF toolchain (LLVM 22, bpf-linker, nightly rust-src) and build the program\n  test  deps, build-ebpf's toolchain, then every test\n  check format and lint checks, and a short run of every fuzz target\n  ci    test, then check (what .ci/run does)\n  bench relay vs direct, socat, HAProxy, websockify (release build); writes docs/benchmarks.md\n        (`cargo xtask bench --help` lists relay-bench's options; `--no-install` skips apt)"
+                "usage: cargo xtask <run|deps|build-ebpf|test|check|ci|bench|deb>\n  run   set up the eBPF toolchain (best effort), then run relay with the embedded defaults\n        (arguments after `run` go to `relay run`)\n  deps  install test dependencies (Debian packages, npm packages)\n  build-ebpf  install the eBPF toolchain (LLVM 22, bpf-linker, nightly rust-src) and build the program\n  test  deps, build-ebpf's toolchain, then every test\n  check format and lint checks, and a short run of every fuzz target\n  ci    test, then check (what .ci/run does)\n  bench relay vs direct, socat, HAProxy, websockify (release build); writes docs/benchmarks.md\n        (`cargo xtask bench --help` lists relay-bench's options; `--no-install` skips apt)\n  deb   a Debian package (binary, systemd unit, config, man page, completions) in target/deb"
             );
             std::process::exit(2);
         }
