@@ -97,7 +97,7 @@ impl Conn {
             if self.discard_body(stream, head).await.is_err() {
                 return false;
             }
-            let sent = timeout(send_timeout, stream.write_all(&health::respond(head, probe, || ready))).await;
+            let sent = timeout(send_timeout, stream.write_all(&health::respond(head, probe, ready))).await;
             return sent.is_ok_and(|w| w.is_ok()) && head.keep_alive();
         }
         bump(&self.app.counters.web_requests);

@@ -25,8 +25,8 @@ pub fn probe(head: &RequestHead) -> Option<Probe> {
     }
 }
 
-/// The whole response to a probe (`ready` is asked only for `/readyz`).
-pub fn respond(head: &RequestHead, probe: Probe, ready: impl FnOnce() -> Readiness) -> Vec<u8> {
+/// The whole response to a probe (`ready` matters only to `/readyz`).
+pub fn respond(head: &RequestHead, probe: Probe, ready: Readiness) -> Vec<u8> {
     let keep = head.keep_alive();
     let (status, phrase, body) = match probe {
         Probe::Options => {
@@ -35,7 +35,7 @@ pub fn respond(head: &RequestHead, probe: Probe, ready: impl FnOnce() -> Readine
             return h.into_bytes();
         }
         Probe::Alive => (200, "OK", "alive\n".to_string()),
-        Probe::Ready => match ready() {
+        Probe::Ready => match ready {
             Ok(()) => (200, "OK", "ready\n".to_string()),
             Err(why) => (503, "Service Unavailable", format!("not ready: {why}\n")),
         },
@@ -55,7 +55,7 @@ mod tests {
     fn answer(raw: &str, ready: Readiness) -> Option<String> {
         let head = parse_request(raw.as_bytes(), 4096).unwrap().unwrap().0;
         let p = probe(&head)?;
-        Some(String::from_utf8(respond(&head, p, || ready)).unwrap())
+        Some(String::from_utf8(respond(&head, p, ready)).unwrap())
     }
 
     #[test]
