@@ -9,7 +9,7 @@ use crate::fleet::{Fleet, Me};
 use crate::relay::backend::Relays;
 use crate::session::Registry;
 use crate::sources::Sources;
-use crate::telemetry::Counters;
+use crate::metrics::Counters;
 use crate::tls::{self, FrontTls, Ktls};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +29,7 @@ pub struct App {
     /// Open connections per source address.
     pub sources: Arc<Sources>,
     pub counters: Counters,
+    pub timings: crate::metrics::Timings,
     /// The front doors' TLS identity, when configured.
     pub front_tls: Option<FrontTls>,
     /// relay's TLS client towards VeNCrypt hypervisors, when configured.
@@ -70,6 +71,7 @@ impl App {
             sessions,
             sources,
             counters: Counters::default(),
+            timings: Default::default(),
             front_tls,
             hypervisor_tls,
             ktls: tls::probe_ktls(),

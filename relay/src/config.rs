@@ -24,7 +24,16 @@ pub struct Config {
     pub jwt: Jwt,
     pub nova: Nova,
     pub keepalive: Keepalive,
+    pub metrics: Metrics,
     pub log: Log,
+}
+
+/// Prometheus metrics and the health probes, on an address of their own.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Metrics {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`127.0.0.1:9180`); off when absent.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Keeping quiet consoles alive, and finding the dead ones: TCP keepalive on both legs of
@@ -39,11 +48,14 @@ pub struct Keepalive {
     pub tcp_interval_secs: u64,
     /// Unanswered probes after which the connection is dead.
     pub tcp_probes: u32,
+    /// Seconds between WebSocket pings to viewers (websockify's `--heartbeat`); 0: none.
+    /// Keeps a quiet console's connection busy for proxies that time out idle tunnels.
+    pub websocket_ping_secs: u64,
 }
 
 impl Default for Keepalive {
     fn default() -> Self {
-        Keepalive { tcp_idle_secs: 60, tcp_interval_secs: 10, tcp_probes: 6 }
+        Keepalive { tcp_idle_secs: 60, tcp_interval_secs: 10, tcp_probes: 6, websocket_ping_secs: 20 }
     }
 }
 

@@ -16,6 +16,7 @@ pub mod dial;
 pub mod fleet;
 pub mod front;
 pub mod heap;
+pub mod metrics;
 pub mod relay;
 pub mod reserve;
 pub mod rfb;

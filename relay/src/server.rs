@@ -26,6 +26,8 @@ pub struct Bound {
     pub connect: Option<SocketAddr>,
     pub all: Vec<(Listener, SocketAddr)>,
     pub control: PathBuf,
+    /// `/metrics` and the health probes, when on.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl std::fmt::Display for Bound {
@@ -39,7 +41,11 @@ impl std::fmt::Display for Bound {
                 write!(f, " {name}={addr}")?;
             }
         }
-        write!(f, " control={}", self.control.display())
+        write!(f, " control={}", self.control.display())?;
+        match self.metrics {
+            Some(a) => write!(f, " metrics={a}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -52,6 +58,10 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
     // Access URLs name the real ports.
     config.listen.websocket = Addrs(ws.iter().map(TcpListener::local_addr).collect::<Result<_, _>>()?);
     config.listen.connect = Addrs(connect.iter().map(TcpListener::local_addr).collect::<Result<_, _>>()?);
+    let metrics = match config.metrics.listen {
+        Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("metrics listener: cannot listen on {a}"))?),
+        None => None,
+    };
     let control_path = config.control_path();
     let control_listener =
         control::server::bind(&control_path).await.with_context(|| format!("control socket {}", control_path.display()))?;
@@ -64,7 +74,10 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
         .map(|a| (Listener::WebSocket, *a))
         .chain(listen.connect.0.iter().map(|a| (Listener::Connect, *a)))
         .collect();
-    let bound = Bound { websocket: listen.websocket.first(), connect: listen.connect.first(), all, control: control_path.clone() };
+    let bound = Bound { websocket: listen.websocket.first(), connect: listen.connect.first(), all,
+        control: control_path.clone(),
+        metrics: metrics.as_ref().map(TcpListener::local_addr).transpose()?,
+    };
     info!(%bound, web = ?app.config.listen.web, "relay listening");
     match (&app.ktls, app.front_tls.is_some() || app.hypervisor_tls.is_some()) {
         (Ktls::Available, _) => info!("kTLS: available in this kernel; TLS sessions are still carried by rustls in userspace"),
@@ -84,6 +97,9 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
         tasks.spawn(accept_loop(app.clone(), listener, kind, permits.clone()));
     }
     tasks.spawn(control::server::serve(app.clone(), control_listener, control_path.clone()));
+    if let Some(listener) = metrics {
+        tasks.spawn(crate::metrics::serve::serve(app.clone(), listener));
+    }
     tasks.spawn(housekeeping(app.clone()));
     tasks.spawn(app.fleet.clone().background());
     tasks.spawn(reload_on_sighup(app.clone()));

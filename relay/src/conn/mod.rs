@@ -13,7 +13,8 @@ use crate::auth::{TokenHash, TokenRejection};
 use crate::front::{Door, token_param};
 use crate::session::SessionInfo;
 use crate::sources::SourcePlace;
-use crate::telemetry::{AUDIT, bump};
+use crate::metrics::bump;
+use crate::telemetry::AUDIT;
 use crate::transport::Transport;
 use crate::wire::http::{Reject, RequestHead};
 use crate::wire::prefixed::Prefixed;
@@ -53,7 +54,7 @@ pub async fn handle(app: Arc<App>, mut stream: TcpStream, mut peer: SocketAddr, 
             // No header (a health check the balancer makes itself), or one naming nobody.
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
-                bump(&app.counters.connections_refused);
+                app.counters.refused("proxy_header");
                 info!(target: AUDIT, event = "refused", balancer = %peer, reason = %e);
                 return;
             }
@@ -66,7 +67,7 @@ pub async fn handle(app: Arc<App>, mut stream: TcpStream, mut peer: SocketAddr, 
         false => None,
         true => match app.sources.admit(peer.ip()) {
             Some(place) => Some(place),
-            None => return refuse_before_reading(&app, stream, SOURCE_FULL).await,
+            None => return refuse_before_reading(&app, stream, "source_limit", SOURCE_FULL).await,
         },
     };
     let conn = Conn { app, id, peer, client: peer.ip(), deadline, _permit: permit, _source: source };
@@ -143,14 +144,16 @@ impl Conn {
         };
         let hash = TokenHash::of(&token);
         let door = req.door;
+        let lookup = std::time::Instant::now();
         let redeemed = self.app.token_sources.redeem(&token, hash, unix_now()).await;
+        self.app.timings.token_lookup.observe(lookup.elapsed().as_secs_f64());
         let redeemed = redeemed
             .map(|r| r.and_then(|record| if door.admits(&record.console) { Ok(record) } else { Err(TokenRejection::WrongConsole) }));
         drop(token);
         let record = match redeemed {
             Ok(Ok(record)) => record,
             Ok(Err(rejection)) => {
-                bump(&self.app.counters.token_rejections);
+                self.app.counters.token_rejected(rejection);
                 info!(target: AUDIT, event = "token_rejected", token_id = %hash.id(), door = %req.door, reason = %rejection);
                 self.refuse(&mut stream, &Reject::new(403, "Forbidden", rejection.to_string()), &req).await;
                 return;
@@ -196,14 +199,14 @@ const SOURCE_FULL: &str = "too many connections from your address";
 
 /// Refuses a connection over the connection limit; `refusal` bounds how many are under way.
 pub async fn refuse_busy(app: Arc<App>, stream: TcpStream, refusal: OwnedSemaphorePermit) {
-    refuse_before_reading(&app, stream, BUSY).await;
+    refuse_before_reading(&app, stream, "busy", BUSY).await;
     drop(refusal);
 }
 
 /// Refuses a connection before reading anything from it: a 503 where the door speaks
 /// plain HTTP first (under TLS the connection is just closed), and an audit event.
-async fn refuse_before_reading(app: &App, mut stream: TcpStream, why: &str) {
-    bump(&app.counters.connections_refused);
+async fn refuse_before_reading(app: &App, mut stream: TcpStream, kind: &'static str, why: &str) {
+    app.counters.refused(kind);
     let source = stream.peer_addr().map(|a| a.ip()).ok();
     info!(target: AUDIT, event = "refused", status = 503, source = ?source, reason = why);
     if app.front_tls.is_none() {

@@ -6,20 +6,20 @@ use super::{CONNECT_OK, Conn, send_and_close};
 use crate::app::unix_now;
 use crate::auth::{Secret, TokenHash, TokenRecord};
 use crate::dial::{DialError, dial};
-use crate::front::ws;
+use crate::front::{Door, ws};
 use crate::relay::{self, Control, Ended, Established, Peer};
 use crate::rfb::RfbError;
 use crate::rfb::drive::{DriveError, drive};
 use crate::rfb::hypervisor::{HypervisorAuth, HypervisorDone, HypervisorHandshake};
 use crate::rfb::viewer::{ViewerAuth, ViewerHandshake};
 use crate::session::SessionHandle;
-use crate::telemetry::{AUDIT, bump};
+use crate::metrics::bump;
+use crate::telemetry::AUDIT;
 use crate::transport::Transport;
 use crate::wire::http::Reject;
 use crate::wire::prefixed::Prefixed;
 use crate::wire::ws_stream::WsByteStream;
 use rand::RngCore;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -49,6 +49,7 @@ impl Conn {
         session: SessionHandle,
         password: Option<Secret>,
     ) {
+        let asked = Instant::now();
         let timeout = Duration::from_secs(self.app.config.hypervisor.connect_timeout_secs);
         let keepalive = self.app.config.keepalive.tcp();
         let dialed = match timeout_at(self.deadline, dial(&record.target, timeout, keepalive.as_ref())).await {
@@ -67,7 +68,7 @@ impl Conn {
                 if stream.write_all(CONNECT_OK).await.is_err() {
                     return;
                 }
-                self.negotiate(stream, dialed, &record, hash, session, password).await
+                self.negotiate(stream, dialed, &record, hash, session, password, (asked, Door::Connect)).await
             }
             Some(upgrade) => {
                 if stream.write_all(&upgrade.response()).await.is_err() {
@@ -75,7 +76,7 @@ impl Conn {
                 }
                 let max_frame = self.app.config.limits.max_ws_message_bytes as u64;
                 match WsByteStream::new(stream, max_frame) {
-                    Ok(ws) => self.negotiate(ws, dialed, &record, hash, session, password).await,
+                    Ok(ws) => self.negotiate(ws, dialed, &record, hash, session, password, (asked, Door::WebSocket)).await,
                     Err(e) => warn!(target: AUDIT, event = "viewer_handshake_failed", error = %e),
                 }
             }
@@ -91,6 +92,7 @@ impl Conn {
         hash: TokenHash,
         session: SessionHandle,
         password: Option<Secret>,
+        (asked, door): (Instant, Door),
     ) {
         let started = Instant::now();
         let hypervisor = match dialed {
@@ -134,7 +136,8 @@ impl Conn {
             }
         };
         let (hv_done, viewer_done) = done;
-        bump(&self.app.counters.sessions_started);
+        self.app.counters.started(door);
+        self.app.timings.handshake.observe(asked.elapsed().as_secs_f64());
         info!(
             target: AUDIT,
             event = "session_start",
@@ -152,6 +155,7 @@ impl Conn {
             buffer_bytes: cfg.relay_buffer_bytes,
             idle_timeout: (cfg.session_idle_timeout_secs > 0).then(|| Duration::from_secs(cfg.session_idle_timeout_secs)),
             half_close_timeout: Duration::from_secs(cfg.half_close_timeout_secs),
+            ws_ping: Some(self.app.config.keepalive.websocket_ping_secs).filter(|s| *s > 0).map(Duration::from_secs),
         };
         let control = Control { bytes: session.bytes.clone(), stop: session.stop.clone() };
         let pair = Established { viewer, hypervisor };
@@ -163,7 +167,7 @@ impl Conn {
         let relaying = async move {
             let relay_started = Instant::now();
             let (ended, backend) = relay.await;
-            Box::pin(self.finish(&session, (ended, backend.name()), relay_started, hash, &record, viewer_auth)).await;
+            Box::pin(self.finish(&session, (door, ended, backend.name()), relay_started, hash, &record, viewer_auth)).await;
         };
         tokio::spawn(relaying.in_current_span());
     }
@@ -207,7 +211,12 @@ impl Conn {
             Ok(Err(DriveError::Rfb(RfbError::WrongPassword))) => {
                 bump(&self.app.counters.viewer_auth_failures);
                 let locked = match self.app.lockout.failure(instance, source, unix_now()).await {
-                    Ok(locked) => locked.is_some(),
+                    Ok(locked) => {
+                        if locked.is_some() {
+                            bump(&self.app.counters.lockouts);
+                        }
+                        locked.is_some()
+                    }
                     Err(e) => {
                         warn!(error = %e, "lock-out store failed to count a wrong password");
                         false
@@ -280,18 +289,15 @@ impl Conn {
     async fn finish(
         &self,
         session: &SessionHandle,
-        (ended, backend): (Ended, &str),
+        (door, ended, backend): (Door, Ended, &'static str),
         started: Instant,
         hash: TokenHash,
         record: &TokenRecord,
         viewer_auth: &str,
     ) {
         let (up, down) = session.bytes.snapshot();
-        let counters = &self.app.counters;
-        counters.bytes_to_hypervisor.fetch_add(up, Ordering::Relaxed);
-        counters.bytes_to_viewer.fetch_add(down, Ordering::Relaxed);
-        bump(&counters.sessions_ended);
-        counters.ended(ended.cause());
+        self.app.counters.ended(door, backend, ended.cause(), (up, down));
+        self.app.timings.console.observe(started.elapsed().as_secs_f64());
         // The token was in use until now: it lapses from here, not from its last redeem.
         let _ = self.app.tokens.touch(hash, unix_now()).await;
         info!(

@@ -3,9 +3,10 @@
 
 use super::{Conn, ConsoleRequest, Listener};
 use crate::front::{Door, health, origin, web, ws};
-use crate::telemetry::{AUDIT, bump};
+use crate::metrics::bump;
+use crate::telemetry::AUDIT;
 use crate::transport::Transport;
-use crate::wire::http::{Reject, RequestHead, parse_request};
+use crate::wire::http::{Reject, RequestHead, read_head};
 use crate::wire::prefixed::Prefixed;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -30,7 +31,7 @@ impl Conn {
             if !self.app.config.tls.ssl_only {
                 return Some(Transport::Plain(stream));
             }
-            bump(&self.app.counters.connections_refused);
+            self.app.counters.refused("tls_required");
             info!(target: AUDIT, event = "refused", status = 400, reason = "plain connection; TLS required");
             let mut plain = stream;
             send_and_close(&mut plain, &Reject::new(400, "Bad Request", "this relay accepts TLS only (https://, wss://)").to_bytes()).await;
@@ -39,7 +40,7 @@ impl Conn {
         match timeout_at(self.deadline, tls.acceptor().accept(stream)).await {
             Ok(Ok(s)) => Some(Transport::ServerTls(Box::new(s))),
             Ok(Err(e)) => {
-                bump(&self.app.counters.connections_refused);
+                self.app.counters.refused("tls_failed");
                 info!(target: AUDIT, event = "refused", reason = %format!("TLS handshake failed: {e}"));
                 None
             }
@@ -59,7 +60,7 @@ impl Conn {
                 Ok(Ok(None)) => return None,
                 Ok(Err(reject)) => {
                     debug!(status = reject.status, reason = %reject.message, "bad request");
-                    bump(&self.app.counters.connections_refused);
+                    self.app.counters.refused_status(reject.status);
                     send_and_close(stream, &reject.to_bytes()).await;
                     return None;
                 }
@@ -180,7 +181,7 @@ impl Conn {
     }
 
     pub(super) async fn refuse(&self, stream: &mut Prefixed<Transport>, reject: &Reject, req: &ConsoleRequest) {
-        bump(&self.app.counters.connections_refused);
+        self.app.counters.refused_status(reject.status);
         info!(target: AUDIT, event = "refused", door = %req.door, status = reject.status, reason = %reject.message);
         send_and_close(stream, &reject.to_bytes()).await;
     }
@@ -188,6 +189,7 @@ impl Conn {
     /// Refuses a console the store cannot vouch for (Redis down): a 503 and an audit
     /// event. Live consoles are not affected.
     pub(super) async fn store_unavailable(&self, stream: &mut Prefixed<Transport>, req: &ConsoleRequest, error: &crate::auth::StoreError) {
+        bump(&self.app.counters.store_errors);
         warn!(error = %error, "console store unavailable: refusing a new console");
         self.refuse(stream, &Reject::new(503, "Service Unavailable", "console store unavailable; try again shortly"), req).await;
     }
@@ -240,23 +242,4 @@ pub(super) async fn send_and_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &m
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
-}
-
-/// Reads until a whole request head is in `stream.prefix`, and takes it from there.
-/// `Ok(None)`: closed before a request.
-async fn read_head<S: AsyncRead + Unpin>(stream: &mut Prefixed<S>, max: usize) -> Result<Option<RequestHead>, Reject> {
-    let mut chunk = [0u8; 2048];
-    loop {
-        if !stream.prefix.is_empty()
-            && let Some((head, len)) = parse_request(&stream.prefix, max).map_err(|e| e.reject())?
-        {
-            stream.prefix.drain(..len);
-            return Ok(Some(head));
-        }
-        let n = stream.io.read(&mut chunk).await.map_err(|e| Reject::new(400, "Bad Request", e.to_string()))?;
-        if n == 0 {
-            return if stream.prefix.is_empty() { Ok(None) } else { Err(Reject::new(400, "Bad Request", "connection closed mid-request")) };
-        }
-        stream.prefix.extend_from_slice(&chunk[..n]);
-    }
 }

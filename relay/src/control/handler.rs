@@ -15,7 +15,8 @@ use crate::fleet::{Delivery, Fleet};
 use crate::front::token_param;
 use crate::relay::backend::Relays;
 use crate::session::Registry;
-use crate::telemetry::{AUDIT, Counters};
+use crate::metrics::Counters;
+use crate::telemetry::AUDIT;
 use serde::Serialize;
 use serde_json::Value;
 use tracing::info;
@@ -93,6 +94,28 @@ impl<'a> ControlContext<'a> {
     }
 }
 
+impl ControlContext<'_> {
+    /// `stats`; `/metrics` renders the same value.
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let live = self.sessions.list(None, |cookie| self.relays.kernel_bytes(cookie));
+        let mut live_by_door = std::collections::BTreeMap::new();
+        for s in &live {
+            *live_by_door.entry(s.info.door).or_default() += 1;
+        }
+        Ok(Stats {
+            counters: self.counters.view(),
+            ended: self.counters.ended_view(),
+            labelled: self.counters.labelled_view(),
+            live_by_door,
+            sessions_active: live.len(),
+            live_bytes_to_hypervisor: live.iter().map(|s| s.bytes_to_hypervisor).sum(),
+            live_bytes_to_viewer: live.iter().map(|s| s.bytes_to_viewer).sum(),
+            tokens: self.tokens.count().await?,
+            relay: self.relays.view(),
+        })
+    }
+}
+
 /// Carries out one request; the result is the operation's reply type, as JSON.
 pub async fn handle(ctx: &ControlContext<'_>, envelope: Envelope) -> Result<Value, ControlError> {
     if envelope.v != VERSION {
@@ -141,18 +164,7 @@ pub async fn handle(ctx: &ControlContext<'_>, envelope: Envelope) -> Result<Valu
             let store = serde_json::to_value(ctx.store_backend).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
             reply(Cluster { store, this: ctx.appliance.clone(), appliances: ctx.fleet.appliances().await.map_err(unavailable)? })
         }
-        Request::Stats => {
-            let live = ctx.sessions.list(None, |cookie| ctx.relays.kernel_bytes(cookie));
-            reply(Stats {
-                counters: ctx.counters.view(),
-                ended: ctx.counters.ended_view(),
-                sessions_active: live.len(),
-                live_bytes_to_hypervisor: live.iter().map(|s| s.bytes_to_hypervisor).sum(),
-                live_bytes_to_viewer: live.iter().map(|s| s.bytes_to_viewer).sum(),
-                tokens: store.count().await.map_err(unavailable)?,
-                relay: ctx.relays.view(),
-            })
-        }
+        Request::Stats => reply(ctx.stats().await.map_err(unavailable)?),
         Request::InstancePasswordSet { instance, password, disconnect } => {
             if let Err(e) = check_password(&password.0) {
                 return Err(ControlError::new(ErrorKind::BadRequest, format!("password: {e}")));

@@ -6,7 +6,7 @@ use crate::fleet::{Appliance, Delivery};
 use crate::relay::backend::BackendsView;
 use crate::relay::lifecycle::Cause;
 use crate::session::SessionView;
-use crate::telemetry::CountersView;
+use crate::metrics::{CountersView, LabelledView};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -76,6 +76,12 @@ pub struct Stats {
     pub counters: CountersView,
     /// Consoles ended since start, by cause.
     pub ended: BTreeMap<Cause, u64>,
+    /// The same counts by door, back-end and kind, as `/metrics` labels them.
+    #[serde(default)]
+    pub labelled: LabelledView,
+    /// Live consoles by front door.
+    #[serde(default)]
+    pub live_by_door: BTreeMap<crate::front::Door, usize>,
     pub sessions_active: usize,
     /// Bytes the live consoles have moved so far, each way.
     pub live_bytes_to_hypervisor: u64,

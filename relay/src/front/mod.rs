@@ -11,7 +11,7 @@ pub mod web;
 pub mod ws;
 
 /// Which front door a request came through; used in logs and access URLs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Door {
     WebSocket,

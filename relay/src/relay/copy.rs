@@ -44,7 +44,10 @@ pub async fn run<V: Peer, H: Peer>(
     limits: Limits,
     hand_over_at: Option<Instant>,
 ) -> Outcome<V, H> {
-    let Established { viewer, hypervisor } = pair;
+    let Established { mut viewer, hypervisor } = pair;
+    if let Some(every) = limits.ws_ping {
+        viewer.io.heartbeat(every);
+    }
     // A console that will move to the kernel starts with small buffers: they are freed at
     // the move, and the heap keeps what it has grown to.
     let first = if hand_over_at.is_some() { SMALL_BUFFER } else { BUFFER };

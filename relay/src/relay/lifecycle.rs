@@ -350,7 +350,7 @@ mod tests {
     use super::*;
 
     fn limits(idle: Option<Duration>) -> Limits {
-        Limits { buffer_bytes: 4096, idle_timeout: idle, half_close_timeout: Duration::from_secs(10) }
+        Limits { buffer_bytes: 4096, idle_timeout: idle, half_close_timeout: Duration::from_secs(10), ws_ping: None }
     }
 
     fn reset(side: Side) -> Failure {

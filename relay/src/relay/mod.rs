@@ -31,6 +31,9 @@ use tokio::sync::watch;
 pub trait Peer: AsyncRead + AsyncWrite + Unpin + Send {
     /// Makes the next close a reset (RST) instead of a FIN, to pass a peer's reset on.
     fn reset_on_close(&self) {}
+    /// From now on, keep a quiet connection busy every `every` where the protocol has a
+    /// way (a WebSocket Ping); bare TCP has none and relies on TCP keepalive.
+    fn heartbeat(&mut self, _every: Duration) {}
     /// Bare TCP, nothing framed or encrypted in userspace: a kernel back-end may take it.
     fn is_plain_tcp(&self) -> bool {
         false
@@ -70,6 +73,9 @@ impl Peer for TcpStream {
 
 /// A WebSocket has no reset; dropping it closes the TCP connection under it.
 impl<S: Peer> Peer for WsByteStream<S> {
+    fn heartbeat(&mut self, every: Duration) {
+        WsByteStream::heartbeat(self, every);
+    }
     fn is_plain_websocket(&self) -> bool {
         self.get_ref().is_plain_tcp()
     }
@@ -144,4 +150,6 @@ pub struct Limits {
     pub idle_timeout: Option<Duration>,
     /// After one side has finished sending, how long the other may go on.
     pub half_close_timeout: Duration,
+    /// How often a WebSocket viewer gets a Ping (None: never).
+    pub ws_ping: Option<Duration>,
 }

@@ -106,6 +106,11 @@ impl Reply {
         Reply { frame, len: 2 + payload.len() }
     }
 
+    /// A Ping with no payload: the heartbeat relay sends quiet viewers.
+    pub fn ping() -> Reply {
+        Reply::new(OP_PING, &[])
+    }
+
     /// A Close frame with `code` and no reason.
     pub fn close(code: u16) -> Reply {
         Reply::new(OP_CLOSE, &code.to_be_bytes())

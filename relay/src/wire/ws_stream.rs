@@ -11,7 +11,9 @@ use super::ws_frame::{self, CLOSE_NORMAL, Decoder, Reply};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// Above this, a held output buffer is freed once sent: an idle console keeps none.
 const KEEP_OUT_BYTES: usize = 4 << 10;
@@ -27,6 +29,9 @@ pub struct WsByteStream<S> {
     eof: bool,
     /// Our Close frame is queued or sent.
     close_queued: bool,
+    /// When set, a Ping goes to the viewer this often (boxed: most of a console's life
+    /// has none during the handshakes).
+    heartbeat: Option<(Duration, Pin<Box<Sleep>>)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
@@ -34,7 +39,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
     /// here and come back as the RFB bytes to be read first.
     pub fn new(upgraded: Prefixed<S>, max_frame: u64) -> io::Result<Prefixed<Self>> {
         let Prefixed { prefix: mut early, io } = upgraded;
-        let mut stream = WsByteStream { io, decoder: Decoder::new(max_frame), out: Vec::new(), out_at: 0, eof: false, close_queued: false };
+        let mut stream = WsByteStream { io, decoder: Decoder::new(max_frame), out: Vec::new(), out_at: 0, eof: false, close_queued: false, heartbeat: None };
         let n = stream.decoder.decode(&mut early).map_err(invalid)?;
         early.truncate(n);
         stream.after_decode();
@@ -50,6 +55,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
     pub fn into_parts(self) -> (S, Decoder) {
         debug_assert!(self.out_at >= self.out.len(), "flushed before the hand-off");
         (self.io, self.decoder)
+    }
+
+    /// Sends the viewer a Ping every `every` from now on. It goes out while the viewer's
+    /// side is read, which the relay does all the time a console is quiet.
+    pub fn heartbeat(&mut self, every: Duration) {
+        self.heartbeat = Some((every, Box::pin(tokio::time::sleep(every))));
+    }
+
+    /// Queues a Ping when one is due, behind any whole frames queued.
+    fn poll_heartbeat(&mut self, cx: &mut Context<'_>) {
+        let Some((every, next)) = &mut self.heartbeat else { return };
+        if next.as_mut().poll(cx).is_pending() {
+            return;
+        }
+        if !self.close_queued {
+            self.out.extend_from_slice(Reply::ping().as_bytes());
+        }
+        next.as_mut().reset(Instant::now() + *every);
+        // Registers the next deadline's waker.
+        let _ = next.as_mut().poll(cx);
     }
 
     /// Queues what the decoder wants answered and notes a Close.
@@ -103,6 +128,7 @@ fn invalid(e: ws_frame::FrameError) -> io::Error {
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        this.poll_heartbeat(cx);
         loop {
             // A pong or Close answer waits for no write from the relay. While one cannot
             // be written (a viewer that sends pings and reads nothing), the viewer is not
@@ -221,6 +247,30 @@ mod tests {
         // not read. Then one pong waits, relay stops reading, and the viewer's pings fill
         // the other way. Without the stop, relay takes all 64 MiB (and queues the pongs).
         assert!(written < 16 << 20, "relay took {} KiB of pings from a viewer that reads nothing", written >> 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_viewer_gets_a_ping_every_heartbeat_and_its_pong_is_no_data() {
+        let (mut viewer, relay_side) = duplex(4096);
+        let mut ws = WsByteStream::new(Prefixed::bare(relay_side), 1 << 20).unwrap().io;
+        ws.heartbeat(Duration::from_secs(20));
+        let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok(n @ 1..) = ws.read(&mut buf).await {
+                let _ = got_tx.send(buf[..n].to_vec());
+            }
+        });
+        let mut frame = [0u8; 2];
+        for _ in 0..3 {
+            let before = tokio::time::Instant::now();
+            tokio::time::timeout(Duration::from_secs(30), viewer.read_exact(&mut frame)).await.expect("a Ping within 30 s").unwrap();
+            assert_eq!(frame, [0x89, 0x00], "an empty Ping");
+            assert_eq!(before.elapsed().as_secs(), 20);
+            viewer.write_all(&[0x8a, 0x80, 1, 2, 3, 4]).await.unwrap(); // its masked Pong
+        }
+        viewer.write_all(&[0x82, 0x81, 0, 0, 0, 0, b'k']).await.unwrap();
+        assert_eq!(got.recv().await.unwrap(), b"k", "Pongs are not data; the next frame's payload is");
     }
 
     #[tokio::test]

@@ -35,6 +35,10 @@ enum Command {
     Stop {
         id: u64,
     },
+    /// A heartbeat is due: a WebSocket console's viewer gets a Ping.
+    Ping {
+        id: u64,
+    },
 }
 
 /// What the ring thread tells a session's task.

@@ -240,6 +240,7 @@ impl Ring {
                     }
                 }
                 Ok(Command::Stop { id }) => self.stop(id),
+                Ok(Command::Ping { id }) => self.ping(id),
                 Err(std::sync::mpsc::TryRecvError::Empty) => return true,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => return !self.consoles.is_empty(),
             }

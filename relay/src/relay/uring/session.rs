@@ -31,6 +31,7 @@ pub async fn run(
         Err(e) => return leaving(Side::Hypervisor, e),
     };
     let id = engine.next_id();
+    let framed = framing.is_some();
     let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
     engine.send(Command::Start {
         id,
@@ -40,7 +41,9 @@ pub async fn run(
         bytes: control.bytes.clone(),
         events: events_tx,
     });
-    let mut on_ring = OnRing { engine, id, events, bytes: control.bytes.clone() };
+    // Only a framed console has a way to ping its viewer.
+    let heartbeat = limits.ws_ping.filter(|_| framed).map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    let mut on_ring = OnRing { engine, id, events, bytes: control.bytes.clone(), heartbeat };
     drive(&mut on_ring, control, &limits).await.expect("a console on the ring is never released")
 }
 
@@ -50,12 +53,24 @@ struct OnRing<'a> {
     id: u64,
     events: UnboundedReceiver<RingEvent>,
     bytes: Arc<ByteCounters>,
+    /// When the viewer's next heartbeat Ping is due.
+    heartbeat: Option<tokio::time::Interval>,
 }
 
 impl Carrier for OnRing<'_> {
     async fn next(&mut self) -> Event {
         loop {
-            match self.events.recv().await {
+            let event = match &mut self.heartbeat {
+                Some(beat) => tokio::select! {
+                    event = self.events.recv() => event,
+                    _ = beat.tick() => {
+                        self.engine.send(Command::Ping { id: self.id });
+                        continue;
+                    }
+                },
+                None => self.events.recv().await,
+            };
+            match event {
                 Some(RingEvent::Finished(dir)) => return Event::Finished(dir),
                 Some(RingEvent::Ended(Err(failure))) => return Event::Failed(failure),
                 // Both directions' ends came before it.

@@ -202,6 +202,19 @@ impl Ring {
         self.send(id, Direction::Down)
     }
 
+    /// Queues a heartbeat Ping for the viewer, unless an answer is already due (it keeps
+    /// the connection busy just as well) or the direction is ending.
+    pub(super) fn ping(&mut self, id: u64) {
+        let Some(console) = self.consoles.get_mut(&id) else { return };
+        let finished = console.finished[Direction::Down.index()];
+        let Carry::Framed(ws) = &mut console.carry else { return };
+        if finished || ws.reply.is_some() || ws.dirs[Direction::Down.index()].last {
+            return;
+        }
+        ws.reply = Some(Reply::ping());
+        self.wake_viewer_writer(id);
+    }
+
     /// The down direction may be waiting on the hypervisor: cut that wait short so it
     /// sends the answer now. A poll that completes first finds the answer after its frame.
     fn wake_viewer_writer(&mut self, id: u64) {
