@@ -11,13 +11,15 @@ use crate::session::Registry;
 use crate::sources::Sources;
 use crate::metrics::Counters;
 use crate::tls::{self, FrontTls, Ktls};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_rustls::TlsConnector;
 
 pub struct App {
-    pub config: Config,
+    /// The configuration in force: SIGHUP swaps in a new one (see [`crate::reload`]); a
+    /// connection reads it as it goes.
+    config: RwLock<Arc<Config>>,
     pub tokens: Arc<dyn TokenStore>,
     /// Where a console's token is looked up: the store, then any other authority.
     pub token_sources: crate::auth::sources::Sources,
@@ -32,8 +34,8 @@ pub struct App {
     pub timings: crate::metrics::Timings,
     /// The front doors' TLS identity, when configured.
     pub front_tls: Option<FrontTls>,
-    /// relay's TLS client towards VeNCrypt hypervisors, when configured.
-    pub hypervisor_tls: Option<TlsConnector>,
+    /// relay's TLS client towards VeNCrypt hypervisors, when configured (rebuilt on reload).
+    hypervisor_tls: RwLock<Option<TlsConnector>>,
     pub ktls: Ktls,
     /// The back-ends established consoles run on.
     pub relays: Arc<Relays>,
@@ -62,7 +64,7 @@ impl App {
         let token_sources = crate::store::open_sources(&config, tokens.clone())?;
         let sources = Sources::new(config.limits.max_connections_per_source);
         Ok(Arc::new(App {
-            config,
+            config: RwLock::new(Arc::new(config)),
             tokens,
             token_sources,
             passwords,
@@ -73,12 +75,31 @@ impl App {
             counters: Counters::default(),
             timings: Default::default(),
             front_tls,
-            hypervisor_tls,
+            hypervisor_tls: RwLock::new(hypervisor_tls),
             ktls: tls::probe_ktls(),
             relays,
             draining: std::sync::atomic::AtomicBool::new(false),
             next_id: AtomicU64::new(1),
         }))
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Puts `config` in force for what reads it from now on (see [`crate::reload`]).
+    pub fn set_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+    }
+
+    /// relay's TLS client towards VeNCrypt hypervisors, if configured.
+    pub fn hypervisor_tls(&self) -> Option<TlsConnector> {
+        self.hypervisor_tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub fn set_hypervisor_tls(&self, connector: Option<TlsConnector>) {
+        *self.hypervisor_tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = connector;
     }
 
     /// Whether relay takes consoles now (`/readyz`): not draining, and its token store

@@ -50,7 +50,7 @@ pub fn generate(what: Generated, out: &mut dyn std::io::Write) -> std::io::Resul
     Ok(())
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,

@@ -195,6 +195,10 @@ pub struct Tokens {
     pub touch_interval_secs: u64,
     /// Where a token is looked up, in order; the first that knows it decides.
     pub sources: Vec<TokenSourceKind>,
+    /// End a console when the token that opened it expires (a token's lifetime then
+    /// bounds the console's, as with nova's `enforce_session_timeout`); by default a
+    /// token only has to be valid when the console opens.
+    pub end_consoles_at_expiry: bool,
 }
 
 impl Default for Tokens {
@@ -206,6 +210,7 @@ impl Default for Tokens {
             sweep_interval_secs: 30,
             touch_interval_secs: 30,
             sources: vec![TokenSourceKind::Store],
+            end_consoles_at_expiry: false,
         }
     }
 }

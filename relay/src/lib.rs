@@ -18,6 +18,7 @@ pub mod front;
 pub mod heap;
 pub mod metrics;
 pub mod relay;
+pub mod reload;
 pub mod reserve;
 pub mod rfb;
 pub mod rlimit;

@@ -7,28 +7,7 @@ use std::io::Write as _;
 use std::path::Path;
 
 pub fn run(args: RunArgs) -> anyhow::Result<u8> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    if let Some(a) = args.ws_listen {
-        config.listen.websocket = a.into();
-    }
-    if let Some(a) = args.connect_listen {
-        config.listen.connect = a.into();
-    }
-    if let Some(p) = args.control {
-        config.listen.control = Some(p);
-    }
-    if let Some(w) = args.web {
-        config.listen.web = Some(w);
-    }
-    if let Some(b) = args.relay {
-        config.relay.backend = b;
-    }
-    if let Some(f) = args.log_format {
-        config.log.format = f;
-    }
+    let mut config = load(&args)?;
     telemetry::init(&config.log);
     config.limits.max_connections = fit_open_files(config.limits.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -39,8 +18,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
             systemd::stopping();
         };
         systemd::spawn_watchdog();
+        // SIGHUP reads the same file, with the same command-line overrides.
+        let reload: Option<crate::reload::Loader> = args.config.is_some().then(|| {
+            let args = args.clone();
+            Box::new(move || load(&args)) as crate::reload::Loader
+        });
         server::run(
             config,
+            reload,
             |bound| {
                 // One line on stdout for people and scripts; the log has the details.
                 println!("relay listening: {bound}");
@@ -52,6 +37,33 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .await
     })?;
     Ok(0)
+}
+
+/// The configuration: the file (or the embedded defaults), then the command line.
+fn load(args: &RunArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(a) = args.ws_listen {
+        config.listen.websocket = a.into();
+    }
+    if let Some(a) = args.connect_listen {
+        config.listen.connect = a.into();
+    }
+    if let Some(p) = &args.control {
+        config.listen.control = Some(p.clone());
+    }
+    if let Some(w) = &args.web {
+        config.listen.web = Some(w.clone());
+    }
+    if let Some(b) = args.relay {
+        config.relay.backend = b;
+    }
+    if let Some(f) = args.log_format {
+        config.log.format = f;
+    }
+    Ok(config)
 }
 
 /// Fits the open-file limit to `max_connections`, and says so in the log; returns the

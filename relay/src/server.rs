@@ -4,6 +4,7 @@ use crate::app::{App, unix_now};
 use crate::config::{Addrs, Config};
 use crate::conn::{self, Listener};
 use crate::control;
+use crate::reload::Loader;
 use crate::reserve::{Reserve, out_of_descriptors};
 use crate::telemetry::AUDIT;
 use crate::tls::Ktls;
@@ -50,9 +51,16 @@ impl std::fmt::Display for Bound {
 }
 
 /// Runs relay until `shutdown` completes, then drains. `on_bound` learns the addresses
-/// once every listener is up.
-pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// once every listener is up; `reload`, when given, reads the configuration again on
+/// SIGHUP.
+pub async fn run(
+    mut config: Config,
+    reload: Option<Loader>,
+    on_bound: impl FnOnce(&Bound),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     config.validate()?;
+    let loaded = config.clone();
     let ws = bind(&config.listen.websocket).await.context("websocket listener")?;
     let connect = bind(&config.listen.connect).await.context("connect listener")?;
     // Access URLs name the real ports.
@@ -66,7 +74,7 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
     let control_listener =
         control::server::bind(&control_path).await.with_context(|| format!("control socket {}", control_path.display()))?;
     let app = App::new(config)?;
-    let listen = &app.config.listen;
+    let listen = &app.config().listen;
     let all = listen
         .websocket
         .0
@@ -78,18 +86,18 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
         control: control_path.clone(),
         metrics: metrics.as_ref().map(TcpListener::local_addr).transpose()?,
     };
-    info!(%bound, web = ?app.config.listen.web, "relay listening");
-    match (&app.ktls, app.front_tls.is_some() || app.hypervisor_tls.is_some()) {
+    info!(%bound, web = ?app.config().listen.web, "relay listening");
+    match (&app.ktls, app.front_tls.is_some() || app.hypervisor_tls().is_some()) {
         (Ktls::Available, _) => info!("kTLS: available in this kernel; TLS sessions are still carried by rustls in userspace"),
         (Ktls::Unavailable(why), true) => info!(reason = %why, "kTLS: unavailable; TLS stays in userspace (rustls)"),
         (Ktls::Unavailable(why), false) => debug!(reason = %why, "kTLS: unavailable"),
     }
     if app.front_tls.is_some() {
-        info!(ssl_only = app.config.tls.ssl_only, "front doors accept TLS (https, wss, CONNECT over TLS)");
+        info!(ssl_only = app.config().tls.ssl_only, "front doors accept TLS (https, wss, CONNECT over TLS)");
     }
     on_bound(&bound);
 
-    let max = app.config.limits.max_connections;
+    let max = app.config().limits.max_connections;
     let permits = Arc::new(Semaphore::new(max));
     let mut tasks = JoinSet::new();
     let listeners = ws.into_iter().map(|l| (l, Listener::WebSocket)).chain(connect.into_iter().map(|l| (l, Listener::Connect)));
@@ -101,12 +109,13 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
         tasks.spawn(crate::metrics::serve::serve(app.clone(), listener));
     }
     tasks.spawn(housekeeping(app.clone()));
+    tasks.spawn(end_at_token_expiry(app.clone()));
     tasks.spawn(app.fleet.clone().background());
-    tasks.spawn(reload_on_sighup(app.clone()));
+    tasks.spawn(reload_on_sighup(app.clone(), reload, loaded));
 
     shutdown.await;
     app.draining.store(true, std::sync::atomic::Ordering::Relaxed);
-    let drain = Duration::from_secs(app.config.limits.drain_secs);
+    let drain = Duration::from_secs(app.config().limits.drain_secs);
     if !drain.is_zero() {
         info!(drain_secs = drain.as_secs(), "draining: /readyz answers 503 and new consoles are refused; live consoles go on");
         tokio::time::sleep(drain).await;
@@ -114,7 +123,7 @@ pub async fn run(mut config: Config, on_bound: impl FnOnce(&Bound), shutdown: im
     info!("shutting down: no new connections; ending live consoles");
     tasks.abort_all();
     let ended = app.sessions.disconnect_all("relay shutting down");
-    let grace = Duration::from_secs(app.config.limits.shutdown_grace_secs);
+    let grace = Duration::from_secs(app.config().limits.shutdown_grace_secs);
     // Consoles get the grace period to close both sides cleanly; connections still in
     // a request or handshake are simply dropped with the runtime.
     let drained = tokio::time::timeout(grace, async {
@@ -189,7 +198,7 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener, kind: Listener, permi
 
 /// Sweeps dead tokens and keeps the tokens of live sessions from lapsing.
 async fn housekeeping(app: Arc<App>) {
-    let cfg = &app.config.tokens;
+    let cfg = &app.config().tokens;
     let period = Duration::from_secs(cfg.sweep_interval_secs.min(cfg.touch_interval_secs).max(1));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -219,17 +228,47 @@ async fn housekeeping(app: Arc<App>) {
     }
 }
 
-/// Reloads the front doors' certificate on SIGHUP; live sessions are untouched.
-async fn reload_on_sighup(app: Arc<App>) {
+/// With `tokens.end_consoles_at_expiry`, ends each console when its token expires (to
+/// the second; the setting is read each time, so a reload turns it on or off).
+async fn end_at_token_expiry(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !app.config().tokens.end_consoles_at_expiry {
+            continue;
+        }
+        let ended = app.sessions.disconnect_expired(unix_now(), "its console token expired");
+        if ended > 0 {
+            info!(target: AUDIT, event = "token_expired", disconnected = ended);
+        }
+    }
+}
+
+/// On SIGHUP, reads the configuration again and applies what can change while consoles
+/// run; a file that does not load or validate changes nothing. Without a file to read,
+/// the certificates are read again.
+async fn reload_on_sighup(app: Arc<App>, reload: Option<Loader>, mut loaded: Config) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
     while hup.recv().await.is_some() {
-        match &app.front_tls {
-            Some(tls) => match tls.reload() {
-                Ok(()) => info!("SIGHUP: front TLS certificate reloaded"),
-                Err(e) => warn!(error = %format!("{e:#}"), "SIGHUP: certificate reload failed; keeping the current one"),
-            },
-            None => info!("SIGHUP: no TLS certificate configured; nothing to reload"),
+        let new = match &reload {
+            Some(read) => read(),
+            None => Ok(loaded.clone()),
+        };
+        let applied = new.and_then(|new| crate::reload::apply(&app, &loaded, &new).map(|outcome| (new, outcome)));
+        match applied {
+            Ok((new, outcome)) => {
+                loaded = new;
+                info!(applied = ?outcome.applied, "SIGHUP: configuration reloaded; live consoles go on");
+                if !outcome.need_restart.is_empty() {
+                    warn!(settings = ?outcome.need_restart, "SIGHUP: these changed settings take effect only after a restart; their running values stay");
+                }
+                for note in outcome.notes {
+                    warn!("SIGHUP: {note}");
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "SIGHUP: the configuration was not reloaded; the running one stays"),
         }
     }
 }

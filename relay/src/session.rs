@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -52,6 +52,9 @@ pub struct SessionInfo {
     /// The token source that opened it (`store`, `nova`, `jwt`, …).
     #[serde(default)]
     pub source: String,
+    /// When the token that opened it expires (Unix seconds; 0: it does not).
+    #[serde(default)]
+    pub token_expires: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,8 +100,9 @@ pub enum RegisterError {
 
 pub struct Registry {
     inner: Mutex<Inner>,
-    max_sessions: usize,
-    max_per_instance: usize,
+    /// The caps (SIGHUP may change them; live sessions over a lowered cap go on).
+    max_sessions: AtomicUsize,
+    max_per_instance: AtomicUsize,
 }
 
 /// A registered session. Dropping it unregisters the session.
@@ -118,7 +122,13 @@ impl Drop for SessionHandle {
 
 impl Registry {
     pub fn new(max_sessions: usize, max_per_instance: usize) -> Arc<Self> {
-        Arc::new(Registry { inner: Mutex::new(Inner::default()), max_sessions, max_per_instance })
+        Arc::new(Registry { inner: Mutex::new(Inner::default()), max_sessions: max_sessions.into(), max_per_instance: max_per_instance.into() })
+    }
+
+    /// New caps, for sessions registered from now on.
+    pub fn set_caps(&self, max_sessions: usize, max_per_instance: usize) {
+        self.max_sessions.store(max_sessions, Ordering::Relaxed);
+        self.max_per_instance.store(max_per_instance, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -129,12 +139,13 @@ impl Registry {
 
     pub fn register(self: &Arc<Self>, info: SessionInfo, token: TokenHash, epoch: u64) -> Result<SessionHandle, RegisterError> {
         let mut inner = self.lock();
-        if inner.sessions.len() >= self.max_sessions {
-            return Err(RegisterError::TooManySessions(self.max_sessions));
+        let (max_sessions, max_per_instance) = (self.max_sessions.load(Ordering::Relaxed), self.max_per_instance.load(Ordering::Relaxed));
+        if inner.sessions.len() >= max_sessions {
+            return Err(RegisterError::TooManySessions(max_sessions));
         }
         let ids = inner.by_instance.entry(info.instance.clone()).or_default();
-        if ids.len() >= self.max_per_instance {
-            return Err(RegisterError::TooManyForInstance(self.max_per_instance));
+        if ids.len() >= max_per_instance {
+            return Err(RegisterError::TooManyForInstance(max_per_instance));
         }
         ids.insert(info.id);
         let (stop, stop_rx) = watch::channel(None);
@@ -249,6 +260,18 @@ impl Registry {
         told.count()
     }
 
+    /// Tells the sessions whose token has expired by `now` to end (once); returns how
+    /// many were told.
+    pub fn disconnect_expired(&self, now: u64, reason: &str) -> usize {
+        let inner = self.lock();
+        let expired = inner.sessions.values().filter(|e| (1..=now).contains(&e.info.token_expires) && e.stop.borrow().is_none());
+        expired
+            .inspect(|e| {
+                e.stop.send_replace(Some(reason.to_string()));
+            })
+            .count()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().sessions.len()
     }
@@ -272,6 +295,7 @@ mod tests {
             hypervisor: "h:5900".into(),
             started: 0,
             source: "store".into(),
+            token_expires: 0,
         }
     }
 

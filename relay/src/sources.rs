@@ -5,14 +5,15 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The count per source; an entry exists only while its source has a connection open, so
 /// the map is bounded by `max_connections`.
 pub struct Sources {
     open: Mutex<HashMap<IpAddr, usize>>,
-    /// 0: no limit.
-    per_source: usize,
+    /// 0: no limit. SIGHUP may change it: connections counted before stay counted.
+    per_source: AtomicUsize,
 }
 
 /// One connection's place in its source's count; dropping it gives the place back.
@@ -23,7 +24,7 @@ pub struct SourcePlace {
 
 impl Sources {
     pub fn new(per_source: usize) -> Arc<Sources> {
-        Arc::new(Sources { open: Mutex::new(HashMap::new()), per_source })
+        Arc::new(Sources { open: Mutex::new(HashMap::new()), per_source: per_source.into() })
     }
 
     fn open(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
@@ -31,16 +32,21 @@ impl Sources {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn set_limit(&self, per_source: usize) {
+        self.per_source.store(per_source, Ordering::Relaxed);
+    }
+
     /// Whether a limit is set; without one nothing is counted (no lock per connection).
     pub fn limited(&self) -> bool {
-        self.per_source > 0
+        self.per_source.load(Ordering::Relaxed) > 0
     }
 
     /// A place for one more connection from `source`, or None when it has its fill.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<SourcePlace> {
         let mut open = self.open();
         let count = open.entry(source).or_insert(0);
-        if self.per_source > 0 && *count >= self.per_source {
+        let limit = self.per_source.load(Ordering::Relaxed);
+        if limit > 0 && *count >= limit {
             if *count == 0 {
                 open.remove(&source);
             }

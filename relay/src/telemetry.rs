@@ -4,18 +4,46 @@
 //! authentication result, refusal and session end, with structured fields.
 
 use crate::config::{Log, LogFormat};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 pub const AUDIT: &str = "relay::audit";
 
+/// The log filter in force, when the configuration set it (RUST_LOG, when set, rules
+/// instead and is not reloaded).
+static FILTER: std::sync::OnceLock<reload::Handle<EnvFilter, Registry>> = std::sync::OnceLock::new();
+
 pub fn init(log: &Log) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.filter));
     use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
-    let _ = match log.format {
-        LogFormat::Text => builder.fmt_fields(text_fields()).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let configured = from_env.is_none();
+    let (filter, handle) = reload::Layer::new(from_env.unwrap_or_else(|| EnvFilter::new(&log.filter)));
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+    let logs = tracing_subscriber::registry().with(filter);
+    let installed = match log.format {
+        LogFormat::Text => logs.with(fmt.fmt_fields(text_fields())).try_init(),
+        LogFormat::Json => logs.with(fmt.json().flatten_event(true)).try_init(),
     };
+    if installed.is_ok() && configured {
+        let _ = FILTER.set(handle);
+    }
+}
+
+/// What became of a new log filter.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FilterChange {
+    Applied,
+    /// RUST_LOG (or a test's subscriber) decides the filter; the file's is not used.
+    NotOurs,
+}
+
+/// Puts a new log filter in force; an invalid one is an error and changes nothing.
+pub fn set_filter(filter: &str) -> Result<FilterChange, String> {
+    let parsed = EnvFilter::try_new(filter).map_err(|e| format!("log.filter: {e}"))?;
+    let Some(handle) = FILTER.get() else { return Ok(FilterChange::NotOurs) };
+    handle.reload(parsed).map_err(|e| format!("log.filter: {e}"))?;
+    Ok(FilterChange::Applied)
 }
 
 /// The text log's fields, with every control character escaped: a value from outside (a

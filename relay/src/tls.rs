@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -62,17 +62,17 @@ fn key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
 /// The front doors' TLS identity. `reload` swaps it for new connections; live
 /// sessions keep the one they started with.
 pub struct FrontTls {
-    cert: PathBuf,
-    key: PathBuf,
-    policy: Policy,
     current: RwLock<TlsAcceptor>,
 }
 
 impl FrontTls {
     pub fn load(cert: &Path, key: &Path, tls: &crate::config::Tls) -> anyhow::Result<FrontTls> {
+        Ok(FrontTls { current: RwLock::new(Self::acceptor_for(cert, key, tls)?) })
+    }
+
+    fn acceptor_for(cert: &Path, key: &Path, tls: &crate::config::Tls) -> anyhow::Result<TlsAcceptor> {
         let policy = Policy::new(tls.min_version, &tls.cipher_suites).context("tls")?;
-        let acceptor = Self::build(cert, key, &policy)?;
-        Ok(FrontTls { cert: cert.into(), key: key.into(), policy, current: RwLock::new(acceptor) })
+        Self::build(cert, key, &policy)
     }
 
     fn build(cert: &Path, key_path: &Path, policy: &Policy) -> anyhow::Result<TlsAcceptor> {
@@ -85,9 +85,11 @@ impl FrontTls {
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
 
-    /// Re-reads the files; on any error the current identity stays.
-    pub fn reload(&self) -> anyhow::Result<()> {
-        let acceptor = Self::build(&self.cert, &self.key, &self.policy)?;
+    /// Re-reads the files `tls` names, under its version and cipher settings; on any
+    /// error the current identity stays.
+    pub fn reload(&self, tls: &crate::config::Tls) -> anyhow::Result<()> {
+        let (Some(cert), Some(key)) = (&tls.cert, &tls.key) else { bail!("tls.cert and tls.key are gone: turning TLS off needs a restart") };
+        let acceptor = Self::acceptor_for(cert, key, tls)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
         Ok(())
     }

@@ -67,6 +67,7 @@ impl TestRelay {
         // Stops when `stop` fires (on drop); the task ends with it.
         tokio::spawn(relay::server::run(
             config,
+            None,
             move |b| {
                 let _ = bound_tx.send(b.clone());
             },

@@ -186,6 +186,12 @@ impl TokenRecord {
         }
     }
 
+    /// When the token really expires (Unix seconds), for ending its consoles then; 0 for
+    /// websockify's tokens, which have no expiry (their `expires` is nominal).
+    pub fn real_expiry(&self) -> u64 {
+        if self.source.starts_with("websockify") { 0 } else { self.expires }
+    }
+
     /// Whether the token may still open a console at `now`, and if not, why.
     pub fn usable(&self, now: u64) -> Result<(), super::TokenRejection> {
         use super::TokenRejection::*;

@@ -44,11 +44,11 @@ pub async fn handle(app: Arc<App>, mut stream: TcpStream, mut peer: SocketAddr, 
     let id = app.next_id();
     bump(&app.counters.connections_accepted);
     let _ = stream.set_nodelay(true);
-    if let Some(keepalive) = app.config.keepalive.tcp() {
+    if let Some(keepalive) = app.config().keepalive.tcp() {
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
     }
-    let deadline = tokio::time::Instant::now() + app.config.handshake_timeout();
-    if app.config.listen.proxy_protocol_from.iter().any(|c| c.contains(peer.ip())) {
+    let deadline = tokio::time::Instant::now() + app.config().handshake_timeout();
+    if app.config().listen.proxy_protocol_from.iter().any(|c| c.contains(peer.ip())) {
         match timeout_at(deadline, proxied_viewer(&mut stream)).await {
             Ok(Ok(Some(viewer))) => peer = viewer,
             // No header (a health check the balancer makes itself), or one naming nobody.
@@ -63,7 +63,7 @@ pub async fn handle(app: Arc<App>, mut stream: TcpStream, mut peer: SocketAddr, 
     }
     // Counted by the TCP peer here, or by the address a trusted proxy reports once the
     // request head says it.
-    let source = match app.sources.limited() && !app.config.websocket.trust_forwarded_headers {
+    let source = match app.sources.limited() && !app.config().websocket.trust_forwarded_headers {
         false => None,
         true => match app.sources.admit(peer.ip()) {
             Some(place) => Some(place),
@@ -109,13 +109,13 @@ impl Conn {
         };
         // The handshakes share one deadline from here: a slow peer cannot hold a
         // connection open before its console exists.
-        self.deadline = tokio::time::Instant::now() + self.app.config.handshake_timeout();
-        if self.app.config.websocket.trust_forwarded_headers
+        self.deadline = tokio::time::Instant::now() + self.app.config().handshake_timeout();
+        if self.app.config().websocket.trust_forwarded_headers
             && let Some(client) = forwarded_for(&req.head)
         {
             self.client = client;
         }
-        if self.app.config.websocket.trust_forwarded_headers && self.app.sources.limited() {
+        if self.app.config().websocket.trust_forwarded_headers && self.app.sources.limited() {
             match self.app.sources.admit(self.client) {
                 Some(place) => self._source = Some(place),
                 None => {
@@ -172,6 +172,7 @@ impl Conn {
             hypervisor: format!("{}:{}", record.target.host, record.target.port),
             started: unix_now(),
             source: record.source.to_string(),
+            token_expires: record.real_expiry(),
         };
         let password = match self.app.passwords.get(&record.instance).await {
             Ok(password) => password,

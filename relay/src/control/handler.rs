@@ -34,7 +34,7 @@ pub struct ControlContext<'a> {
     pub counters: &'a Counters,
     pub relays: &'a Relays,
     /// Lifetimes of new tokens.
-    pub token_defaults: &'a Tokens,
+    pub token_defaults: Tokens,
     /// How long a reset refuses an instance's signed tokens; `None` without the jwt source.
     pub signed_revocation_secs: Option<u64>,
     /// Where each door is reached, for the URLs a new token comes with.
@@ -83,13 +83,13 @@ impl<'a> ControlContext<'a> {
             passwords: app.passwords.as_ref(),
             sessions: &app.sessions,
             fleet: app.fleet.as_ref(),
-            store_backend: app.config.store.backend,
-            appliance: app.config.store.appliance(),
+            store_backend: app.config().store.backend,
+            appliance: app.config().store.appliance(),
             counters: &app.counters,
             relays: &app.relays,
-            token_defaults: &app.config.tokens,
-            signed_revocation_secs: app.config.tokens.sources.contains(&TokenSourceKind::Jwt).then_some(app.config.jwt.revoke_for_secs),
-            doors: DoorBases::of(&app.config, app.front_tls.is_some()),
+            token_defaults: app.config().tokens.clone(),
+            signed_revocation_secs: app.config().tokens.sources.contains(&TokenSourceKind::Jwt).then_some(app.config().jwt.revoke_for_secs),
+            doors: DoorBases::of(&app.config(), app.front_tls.is_some()),
         }
     }
 }
@@ -244,7 +244,7 @@ async fn create(ctx: &ControlContext<'_>, req: NewToken) -> Result<TokenCreated,
         ctx.passwords.set(&req.instance, pw).await.map_err(store_error)?;
         info!(target: AUDIT, event = "console_password_set", instance = %req.instance, via = "token_create");
     }
-    let defaults = ctx.token_defaults;
+    let defaults = &ctx.token_defaults;
     let text = token::generate();
     let hash = TokenHash::of(&text);
     let record = TokenRecord::new(&hash, req, unix_now(), defaults.ttl_secs, defaults.idle_timeout_secs);
