@@ -6,13 +6,13 @@ use crate::auth::lockout::LockoutStore;
 use crate::auth::passwords::PasswordStore;
 use crate::config::Config;
 use crate::fleet::{Fleet, Me};
+use crate::metrics::Counters;
 use crate::relay::backend::Relays;
 use crate::session::Registry;
 use crate::sources::Sources;
-use crate::metrics::Counters;
 use crate::tls::{self, FrontTls, Ktls};
-use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_rustls::TlsConnector;
 

@@ -131,7 +131,11 @@ mod tests {
         assert_eq!(merged.websocket.allowed_origins, ["https://dash.example.com"]);
         assert_eq!(merged.log.filter, "debug");
         assert_eq!(merged.limits.max_connections, running.limits.max_connections, "kept");
-        assert_eq!(toml::to_string(&merged.listen).unwrap(), toml::to_string(&running.listen).unwrap(), "the bound listeners stay, ports included");
+        assert_eq!(
+            toml::to_string(&merged.listen).unwrap(),
+            toml::to_string(&running.listen).unwrap(),
+            "the bound listeners stay, ports included"
+        );
         assert_eq!(outcome.need_restart, ["listen", "limits.max_connections"]);
         assert_eq!(outcome.applied, ["limits", "log", "websocket"]);
     }

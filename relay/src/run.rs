@@ -9,7 +9,9 @@ use std::path::Path;
 pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let mut config = load(&args)?;
     telemetry::init(&config.log);
-    config.limits.max_connections = fit_open_files(config.limits.max_connections);
+    let asked = config.limits.max_connections;
+    config.limits.max_connections = fit_open_files(asked);
+    let fitted = config.limits.max_connections;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let signal = server::shutdown_signal()?;
@@ -21,7 +23,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         // SIGHUP reads the same file, with the same command-line overrides.
         let reload: Option<crate::reload::Loader> = args.config.is_some().then(|| {
             let args = args.clone();
-            Box::new(move || load(&args)) as crate::reload::Loader
+            // Fitted as at start, so that an unchanged file reads as unchanged.
+            let fit = move |mut c: Config| {
+                if c.limits.max_connections == asked {
+                    c.limits.max_connections = fitted;
+                }
+                c
+            };
+            Box::new(move || load(&args).map(fit)) as crate::reload::Loader
         });
         server::run(
             config,

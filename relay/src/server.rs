@@ -82,7 +82,10 @@ pub async fn run(
         .map(|a| (Listener::WebSocket, *a))
         .chain(listen.connect.0.iter().map(|a| (Listener::Connect, *a)))
         .collect();
-    let bound = Bound { websocket: listen.websocket.first(), connect: listen.connect.first(), all,
+    let bound = Bound {
+        websocket: listen.websocket.first(),
+        connect: listen.connect.first(),
+        all,
         control: control_path.clone(),
         metrics: metrics.as_ref().map(TcpListener::local_addr).transpose()?,
     };

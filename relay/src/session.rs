@@ -122,7 +122,11 @@ impl Drop for SessionHandle {
 
 impl Registry {
     pub fn new(max_sessions: usize, max_per_instance: usize) -> Arc<Self> {
-        Arc::new(Registry { inner: Mutex::new(Inner::default()), max_sessions: max_sessions.into(), max_per_instance: max_per_instance.into() })
+        Arc::new(Registry {
+            inner: Mutex::new(Inner::default()),
+            max_sessions: max_sessions.into(),
+            max_per_instance: max_per_instance.into(),
+        })
     }
 
     /// New caps, for sessions registered from now on.

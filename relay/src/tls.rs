@@ -88,7 +88,9 @@ impl FrontTls {
     /// Re-reads the files `tls` names, under its version and cipher settings; on any
     /// error the current identity stays.
     pub fn reload(&self, tls: &crate::config::Tls) -> anyhow::Result<()> {
-        let (Some(cert), Some(key)) = (&tls.cert, &tls.key) else { bail!("tls.cert and tls.key are gone: turning TLS off needs a restart") };
+        let (Some(cert), Some(key)) = (&tls.cert, &tls.key) else {
+            bail!("tls.cert and tls.key are gone: turning TLS off needs a restart")
+        };
         let acceptor = Self::acceptor_for(cert, key, tls)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
         Ok(())

@@ -30,6 +30,8 @@ pub struct TestRelay {
     pub dir: PathBuf,
     /// Every listening address of every door.
     pub listening: Vec<(relay::conn::Listener, SocketAddr)>,
+    /// The metrics listener, when configured.
+    pub metrics: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -81,6 +83,7 @@ impl TestRelay {
             connect: bound.connect.unwrap_or(([127, 0, 0, 1], 9).into()),
             control: bound.control,
             listening: bound.all,
+            metrics: bound.metrics,
             dir,
             stop: Some(stop),
         }
@@ -160,13 +163,7 @@ impl TestRelay {
         path_and_query: &str,
         headers: &[(&str, &str)],
     ) -> Result<WsViewer, tokio_tungstenite::tungstenite::Error> {
-        let mut req = format!("ws://{}{path_and_query}", self.ws).into_client_request()?;
-        req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
-        for (name, value) in headers {
-            req.headers_mut().insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
-        }
-        let (ws, _resp): (WebSocketStream<_>, _) = tokio_tungstenite::connect_async(req).await?;
-        Ok(WsByteStream::new(ws))
+        websocket_at(self.ws, path_and_query, headers).await
     }
 
     /// The WebSocket door at frame level, for tests of the framing itself.
@@ -184,6 +181,21 @@ impl Drop for TestRelay {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Opens a WebSocket door at `addr` (relay's, or a proxy's in front of it).
+pub async fn websocket_at(
+    addr: SocketAddr,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> Result<WsViewer, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("ws://{addr}{path_and_query}").into_client_request()?;
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("binary"));
+    for (name, value) in headers {
+        req.headers_mut().insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+    }
+    let (ws, _resp): (WebSocketStream<_>, _) = tokio_tungstenite::connect_async(req).await?;
+    Ok(WsByteStream::new(ws))
 }
 
 pub fn new_token(instance: &str, hypervisor: SocketAddr) -> NewToken {

@@ -129,11 +129,16 @@ impl Haproxy {
     /// HAProxy in TCP mode, its frontend on a free port sending to the backend `relays`
     /// that `backend` defines; a stats socket in its directory ([`Haproxy::server_status`]).
     pub async fn start(backend: &str) -> anyhow::Result<Haproxy> {
+        Self::start_with("mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s", backend).await
+    }
+
+    /// As [`Haproxy::start`], with `defaults` as the body of its `defaults` section.
+    pub async fn start_with(defaults: &str, backend: &str) -> anyhow::Result<Haproxy> {
         let dir = scratch_dir("haproxy");
         let port = free_port()?;
         let config = format!(
             "global\n    maxconn 1000\n    stats socket {}/stats.sock level admin\n\
-             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\
+             defaults\n    {defaults}\n\
              frontend consoles\n    bind 127.0.0.1:{port}\n    default_backend relays\n{backend}",
             dir.display()
         );
@@ -195,6 +200,8 @@ pub struct RelayProcess {
     pub connect: SocketAddr,
     pub ws: SocketAddr,
     pub control: PathBuf,
+    /// The metrics listener, when configured.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl RelayProcess {
@@ -242,14 +249,25 @@ impl RelayProcess {
             connect: field("connect")?.parse()?,
             ws: field("websocket")?.parse()?,
             control: field("control")?.into(),
+            metrics: field("metrics").ok().map(|m| m.parse()).transpose()?,
         })
     }
 
     /// SIGTERM: relay's own shutdown.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal named `name` (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) {
         if let Some(child) = &self.child {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status();
         }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// SIGKILL: no shutdown, no flush.

@@ -295,3 +295,47 @@ async fn read_frames(ws: &mut relay_tests::relay_server::WsFrames, n: usize) -> 
     }
     got.split_off(n)
 }
+
+/// A quiet console behind HAProxy with `timeout tunnel 30s` lives past 60 s on relay's
+/// WebSocket pings; the same console without them is cut by HAProxy (the control).
+async fn heartbeats_keep_a_quiet_console_open_behind_haproxy(backend: Backend) {
+    env::haproxy();
+    let hv = FakeVnc::start(Script::echo()).await;
+    let beating = start_with(backend, |c| c.keepalive.websocket_ping_secs = 10).await;
+    let silent = start_with(backend, |c| c.keepalive.websocket_ping_secs = 0).await;
+    let timeouts = "mode http\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n    timeout tunnel 30s";
+    let behind = |relay: &TestRelay| format!("backend relays\n    server relay1 {}\n", relay.ws);
+    let lb_beating = relay_tests::servers::Haproxy::start_with(timeouts, &behind(&beating)).await.unwrap();
+    let lb_silent = relay_tests::servers::Haproxy::start_with(timeouts, &behind(&silent)).await.unwrap();
+    let mut viewers = Vec::new();
+    for (relay, lb, instance) in [(&beating, &lb_beating, "vm-beating"), (&silent, &lb_silent, "vm-silent")] {
+        let token = relay.token(instance, hv.addr()).await;
+        let mut ws = relay_tests::relay_server::websocket_at(lb.addr, &format!("/?token={token}"), &[]).await.unwrap();
+        handshake(&mut ws, RFB38, None).await.unwrap();
+        viewers.push(ws);
+    }
+    let [mut a, mut b] = <[WsViewer; 2]>::try_from(viewers).ok().unwrap();
+    // Nobody sends a byte of RFB for 65 s; the viewers read (answering pings, as noVNC does).
+    let quiet = Duration::from_secs(65);
+    let (mut buf_a, mut buf_b) = ([0u8; 64], [0u8; 64]);
+    let (read_a, read_b) = tokio::join!(tokio::time::timeout(quiet, a.read(&mut buf_a)), tokio::time::timeout(quiet, b.read(&mut buf_b)));
+    assert!(matches!(read_b, Ok(Ok(0) | Err(_))), "without heartbeats HAProxy ends the quiet console at 30 s: {read_b:?}");
+    assert!(read_a.is_err(), "with heartbeats the quiet console stays open, carrying no data: {read_a:?}");
+    a.write_all(b"still here").await.unwrap();
+    a.flush().await.unwrap();
+    let mut back = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), a.read_exact(&mut back)).await.expect("the echo").unwrap();
+    assert_eq!(&back, b"still here", "the console works after 65 quiet seconds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(relay_no_haproxy, ignore = "haproxy is not installed: cargo xtask deps")]
+async fn heartbeats_keep_a_quiet_console_open_behind_haproxy_on_copy() {
+    heartbeats_keep_a_quiet_console_open_behind_haproxy(Backend::Copy).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(any(relay_no_haproxy, relay_no_uring), ignore = "haproxy is not installed, or io_uring is disabled on this machine")]
+async fn heartbeats_keep_a_quiet_console_open_behind_haproxy_on_uring() {
+    heartbeats_keep_a_quiet_console_open_behind_haproxy(Backend::Uring).await
+}

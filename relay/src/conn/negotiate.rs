@@ -7,13 +7,13 @@ use crate::app::unix_now;
 use crate::auth::{Secret, TokenHash, TokenRecord};
 use crate::dial::{DialError, dial};
 use crate::front::{Door, ws};
+use crate::metrics::bump;
 use crate::relay::{self, Control, Ended, Established, Peer};
 use crate::rfb::RfbError;
 use crate::rfb::drive::{DriveError, drive};
 use crate::rfb::hypervisor::{HypervisorAuth, HypervisorDone, HypervisorHandshake};
 use crate::rfb::viewer::{ViewerAuth, ViewerHandshake};
 use crate::session::SessionHandle;
-use crate::metrics::bump;
 use crate::telemetry::AUDIT;
 use crate::transport::Transport;
 use crate::wire::http::Reject;
@@ -37,6 +37,17 @@ const TOO_SLOW: &str = "the hypervisor did not answer in time";
 /// How long a viewer has to read why its console is unavailable, past the handshake
 /// deadline when that is what ran out (a hypervisor that accepts and never speaks).
 const REFUSAL_GRACE: Duration = Duration::from_secs(5);
+
+/// What a console request was granted on its way to the handshakes.
+struct Granted {
+    hash: TokenHash,
+    session: SessionHandle,
+    /// The console password its viewer must give, if the instance has one.
+    password: Option<Secret>,
+    /// When the console was asked for (its handshake time starts there).
+    asked: Instant,
+    door: Door,
+}
 
 impl Conn {
     /// From a redeemed token to the end of the console.
@@ -68,7 +79,7 @@ impl Conn {
                 if stream.write_all(CONNECT_OK).await.is_err() {
                     return;
                 }
-                self.negotiate(stream, dialed, &record, hash, session, password, (asked, Door::Connect)).await
+                self.negotiate(stream, dialed, &record, Granted { hash, session, password, asked, door: Door::Connect }).await
             }
             Some(upgrade) => {
                 if stream.write_all(&upgrade.response()).await.is_err() {
@@ -76,7 +87,7 @@ impl Conn {
                 }
                 let max_frame = self.app.config().limits.max_ws_message_bytes as u64;
                 match WsByteStream::new(stream, max_frame) {
-                    Ok(ws) => self.negotiate(ws, dialed, &record, hash, session, password, (asked, Door::WebSocket)).await,
+                    Ok(ws) => self.negotiate(ws, dialed, &record, Granted { hash, session, password, asked, door: Door::WebSocket }).await,
                     Err(e) => warn!(target: AUDIT, event = "viewer_handshake_failed", error = %e),
                 }
             }
@@ -89,11 +100,9 @@ impl Conn {
         mut viewer: Prefixed<V>,
         dialed: Result<Prefixed<TcpStream>, DialError>,
         record: &TokenRecord,
-        hash: TokenHash,
-        session: SessionHandle,
-        password: Option<Secret>,
-        (asked, door): (Instant, Door),
+        granted: Granted,
     ) {
+        let Granted { hash, session, password, asked, door } = granted;
         let started = Instant::now();
         let hypervisor = match dialed {
             Ok(d) => self.hypervisor_handshake(d, record).await,

@@ -13,9 +13,9 @@ use crate::auth::{NewToken, StoreError, TokenHash, TokenRecord, TokenStore, toke
 use crate::config::{Config, StoreBackend, TokenSourceKind, Tokens};
 use crate::fleet::{Delivery, Fleet};
 use crate::front::token_param;
+use crate::metrics::Counters;
 use crate::relay::backend::Relays;
 use crate::session::Registry;
-use crate::metrics::Counters;
 use crate::telemetry::AUDIT;
 use serde::Serialize;
 use serde_json::Value;

@@ -3,10 +3,10 @@
 
 use crate::auth::{TokenRecord, TokenRejection};
 use crate::fleet::{Appliance, Delivery};
+use crate::metrics::{CountersView, LabelledView};
 use crate::relay::backend::BackendsView;
 use crate::relay::lifecycle::Cause;
 use crate::session::SessionView;
-use crate::metrics::{CountersView, LabelledView};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -215,7 +215,10 @@ mod tests {
         assert_eq!((v.bytes_to_hypervisor, v.bytes_to_viewer), (16, 202));
         assert_eq!(l.ended.len(), 2);
         let ws = &l.ended[0];
-        assert_eq!((ws.door, ws.relay.as_str(), ws.cause, ws.consoles, ws.bytes_to_viewer), (Door::WebSocket, "copy", Cause::ViewerClosed, 2, 202));
+        assert_eq!(
+            (ws.door, ws.relay.as_str(), ws.cause, ws.consoles, ws.bytes_to_viewer),
+            (Door::WebSocket, "copy", Cause::ViewerClosed, 2, 202)
+        );
         assert_eq!(l.refused.get("forbidden"), Some(&1));
         assert_eq!(l.token_rejected.get(&TokenRejection::Expired), Some(&1));
         assert_eq!(c.ended_view()[&Cause::Idle], 1);

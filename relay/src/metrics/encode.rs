@@ -71,9 +71,22 @@ impl Collector for Snapshot {
         counter(&mut e, "connections_accepted", "TCP connections accepted, both doors", c.connections_accepted)?;
         counter(&mut e, "web_requests", "Web client and other plain HTTP requests served", c.web_requests)?;
         counters(&mut e, "refused", "Connections refused, by kind", l.refused.iter().map(|(k, n)| ([("reason", k.clone())], *n)))?;
-        counters(&mut e, "token_rejections", "Console tokens refused, by why", l.token_rejected.iter().map(|(k, n)| ([("reason", name(k))], *n)))?;
-        counters(&mut e, "consoles_started", "Consoles started, by front door", l.started.iter().map(|(d, n)| ([("door", d.to_string())], *n)))?;
-        let ended = l.ended.iter().map(|t| ([("door", t.door.to_string()), ("relay", t.relay.clone()), ("cause", t.cause.name().to_string())], t.consoles));
+        counters(
+            &mut e,
+            "token_rejections",
+            "Console tokens refused, by why",
+            l.token_rejected.iter().map(|(k, n)| ([("reason", name(k))], *n)),
+        )?;
+        counters(
+            &mut e,
+            "consoles_started",
+            "Consoles started, by front door",
+            l.started.iter().map(|(d, n)| ([("door", d.to_string())], *n)),
+        )?;
+        let ended = l
+            .ended
+            .iter()
+            .map(|t| ([("door", t.door.to_string()), ("relay", t.relay.clone()), ("cause", t.cause.name().to_string())], t.consoles));
         counters(&mut e, "consoles_ended", "Consoles ended, by door, back-end and cause", ended)?;
         let bytes = l.ended.iter().flat_map(|t| {
             let labels = |direction: &str| [("door", t.door.to_string()), ("relay", t.relay.clone()), ("direction", direction.to_string())];
@@ -85,13 +98,19 @@ impl Collector for Snapshot {
             *summed.entry(labels).or_insert(0u64) += n;
         }
         counters(&mut e, "console_bytes", "Bytes ended consoles moved, by door, back-end and direction", summed)?;
-        let live = s.live_by_door.iter().map(|(d, n)| ([("door", d.to_string())], *n as i64));
-        let mut family = e.encode_descriptor("consoles_live", "Consoles running now, by front door", None, ConstGauge::new(0i64).metric_type())?;
-        for (labels, n) in live {
-            ConstGauge::new(n).encode(family.encode_family(&labels)?)?;
+        {
+            let kind = ConstGauge::new(0i64).metric_type();
+            let mut family = e.encode_descriptor("consoles_live", "Consoles running now, by front door", None, kind)?;
+            for (door, n) in &s.live_by_door {
+                ConstGauge::new(*n as i64).encode(family.encode_family(&[("door", door.to_string())])?)?;
+            }
         }
-        drop(family);
-        gauge(&mut e, "live_bytes_to_hypervisor", "Bytes the running consoles have moved to hypervisors", s.live_bytes_to_hypervisor as i64)?;
+        gauge(
+            &mut e,
+            "live_bytes_to_hypervisor",
+            "Bytes the running consoles have moved to hypervisors",
+            s.live_bytes_to_hypervisor as i64,
+        )?;
         gauge(&mut e, "live_bytes_to_viewer", "Bytes the running consoles have moved to viewers", s.live_bytes_to_viewer as i64)?;
         counter(&mut e, "viewer_auth_failures", "Console password attempts that failed or were locked out", c.viewer_auth_failures)?;
         counter(&mut e, "lockouts", "Wrong passwords that locked an instance or address out", c.lockouts)?;

@@ -179,7 +179,10 @@ pub fn response_head(status: u16, phrase: &str, content_type: &str, len: u64, ke
 
 /// Reads until a whole request head is in `stream.prefix`, and takes it from there.
 /// `Ok(None)`: closed before a request.
-pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut crate::wire::prefixed::Prefixed<S>, max: usize) -> Result<Option<RequestHead>, Reject> {
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut crate::wire::prefixed::Prefixed<S>,
+    max: usize,
+) -> Result<Option<RequestHead>, Reject> {
     let mut chunk = [0u8; 2048];
     loop {
         if !stream.prefix.is_empty()
@@ -188,7 +191,8 @@ pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut crate::wire
             stream.prefix.drain(..len);
             return Ok(Some(head));
         }
-        let n = tokio::io::AsyncReadExt::read(&mut stream.io, &mut chunk).await.map_err(|e| Reject::new(400, "Bad Request", e.to_string()))?;
+        let n =
+            tokio::io::AsyncReadExt::read(&mut stream.io, &mut chunk).await.map_err(|e| Reject::new(400, "Bad Request", e.to_string()))?;
         if n == 0 {
             return if stream.prefix.is_empty() { Ok(None) } else { Err(Reject::new(400, "Bad Request", "connection closed mid-request")) };
         }

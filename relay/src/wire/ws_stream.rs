@@ -39,7 +39,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
     /// here and come back as the RFB bytes to be read first.
     pub fn new(upgraded: Prefixed<S>, max_frame: u64) -> io::Result<Prefixed<Self>> {
         let Prefixed { prefix: mut early, io } = upgraded;
-        let mut stream = WsByteStream { io, decoder: Decoder::new(max_frame), out: Vec::new(), out_at: 0, eof: false, close_queued: false, heartbeat: None };
+        let mut stream = WsByteStream {
+            io,
+            decoder: Decoder::new(max_frame),
+            out: Vec::new(),
+            out_at: 0,
+            eof: false,
+            close_queued: false,
+            heartbeat: None,
+        };
         let n = stream.decoder.decode(&mut early).map_err(invalid)?;
         early.truncate(n);
         stream.after_decode();
