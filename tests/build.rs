@@ -19,6 +19,7 @@ fn main() {
     let haproxy = Path::new("/usr/sbin/haproxy");
     let mariadb = Path::new("/usr/sbin/mariadbd");
     let systemd_analyze = Path::new("/usr/bin/systemd-analyze");
+    let socket_activate = Path::new("/usr/bin/systemd-socket-activate");
     // `cargo xtask test` builds the xtask binary the package test runs (`cargo xtask deb`).
     let xtask = here.join("../target/debug/xtask");
     let probes = [
@@ -29,6 +30,7 @@ fn main() {
         ("relay_no_haproxy", haproxy.exists()),
         ("relay_no_mariadb", mariadb.exists()),
         ("relay_no_systemd_analyze", systemd_analyze.exists()),
+        ("relay_no_socket_activate", socket_activate.exists()),
         ("relay_no_xtask", xtask.exists()),
         // relay embeds its program only where the toolchain built it, and loads it as root.
         ("relay_no_sockmap", is_root() && std::env::var("RELAY_EBPF").as_deref() != Ok("off") && has_bpf_linker()),
@@ -42,7 +44,7 @@ fn main() {
             println!("cargo::rustc-cfg={cfg}");
         }
     }
-    for path in [qemu, chromium, novnc, uring_sysctl, redis, haproxy, mariadb, systemd_analyze, &xtask, &playwright] {
+    for path in [qemu, chromium, novnc, uring_sysctl, redis, haproxy, mariadb, systemd_analyze, socket_activate, &xtask, &playwright] {
         println!("cargo::rerun-if-changed={}", path.display());
     }
     for var in ["RELAY_TEST_REQUIRE_ALL", "RELAY_EBPF", "PATH"] {

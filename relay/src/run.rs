@@ -12,6 +12,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let asked = config.limits.max_connections;
     config.limits.max_connections = fit_open_files(asked);
     let fitted = config.limits.max_connections;
+    // Taken before any thread starts, and before anything else opens a descriptor.
+    let activated = systemd::activated()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let signal = server::shutdown_signal()?;
@@ -34,7 +36,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         });
         server::run(
             config,
-            reload,
+            server::Start { reload, activated },
             |bound| {
                 // One line on stdout for people and scripts; the log has the details.
                 println!("relay listening: {bound}");

@@ -50,25 +50,36 @@ impl std::fmt::Display for Bound {
     }
 }
 
+/// What the process brings to [`run`] besides the configuration.
+#[derive(Default)]
+pub struct Start {
+    /// Reads the configuration again on SIGHUP.
+    pub reload: Option<Loader>,
+    /// Listening sockets systemd passed: they replace the configured addresses of their
+    /// door.
+    pub activated: crate::systemd::Activated,
+}
+
 /// Runs relay until `shutdown` completes, then drains. `on_bound` learns the addresses
-/// once every listener is up; `reload`, when given, reads the configuration again on
-/// SIGHUP.
+/// once every listener is up.
 pub async fn run(
     mut config: Config,
-    reload: Option<Loader>,
+    start: Start,
     on_bound: impl FnOnce(&Bound),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     config.validate()?;
     let loaded = config.clone();
-    let ws = bind(&config.listen.websocket).await.context("websocket listener")?;
-    let connect = bind(&config.listen.connect).await.context("connect listener")?;
+    let Start { reload, activated } = start;
+    let ws = listeners(&config.listen.websocket, activated.websocket, "websocket").await?;
+    let connect = listeners(&config.listen.connect, activated.connect, "connect").await?;
     // Access URLs name the real ports.
     config.listen.websocket = Addrs(ws.iter().map(TcpListener::local_addr).collect::<Result<_, _>>()?);
     config.listen.connect = Addrs(connect.iter().map(TcpListener::local_addr).collect::<Result<_, _>>()?);
-    let metrics = match config.metrics.listen {
-        Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("metrics listener: cannot listen on {a}"))?),
-        None => None,
+    let metrics = match (activated.metrics, config.metrics.listen) {
+        (Some(passed), _) => Some(TcpListener::from_std(passed)?),
+        (None, Some(a)) => Some(TcpListener::bind(a).await.with_context(|| format!("metrics listener: cannot listen on {a}"))?),
+        (None, None) => None,
     };
     let control_path = config.control_path();
     let control_listener =
@@ -141,6 +152,18 @@ pub async fn run(
     let _ = std::fs::remove_file(&control_path);
     info!(sessions_ended = ended, "relay stopped");
     Ok(())
+}
+
+/// A door's listeners: the sockets systemd passed for it, if any, else its addresses bound.
+async fn listeners(addrs: &Addrs, passed: Vec<std::net::TcpListener>, door: &str) -> anyhow::Result<Vec<TcpListener>> {
+    if passed.is_empty() {
+        return bind(addrs).await.with_context(|| format!("{door} listener"));
+    }
+    let adopted = passed.into_iter().map(TcpListener::from_std).collect::<Result<Vec<_>, _>>()?;
+    for l in &adopted {
+        info!(door, address = %l.local_addr()?, "socket activation: serving a socket systemd passed");
+    }
+    Ok(adopted)
 }
 
 /// Binds every address of a door. An IPv6 wildcard listens for IPv6 only, so that

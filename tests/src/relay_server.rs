@@ -69,7 +69,7 @@ impl TestRelay {
         // Stops when `stop` fires (on drop); the task ends with it.
         tokio::spawn(relay::server::run(
             config,
-            None,
+            Default::default(),
             move |b| {
                 let _ = bound_tx.send(b.clone());
             },

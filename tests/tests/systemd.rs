@@ -17,7 +17,13 @@ fn the_unit_passes_systemd_analyze_verify() {
     // The unit as installed, with the binary where this build has it.
     let unit = dir.join("relay.service");
     std::fs::write(&unit, unit_text().replace("/usr/bin/relay", &relay_binary().display().to_string())).unwrap();
-    let out = std::process::Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&unit).output().unwrap();
+    // The optional socket units, beside it.
+    let sockets = ["relay-websocket.socket", "relay-connect.socket"].map(|name| {
+        let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging").join(name);
+        std::fs::copy(from, dir.join(name)).unwrap();
+        dir.join(name)
+    });
+    let out = std::process::Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&unit).args(&sockets).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     // systemd-analyze warns about (and ignores) a bad setting but still exits 0.
     assert!(out.status.success() && stderr.trim().is_empty(), "{}\n{stderr}", out.status);
@@ -121,5 +127,69 @@ fn the_deb_installs_into_a_clean_tree_and_works_from_it() {
     for file in ["lib/systemd/system/relay.service", "etc/relay/relay.toml", "usr/share/bash-completion/completions/relay"] {
         assert!(root.join(file).is_file(), "{file} is not installed");
     }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Socket activation, with systemd's own tool: the sockets it holds become relay's doors
+/// by their names, and the connection that woke relay is served.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(relay_no_socket_activate, ignore = "systemd-socket-activate is not installed: cargo xtask deps")]
+async fn socket_activation_serves_the_doors_systemd_passes() {
+    use relay::control::proto::Request;
+    use relay::control::replies::TokenCreated;
+    use relay_tests::fake_hypervisor::{FakeVnc, Script};
+    use std::io::BufRead as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hv = FakeVnc::start(Script::echo()).await;
+    let dir = scratch_dir("activate");
+    let config = dir.join("relay.toml");
+    // The configured ports are never bound: systemd's sockets take their place.
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\nwebsocket = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\ncontrol = \"{}\"\n\n[store]\nbackend = \"memory\"\n",
+            dir.join("control.sock").display()
+        ),
+    )
+    .unwrap();
+    let ports = [relay_tests::hypervisor::free_port().unwrap(), relay_tests::hypervisor::free_port().unwrap()];
+    let mut activator = std::process::Command::new("systemd-socket-activate")
+        .args(["-l", &format!("127.0.0.1:{}", ports[0]), "-l", &format!("127.0.0.1:{}", ports[1]), "--fdname=websocket:connect"])
+        .arg(relay_binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(activator.stdout.take().unwrap());
+    // The first connection starts relay, which then answers it.
+    let mut health = loop {
+        match tokio::net::TcpStream::connect(("127.0.0.1", ports[0])).await {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    health.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(30), health.read_to_string(&mut answer)).await.expect("relay answered").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("alive\n"), "{answer}");
+    let mut line = String::new();
+    tokio::task::block_in_place(|| stdout.read_line(&mut line)).unwrap();
+    assert!(line.contains(&format!("websocket=127.0.0.1:{} connect=127.0.0.1:{}", ports[0], ports[1])), "{line}");
+    // A console through the CONNECT door's socket.
+    let created: TokenCreated = relay::control::client::call(
+        &dir.join("control.sock"),
+        Request::TokenCreate(relay_tests::relay_server::new_token("vm-activated", hv.addr())),
+    )
+    .await
+    .unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ports[1])).await.unwrap();
+    s.write_all(format!("CONNECT /console?token={} HTTP/1.1\r\nHost: relay\r\n\r\n", created.token).as_bytes()).await.unwrap();
+    let head = relay_tests::relay_server::read_head(&mut s).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    relay_tests::viewer::handshake(&mut s, b"RFB 003.008\n", None).await.expect("the console opens");
+    // Without --accept the activator execs relay in its own place: one process to stop.
+    let _ = activator.kill();
+    let _ = activator.wait();
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -24,7 +24,7 @@ exit 0
 const PRERM: &str = r#"#!/bin/sh
 set -e
 if [ "$1" = remove ] && [ -z "$DPKG_ROOT" ] && [ -d /run/systemd/system ]; then
-    systemctl stop relay.service >/dev/null 2>&1 || true
+    systemctl stop relay-websocket.socket relay-connect.socket relay.service >/dev/null 2>&1 || true
 fi
 exit 0
 "#;
@@ -55,6 +55,9 @@ pub fn deb(root: &Path, args: &[String]) -> Result<PathBuf> {
     };
     put("usr/bin/relay", &std::fs::read(&binary).with_context(|| binary.display().to_string())?, 0o755)?;
     put("lib/systemd/system/relay.service", &std::fs::read(root.join("packaging/relay.service"))?, 0o644)?;
+    for socket in ["relay-websocket.socket", "relay-connect.socket"] {
+        put(&format!("lib/systemd/system/{socket}"), &std::fs::read(root.join("packaging").join(socket))?, 0o644)?;
+    }
     put("etc/relay/relay.toml", &std::fs::read(root.join("relay.example.toml"))?, 0o644)?;
     let generated = |what: &str| -> Result<Vec<u8>> {
         let o = Command::new(&binary).args(["generate", what]).output()?;
