@@ -1,4 +1,5 @@
 pub mod browser;
+pub mod conformance;
 pub mod env;
 pub mod fake_hypervisor;
 pub mod hypervisor;

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask run | deps | build-ebpf | test | check | ci | bench`.
+//! Project tasks: `cargo xtask run | deps | build-ebpf | test | check | ci | bench | deb | vmtest`.
 //!
 //! `ci` is `test` then `check`, the same two steps `.ci/run` takes.
 //!
@@ -6,6 +6,7 @@
 //! check before they install, so a second run takes a second.
 
 mod deb;
+mod vmtest;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -13,8 +14,10 @@ use std::process::Command;
 
 /// Debian packages the integration tests use: a real hypervisor VNC server, a real
 /// browser, Debian's noVNC checkout (served by relay as nova does), and the Redis and
-/// HAProxy a fleet runs with (the tests start their own, on free ports).
-const APT_PACKAGES: &[&str] = &["qemu-system-x86", "chromium", "novnc", "redis-server", "haproxy", "mariadb-server", "systemd", "man-db"];
+/// HAProxy a fleet runs with (the tests start their own, on free ports); busybox for the
+/// initramfs `vmtest` boots.
+const APT_PACKAGES: &[&str] =
+    &["qemu-system-x86", "chromium", "novnc", "redis-server", "haproxy", "mariadb-server", "systemd", "man-db", "busybox-static"];
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
@@ -48,9 +51,13 @@ fn main() -> Result<()> {
         }
         "bench" => bench(&root),
         "deb" => deb::deb(&root, &std::env::args().skip(2).collect::<Vec<_>>()).map(drop),
+        "vmtest" => {
+            ebpf_toolchain()?;
+            vmtest::vmtest(&root, &std::env::args().skip(2).collect::<Vec<_>>())
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask <run|deps|build-ebpf|test|check|ci|bench|deb>\n  run   set up the eBPF toolchain (best effort), then run relay with the embedded defaults\n        (arguments after `run` go to `relay run`)\n  deps  install test dependencies (Debian packages, npm packages)\n  build-ebpf  install the eBPF toolchain (LLVM 22, bpf-linker, nightly rust-src) and build the program\n  test  deps, build-ebpf's toolchain, then every test\n  check format and lint checks, and a short run of every fuzz target\n  ci    test, then check (what .ci/run does)\n  bench relay vs direct, socat, HAProxy, websockify (release build); writes docs/benchmarks.md\n        (`cargo xtask bench --help` lists relay-bench's options; `--no-install` skips apt)\n  deb   a Debian package (binary, systemd unit, config, man page, completions) in target/deb"
+                "usage: cargo xtask <run|deps|build-ebpf|test|check|ci|bench|deb|vmtest>\n  run   set up the eBPF toolchain (best effort), then run relay with the embedded defaults\n        (arguments after `run` go to `relay run`)\n  deps  install test dependencies (Debian packages, npm packages)\n  build-ebpf  install the eBPF toolchain (LLVM 22, bpf-linker, nightly rust-src) and build the program\n  test  deps, build-ebpf's toolchain, then every test, then vmtest\n  check format and lint checks, and a short run of every fuzz target\n  ci    test, then check (what .ci/run does)\n  bench relay vs direct, socat, HAProxy, websockify (release build); writes docs/benchmarks.md\n        (`cargo xtask bench --help` lists relay-bench's options; `--no-install` skips apt)\n  deb   a Debian package (binary, systemd unit, config, man page, completions) in target/deb\n  vmtest  the back-end conformance subset inside Debian 12's 6.1 and 6.12 kernels under QEMU\n        (`--kernel PACKAGE`, repeatable; `--backends copy,uring,sockmap`)"
             );
             std::process::exit(2);
         }
@@ -104,7 +111,9 @@ fn test(root: &Path) -> Result<()> {
         .args(["test", "--workspace", "--locked"])
         .env("RELAY_TEST_REQUIRE_ALL", "1")
         .env("RELAY_EBPF", "require")
-        .current_dir(root))
+        .current_dir(root))?;
+    // Then the back-ends on the kernels relay's users run.
+    vmtest::vmtest(root, &[])
 }
 
 /// Format, lints (the eBPF program's on its own target), and every fuzz target for a few

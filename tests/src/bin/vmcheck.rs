@@ -1,0 +1,74 @@
+//! The back-end conformance subset, run as PID 1's child inside a kernel booted by
+//! `cargo xtask vmtest`: one line per back-end and check (`vmcheck: KERNEL BACKEND CHECK:
+//! PASS|FAIL ...`), then `vmcheck: done, N failed`; the exit status is the failures'.
+
+use relay::config::Backend;
+use relay_tests::conformance::{self, start};
+use relay_tests::relay_server::TestRelay;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+type Check = fn(TestRelay, Backend) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+macro_rules! checks {
+    ($($name:ident),* $(,)?) => {
+        [$((stringify!($name), (|relay, backend| Box::pin(conformance::$name(relay, backend))) as Check)),*]
+    };
+}
+
+/// What each back-end must do on every kernel relay supports; the bulk check moves
+/// 32 MiB each way (an emulated machine runs several times slower than this one).
+const CHECKS: [(&str, Check); 8] = checks!(
+    several_mib_each_way_byte_exact,
+    hypervisor_fin_arrives_after_its_data_and_the_other_way_stays_open,
+    viewer_fin_arrives_after_its_data_and_the_other_way_stays_open,
+    viewer_reset_reaches_the_hypervisor_as_a_reset,
+    hypervisor_reset_reaches_the_viewer_as_a_reset,
+    forced_disconnect_ends_the_console_on_both_sides,
+    a_stalled_viewer_bounds_what_is_in_flight_then_gets_every_byte,
+    a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order,
+);
+
+/// How long one check may take under emulation.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn main() -> std::process::ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime");
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let wanted = std::env::args().nth(1);
+    let failed = runtime.block_on(async {
+        let mut failed = 0;
+        for backend in [Backend::Copy, Backend::Uring, Backend::Sockmap] {
+            let name = format!("{backend:?}").to_lowercase();
+            if wanted.as_ref().is_some_and(|w| !w.split(',').any(|b| b == name)) {
+                continue;
+            }
+            for (check, run) in CHECKS {
+                let started = Instant::now();
+                let task = tokio::spawn(async move { run(start(backend, |_| {}).await, backend).await });
+                let outcome = match tokio::time::timeout(CHECK_TIMEOUT, task).await {
+                    Ok(Ok(())) => "PASS".to_string(),
+                    Ok(Err(e)) => format!("FAIL ({})", panic_message(e)),
+                    Err(_) => format!("FAIL (not done in {CHECK_TIMEOUT:?})"),
+                };
+                failed += usize::from(!outcome.starts_with("PASS"));
+                println!("vmcheck: {kernel} {name} {check}: {outcome} in {:.1} s", started.elapsed().as_secs_f64());
+            }
+        }
+        failed
+    });
+    println!("vmcheck: done, {failed} failed");
+    std::process::ExitCode::from(failed.min(255) as u8)
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default(),
+        Err(e) => e.to_string(),
+    }
+    .lines()
+    .next()
+    .unwrap_or_default()
+    .to_string()
+}

@@ -1,0 +1,216 @@
+//! `cargo xtask vmtest`: the back-end conformance subset (`vmcheck`) inside the kernels
+//! relay's users run, booted under QEMU (TCG: this machine's KVM cannot run them) from an
+//! initramfs. Kernel packages come from Debian with `apt-get download` and are cached
+//! under `target/vmtest/`, with what is built from them.
+//!
+//! Options: `--kernel PACKAGE` (repeatable; default: the images `linux-image-amd64` and
+//! `linux-image-6.12-amd64` depend on, Debian 12's 6.1 and 6.12) and `--backends
+//! copy,uring,sockmap` (default: all three).
+
+use super::{apt_install, run};
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The meta-packages whose current image is tested by default.
+const DEFAULT_KERNELS: &[&str] = &["linux-image-amd64", "linux-image-6.12-amd64"];
+/// How long one kernel may take to boot and run every check under emulation.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(1500);
+
+pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
+    let value =
+        |flag: &str| args.iter().enumerate().filter(|(_, a)| *a == flag).filter_map(|(i, _)| args.get(i + 1).cloned()).collect::<Vec<_>>();
+    let backends = value("--backends").pop().unwrap_or_else(|| "copy,uring,sockmap".into());
+    let kernels = match value("--kernel") {
+        k if k.is_empty() => match DEFAULT_KERNELS.iter().map(|m| image_of(m)).collect::<Result<Vec<_>>>() {
+            Ok(images) => images,
+            // A machine whose package lists are missing or old: read them, then ask again.
+            Err(_) => {
+                run(Command::new("apt-get").args(["update", "-qq"]))?;
+                DEFAULT_KERNELS.iter().map(|m| image_of(m)).collect::<Result<Vec<_>>>()?
+            }
+        },
+        k => k,
+    };
+    apt_install(&["qemu-system-x86", "busybox-static"])?;
+    let cache = root.join("target/vmtest");
+    std::fs::create_dir_all(cache.join("debs"))?;
+    let vmcheck = build_vmcheck(root, &cache)?;
+    let mut boots = Vec::new();
+    for package in &kernels {
+        let tree = unpack(&cache, package)?;
+        let vmlinuz = only_file(&tree.join("boot"), "vmlinuz-")?;
+        let initrd = initramfs(&cache, package, &vmcheck)?;
+        let log = cache.join(format!("{package}.log"));
+        eprintln!("xtask: booting {package} under QEMU (TCG); its console goes to {}", log.display());
+        boots.push((package.clone(), log.clone(), boot(&vmlinuz, &initrd, &log, &backends)?));
+    }
+    let mut failed = Vec::new();
+    for (package, log, mut qemu) in boots {
+        let started = Instant::now();
+        let finished = loop {
+            if let Some(status) = qemu.try_wait()? {
+                break Some(status);
+            }
+            if started.elapsed() > BOOT_TIMEOUT {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+        let lines: Vec<&str> = console.lines().filter_map(|l| l.trim_end_matches('\r').split_once("vmcheck: ").map(|(_, r)| r)).collect();
+        for line in &lines {
+            println!("{package}: {line}");
+        }
+        let passed = lines.contains(&"done, 0 failed") && !lines.iter().any(|l| l.contains(": FAIL"));
+        if finished.is_none() {
+            println!("{package}: did not finish within {BOOT_TIMEOUT:?} (see {})", log.display());
+        }
+        if !passed || finished.is_none() {
+            failed.push(package);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("vmtest failed on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// The kernel image package a meta-package depends on now, e.g. `linux-image-6.1.0-57-amd64`.
+fn image_of(meta: &str) -> Result<String> {
+    let out = Command::new("apt-cache").args(["depends", "--no-recommends", "--no-suggests", meta]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-") && !p.contains('<'))
+        .map(str::to_string)
+        .with_context(|| format!("apt-cache knows no kernel image for {meta} (apt-get update?): {text}"))
+}
+
+/// The package unpacked under the cache (downloaded first, once).
+fn unpack(cache: &Path, package: &str) -> Result<PathBuf> {
+    let tree = cache.join("kernels").join(package);
+    if tree.join("boot").is_dir() {
+        return Ok(tree);
+    }
+    let debs = cache.join("debs");
+    let deb = match find_deb(&debs, package) {
+        Some(deb) => deb,
+        None => {
+            run(Command::new("apt-get").args(["download", "-q", package]).current_dir(&debs))?;
+            find_deb(&debs, package).with_context(|| format!("apt-get download left no {package} package"))?
+        }
+    };
+    let partial = cache.join("kernels").join(format!("{package}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial)?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+    std::fs::rename(&partial, &tree)?;
+    Ok(tree)
+}
+
+fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb")))
+}
+
+fn only_file(dir: &Path, prefix: &str) -> Result<PathBuf> {
+    std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix)))
+        .with_context(|| format!("no {prefix}* in {}", dir.display()))
+}
+
+/// `vmcheck` built (with relay's eBPF program in it) and stripped.
+fn build_vmcheck(root: &Path, cache: &Path) -> Result<PathBuf> {
+    run(Command::new("cargo")
+        .args(["build", "--locked", "-p", "relay-tests", "--bin", "vmcheck"])
+        .env("RELAY_EBPF", "require")
+        .current_dir(root))?;
+    let stripped = cache.join("vmcheck");
+    run(Command::new("objcopy").arg("--strip-debug").arg(root.join("target/debug/vmcheck")).arg(&stripped))?;
+    Ok(stripped)
+}
+
+/// The initramfs: busybox, an `/init` that runs `vmcheck` and powers off, and `vmcheck`
+/// with the shared libraries it loads.
+fn initramfs(cache: &Path, package: &str, vmcheck: &Path) -> Result<PathBuf> {
+    let stage = cache.join(format!("stage-{package}"));
+    let _ = std::fs::remove_dir_all(&stage);
+    for dir in ["bin", "proc", "sys", "dev", "tmp", "root"] {
+        std::fs::create_dir_all(stage.join(dir))?;
+    }
+    std::fs::copy("/bin/busybox", stage.join("bin/busybox")).context("busybox (busybox-static)")?;
+    std::fs::copy(vmcheck, stage.join("vmcheck"))?;
+    for lib in shared_libraries(vmcheck)? {
+        let to = stage.join(lib.strip_prefix("/").unwrap_or(&lib));
+        std::fs::create_dir_all(to.parent().expect("a library's directory"))?;
+        std::fs::copy(&lib, &to).with_context(|| format!("copying {}", lib.display()))?;
+    }
+    write_executable(&stage.join("init"), INIT)?;
+    let out = cache.join(format!("{package}.initrd.gz"));
+    let cpio = format!(
+        "cd '{}' && find . | LC_ALL=C sort | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -6 > '{}'",
+        stage.display(),
+        out.display()
+    );
+    run(Command::new("sh").args(["-c", &cpio]))?;
+    std::fs::remove_dir_all(&stage)?;
+    Ok(out)
+}
+
+/// What `ldd` says `binary` loads (the dynamic loader included).
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(binary).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(PathBuf::from))
+        .collect())
+}
+
+fn write_executable(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// PID 1 in the guest. The back-ends to check come on the kernel command line.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+ip link set lo up
+ulimit -n 65536
+backends=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^vmcheck.backends=//p')
+echo "vmcheck: kernel $(uname -r), $(nproc) CPUs, uptime $(cut -d' ' -f1 /proc/uptime) s"
+HOME=/root RUST_LOG=warn RUST_BACKTRACE=0 /vmcheck $backends
+poweroff -f
+"#;
+
+/// Starts QEMU on `vmlinuz` and `initrd`, its serial console into `log`.
+fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, backends: &str) -> Result<std::process::Child> {
+    let console = std::fs::File::create(log)?;
+    Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1536", "-nographic", "-no-reboot", "-kernel"])
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet vmcheck.backends={backends}"))
+        .stdin(Stdio::null())
+        .stdout(console.try_clone()?)
+        .stderr(console)
+        .spawn()
+        .context("starting qemu-system-x86_64")
+}
