@@ -5,6 +5,7 @@
 //! proxies as child processes (ended when the bench ends). See docs/benchmarks.md.
 
 mod client;
+mod farm;
 mod hv;
 mod measure;
 mod procs;
@@ -62,9 +63,23 @@ pub struct Args {
     #[arg(long)]
     no_memory: bool,
     /// Only these paths (direct, connect, ws, socat, haproxy, websockify, `stores` for the
-    /// store back-ends and `sources` for the token sources); direct always runs.
+    /// store back-ends, `sources` for the token sources, `farm` for the console farm);
+    /// direct always runs.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Consoles in the farm run (each sending a message at a steady rate that the
+    /// hypervisor echoes).
+    #[arg(long, default_value_t = 2000)]
+    consoles: usize,
+    /// Milliseconds between one farm console's messages.
+    #[arg(long, default_value_t = 100)]
+    farm_interval_ms: u64,
+    /// Bytes per farm message.
+    #[arg(long, default_value_t = 256)]
+    farm_message: usize,
+    /// Seconds the farm is measured, per path.
+    #[arg(long, default_value_t = 10.0)]
+    farm_secs: f64,
     /// Write the report (Markdown) to this file as well.
     #[arg(long)]
     doc: Option<PathBuf>,
@@ -152,6 +167,8 @@ pub struct Run {
     pub stores: Option<Result<stores::StoreRates, String>>,
     /// Openings per second through each token source.
     pub sources: Option<Result<sources::SourceRates, String>>,
+    /// The console farm, per path.
+    pub farm: Option<(farm::Shape, Vec<farm::FarmResult>)>,
 }
 
 fn main() -> Result<()> {
@@ -381,6 +398,20 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         None
     };
 
+    let farm = if args.only.is_empty() || args.only.iter().any(|o| o == "farm") {
+        let shape = farm::Shape {
+            consoles: args.consoles,
+            interval: Duration::from_millis(args.farm_interval_ms.max(1)),
+            message: args.farm_message.max(1),
+            window: Duration::from_secs_f64(args.farm_secs),
+        };
+        let sub = dir.join("farm");
+        std::fs::create_dir_all(&sub)?;
+        Some((shape, farm::run(&relay_bin, &sub, &hv, shape, nofile).await))
+    } else {
+        None
+    };
+
     let elapsed = started.elapsed();
     let others = procs::machine_busy_secs() - busy_before - (procs::tree_cpu_secs(std::process::id()) - own_before);
     let run = Run {
@@ -395,6 +426,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         load_after: loadavg(),
         stores,
         sources,
+        farm,
     };
     let text = report::markdown(&run, &relay_bin);
     println!("{text}");

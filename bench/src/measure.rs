@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Bytes;
 
-fn command(mode: u8, count: u64) -> [u8; 9] {
+pub(crate) fn command(mode: u8, count: u64) -> [u8; 9] {
     let mut c = [mode; 9];
     c[1..].copy_from_slice(&count.to_be_bytes());
     c

@@ -268,6 +268,9 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
     if let Some(sources) = &run.sources {
         sources_section(w, sources);
     }
+    if let Some((shape, results)) = &run.farm {
+        farm_section(w, shape, results);
+    }
 
     let bytes_multi = a.bytes_multi.unwrap_or(a.bytes);
     let _ = writeln!(w, "\n## How measured\n");
@@ -388,6 +391,48 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// Openings per second per token source, beside relay's own store.
+/// The console farm: round trips and CPU per path, beside direct and HAProxy.
+fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::farm::FarmResult]) {
+    let _ = writeln!(w, "\n## Console farm\n");
+    let _ = writeln!(
+        w,
+        "{} consoles at once, each sending a {}-byte message every {} ms (random phases) that the hypervisor echoes; \
+         each path measured for {:.0} s on a proxy started for it, after a warm-up. Machine CPU is every core's busy time \
+         (the bench's own client and hypervisor, and kernel work outside any process, included), so compare it with \
+         direct's; per 1,000 consoles, the proxy's cost over direct.\n",
+        shape.consoles,
+        shape.message,
+        shape.interval.as_millis(),
+        shape.window.as_secs_f64()
+    );
+    let _ = writeln!(
+        w,
+        "| path | round trips/s (offered) | p50 | p99 | p99.9 | p99 vs direct | proxy cores | machine cores | machine over direct, per 1,000 consoles |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    let direct = results.iter().find(|r| r.key == "direct" && r.error.is_none());
+    let us = |v: f64| if v >= 1000.0 { format!("{:.1} ms", v / 1000.0) } else { format!("{v:.0} µs") };
+    for r in results {
+        if let Some(e) = &r.error {
+            let _ = writeln!(w, "| {} | failed: {e} | | | | | | | |", r.label);
+            continue;
+        }
+        let vs = direct.filter(|d| d.p99_us > 0.0).map_or("–".into(), |d| format!("{:.2}×", r.p99_us / d.p99_us));
+        let over = direct.map_or("–".into(), |d| format!("{:.2}", (r.machine_cores - d.machine_cores) * 1000.0 / shape.consoles as f64));
+        let _ = writeln!(
+            w,
+            "| {} | {:.0} ({:.0}) | {} | {} | {} | {vs} | {:.2} | {:.2} | {over} |",
+            r.label,
+            r.achieved,
+            r.offered,
+            us(r.p50_us),
+            us(r.p99_us),
+            us(r.p999_us),
+            r.proxy_cores,
+            r.machine_cores
+        );
+    }
+}
+
 fn sources_section(w: &mut String, sources: &Result<crate::sources::SourceRates, String>) {
     let _ = writeln!(w, "\n## Token sources\n");
     let r = match sources {

@@ -1,0 +1,202 @@
+//! The console farm: many consoles at once, each sending a small message at a steady
+//! rate (keystrokes and pointer moves) that the hypervisor echoes, with random phases.
+//! Per path: round-trip percentiles, the rate achieved against the rate offered, and the
+//! CPU of the proxy and of the whole machine (kernel work outside any process included:
+//! softirqs, kworkers) while the farm runs.
+
+use crate::client::{Buffers, Conn, Door, Target};
+use crate::hv::{self, Hypervisor};
+use crate::measure::command;
+use crate::procs::{self, Proc};
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Bytes;
+
+/// The paths of the farm, in report order: (key, label, relay back-end or a peer).
+pub const PATHS: [(&str, &str); 8] = [
+    ("direct", "direct (no proxy)"),
+    ("haproxy", "HAProxy (mode tcp)"),
+    ("connect-copy", "relay CONNECT, copy"),
+    ("connect-auto", "relay CONNECT, auto"),
+    ("connect-sockmap", "relay CONNECT, sockmap"),
+    ("connect-uring", "relay CONNECT, uring"),
+    ("ws-copy", "relay WebSocket, copy"),
+    ("ws-uring", "relay WebSocket, uring"),
+];
+
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub consoles: usize,
+    /// Between one console's messages.
+    pub interval: Duration,
+    pub message: usize,
+    /// The measured window, after a warm-up of one interval plus a second.
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FarmResult {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    /// Round trips per second completed in the window, and offered.
+    pub achieved: f64,
+    pub offered: f64,
+    /// Cores busy on average in the window: the proxy's process tree, and the machine.
+    pub proxy_cores: f64,
+    pub machine_cores: f64,
+    pub error: Option<String>,
+}
+
+/// Runs the farm through every path, one after another, each on a proxy started for it.
+pub async fn run(relay_bin: &Path, dir: &Path, hv: &Hypervisor, shape: Shape, nofile: u64) -> Vec<FarmResult> {
+    let mut results = Vec::new();
+    for (key, label) in PATHS {
+        eprintln!("relay-bench: farm of {} consoles through {label}", shape.consoles);
+        let sub = dir.join(format!("farm-{key}"));
+        let outcome = match std::fs::create_dir_all(&sub) {
+            Ok(()) => one_path(relay_bin, &sub, hv, key, shape, nofile).await,
+            Err(e) => Err(e.into()),
+        };
+        let result = match outcome {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("relay-bench: farm through {label}: {e:#}");
+                FarmResult { error: Some(format!("{e:#}")), ..Default::default() }
+            }
+        };
+        results.push(FarmResult { key, label, ..result });
+    }
+    results
+}
+
+async fn one_path(relay_bin: &Path, dir: &Path, hv: &Hypervisor, key: &str, shape: Shape, nofile: u64) -> Result<FarmResult> {
+    // The proxy (None: direct), kept alive for the run.
+    let mut relay = None;
+    let mut peer: Option<Proc> = None;
+    let (target, pid) = match key {
+        "direct" => (Target { settle: Duration::ZERO, addr: hv.addr, door: Door::Raw }, None),
+        "haproxy" => {
+            let (mut proc, addr) = procs::start_haproxy(hv.addr, dir, nofile)?;
+            procs::wait_listening(&mut proc, addr).await?;
+            let pid = proc.pid();
+            peer = Some(proc);
+            (Target { settle: Duration::ZERO, addr, door: Door::Raw }, Some(pid))
+        }
+        _ => {
+            let (door, backend) = key.split_once('-').context("a relay path")?;
+            let r = procs::start_relay(relay_bin, dir, backend)?;
+            let token = r.token(hv.addr).await?;
+            let target = match door {
+                "ws" => Target { settle: Duration::ZERO, addr: r.ws, door: Door::Ws { token: Some(token) } },
+                // auto moves a console to the kernel after `kernel_after_ms`: measured once it has.
+                _ => {
+                    let settle = if backend == "auto" { procs::AUTO_SETTLE } else { Duration::ZERO };
+                    Target { settle, addr: r.connect, door: Door::Connect { token } }
+                }
+            };
+            let pid = r.proc.pid();
+            relay = Some(r);
+            (target, Some(pid))
+        }
+    };
+    let result = farm(&target, pid, shape).await;
+    drop((relay, peer));
+    result
+}
+
+/// Opens the consoles, lets them run, and measures the window.
+async fn farm(target: &Target, pid: Option<u32>, shape: Shape) -> Result<FarmResult> {
+    let conns = open_all(target, shape.consoles).await?;
+    tokio::time::sleep(target.settle).await;
+    let warm_up = shape.interval + Duration::from_secs(1);
+    let start = Instant::now();
+    let measure_from = start + warm_up;
+    let end = measure_from + shape.window;
+    let message: Bytes = (0..shape.message).map(|i| (i * 31 + 7) as u8).collect::<Vec<u8>>().into();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, conn) in conns.into_iter().enumerate() {
+        // Spread evenly over the interval, in a scrambled order: random phases without
+        // two consoles on the same instant.
+        let phase = shape.interval.mul_f64(((i * 7919) % shape.consoles) as f64 / shape.consoles as f64);
+        tasks.spawn(console(conn, message.clone(), start + phase, shape.interval, measure_from, end));
+    }
+    // CPU over the window only.
+    tokio::time::sleep_until(measure_from).await;
+    let (machine0, proxy0) = (procs::machine_busy_secs(), pid.map_or(0.0, procs::tree_cpu_secs));
+    tokio::time::sleep_until(end).await;
+    let (machine1, proxy1) = (procs::machine_busy_secs(), pid.map_or(0.0, procs::tree_cpu_secs));
+    let mut samples: Vec<u32> = Vec::with_capacity(shape.consoles * 64);
+    while let Some(done) = tasks.join_next().await {
+        samples.extend(done.context("a console task")??);
+    }
+    if samples.is_empty() {
+        bail!("no round trip completed in the window");
+    }
+    samples.sort_unstable();
+    let pick = |per_mille: usize| samples[(samples.len() * per_mille / 1000).min(samples.len() - 1)] as f64;
+    let secs = shape.window.as_secs_f64();
+    Ok(FarmResult {
+        p50_us: pick(500),
+        p99_us: pick(990),
+        p999_us: pick(999),
+        achieved: samples.len() as f64 / secs,
+        offered: shape.consoles as f64 / shape.interval.as_secs_f64(),
+        proxy_cores: (proxy1 - proxy0) / secs,
+        machine_cores: (machine1 - machine0) / secs,
+        ..Default::default()
+    })
+}
+
+async fn open_all(target: &Target, n: usize) -> Result<Vec<Conn>> {
+    let target = Arc::new(target.clone());
+    let mut conns = Vec::with_capacity(n);
+    // A few dozen handshakes at a time, as a farm's viewers arrive.
+    for batch in (0..n).collect::<Vec<_>>().chunks(64) {
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in batch {
+            let target = target.clone();
+            opening.spawn(async move {
+                let mut conn = target.open(Buffers::Small).await?;
+                conn.write_all(&command(hv::MODE_ECHO, 0)).await?;
+                anyhow::Ok(conn)
+            });
+        }
+        while let Some(conn) = opening.join_next().await {
+            conns.push(conn??);
+        }
+    }
+    Ok(conns)
+}
+
+/// One console: a message at each tick from `first`, its echo awaited; the round trips
+/// that start in `[from, end)` are returned, in microseconds. A console that falls behind
+/// skips ticks rather than bursting to catch up, as a person at a keyboard would.
+async fn console(mut conn: Conn, message: Bytes, first: Instant, every: Duration, from: Instant, end: Instant) -> Result<Vec<u32>> {
+    let mut samples = Vec::new();
+    let mut back = vec![0u8; message.len()];
+    let mut next = first;
+    while next < end {
+        tokio::time::sleep_until(next).await;
+        let sent = Instant::now();
+        conn.send(&message).await?;
+        conn.read_exact(&mut back).await?;
+        if sent >= from {
+            samples.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        }
+        next += every;
+        let now = Instant::now();
+        while next < now {
+            next += every;
+        }
+    }
+    if back != message {
+        bail!("an echo came back changed");
+    }
+    Ok(samples)
+}
