@@ -1,5 +1,6 @@
 //! The console farm: many consoles at once, each sending a small message at a steady
-//! rate (keystrokes and pointer moves) that the hypervisor echoes, with random phases.
+//! rate (keystrokes and pointer moves), with random phases, that the hypervisor echoes
+//! (`Mix::Typing`) or answers with a screen update of 4 to 64 KiB (`Mix::Screen`).
 //! Per path: round-trip percentiles, the rate achieved against the rate offered, and the
 //! CPU of the proxy and of the whole machine (kernel work outside any process included:
 //! softirqs, kworkers) while the farm runs.
@@ -27,8 +28,18 @@ pub const PATHS: [(&str, &str); 8] = [
     ("ws-uring", "relay WebSocket, uring"),
 ];
 
+/// What the hypervisor answers each message with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mix {
+    /// The message itself.
+    Typing,
+    /// A framebuffer update of 4 to 64 KiB.
+    Screen,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
+    pub mix: Mix,
     pub consoles: usize,
     /// Between one console's messages.
     pub interval: Duration,
@@ -112,7 +123,7 @@ async fn one_path(relay_bin: &Path, dir: &Path, hv: &Hypervisor, key: &str, shap
 
 /// Opens the consoles, lets them run, and measures the window.
 async fn farm(target: &Target, pid: Option<u32>, shape: Shape) -> Result<FarmResult> {
-    let conns = open_all(target, shape.consoles).await?;
+    let conns = open_all(target, shape).await?;
     tokio::time::sleep(target.settle).await;
     let warm_up = shape.interval + Duration::from_secs(1);
     let start = Instant::now();
@@ -124,7 +135,8 @@ async fn farm(target: &Target, pid: Option<u32>, shape: Shape) -> Result<FarmRes
         // Spread evenly over the interval, in a scrambled order: random phases without
         // two consoles on the same instant.
         let phase = shape.interval.mul_f64(((i * 7919) % shape.consoles) as f64 / shape.consoles as f64);
-        tasks.spawn(console(conn, message.clone(), start + phase, shape.interval, measure_from, end));
+        let ticks = Ticks { first: start + phase, every: shape.interval, from: measure_from, end };
+        tasks.spawn(console(conn, message.clone(), shape.mix, i, ticks));
     }
     // CPU over the window only.
     tokio::time::sleep_until(measure_from).await;
@@ -153,7 +165,12 @@ async fn farm(target: &Target, pid: Option<u32>, shape: Shape) -> Result<FarmRes
     })
 }
 
-async fn open_all(target: &Target, n: usize) -> Result<Vec<Conn>> {
+async fn open_all(target: &Target, shape: Shape) -> Result<Vec<Conn>> {
+    let n = shape.consoles;
+    let command = match shape.mix {
+        Mix::Typing => command(hv::MODE_ECHO, 0),
+        Mix::Screen => command(hv::MODE_UPDATES, shape.message as u64),
+    };
     let target = Arc::new(target.clone());
     let mut conns = Vec::with_capacity(n);
     // A few dozen handshakes at a time, as a farm's viewers arrive.
@@ -163,7 +180,7 @@ async fn open_all(target: &Target, n: usize) -> Result<Vec<Conn>> {
             let target = target.clone();
             opening.spawn(async move {
                 let mut conn = target.open(Buffers::Small).await?;
-                conn.write_all(&command(hv::MODE_ECHO, 0)).await?;
+                conn.write_all(&command).await?;
                 anyhow::Ok(conn)
             });
         }
@@ -174,18 +191,39 @@ async fn open_all(target: &Target, n: usize) -> Result<Vec<Conn>> {
     Ok(conns)
 }
 
-/// One console: a message at each tick from `first`, its echo awaited; the round trips
-/// that start in `[from, end)` are returned, in microseconds. A console that falls behind
+/// When one console sends: from `first` every `every`; measured from `from` until `end`.
+struct Ticks {
+    first: Instant,
+    every: Duration,
+    from: Instant,
+    end: Instant,
+}
+
+/// One console: a message at each tick, its answer awaited; the round trips that start
+/// in the measured window are returned, in microseconds. A console that falls behind
 /// skips ticks rather than bursting to catch up, as a person at a keyboard would.
-async fn console(mut conn: Conn, message: Bytes, first: Instant, every: Duration, from: Instant, end: Instant) -> Result<Vec<u32>> {
+async fn console(mut conn: Conn, message: Bytes, mix: Mix, index: usize, ticks: Ticks) -> Result<Vec<u32>> {
+    let Ticks { first, every, from, end } = ticks;
     let mut samples = Vec::new();
-    let mut back = vec![0u8; message.len()];
+    let mut back = vec![0u8; message.len().max(if mix == Mix::Screen { hv::MAX_UPDATE } else { 0 })];
     let mut next = first;
+    let mut n = index;
     while next < end {
         tokio::time::sleep_until(next).await;
+        // A screen update's size, 4 to 64 KiB, scrambled per console and message.
+        n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let (message, answer) = match mix {
+            Mix::Typing => (message.clone(), message.len()),
+            Mix::Screen => {
+                let size = (4 << 10) + (n >> 33) % ((hv::MAX_UPDATE - (4 << 10)) + 1);
+                let mut m = message.to_vec();
+                m[..4].copy_from_slice(&(size as u32).to_be_bytes());
+                (Bytes::from(m), size)
+            }
+        };
         let sent = Instant::now();
         conn.send(&message).await?;
-        conn.read_exact(&mut back).await?;
+        conn.read_exact(&mut back[..answer]).await?;
         if sent >= from {
             samples.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
         }
@@ -195,7 +233,7 @@ async fn console(mut conn: Conn, message: Bytes, first: Instant, every: Duration
             next += every;
         }
     }
-    if back != message {
+    if mix == Mix::Typing && back != message {
         bail!("an echo came back changed");
     }
     Ok(samples)

@@ -5,7 +5,9 @@
 //! (big-endian) byte count.
 //! - `E`: echo everything back until end of stream (latency),
 //! - `S`: send that many bytes (throughput down: hypervisor to viewer),
-//! - `K`: read that many bytes, then send one byte as acknowledgement (throughput up).
+//! - `K`: read that many bytes, then send one byte as acknowledgement (throughput up),
+//! - `U`: screen updates: read messages of that many bytes, and answer each with as many
+//!   bytes as its first four say (big-endian), as a framebuffer update answers input.
 //!
 //! A connection that ends before sending a command (handshake and idle-session runs)
 //! just ends. Bytes received in `K` mode are added to a shared counter, so a run cut
@@ -30,6 +32,9 @@ pub const SERVER_INIT: [u8; 28] = [
 pub const MODE_ECHO: u8 = b'E';
 pub const MODE_SOURCE: u8 = b'S';
 pub const MODE_SINK: u8 = b'K';
+pub const MODE_UPDATES: u8 = b'U';
+/// The largest update `U` sends.
+pub const MAX_UPDATE: usize = 64 << 10;
 
 pub struct Hypervisor {
     pub addr: SocketAddr,
@@ -91,6 +96,17 @@ async fn serve(mut s: TcpStream, sunk: &AtomicU64, payload: &[u8]) -> std::io::R
             }
             s.write_all(&buf[..n]).await?;
         },
+        MODE_UPDATES => {
+            let mut message = vec![0u8; (count as usize).clamp(4, 4096)];
+            let update: Vec<u8> = (0..MAX_UPDATE).map(|i| (i * 7 + 3) as u8).collect();
+            loop {
+                if s.read_exact(&mut message).await.is_err() {
+                    return Ok(());
+                }
+                let size = u32::from_be_bytes(message[..4].try_into().expect("4 bytes")) as usize;
+                s.write_all(&update[..size.min(MAX_UPDATE)]).await?;
+            }
+        }
         MODE_SOURCE => {
             let mut left = count;
             while left > 0 {

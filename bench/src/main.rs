@@ -77,6 +77,13 @@ pub struct Args {
     /// Bytes per farm message.
     #[arg(long, default_value_t = 256)]
     farm_message: usize,
+    /// Consoles in the "typing plus screen" farm (each message answered with a 4-64 KiB
+    /// update; 0 skips it).
+    #[arg(long, default_value_t = 500)]
+    screen_consoles: usize,
+    /// Milliseconds between one "typing plus screen" console's messages.
+    #[arg(long, default_value_t = 200)]
+    screen_interval_ms: u64,
     /// Seconds the farm is measured, per path.
     #[arg(long, default_value_t = 10.0)]
     farm_secs: f64,
@@ -168,7 +175,7 @@ pub struct Run {
     /// Openings per second through each token source.
     pub sources: Option<Result<sources::SourceRates, String>>,
     /// The console farm, per path.
-    pub farm: Option<(farm::Shape, Vec<farm::FarmResult>)>,
+    pub farm: Vec<(farm::Shape, Vec<farm::FarmResult>)>,
 }
 
 fn main() -> Result<()> {
@@ -399,17 +406,29 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
     };
 
     let farm = if args.only.is_empty() || args.only.iter().any(|o| o == "farm") {
-        let shape = farm::Shape {
+        let window = Duration::from_secs_f64(args.farm_secs);
+        let typing = farm::Shape {
+            mix: farm::Mix::Typing,
             consoles: args.consoles,
             interval: Duration::from_millis(args.farm_interval_ms.max(1)),
-            message: args.farm_message.max(1),
-            window: Duration::from_secs_f64(args.farm_secs),
+            message: args.farm_message.max(4),
+            window,
         };
-        let sub = dir.join("farm");
-        std::fs::create_dir_all(&sub)?;
-        Some((shape, farm::run(&relay_bin, &sub, &hv, shape, nofile).await))
+        let screen = farm::Shape {
+            mix: farm::Mix::Screen,
+            consoles: args.screen_consoles,
+            interval: Duration::from_millis(args.screen_interval_ms.max(1)),
+            ..typing
+        };
+        let mut runs = Vec::new();
+        for shape in [typing, screen].into_iter().filter(|s| s.consoles > 0) {
+            let sub = dir.join(format!("farm-{:?}", shape.mix).to_lowercase());
+            std::fs::create_dir_all(&sub)?;
+            runs.push((shape, farm::run(&relay_bin, &sub, &hv, shape, nofile).await));
+        }
+        runs
     } else {
-        None
+        Vec::new()
     };
 
     let elapsed = started.elapsed();

@@ -268,7 +268,7 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
     if let Some(sources) = &run.sources {
         sources_section(w, sources);
     }
-    if let Some((shape, results)) = &run.farm {
+    for (shape, results) in &run.farm {
         farm_section(w, shape, results);
     }
 
@@ -393,10 +393,14 @@ fn median(v: &[f64]) -> f64 {
 /// Openings per second per token source, beside relay's own store.
 /// The console farm: round trips and CPU per path, beside direct and HAProxy.
 fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::farm::FarmResult]) {
-    let _ = writeln!(w, "\n## Console farm\n");
+    let (title, answer) = match shape.mix {
+        crate::farm::Mix::Typing => ("Console farm: typing", "that the hypervisor echoes"),
+        crate::farm::Mix::Screen => ("Console farm: typing plus screen", "that the hypervisor answers with a 4-64 KiB update"),
+    };
+    let _ = writeln!(w, "\n## {title}\n");
     let _ = writeln!(
         w,
-        "{} consoles at once, each sending a {}-byte message every {} ms (random phases) that the hypervisor echoes; \
+        "{} consoles at once, each sending a {}-byte message every {} ms (random phases) {answer}; \
          each path measured for {:.0} s on a proxy started for it, after a warm-up. Machine CPU is every core's busy time \
          (the bench's own client and hypervisor, and kernel work outside any process, included), so compare it with \
          direct's; per 1,000 consoles, the proxy's cost over direct.\n",
