@@ -141,6 +141,39 @@ mod tests {
     }
 
     #[test]
+    fn a_full_configuration_survives_the_merge_unchanged() {
+        let text = r#"
+            [listen]
+            websocket = ["0.0.0.0:6080", "[::]:6080"]
+            proxy_protocol_from = ["10.0.0.0/24", "2001:db8::10"]
+            [tokens]
+            sources = ["store", "jwt", "nova"]
+            end_consoles_at_expiry = true
+            [websocket]
+            allowed_origins = ["https://dash.example.com"]
+            [hypervisor]
+            auth_schemes = ["vnc", "none"]
+            vnc_password = "secret"
+            tls_min_version = "1.3"
+            [tls]
+            min_version = "1.3"
+            cipher_suites = ["TLS13_AES_256_GCM_SHA384"]
+            [jwt]
+            keys = [{ file = "/etc/relay/jwt.pem", algorithm = "RS256", kid = "k1" }]
+            [nova]
+            database_urls = ["mysql+pymysql://nova:pw@db/nova"]
+            [metrics]
+            listen = "127.0.0.1:9180"
+            [log]
+            format = "json"
+        "#;
+        let config: Config = toml::from_str(text).unwrap();
+        let (merged, outcome) = merge(&config, &config, &config).unwrap();
+        assert_eq!(toml::to_string(&merged).unwrap(), toml::to_string(&config).unwrap());
+        assert_eq!(outcome, Outcome::default());
+    }
+
+    #[test]
     fn an_unchanged_file_changes_nothing() {
         let config = Config::default();
         let (merged, outcome) = merge(&config, &config, &config).unwrap();
