@@ -61,29 +61,66 @@ pub struct FarmResult {
     /// Cores busy on average in the window: the proxy's process tree, and the machine.
     pub proxy_cores: f64,
     pub machine_cores: f64,
+    /// Each round's p99, in µs (the other figures are the rounds' medians).
+    pub p99_rounds: Vec<f64>,
     pub error: Option<String>,
 }
 
-/// Runs the farm through every path, one after another, each on a proxy started for it.
-pub async fn run(relay_bin: &Path, dir: &Path, hv: &Hypervisor, shape: Shape, nofile: u64) -> Vec<FarmResult> {
-    let mut results = Vec::new();
-    for (key, label) in PATHS {
-        eprintln!("relay-bench: farm of {} consoles through {label}", shape.consoles);
-        let sub = dir.join(format!("farm-{key}"));
-        let outcome = match std::fs::create_dir_all(&sub) {
-            Ok(()) => one_path(relay_bin, &sub, hv, key, shape, nofile).await,
-            Err(e) => Err(e.into()),
-        };
-        let result = match outcome {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("relay-bench: farm through {label}: {e:#}");
-                FarmResult { error: Some(format!("{e:#}")), ..Default::default() }
+/// Runs the farm through every path, one after another, each on a proxy started for it,
+/// in `rounds` rounds over all paths (a burst of other work then spreads over the paths);
+/// each figure is the median round's.
+pub async fn run(relay_bin: &Path, dir: &Path, hv: &Hypervisor, shape: Shape, nofile: u64, rounds: usize) -> Vec<FarmResult> {
+    let mut measured: Vec<Vec<FarmResult>> = vec![Vec::new(); PATHS.len()];
+    let mut errors: Vec<Option<String>> = vec![None; PATHS.len()];
+    for round in 1..=rounds {
+        for (i, (key, label)) in PATHS.into_iter().enumerate() {
+            eprintln!("relay-bench: farm of {} consoles through {label}, round {round} of {rounds}", shape.consoles);
+            let sub = dir.join(format!("farm-{key}-{round}"));
+            let outcome = match std::fs::create_dir_all(&sub) {
+                Ok(()) => one_path(relay_bin, &sub, hv, key, shape, nofile).await,
+                Err(e) => Err(e.into()),
+            };
+            match outcome {
+                Ok(r) => measured[i].push(r),
+                Err(e) => {
+                    eprintln!("relay-bench: farm through {label}: {e:#}");
+                    errors[i] = Some(format!("{e:#}"));
+                }
             }
-        };
-        results.push(FarmResult { key, label, ..result });
+        }
     }
-    results
+    PATHS
+        .into_iter()
+        .zip(measured)
+        .zip(errors)
+        .map(|(((key, label), rounds), error)| match median_of(&rounds) {
+            Some(r) => FarmResult { key, label, ..r },
+            None => FarmResult { key, label, error, ..Default::default() },
+        })
+        .collect()
+}
+
+/// Every figure's median over the rounds.
+fn median_of(rounds: &[FarmResult]) -> Option<FarmResult> {
+    if rounds.is_empty() {
+        return None;
+    }
+    let m = |f: fn(&FarmResult) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Some(FarmResult {
+        p50_us: m(|r| r.p50_us),
+        p99_us: m(|r| r.p99_us),
+        p999_us: m(|r| r.p999_us),
+        achieved: m(|r| r.achieved),
+        offered: m(|r| r.offered),
+        proxy_cores: m(|r| r.proxy_cores),
+        machine_cores: m(|r| r.machine_cores),
+        p99_rounds: rounds.iter().map(|r| r.p99_us).collect(),
+        ..Default::default()
+    })
 }
 
 async fn one_path(relay_bin: &Path, dir: &Path, hv: &Hypervisor, key: &str, shape: Shape, nofile: u64) -> Result<FarmResult> {

@@ -424,7 +424,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         for shape in [typing, screen].into_iter().filter(|s| s.consoles > 0) {
             let sub = dir.join(format!("farm-{:?}", shape.mix).to_lowercase());
             std::fs::create_dir_all(&sub)?;
-            runs.push((shape, farm::run(&relay_bin, &sub, &hv, shape, nofile).await));
+            runs.push((shape, farm::run(&relay_bin, &sub, &hv, shape, nofile, args.repeat).await));
         }
         runs
     } else {

@@ -401,7 +401,8 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
     let _ = writeln!(
         w,
         "{} consoles at once, each sending a {}-byte message every {} ms (random phases) {answer}; \
-         each path measured for {:.0} s on a proxy started for it, after a warm-up. Machine CPU is every core's busy time \
+         each path measured for {:.0} s on a proxy started for it, after a warm-up, in rounds over the paths; each \
+         figure is the median round's, and the last column lists every round's p99. Machine CPU is every core's busy time \
          (the bench's own client and hypervisor, and kernel work outside any process, included), so compare it with \
          direct's; per 1,000 consoles, the proxy's cost over direct.\n",
         shape.consoles,
@@ -411,20 +412,20 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
     );
     let _ = writeln!(
         w,
-        "| path | round trips/s (offered) | p50 | p99 | p99.9 | p99 vs direct | proxy cores | machine cores | machine over direct, per 1,000 consoles |\n|---|---|---|---|---|---|---|---|---|"
+        "| path | round trips/s (offered) | p50 | p99 | p99.9 | p99 vs direct | proxy cores | machine cores | machine over direct, per 1,000 consoles | p99 per round |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     let direct = results.iter().find(|r| r.key == "direct" && r.error.is_none());
     let us = |v: f64| if v >= 1000.0 { format!("{:.1} ms", v / 1000.0) } else { format!("{v:.0} µs") };
     for r in results {
         if let Some(e) = &r.error {
-            let _ = writeln!(w, "| {} | failed: {e} | | | | | | | |", r.label);
+            let _ = writeln!(w, "| {} | failed: {e} | | | | | | | | |", r.label);
             continue;
         }
         let vs = direct.filter(|d| d.p99_us > 0.0).map_or("–".into(), |d| format!("{:.2}×", r.p99_us / d.p99_us));
         let over = direct.map_or("–".into(), |d| format!("{:.2}", (r.machine_cores - d.machine_cores) * 1000.0 / shape.consoles as f64));
         let _ = writeln!(
             w,
-            "| {} | {:.0} ({:.0}) | {} | {} | {} | {vs} | {:.2} | {:.2} | {over} |",
+            "| {} | {:.0} ({:.0}) | {} | {} | {} | {vs} | {:.2} | {:.2} | {over} | {} |",
             r.label,
             r.achieved,
             r.offered,
@@ -432,7 +433,8 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
             us(r.p99_us),
             us(r.p999_us),
             r.proxy_cores,
-            r.machine_cores
+            r.machine_cores,
+            r.p99_rounds.iter().map(|v| us(*v)).collect::<Vec<_>>().join(", ")
         );
     }
 }
