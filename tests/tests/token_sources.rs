@@ -179,4 +179,38 @@ mod signed {
         assert!(!listed.to_string().contains("revoked"), "the store's note is no token: {listed}");
         let _ = std::fs::remove_dir_all(dir);
     }
+
+    /// With `end_consoles_at_expiry`, a signed token's console ends at its `exp`; one
+    /// without `exp` has no expiry to end at, whatever relay's own token lifetime is.
+    #[tokio::test]
+    async fn consoles_end_at_a_signed_tokens_exp_and_only_then() {
+        let hv = FakeVnc::start(Script::echo()).await;
+        let dir = scratch_dir("jwt-expiry");
+        let secret = dir.join("hs.key");
+        std::fs::write(&secret, "a-long-shared-secret-for-hs256-tokens\n").unwrap();
+        let keys = vec![key(&secret, JwtAlgorithm::HS256, "k1")];
+        let relay = TestRelay::start_with(move |c| {
+            c.tokens.sources = vec![TokenSourceKind::Jwt];
+            c.tokens.end_consoles_at_expiry = true;
+            // What relay keeps an outside token for: not an expiry.
+            c.tokens.ttl_secs = 1;
+            c.jwt.keys = keys;
+            c.jwt.require_exp = false;
+        })
+        .await;
+        let hs = |c: &Claims| sign(&key(&secret, JwtAlgorithm::HS256, "k1"), c).unwrap();
+        let now = relay::app::unix_now();
+        let mut with_exp = relay.connect_door(&hs(&claims(hv.addr(), Some(now + 2), None))).await.unwrap();
+        handshake(&mut with_exp, b"RFB 003.008\n", None).await.unwrap();
+        let mut without = relay.connect_door(&hs(&claims(hv.addr(), None, None))).await.unwrap();
+        handshake(&mut without, b"RFB 003.008\n", None).await.unwrap();
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(6), with_exp.read_to_end(&mut rest)).await;
+        assert!(ended.is_ok(), "the console ended at its token's exp");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        without.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tokio::time::timeout(std::time::Duration::from_secs(5), without.read_exact(&mut back)).await.expect("still open").unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

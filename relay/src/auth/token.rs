@@ -152,6 +152,10 @@ pub struct TokenRecord {
     /// The token source that honoured it (`[tokens] sources`); set by the look-up.
     #[serde(skip)]
     pub source: &'static str,
+    /// Set by a source whose authority gives the token no expiry (websockify's; a JWT
+    /// without `exp`): `expires` is then only how long relay keeps it.
+    #[serde(skip)]
+    pub no_expiry: bool,
 }
 
 impl std::fmt::Debug for TokenRecord {
@@ -183,13 +187,14 @@ impl TokenRecord {
             hypervisor_password: req.hypervisor_password,
             redeemed_epoch: 0,
             source: "",
+            no_expiry: false,
         }
     }
 
     /// When the token really expires (Unix seconds), for ending its consoles then; 0 for
-    /// websockify's tokens, which have no expiry (their `expires` is nominal).
+    /// a token without one.
     pub fn real_expiry(&self) -> u64 {
-        if self.source.starts_with("websockify") { 0 } else { self.expires }
+        if self.no_expiry { 0 } else { self.expires }
     }
 
     /// Whether the token may still open a console at `now`, and if not, why.
@@ -223,6 +228,7 @@ impl TokenRecord {
             hypervisor_password: None,
             redeemed_epoch: 0,
             source: "",
+            no_expiry: false,
         }
     }
 
@@ -245,6 +251,7 @@ impl TokenRecord {
             hypervisor_password: None,
             redeemed_epoch: 0,
             source: "",
+            no_expiry: false,
         }
     }
 

@@ -133,6 +133,7 @@ impl JwtSource {
         record.instance = instance;
         if let Some(exp) = claims.exp {
             record.expires = exp;
+            record.no_expiry = false;
         }
         if let Some(console) = claims.console {
             record.console = console;

@@ -89,7 +89,8 @@ impl Sources {
 
 /// A record for a console an outside authority names only by its target: the instance is
 /// `<source>-<token id>` (shown by `sessions`, usable with `instance reset`); it lives
-/// `ttl` seconds from now as far as listings go, and never lapses.
+/// `ttl` seconds from now as far as listings go, and never lapses (`no_expiry`: a source
+/// whose authority gives an expiry sets it, and clears the flag).
 pub fn outside_record(source: &str, hash: &TokenHash, target: Target, now: u64, ttl: u64) -> TokenRecord {
     TokenRecord {
         id: hash.id(),
@@ -106,6 +107,7 @@ pub fn outside_record(source: &str, hash: &TokenHash, target: Target, now: u64, 
         hypervisor_password: None,
         redeemed_epoch: 0,
         source: "",
+        no_expiry: true,
     }
 }
 

@@ -127,6 +127,7 @@ fn record(hash: &TokenHash, row: Row, now: u64) -> Result<TokenRecord, TokenReje
     record.instance = instance;
     record.console = console;
     record.expires = expires;
+    record.no_expiry = false;
     Ok(record)
 }
 
