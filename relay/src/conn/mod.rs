@@ -44,11 +44,13 @@ pub async fn handle(app: Arc<App>, mut stream: TcpStream, mut peer: SocketAddr, 
     let id = app.next_id();
     bump(&app.counters.connections_accepted);
     let _ = stream.set_nodelay(true);
-    if let Some(keepalive) = app.config().keepalive.tcp() {
+    // One configuration for the whole connection: a reload applies from the next one.
+    let config = app.config();
+    if let Some(keepalive) = config.keepalive.tcp() {
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
     }
-    let deadline = tokio::time::Instant::now() + app.config().handshake_timeout();
-    if app.config().listen.proxy_protocol_from.iter().any(|c| c.contains(peer.ip())) {
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout();
+    if config.listen.proxy_protocol_from.iter().any(|c| c.contains(peer.ip())) {
         match timeout_at(deadline, proxied_viewer(&mut stream)).await {
             Ok(Ok(Some(viewer))) => peer = viewer,
             // No header (a health check the balancer makes itself), or one naming nobody.
@@ -63,14 +65,14 @@ pub async fn handle(app: Arc<App>, mut stream: TcpStream, mut peer: SocketAddr, 
     }
     // Counted by the TCP peer here, or by the address a trusted proxy reports once the
     // request head says it.
-    let source = match app.sources.limited() && !app.config().websocket.trust_forwarded_headers {
+    let source = match app.sources.limited() && !config.websocket.trust_forwarded_headers {
         false => None,
         true => match app.sources.admit(peer.ip()) {
             Some(place) => Some(place),
             None => return refuse_before_reading(&app, stream, "source_limit", SOURCE_FULL).await,
         },
     };
-    let conn = Conn { app, id, peer, client: peer.ip(), deadline, _permit: permit, _source: source };
+    let conn = Conn { app, config, id, peer, client: peer.ip(), deadline, _permit: permit, _source: source };
     async move {
         let Some(transport) = conn.accept_tls(stream).await else { return };
         conn.run(transport, listener).await
@@ -81,6 +83,8 @@ pub async fn handle(app: Arc<App>, mut stream: TcpStream, mut peer: SocketAddr, 
 
 struct Conn {
     app: Arc<App>,
+    /// The configuration in force when the connection was accepted.
+    config: Arc<crate::config::Config>,
     id: u64,
     peer: SocketAddr,
     /// The viewer's address: the peer's, or the proxy-reported one when trusted.
@@ -109,13 +113,13 @@ impl Conn {
         };
         // The handshakes share one deadline from here: a slow peer cannot hold a
         // connection open before its console exists.
-        self.deadline = tokio::time::Instant::now() + self.app.config().handshake_timeout();
-        if self.app.config().websocket.trust_forwarded_headers
+        self.deadline = tokio::time::Instant::now() + self.config.handshake_timeout();
+        if self.config.websocket.trust_forwarded_headers
             && let Some(client) = forwarded_for(&req.head)
         {
             self.client = client;
         }
-        if self.app.config().websocket.trust_forwarded_headers && self.app.sources.limited() {
+        if self.config.websocket.trust_forwarded_headers && self.app.sources.limited() {
             match self.app.sources.admit(self.client) {
                 Some(place) => self._source = Some(place),
                 None => {

@@ -61,8 +61,8 @@ impl Conn {
         password: Option<Secret>,
     ) {
         let asked = Instant::now();
-        let timeout = Duration::from_secs(self.app.config().hypervisor.connect_timeout_secs);
-        let keepalive = self.app.config().keepalive.tcp();
+        let timeout = Duration::from_secs(self.config.hypervisor.connect_timeout_secs);
+        let keepalive = self.config.keepalive.tcp();
         let dialed = match timeout_at(self.deadline, dial(&record.target, timeout, keepalive.as_ref())).await {
             Ok(r) => r,
             Err(_) => Err(DialError::Timeout(format!("{}:{}", record.target.host, record.target.port))),
@@ -85,7 +85,7 @@ impl Conn {
                 if stream.write_all(&upgrade.response()).await.is_err() {
                     return;
                 }
-                let max_frame = self.app.config().limits.max_ws_message_bytes as u64;
+                let max_frame = self.config.limits.max_ws_message_bytes as u64;
                 match WsByteStream::new(stream, max_frame) {
                     Ok(ws) => self.negotiate(ws, dialed, &record, Granted { hash, session, password, asked, door: Door::WebSocket }).await,
                     Err(e) => warn!(target: AUDIT, event = "viewer_handshake_failed", error = %e),
@@ -159,12 +159,12 @@ impl Conn {
             hypervisor_security = hv_done.security,
             handshake_ms = started.elapsed().as_millis() as u64,
         );
-        let cfg = &self.app.config().limits;
+        let cfg = &self.config.limits;
         let limits = relay::Limits {
             buffer_bytes: cfg.relay_buffer_bytes,
             idle_timeout: (cfg.session_idle_timeout_secs > 0).then(|| Duration::from_secs(cfg.session_idle_timeout_secs)),
             half_close_timeout: Duration::from_secs(cfg.half_close_timeout_secs),
-            ws_ping: Some(self.app.config().keepalive.websocket_ping_secs).filter(|s| *s > 0).map(Duration::from_secs),
+            ws_ping: Some(self.config.keepalive.websocket_ping_secs).filter(|s| *s > 0).map(Duration::from_secs),
         };
         let control = Control { bytes: session.bytes.clone(), stop: session.stop.clone() };
         let pair = Established { viewer, hypervisor };
@@ -202,7 +202,7 @@ impl Conn {
                 return (ViewerHandshake::refuse("console unavailable: lock-out store unavailable"), self.deadline, false);
             }
         }
-        let entry = Duration::from_secs(self.app.config().passwords.entry_timeout_secs);
+        let entry = Duration::from_secs(self.config.passwords.entry_timeout_secs);
         let deadline = self.deadline.max(tokio::time::Instant::now() + entry);
         (ViewerHandshake::new(ViewerAuth::Password(password.0), challenge()), deadline, true)
     }
@@ -246,7 +246,7 @@ impl Conn {
         mut dialed: Prefixed<TcpStream>,
         record: &TokenRecord,
     ) -> Result<(Prefixed<Transport>, HypervisorDone), HypervisorFailed> {
-        let cfg = &self.app.config().hypervisor;
+        let cfg = &self.config.hypervisor;
         let auth = HypervisorAuth {
             schemes: record.hypervisor_schemes.clone().unwrap_or_else(|| cfg.auth_schemes.clone()),
             vnc_password: record.hypervisor_password.as_ref().map(|s| s.0.clone()).or_else(|| cfg.vnc_password.clone()),

@@ -28,7 +28,7 @@ impl Conn {
             return None;
         }
         if first[0] != TLS_HANDSHAKE {
-            if !self.app.config().tls.ssl_only {
+            if !self.config.tls.ssl_only {
                 return Some(Transport::Plain(stream));
             }
             self.app.counters.refused("tls_required");
@@ -52,9 +52,9 @@ impl Conn {
     /// on the way (keep-alive). `None` when the connection is done. Bytes read past the
     /// console request's head stay in `stream.prefix` for the next phase.
     pub(super) async fn read_console_request(&mut self, stream: &mut Prefixed<Transport>, listener: Listener) -> Option<ConsoleRequest> {
-        let limits = &self.app.config().limits;
+        let limits = &self.config.limits;
         for _ in 0..limits.max_requests_per_connection {
-            self.deadline = tokio::time::Instant::now() + self.app.config().handshake_timeout();
+            self.deadline = tokio::time::Instant::now() + self.config.handshake_timeout();
             let head = match timeout_at(self.deadline, read_head(stream, limits.max_header_bytes)).await {
                 Ok(Ok(Some(head))) => head,
                 Ok(Ok(None)) => return None,
@@ -89,7 +89,7 @@ impl Conn {
     /// the request declares is read and dropped first (bounded), so it cannot pass for the
     /// next request.
     async fn serve_web(&self, stream: &mut Prefixed<Transport>, head: &RequestHead) -> bool {
-        let send_timeout = Duration::from_secs(self.app.config().limits.web_send_timeout_secs);
+        let send_timeout = Duration::from_secs(self.config.limits.web_send_timeout_secs);
         if let Some(probe) = health::probe(head) {
             let ready = match probe {
                 health::Probe::Ready => self.app.readiness().await,
@@ -102,7 +102,7 @@ impl Conn {
             return sent.is_ok_and(|w| w.is_ok()) && head.keep_alive();
         }
         bump(&self.app.counters.web_requests);
-        let checked = match origin::check_host(head.header("host"), &self.app.config().websocket.allowed_hosts) {
+        let checked = match origin::check_host(head.header("host"), &self.config.websocket.allowed_hosts) {
             Ok(()) => self.discard_body(stream, head).await,
             Err(e) => Err(Reject::new(403, "Forbidden", e)),
         };
@@ -111,7 +111,7 @@ impl Conn {
             send_and_close(stream, &reject.to_bytes()).await;
             return false;
         }
-        let response = match &self.app.config().listen.web {
+        let response = match &self.config.listen.web {
             Some(root) => web::respond(root, head).await,
             None => Err(Reject::new(404, "Not Found", "relay serves no web client here (see listen.web); consoles open over WebSocket")),
         };
@@ -165,7 +165,7 @@ impl Conn {
             Door::Connect => Ok(None),
             Door::WebSocket => {
                 let upgrade = ws::check(&req.head)?;
-                let cfg = &self.app.config().websocket;
+                let cfg = &self.config.websocket;
                 origin::check_host(req.head.header("host"), &cfg.allowed_hosts).map_err(|e| Reject::new(403, "Forbidden", e))?;
                 let forwarded = cfg.trust_forwarded_headers.then(|| req.head.header("x-forwarded-proto")).flatten();
                 let scheme = match forwarded {
