@@ -9,24 +9,18 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The unlabelled counts are atomics; the others are kept once, by label, and their
+/// totals (consoles started and ended, bytes, refusals) are sums of them.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub connections_accepted: AtomicU64,
-    pub connections_refused: AtomicU64,
     pub web_requests: AtomicU64,
-    pub sessions_started: AtomicU64,
-    pub sessions_ended: AtomicU64,
     pub viewer_auth_failures: AtomicU64,
     /// Wrong passwords that locked an instance or a source out.
     pub lockouts: AtomicU64,
     pub hypervisor_failures: AtomicU64,
-    pub token_rejections: AtomicU64,
     /// Consoles refused because a store or token source did not answer.
     pub store_errors: AtomicU64,
-    pub bytes_to_hypervisor: AtomicU64,
-    pub bytes_to_viewer: AtomicU64,
-    /// Consoles ended, by cause (indexed as [`Cause::ALL`]).
-    ended: [AtomicU64; Cause::ALL.len()],
     /// The labelled counts. Their keys come from small closed sets (doors, back-ends,
     /// causes, refusal kinds), so the maps stay a few dozen entries at most.
     labelled: Mutex<Labelled>,
@@ -99,18 +93,11 @@ impl Counters {
     }
 
     pub fn started(&self, door: Door) {
-        bump(&self.sessions_started);
         *self.labelled().started.entry(door).or_default() += 1;
     }
 
     /// Counts a console's end: its cause, the back-end it ran on, the bytes it moved.
     pub fn ended(&self, door: Door, relay: &'static str, cause: Cause, (up, down): (u64, u64)) {
-        self.bytes_to_hypervisor.fetch_add(up, Ordering::Relaxed);
-        self.bytes_to_viewer.fetch_add(down, Ordering::Relaxed);
-        bump(&self.sessions_ended);
-        if let Some(i) = Cause::ALL.iter().position(|c| *c == cause) {
-            bump(&self.ended[i]);
-        }
         let mut labelled = self.labelled();
         let tally = labelled.ended.entry((door, relay, cause)).or_default();
         tally.consoles += 1;
@@ -120,7 +107,6 @@ impl Counters {
 
     /// Counts a refused connection under the kind of its answer.
     pub fn refused(&self, kind: &'static str) {
-        bump(&self.connections_refused);
         *self.labelled().refused.entry(kind).or_default() += 1;
     }
 
@@ -130,13 +116,16 @@ impl Counters {
     }
 
     pub fn token_rejected(&self, why: TokenRejection) {
-        bump(&self.token_rejections);
         *self.labelled().rejected.entry(why).or_default() += 1;
     }
 
     /// Consoles ended so far, by cause; every cause is listed, zero or not.
     pub fn ended_view(&self) -> BTreeMap<Cause, u64> {
-        Cause::ALL.iter().zip(&self.ended).map(|(cause, n)| (*cause, n.load(Ordering::Relaxed))).collect()
+        let mut by_cause: BTreeMap<Cause, u64> = Cause::ALL.iter().map(|c| (*c, 0)).collect();
+        for ((_, _, cause), t) in &self.labelled().ended {
+            *by_cause.entry(*cause).or_default() += t.consoles;
+        }
+        by_cause
     }
 
     pub fn labelled_view(&self) -> LabelledView {
@@ -162,19 +151,21 @@ impl Counters {
 
     pub fn view(&self) -> CountersView {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let l = self.labelled();
+        let ended = l.ended.values();
         CountersView {
             connections_accepted: g(&self.connections_accepted),
-            connections_refused: g(&self.connections_refused),
+            connections_refused: l.refused.values().sum(),
             web_requests: g(&self.web_requests),
-            sessions_started: g(&self.sessions_started),
-            sessions_ended: g(&self.sessions_ended),
+            sessions_started: l.started.values().sum(),
+            sessions_ended: ended.clone().map(|t| t.consoles).sum(),
             viewer_auth_failures: g(&self.viewer_auth_failures),
             lockouts: g(&self.lockouts),
             hypervisor_failures: g(&self.hypervisor_failures),
-            token_rejections: g(&self.token_rejections),
+            token_rejections: l.rejected.values().sum(),
             store_errors: g(&self.store_errors),
-            bytes_to_hypervisor: g(&self.bytes_to_hypervisor),
-            bytes_to_viewer: g(&self.bytes_to_viewer),
+            bytes_to_hypervisor: ended.clone().map(|t| t.bytes_to_hypervisor).sum(),
+            bytes_to_viewer: ended.map(|t| t.bytes_to_viewer).sum(),
         }
     }
 }
