@@ -149,12 +149,7 @@ impl TestRelay {
 
     /// Opens the CONNECT door. Returns the stream after a 200, or the status line.
     pub async fn connect_door(&self, token: &str) -> Result<TcpStream, String> {
-        let mut s = TcpStream::connect(self.connect).await.map_err(|e| e.to_string())?;
-        s.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let head = read_head(&mut s).await.map_err(|e| e.to_string())?;
-        if head == "HTTP/1.1 200 OK\r\n\r\n" { Ok(s) } else { Err(head) }
+        connect_door_at(self.connect, token).await
     }
 
     /// Opens the WebSocket door at `path_and_query` (e.g. `/?token=T`) with extra headers.
@@ -181,6 +176,15 @@ impl Drop for TestRelay {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Opens a CONNECT door at `addr` (a relay process's, or a proxy's in front of one).
+/// Returns the stream after a 200, or the response head.
+pub async fn connect_door_at(addr: SocketAddr, token: &str) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    s.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    let head = read_head(&mut s).await.map_err(|e| e.to_string())?;
+    if head == "HTTP/1.1 200 OK\r\n\r\n" { Ok(s) } else { Err(head) }
 }
 
 /// Opens a WebSocket door at `addr` (relay's, or a proxy's in front of it).

@@ -8,7 +8,7 @@ use relay::control::proto::Request;
 use relay::control::replies::{Stats, TokenCreated};
 use relay::front::Door;
 use relay_tests::fake_hypervisor::{FakeVnc, Script};
-use relay_tests::relay_server::{TestRelay, new_token, read_head, scratch_dir};
+use relay_tests::relay_server::{TestRelay, new_token, scratch_dir};
 use relay_tests::servers::RelayProcess;
 use relay_tests::viewer::handshake;
 use std::collections::HashMap;
@@ -128,10 +128,7 @@ fn write_config(path: &Path, dir: &Path, extra: &str) {
 }
 
 async fn door(relay: &RelayProcess, token: &str) -> Result<TcpStream, String> {
-    let mut s = TcpStream::connect(relay.connect).await.unwrap();
-    s.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes()).await.unwrap();
-    let head = read_head(&mut s).await.map_err(|e| e.to_string())?;
-    if head.starts_with("HTTP/1.1 200") { Ok(s) } else { Err(head) }
+    relay_tests::relay_server::connect_door_at(relay.connect, token).await
 }
 
 /// Waits up to 5 s for `door` to give `want` (true: a console opens; false: refused).

@@ -8,11 +8,10 @@ use relay::control::proto::Request;
 use relay::control::replies::{PasswordChanged, TokenChecked, TokenCreated};
 use relay_tests::env;
 use relay_tests::fake_hypervisor::{FakeVnc, Script, Security};
-use relay_tests::relay_server::{new_token, read_head, scratch_dir, with_hypervisor_password};
+use relay_tests::relay_server::{new_token, scratch_dir, with_hypervisor_password};
 use relay_tests::servers::{RedisServer, RelayProcess};
 use relay_tests::viewer::{ViewerError, handshake};
 use std::path::Path;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const RFB38: &[u8; 12] = b"RFB 003.008\n";
@@ -29,10 +28,7 @@ fn write_config(dir: &Path, store: &str) -> std::path::PathBuf {
 }
 
 async fn door(relay: &RelayProcess, token: &str) -> Result<TcpStream, String> {
-    let mut s = TcpStream::connect(relay.connect).await.unwrap();
-    s.write_all(format!("CONNECT /console?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes()).await.unwrap();
-    let head = read_head(&mut s).await.map_err(|e| e.to_string())?;
-    if head.starts_with("HTTP/1.1 200") { Ok(s) } else { Err(head) }
+    relay_tests::relay_server::connect_door_at(relay.connect, token).await
 }
 
 /// Issues what must survive, kills relay, starts it again and checks that it did.
