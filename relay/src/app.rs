@@ -10,7 +10,8 @@ use crate::metrics::Counters;
 use crate::relay::backend::Relays;
 use crate::session::Registry;
 use crate::sources::Sources;
-use crate::tls::{self, FrontTls, Ktls};
+use crate::tls::kernel::Ktls;
+use crate::tls::{self, FrontTls};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -57,7 +58,11 @@ impl App {
             None => None,
         };
         let sessions = Registry::new(config.limits.max_sessions, config.limits.max_sessions_per_instance);
-        let relays = Arc::new(Relays::start(&config.relay, config.limits.max_sessions)?);
+        let ktls = match config.relay.kernel_tls {
+            true => tls::kernel::probe(),
+            false => Ktls::Unavailable("relay.kernel_tls = false".into()),
+        };
+        let relays = Arc::new(Relays::start(&config.relay, config.limits.max_sessions, ktls.clone())?);
         let me =
             Me { name: config.store.appliance(), address: appliance_address(&config), sessions: sessions.clone(), relays: relays.clone() };
         let crate::store::Stores { tokens, passwords, lockout, fleet } = crate::store::open(&config, me)?;
@@ -76,7 +81,7 @@ impl App {
             timings: Default::default(),
             front_tls,
             hypervisor_tls: RwLock::new(hypervisor_tls),
-            ktls: tls::probe_ktls(),
+            ktls,
             relays,
             draining: std::sync::atomic::AtomicBool::new(false),
             next_id: AtomicU64::new(1),
@@ -94,6 +99,12 @@ impl App {
     }
 
     /// relay's TLS client towards VeNCrypt hypervisors, if configured.
+    /// Whether TLS connections read record by record under rustls, so that their TLS can
+    /// move into the kernel after the handshakes.
+    pub fn cork_tls(&self) -> bool {
+        matches!(self.ktls, Ktls::Available(_))
+    }
+
     pub fn hypervisor_tls(&self) -> Option<TlsConnector> {
         self.hypervisor_tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }

@@ -7,7 +7,7 @@ use crate::control;
 use crate::reload::Loader;
 use crate::reserve::{Reserve, out_of_descriptors};
 use crate::telemetry::AUDIT;
-use crate::tls::Ktls;
+use crate::tls::kernel::Ktls;
 use anyhow::Context as _;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -102,7 +102,9 @@ pub async fn run(
     };
     info!(%bound, web = ?app.config().listen.web, "relay listening");
     match (&app.ktls, app.front_tls.is_some() || app.hypervisor_tls().is_some()) {
-        (Ktls::Available, _) => info!("kTLS: available in this kernel; TLS sessions are still carried by rustls in userspace"),
+        (Ktls::Available(offered), _) => {
+            info!(offered = %offered.describe(), "kTLS: TLS consoles move into the kernel after their handshakes")
+        }
         (Ktls::Unavailable(why), true) => info!(reason = %why, "kTLS: unavailable; TLS stays in userspace (rustls)"),
         (Ktls::Unavailable(why), false) => debug!(reason = %why, "kTLS: unavailable"),
     }

@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub use crate::conformance_tls::{
+    tls_close_notify_arrives_after_the_data_both_ways, tls_consoles_each_cipher_byte_exact_each_way, tls_key_update_mid_stream,
+};
+
 const RFB38: &[u8; 12] = b"RFB 003.008\n";
 const GIB: usize = 1 << 30;
 
@@ -92,7 +96,7 @@ pub async fn a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order(
 
 /// What the echo tests write at a time: numbered words over a 16 MiB period rather than a
 /// short one, so a misplaced byte says where it came from.
-const BLOCK: usize = 16 << 20;
+pub(crate) const BLOCK: usize = 16 << 20;
 
 /// How [`echo_numbered_words`] writes: `chunk` bytes at a time (at most a block) while
 /// `more(bytes written)`, pausing after each (at least twice as long as its write took,
@@ -136,7 +140,7 @@ where
 }
 
 /// Reads until EOF, checking every byte against [`numbered_block`]; returns how many came.
-async fn read_numbered_words(r: &mut (impl AsyncReadExt + Unpin)) -> usize {
+pub(crate) async fn read_numbered_words(r: &mut (impl AsyncReadExt + Unpin)) -> usize {
     let expected = numbered_block();
     let mut buf = vec![0u8; 1 << 16];
     let mut at = 0usize;
@@ -168,7 +172,7 @@ async fn read_numbered_words(r: &mut (impl AsyncReadExt + Unpin)) -> usize {
 
 /// [`BLOCK`] bytes of little-endian u32 words numbered from 0, made once per process
 /// (slow in a debug build).
-fn numbered_block() -> &'static [u8] {
+pub(crate) fn numbered_block() -> &'static [u8] {
     static BLOCK_WORDS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     BLOCK_WORDS.get_or_init(|| (0..BLOCK as u32 / 4).flat_map(u32::to_le_bytes).collect())
 }

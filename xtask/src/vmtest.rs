@@ -33,7 +33,7 @@ pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
         },
         k => k,
     };
-    apt_install(&["qemu-system-x86", "busybox-static"])?;
+    apt_install(&["qemu-system-x86", "busybox-static", "xz-utils", "zstd"])?;
     let cache = root.join("target/vmtest");
     std::fs::create_dir_all(cache.join("debs"))?;
     let vmcheck = build_vmcheck(root, &cache)?;
@@ -41,7 +41,7 @@ pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
     for package in &kernels {
         let tree = unpack(&cache, package)?;
         let vmlinuz = only_file(&tree.join("boot"), "vmlinuz-")?;
-        let initrd = initramfs(&cache, package, &vmcheck)?;
+        let initrd = initramfs(&cache, package, &tree, &vmcheck)?;
         let log = cache.join(format!("{package}.log"));
         eprintln!("xtask: booting {package} under QEMU (TCG); its console goes to {}", log.display());
         boots.push((package.clone(), log.clone(), boot(&vmlinuz, &initrd, &log, &backends)?));
@@ -139,9 +139,9 @@ fn build_vmcheck(root: &Path, cache: &Path) -> Result<PathBuf> {
     Ok(stripped)
 }
 
-/// The initramfs: busybox, an `/init` that runs `vmcheck` and powers off, and `vmcheck`
-/// with the shared libraries it loads.
-fn initramfs(cache: &Path, package: &str, vmcheck: &Path) -> Result<PathBuf> {
+/// The initramfs: busybox, an `/init` that runs `vmcheck` and powers off, `vmcheck` with
+/// the shared libraries it loads, and the kernel's TLS and crypto modules (kTLS).
+fn initramfs(cache: &Path, package: &str, tree: &Path, vmcheck: &Path) -> Result<PathBuf> {
     let stage = cache.join(format!("stage-{package}"));
     let _ = std::fs::remove_dir_all(&stage);
     for dir in ["bin", "proc", "sys", "dev", "tmp", "root"] {
@@ -154,6 +154,7 @@ fn initramfs(cache: &Path, package: &str, vmcheck: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(to.parent().expect("a library's directory"))?;
         std::fs::copy(&lib, &to).with_context(|| format!("copying {}", lib.display()))?;
     }
+    tls_modules(tree, &stage)?;
     write_executable(&stage.join("init"), INIT)?;
     let out = cache.join(format!("{package}.initrd.gz"));
     let cpio = format!(
@@ -164,6 +165,57 @@ fn initramfs(cache: &Path, package: &str, vmcheck: &Path) -> Result<PathBuf> {
     run(Command::new("sh").args(["-c", &cpio]))?;
     std::fs::remove_dir_all(&stage)?;
     Ok(out)
+}
+
+/// The module directories kTLS draws on (`tls.ko`; AES-GCM and ChaCha20-Poly1305, which
+/// the kernel builds from templates in crypto/ and drivers in arch/x86/crypto and
+/// lib/crypto), decompressed, for busybox's depmod and modprobe in the guest.
+fn tls_modules(tree: &Path, stage: &Path) -> Result<()> {
+    let modules = tree.join("lib/modules");
+    let version = only_file(&modules, "")?;
+    let name = version.file_name().context("a module directory name")?;
+    for dir in ["kernel/net/tls", "kernel/crypto", "kernel/arch/x86/crypto", "kernel/lib/crypto"] {
+        let from = version.join(dir);
+        if !from.is_dir() {
+            continue;
+        }
+        let to = stage.join("lib/modules").join(name).join(dir);
+        std::fs::create_dir_all(&to)?;
+        for module in walk(&from)? {
+            let relative = module.strip_prefix(&from)?;
+            let file = relative.to_string_lossy();
+            let (plain, tool) = match file.rsplit_once('.') {
+                Some((stem, "xz")) => (stem.to_string(), Some("xz")),
+                Some((stem, "zst")) => (stem.to_string(), Some("zstd")),
+                _ => (file.to_string(), None),
+            };
+            let out = to.join(plain);
+            std::fs::create_dir_all(out.parent().context("a module's directory")?)?;
+            match tool {
+                Some(tool) => {
+                    let unpacked = Command::new(tool).arg("-dc").arg(&module).output()?;
+                    if !unpacked.status.success() {
+                        bail!("{tool} -dc {} failed", module.display());
+                    }
+                    std::fs::write(&out, unpacked.stdout)?;
+                }
+                None => {
+                    std::fs::copy(&module, &out)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() { files.extend(walk(&path)?) } else { files.push(path) }
+    }
+    Ok(files)
 }
 
 /// What `ldd` says `binary` loads (the dynamic loader included).
@@ -192,6 +244,13 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 ip link set lo up
 ulimit -n 65536
+# kTLS: the TLS module and the crypto it asks for; the kernel's own module loader is
+# pointed at busybox's modprobe for anything else it asks for.
+depmod
+echo /bin/modprobe > /proc/sys/kernel/modprobe
+for m in tls gcm ctr ghash-generic ghash-clmulni-intel aesni-intel chacha20poly1305 chacha-x86_64 chacha-generic poly1305-x86_64 poly1305-generic; do
+  modprobe $m 2>/dev/null
+done
 backends=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^vmcheck.backends=//p')
 echo "vmcheck: kernel $(uname -r), $(nproc) CPUs, uptime $(cut -d' ' -f1 /proc/uptime) s"
 HOME=/root RUST_LOG=warn RUST_BACKTRACE=0 /vmcheck $backends

@@ -126,11 +126,14 @@ pub struct Relay {
     /// short ones (probes, abandoned password prompts) never pay the hand-off; 0 hands
     /// over at once.
     pub kernel_after_ms: u64,
+    /// After both handshakes, move TLS legs' records into the kernel (kTLS) where it
+    /// offers the negotiated version and cipher.
+    pub kernel_tls: bool,
 }
 
 impl Default for Relay {
     fn default() -> Self {
-        Relay { backend: Backend::Auto, in_flight_bytes: 1 << 20, kernel_after_ms: 1000 }
+        Relay { backend: Backend::Auto, in_flight_bytes: 1 << 20, kernel_after_ms: 1000, kernel_tls: true }
     }
 }
 

@@ -15,6 +15,7 @@ use crate::rfb::hypervisor::{HypervisorAuth, HypervisorDone, HypervisorHandshake
 use crate::rfb::viewer::{ViewerAuth, ViewerHandshake};
 use crate::session::SessionHandle;
 use crate::telemetry::AUDIT;
+use crate::tls::cork::Corked;
 use crate::transport::Transport;
 use crate::wire::http::Reject;
 use crate::wire::prefixed::Prefixed;
@@ -274,7 +275,7 @@ impl Conn {
         let Ok(name) = rustls::pki_types::ServerName::try_from(record.target.host.clone()) else {
             return Err(fail("tls", format!("{:?} is not a valid TLS server name", record.target.host)));
         };
-        let mut tls = match timeout_at(self.deadline, connector.connect(name, dialed.io)).await {
+        let mut tls = match timeout_at(self.deadline, connector.connect(name, Corked::new(dialed.io, self.app.cork_tls()))).await {
             Ok(Ok(tls)) => Prefixed::bare(Transport::ClientTls(Box::new(tls))),
             Ok(Err(e)) => return Err(fail("tls", format!("TLS with the hypervisor failed ({subtype:?}): {e}"))),
             Err(_) => return Err(slow("tls", "TLS handshake with the hypervisor timed out")),

@@ -5,6 +5,7 @@ use super::{Conn, ConsoleRequest, Listener};
 use crate::front::{Door, health, origin, web, ws};
 use crate::metrics::bump;
 use crate::telemetry::AUDIT;
+use crate::tls::cork::Corked;
 use crate::transport::Transport;
 use crate::wire::http::{Reject, RequestHead, read_head};
 use crate::wire::prefixed::Prefixed;
@@ -37,7 +38,7 @@ impl Conn {
             send_and_close(&mut plain, &Reject::new(400, "Bad Request", "this relay accepts TLS only (https://, wss://)").to_bytes()).await;
             return None;
         }
-        match timeout_at(self.deadline, tls.acceptor().accept(stream)).await {
+        match timeout_at(self.deadline, tls.acceptor().accept(Corked::new(stream, self.app.cork_tls()))).await {
             Ok(Ok(s)) => Some(Transport::ServerTls(Box::new(s))),
             Ok(Err(e)) => {
                 self.app.counters.refused("tls_failed");

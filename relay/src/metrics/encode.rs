@@ -117,6 +117,7 @@ impl Collector for Snapshot {
         counter(&mut e, "hypervisor_failures", "Consoles that failed on the hypervisor side (dial, RFB, TLS)", c.hypervisor_failures)?;
         counter(&mut e, "store_errors", "Consoles refused because a store or token source did not answer", c.store_errors)?;
         counter(&mut e, "kernel_hand_overs", "Consoles moved from the userspace relay to a kernel back-end", s.relay.hand_overs)?;
+        counter(&mut e, "kernel_tls_legs", "TLS connections whose records the kernel took over (kTLS)", s.relay.kernel_tls_legs)?;
         gauge(&mut e, "sockmap_flows", "Consoles spliced in the kernel now", s.relay.sockmap_flows as i64)?;
         gauge(&mut e, "tokens", "Console tokens in the store", s.tokens as i64)?;
         Ok(())

@@ -2,16 +2,23 @@
 //! kernel and permissions allow and what was asked for, logged, then applied per session
 //! by its kind (raw TCP on both sides, or anything else: WebSocket, TLS).
 
+use super::lifecycle::{Failure, Op, Side};
 use super::sockmap::{self, Sockmap};
 use super::uring::{self, Uring};
 use super::{Control, Ended, Established, Limits, Peer, copy, send_leftovers};
 use crate::config::{Backend, Relay};
+use crate::tls::kernel::Ktls;
+use crate::transport::KernelMove;
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+/// How long a peer may take to finish a TLS record it had begun when its TLS moves into
+/// the kernel.
+const TLS_MOVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The back-end a kind of session runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -46,6 +53,8 @@ pub struct BackendsView {
     /// Live sockmap map entries: flows, and sockets in the verdict map (zero when idle).
     pub sockmap_flows: usize,
     pub sockmap_sockets: usize,
+    /// TLS legs (viewer or hypervisor side) whose records the kernel took over (kTLS).
+    pub kernel_tls_legs: u64,
 }
 
 /// The back-ends this process runs, chosen at start-up.
@@ -61,13 +70,16 @@ pub struct Relays {
     /// Consoles moved from `copy` to a kernel back-end after `kernel_after`; one the
     /// kernel refused, and `copy` took back, is not counted.
     hand_overs: AtomicU64,
+    /// What kTLS the kernel offers (probed at start-up, or off by configuration).
+    ktls: Ktls,
+    kernel_tls_legs: AtomicU64,
 }
 
 impl Relays {
     /// Probes the kernel and picks, saying so in one log line. An explicit request the
     /// machine cannot honour is an error (an operator who asked for a kernel path should
     /// not silently get another); `auto` takes what the benchmark shows best here.
-    pub fn start(config: &Relay, max_sessions: usize) -> anyhow::Result<Relays> {
+    pub fn start(config: &Relay, max_sessions: usize, ktls: Ktls) -> anyhow::Result<Relays> {
         // `auto` probes both kernel back-ends, to report them; on this machine kind the
         // benchmark shows sockmap (after `kernel_after` on copy) best for raw consoles and
         // copy for the rest (README.md).
@@ -101,6 +113,8 @@ impl Relays {
             framed: if raw == Choice::Uring { Choice::Uring } else { Choice::Copy },
             kernel_after: (config.kernel_after_ms > 0).then(|| Duration::from_millis(config.kernel_after_ms)),
             hand_overs: AtomicU64::new(0),
+            ktls,
+            kernel_tls_legs: AtomicU64::new(0),
         };
         let mut notes: Vec<String> = [("sockmap", &sockmap_off), ("io_uring", &uring_off)]
             .into_iter()
@@ -135,6 +149,7 @@ impl Relays {
             hand_overs: self.hand_overs.load(Ordering::Relaxed),
             sockmap_flows,
             sockmap_sockets,
+            kernel_tls_legs: self.kernel_tls_legs.load(Ordering::Relaxed),
         }
     }
 
@@ -150,10 +165,57 @@ impl Relays {
     /// of its own back-end only.
     pub fn run<V: Peer + 'static, H: Peer + 'static>(
         self: &Arc<Self>,
-        pair: Established<V, H>,
+        mut pair: Established<V, H>,
         mut control: Control,
         limits: Limits,
     ) -> BoxFuture<'static, (Ended, Choice)> {
+        let relays = self.clone();
+        Box::pin(async move {
+            if matches!(relays.ktls, Ktls::Available(_)) {
+                let moved = async {
+                    relays.tls_into_kernel(&mut pair.viewer.io, Side::Viewer).await?;
+                    relays.tls_into_kernel(&mut pair.hypervisor.io, Side::Hypervisor).await
+                };
+                let moved = tokio::select! {
+                    biased;
+                    reason = control.stopped() => Err(Ended::Stopped(reason)),
+                    moved = moved => moved,
+                };
+                if let Err(ended) = moved {
+                    return (ended, Choice::Copy);
+                }
+            }
+            relays.relay(pair, control, limits).await
+        })
+    }
+
+    /// Moves a leg's TLS, if any, into the kernel. A leg kTLS cannot take stays in
+    /// rustls; a move that fails past the point of return ends the console.
+    async fn tls_into_kernel<P: Peer>(&self, peer: &mut P, side: Side) -> Result<(), Ended> {
+        let Some(transport) = peer.transport_mut() else { return Ok(()) };
+        let lost = |e| Ended::Failed(Failure::new(side, Op::HandOff, e));
+        match tokio::time::timeout(TLS_MOVE_TIMEOUT, transport.enter_kernel(&self.ktls)).await {
+            Ok(Ok(KernelMove::Moved)) => {
+                self.kernel_tls_legs.fetch_add(1, Ordering::Relaxed);
+                debug!(side = side.name(), "TLS moved into the kernel (kTLS)");
+                Ok(())
+            }
+            Ok(Ok(KernelMove::Declined(why))) => {
+                info!(side = side.name(), reason = %why, "TLS stays in userspace (rustls)");
+                Ok(())
+            }
+            Ok(Ok(KernelMove::NotTls)) => Ok(()),
+            Ok(Err(e)) => Err(lost(e)),
+            Err(_) => Err(lost(std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer left a TLS record unfinished"))),
+        }
+    }
+
+    async fn relay<V: Peer + 'static, H: Peer + 'static>(
+        self: Arc<Self>,
+        pair: Established<V, H>,
+        mut control: Control,
+        limits: Limits,
+    ) -> (Ended, Choice) {
         let raw = pair.viewer.io.is_plain_tcp() && pair.hypervisor.io.is_plain_tcp();
         let websocket = pair.viewer.io.is_plain_websocket() && pair.hypervisor.io.is_plain_tcp();
         let kernel = match (raw, websocket) {
@@ -163,28 +225,25 @@ impl Relays {
             _ => None,
         };
         let Some(kernel) = kernel else {
-            return Box::pin(async move { (copy::run_to_end(pair, &mut control, limits).await, Choice::Copy) });
+            return (Box::pin(copy::run_to_end(pair, &mut control, limits)).await, Choice::Copy);
         };
-        let relays = self.clone();
-        Box::pin(async move {
-            let pair = match relays.kernel_after {
-                Some(after) => match Box::pin(copy::run(pair, &mut control, limits, Some(Instant::now() + after))).await {
-                    copy::Outcome::Ended(ended) => return (ended, Choice::Copy),
-                    copy::Outcome::HandOver(pair) => pair,
-                },
-                None => pair,
-            };
-            // A move counts once the kernel back-end has the console.
-            let moved = || {
-                if relays.kernel_after.is_some() {
-                    relays.hand_overs.fetch_add(1, Ordering::Relaxed);
-                }
-            };
-            match kernel {
-                Choice::Sockmap => relays.on_sockmap(pair, control, limits, moved).await,
-                _ => relays.on_uring(pair, control, limits, raw, moved).await,
+        let pair = match self.kernel_after {
+            Some(after) => match Box::pin(copy::run(pair, &mut control, limits, Some(Instant::now() + after))).await {
+                copy::Outcome::Ended(ended) => return (ended, Choice::Copy),
+                copy::Outcome::HandOver(pair) => pair,
+            },
+            None => pair,
+        };
+        // A move counts once the kernel back-end has the console.
+        let moved = || {
+            if self.kernel_after.is_some() {
+                self.hand_overs.fetch_add(1, Ordering::Relaxed);
             }
-        })
+        };
+        match kernel {
+            Choice::Sockmap => self.on_sockmap(pair, control, limits, moved).await,
+            _ => self.on_uring(pair, control, limits, raw, moved).await,
+        }
     }
 
     async fn on_uring<V: Peer, H: Peer>(

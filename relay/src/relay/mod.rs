@@ -45,6 +45,10 @@ pub trait Peer: AsyncRead + AsyncWrite + Unpin + Send {
     {
         None
     }
+    /// The TCP or TLS connection under any framing, for moving its TLS into the kernel.
+    fn transport_mut(&mut self) -> Option<&mut crate::transport::Transport> {
+        None
+    }
     /// A WebSocket over bare TCP: the io_uring back-end may take over its framing.
     fn is_plain_websocket(&self) -> bool {
         false
@@ -78,6 +82,9 @@ impl<S: Peer> Peer for WsByteStream<S> {
     }
     fn is_plain_websocket(&self) -> bool {
         self.get_ref().is_plain_tcp()
+    }
+    fn transport_mut(&mut self) -> Option<&mut crate::transport::Transport> {
+        self.get_mut().transport_mut()
     }
     fn into_websocket(self) -> Option<(TcpStream, Decoder)> {
         let (io, decoder) = self.into_parts();

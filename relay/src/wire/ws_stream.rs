@@ -58,6 +58,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
         &self.io
     }
 
+    /// The connection under the framing; what the framing has queued stays queued above it.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+
     /// The connection and the decoder's state, for a relay that frames by itself.
     /// Everything queued must have been flushed.
     pub fn into_parts(self) -> (S, Decoder) {

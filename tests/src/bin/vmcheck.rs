@@ -4,6 +4,7 @@
 
 use relay::config::Backend;
 use relay_tests::conformance::{self, start};
+use relay_tests::conformance_tls;
 use relay_tests::relay_server::TestRelay;
 use std::future::Future;
 use std::pin::Pin;
@@ -12,14 +13,14 @@ use std::time::{Duration, Instant};
 type Check = fn(TestRelay, Backend) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
 macro_rules! checks {
-    ($($name:ident),* $(,)?) => {
-        [$((stringify!($name), (|relay, backend| Box::pin(conformance::$name(relay, backend))) as Check)),*]
+    ($module:ident: $($name:ident),* $(,)?) => {
+        [$((stringify!($name), (|relay, backend| Box::pin($module::$name(relay, backend))) as Check)),*]
     };
 }
 
 /// What each back-end must do on every kernel relay supports; the bulk check moves
 /// 32 MiB each way (an emulated machine runs several times slower than this one).
-const CHECKS: [(&str, Check); 8] = checks!(
+const CHECKS: [(&str, Check); 8] = checks!(conformance:
     several_mib_each_way_byte_exact,
     hypervisor_fin_arrives_after_its_data_and_the_other_way_stays_open,
     viewer_fin_arrives_after_its_data_and_the_other_way_stays_open,
@@ -30,6 +31,13 @@ const CHECKS: [(&str, Check); 8] = checks!(
     a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order,
 );
 
+/// TLS consoles, whose TLS must move into these kernels (kTLS).
+const TLS_CHECKS: [(&str, Check); 3] = checks!(conformance_tls:
+    tls_consoles_each_cipher_byte_exact_each_way,
+    tls_close_notify_arrives_after_the_data_both_ways,
+    tls_key_update_mid_stream,
+);
+
 /// How long one check may take under emulation.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -37,14 +45,18 @@ fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     let wanted = std::env::args().nth(1);
+    // Debian's kernels build TLS as a module: kTLS must be there, with every cipher.
+    let ktls = relay::tls::kernel::probe();
+    let ktls_failed = !matches!(&ktls, relay::tls::kernel::Ktls::Available(offered) if offered.len() == 6);
+    println!("vmcheck: {kernel} kTLS: {}: {ktls:?}", if ktls_failed { "FAIL" } else { "PASS" });
     let failed = runtime.block_on(async {
-        let mut failed = 0;
+        let mut failed = usize::from(ktls_failed);
         for backend in [Backend::Copy, Backend::Uring, Backend::Sockmap] {
             let name = format!("{backend:?}").to_lowercase();
             if wanted.as_ref().is_some_and(|w| !w.split(',').any(|b| b == name)) {
                 continue;
             }
-            for (check, run) in CHECKS {
+            for (check, run) in CHECKS.into_iter().chain(TLS_CHECKS) {
                 let started = Instant::now();
                 let task = tokio::spawn(async move { run(start(backend, |_| {}).await, backend).await });
                 let outcome = match tokio::time::timeout(CHECK_TIMEOUT, task).await {

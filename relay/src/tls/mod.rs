@@ -1,5 +1,9 @@
 //! TLS material: the front doors' certificate (reloadable), the client identity and
-//! trust roots relay uses towards hypervisors (VeNCrypt x509), and the kTLS probe.
+//! trust roots relay uses towards hypervisors (VeNCrypt x509); reads corked at record
+//! boundaries ([`cork`]) and the move of a console's TLS into the kernel ([`kernel`]).
+
+pub mod cork;
+pub mod kernel;
 
 use crate::config::{Hypervisor, TlsVersion};
 use anyhow::{Context, bail};
@@ -82,6 +86,8 @@ impl FrontTls {
             .with_single_cert(certs(cert)?, key(key_path)?)
             .context("certificate and key do not match")?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // So that a console's TLS can move into the kernel (kTLS) after the handshakes.
+        config.enable_secret_extraction = true;
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
 
@@ -118,11 +124,12 @@ pub fn hypervisor_connector(ca: &Path, h: &Hypervisor) -> anyhow::Result<TlsConn
             builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(chain)))
         }
     };
-    let config = match (client_cert, client_key) {
+    let mut config = match (client_cert, client_key) {
         (Some(c), Some(k)) => builder.with_client_auth_cert(certs(c)?, key(k)?).context("client certificate and key do not match")?,
         (None, None) => builder.with_no_client_auth(),
         _ => bail!("vencrypt_client_cert and vencrypt_client_key go together"),
     };
+    config.enable_secret_extraction = true;
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
@@ -172,43 +179,21 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
     }
 }
 
-/// Whether the kernel can carry TLS records itself (kTLS), decided once at start-up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ktls {
-    Available,
-    /// Why not; TLS then stays in userspace (rustls).
-    Unavailable(String),
-}
-
-/// Probes kTLS on a throwaway loopback connection: attaching the "tls" upper-layer
-/// protocol is what fails (ENOENT) on kernels built without CONFIG_TLS.
-pub fn probe_ktls() -> Ktls {
-    let attempt = || -> std::io::Result<()> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let client = std::net::TcpStream::connect(listener.local_addr()?)?;
-        let _server = listener.accept()?;
-        crate::sockopt::attach_ulp(&client, "tls")
-    };
-    match attempt() {
-        Ok(()) => Ktls::Available,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-            Ktls::Unavailable("kernel has no TLS upper-layer protocol (CONFIG_TLS off)".into())
-        }
-        Err(e) => Ktls::Unavailable(format!("probe failed: {e}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::kernel::{Ktls, probe};
+    use std::path::Path;
 
     #[test]
     fn ktls_probe_matches_the_kernel() {
         // Whatever the kernel, the probe answers and says why when it is unavailable;
         // /proc/net/tls_stat exists exactly when the kernel's TLS module is loaded.
         let loaded = Path::new("/proc/net/tls_stat").exists();
-        match probe_ktls() {
-            Ktls::Available => assert!(Path::new("/proc/net/tls_stat").exists(), "kTLS attached, so the module is loaded now"),
+        match probe() {
+            Ktls::Available(offered) => {
+                assert!(Path::new("/proc/net/tls_stat").exists(), "kTLS attached, so the module is loaded now");
+                assert!(!offered.describe().is_empty());
+            }
             Ktls::Unavailable(why) => {
                 assert!(!loaded, "kTLS module loaded but the probe failed: {why}");
                 eprintln!("kTLS unavailable here: {why} (TLS stays in rustls)");

@@ -1,0 +1,141 @@
+//! A TCP connection whose TLS records the kernel seals and opens (kTLS): reads and writes
+//! carry plaintext, like a bare socket, while what is not application data is dealt with
+//! here — a session ticket is passed over, close_notify is the end of the stream, any
+//! other alert an error, and a key update a clean refusal (see [`KEY_UPDATE`]).
+
+use super::records::{self, ALERT, APPLICATION_DATA, HANDSHAKE};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Handshake message types that may follow a finished handshake (RFC 8446, 4).
+const NEW_SESSION_TICKET: u8 = 4;
+/// A TLS 1.3 KeyUpdate changes the peer's key for the records after it. Debian 12's
+/// kernels (6.1, 6.12) cannot be given a new receive key on a live socket (that came in
+/// 6.14), so the console ends with this reason rather than misread what follows.
+const KEY_UPDATE: u8 = 24;
+const CLOSE_NOTIFY: u8 = 0;
+
+pub struct KernelTlsStream {
+    tcp: TcpStream,
+    /// Plaintext rustls had decrypted before the hand-off, read out first.
+    pending: Vec<u8>,
+    taken: usize,
+    /// The peer's close_notify has come (before or after the hand-off).
+    closed_by_peer: bool,
+    /// Ours has gone out.
+    close_notify_sent: bool,
+}
+
+impl KernelTlsStream {
+    pub fn new(tcp: TcpStream, pending: Vec<u8>, closed_by_peer: bool) -> KernelTlsStream {
+        KernelTlsStream { tcp, pending, taken: 0, closed_by_peer, close_notify_sent: false }
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// What a record that is not application data means for the stream: `Ok(true)` to
+    /// read on, `Ok(false)` for the end of the stream.
+    fn control_record(&mut self, kind: u8, body: &[u8]) -> io::Result<bool> {
+        match kind {
+            ALERT => match body {
+                [_, CLOSE_NOTIFY] => {
+                    self.closed_by_peer = true;
+                    Ok(false)
+                }
+                [_, description] => Err(io::Error::other(format!("the peer sent TLS alert {description}"))),
+                _ => Err(io::Error::other("a malformed TLS alert")),
+            },
+            HANDSHAKE => {
+                let mut rest = body;
+                while let [kind, a, b, c, tail @ ..] = rest {
+                    match *kind {
+                        NEW_SESSION_TICKET => {}
+                        KEY_UPDATE => {
+                            return Err(io::Error::other(
+                                "the peer sent a TLS KeyUpdate, and this kernel's TLS cannot take a new key on a live connection",
+                            ));
+                        }
+                        other => return Err(io::Error::other(format!("unexpected TLS handshake message {other} after the handshake"))),
+                    }
+                    let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+                    rest = tail.get(len..).unwrap_or_default();
+                }
+                Ok(true)
+            }
+            other => Err(io::Error::other(format!("unexpected TLS record type {other}"))),
+        }
+    }
+}
+
+impl AsyncRead for KernelTlsStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.taken < this.pending.len() {
+            let n = (this.pending.len() - this.taken).min(buf.remaining());
+            buf.put_slice(&this.pending[this.taken..this.taken + n]);
+            this.taken += n;
+            if this.taken == this.pending.len() {
+                this.pending = Vec::new();
+                this.taken = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if this.closed_by_peer || buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(this.tcp.poll_read_ready(cx))?;
+            let room = buf.initialize_unfilled();
+            match this.tcp.try_io(Interest::READABLE, || records::recv(&this.tcp, room)) {
+                Ok((APPLICATION_DATA, n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // End of the TCP stream without close_notify: the caller sees it as EOF,
+                // as with a bare socket.
+                Ok((_, 0)) => return Poll::Ready(Ok(())),
+                Ok((kind, n)) => {
+                    let body = room[..n].to_vec();
+                    if !this.control_record(kind, &body)? {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for KernelTlsStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+    /// A TLS end of stream: close_notify, then the TCP FIN.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while !this.close_notify_sent {
+            ready!(this.tcp.poll_write_ready(cx))?;
+            match this.tcp.try_io(Interest::WRITABLE, || records::send(&this.tcp, ALERT, &[1, CLOSE_NOTIFY])) {
+                Ok(_) => this.close_notify_sent = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
