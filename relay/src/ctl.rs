@@ -287,7 +287,7 @@ fn print_stats(s: Stats) {
     println!("sessions_active: {}", s.sessions_active);
     println!("live bytes: {} to hypervisors, {} to viewers", s.live_bytes_to_hypervisor, s.live_bytes_to_viewer);
     println!("tokens: {}", s.tokens);
-    println!("relay: raw consoles on {}, framed on {}", r.raw.name(), r.framed.name());
+    println!("relay: raw consoles on {}, framed on {}, kernel-TLS on {}", r.raw.name(), r.framed.name(), r.kernel_tls.name());
     println!("relay: kernel_after_ms {}, hand_overs {}, kernel_tls_legs {}", r.kernel_after_ms, r.hand_overs, r.kernel_tls_legs);
     if r.raw.name() == "sockmap" {
         println!("relay: sockmap flows {}, sockets {}", r.sockmap_flows, r.sockmap_sockets);

@@ -214,4 +214,26 @@ impl Peer for Transport {
     fn transport_mut(&mut self) -> Option<&mut Transport> {
         Some(self)
     }
+    fn is_kernel_stream(&self) -> bool {
+        match self {
+            Transport::Plain(_) => true,
+            // After the peer's close_notify the kernel has nothing more to read, yet the
+            // TCP stream may stay open: userspace sees that end, a splice would not.
+            Transport::Kernel(s) => !s.closed_by_peer(),
+            _ => false,
+        }
+    }
+    fn into_kernel_stream(self) -> Option<(TcpStream, bool)> {
+        match self {
+            Transport::Plain(s) => Some((s, false)),
+            Transport::Kernel(s) => Some((s.into_tcp(), true)),
+            _ => None,
+        }
+    }
+    fn take_kernel_pending(&mut self) -> Vec<u8> {
+        match self {
+            Transport::Kernel(s) => s.take_pending(),
+            _ => Vec::new(),
+        }
+    }
 }

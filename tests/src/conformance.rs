@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 pub use crate::conformance_tls::{
     tls_close_notify_arrives_after_the_data_both_ways, tls_consoles_each_cipher_byte_exact_each_way, tls_key_update_mid_stream,
+    tls_on_both_sides_byte_exact_each_way, tls_websocket_console_byte_exact_each_way,
 };
 
 const RFB38: &[u8; 12] = b"RFB 003.008\n";
@@ -85,8 +86,8 @@ pub async fn a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order(
     // Bursts of 1 MiB, with a pause after each, for well past the hand-over time. The viewer reads
     // nothing until after that time, so the move waits for relay's buffers to empty.
     let started = Instant::now();
-    let more = move |written| written < 4 * BLOCK || started.elapsed() < Duration::from_millis(1500);
-    let bursts = Writes { chunk: 1 << 20, pause: Duration::from_millis(10), more };
+    let more = move |written| written < 4 * BLOCK || started.elapsed() < Duration::from_millis(3000);
+    let bursts = Writes { chunk: 1 << 20, pause: Duration::from_millis(40), more };
     let echoed = echo_numbered_words(s, tokio::time::sleep(Duration::from_millis(400)), bursts).await;
     assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), echoed);
     let stats = relay.ctl(Request::Stats).await.unwrap();

@@ -7,7 +7,7 @@
 //! `cargo xtask vmtest` runs them inside Debian's kernels (`vmcheck`).
 
 use crate::conformance::{BLOCK, numbered_block, read_numbered_words, start};
-use crate::fake_hypervisor::{After, FakeVnc, Script, pattern, read_pattern};
+use crate::fake_hypervisor::{After, FakeVnc, Script, Security, pattern, read_pattern};
 use crate::pki::{Ca, Role};
 use crate::relay_server::{TestRelay, scratch_dir};
 use relay::config::Backend;
@@ -61,11 +61,16 @@ pub fn kernel_takes_tls() -> bool {
 
 /// A relay on `backend` whose doors take TLS, and its CA.
 pub async fn start_tls(backend: Backend) -> (TestRelay, String) {
+    start_tls_with(backend, |_| {}).await
+}
+
+pub async fn start_tls_with(backend: Backend, adjust: impl FnOnce(&mut relay::config::Config) + Send + 'static) -> (TestRelay, String) {
     let ca = Ca::new("relay kTLS test CA");
     let issued = ca.issue_files(&scratch_dir("ktls"), "relay", Role::Server, &["localhost", "127.0.0.1"], false);
     let relay = start(backend, move |c| {
         c.tls.cert = Some(issued.cert);
         c.tls.key = Some(issued.key);
+        adjust(c);
     })
     .await;
     (relay, ca.cert_pem())
@@ -75,7 +80,7 @@ pub async fn start_tls(backend: Backend) -> (TestRelay, String) {
 /// (version, security None, ClientInit) and then `early` at once, before reading a byte,
 /// in records of 1 KiB: relay's handshakes read part of it, rustls holds part, the socket
 /// the rest, when the console's TLS moves.
-async fn tls_console(relay: &TestRelay, ca: &str, suite: Suite, hv: &FakeVnc, early: &[u8]) -> TlsStream<TcpStream> {
+pub async fn tls_console(relay: &TestRelay, ca: &str, suite: Suite, hv: &FakeVnc, early: &[u8]) -> TlsStream<TcpStream> {
     let token = relay.token("vm-tls", hv.addr()).await;
     let tcp = TcpStream::connect(relay.connect).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -139,6 +144,106 @@ pub async fn tls_consoles_each_cipher_byte_exact_each_way(default: TestRelay, ba
         assert_eq!(echoed, size, "{suite:?}: every byte came back, then close_notify");
         assert_eq!(hv.shared().received.load(SeqCst), size, "{suite:?}");
     }
+    // Raw consoles whose TLS the kernel carries are the ring's to splice; sockmap cannot
+    // take a kTLS socket, and TLS in rustls stays in userspace.
+    let expected = if moves && backend == Backend::Uring { "uring" } else { "copy" };
+    let ended = ended_on(&relay, Suite::ALL.len()).await;
+    assert!(ended.iter().all(|relay| relay == expected), "carried by {ended:?}, expected {expected}");
+}
+
+/// The back-end of each ended console, once `n` have ended (waiting up to 10 s).
+async fn ended_on(relay: &TestRelay, n: usize) -> Vec<String> {
+    let mut backends = Vec::new();
+    for _ in 0..100 {
+        let stats = relay.ctl(Request::Stats).await.unwrap();
+        backends = stats["labelled"]["ended"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| std::iter::repeat_n(e["relay"].as_str().unwrap().to_string(), e["consoles"].as_u64().unwrap() as usize))
+            .collect();
+        if backends.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    backends
+}
+
+/// A wss console (noVNC's way): 4 MiB each way byte-exact through an echoing hypervisor,
+/// framed in userspace over the kernel's TLS where it has kTLS.
+pub async fn tls_websocket_console_byte_exact_each_way(default: TestRelay, backend: Backend) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    drop(default);
+    let (relay, ca) = start_tls(backend).await;
+    let hv = FakeVnc::start(Script::echo()).await;
+    let token = relay.token("vm-wss", hv.addr()).await;
+    let tcp = TcpStream::connect(relay.ws).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(Suite::Tls13Aes256Gcm.config(&ca))).connect(name, tcp).await.unwrap();
+    let mut req = format!("wss://localhost:{}/?token={token}", relay.ws.port()).into_client_request().unwrap();
+    req.headers_mut().insert("Origin", "https://localhost".parse().unwrap());
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::client_async(req, tls).await.expect("wss upgrade");
+    let mut s = crate::ws_viewer::WsByteStream::new(ws);
+    crate::viewer::handshake(&mut s, b"RFB 003.008\n", None).await.unwrap();
+    assert_eq!(kernel_tls_legs(&relay).await, u64::from(kernel_takes_tls()), "moved into the kernel");
+    let size = 4 << 20;
+    let block = numbered_block();
+    let (mut r, mut w) = tokio::io::split(s);
+    let writer = tokio::spawn(async move {
+        for chunk in block[..size].chunks(64 << 10) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.flush().await.unwrap();
+    });
+    let mut echoed = vec![0u8; size];
+    r.read_exact(&mut echoed).await.unwrap();
+    writer.await.unwrap();
+    assert!(echoed == block[..size], "every byte came back in order");
+}
+
+/// TLS on both sides: a viewer over TLS 1.2 and a hypervisor speaking VeNCrypt X509None
+/// (TLS 1.3), 4 MiB each way byte-exact through its echo. Where the kernel has kTLS both
+/// legs move (relay's client side as well as its server side), and the ring splices
+/// between two kTLS sockets.
+pub async fn tls_on_both_sides_byte_exact_each_way(default: TestRelay, backend: Backend) {
+    drop(default);
+    let ca = Ca::new("relay kTLS hypervisor CA");
+    let dir = scratch_dir("ktls-vencrypt");
+    let ca_file = ca.write_cert(&dir.join("ca.pem"));
+    let (cert, key) = ca.issue(Role::Server, &["127.0.0.1"], false);
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let hv = FakeVnc::start(Script { security: Security::Vencrypt(Arc::new(server)), ..Script::echo() }).await;
+    let (relay, viewer_ca) = start_tls_with(backend, move |c| {
+        c.hypervisor.auth_schemes = vec![relay::auth::scheme::Scheme::Vencrypt];
+        c.hypervisor.vencrypt_ca_certs = Some(ca_file);
+    })
+    .await;
+    let size = 4 << 20;
+    let block = numbered_block();
+    let tls = tls_console(&relay, &viewer_ca, Suite::Tls12Aes128Gcm, &hv, &block[..64 << 10]).await;
+    assert_eq!(kernel_tls_legs(&relay).await, if kernel_takes_tls() { 2 } else { 0 }, "both legs moved into the kernel");
+    let (mut r, mut w) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        for chunk in block[64 << 10..size].chunks(64 << 10) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let echoed = read_numbered_words(&mut r).await;
+    writer.await.unwrap();
+    assert_eq!(echoed, size, "every byte came back, then close_notify");
+    assert_eq!(hv.shared().received.load(SeqCst), size);
+    let expected = if kernel_takes_tls() && backend == Backend::Uring { "uring" } else { "copy" };
+    assert_eq!(ended_on(&relay, 1).await, [expected], "carried by");
 }
 
 /// close_notify both ways: the hypervisor's FIN reaches the viewer as close_notify after
@@ -154,6 +259,9 @@ pub async fn tls_close_notify_arrives_after_the_data_both_ways(default: TestRela
     tls.shutdown().await.unwrap();
     assert_eq!(hv.ends().await, vec!["eof".to_string()], "the viewer's close_notify reached it as a FIN");
     assert_eq!(hv.shared().received.load(SeqCst), 14);
+    ended_on(&relay, 1).await;
+    let stats = relay.ctl(Request::Stats).await.unwrap();
+    assert_eq!(stats["ended"]["hypervisor_closed"], 1, "a clean end on both sides, not an error: {stats}");
 }
 
 /// A TLS 1.3 KeyUpdate from the viewer mid-stream. In rustls the console goes on. With
@@ -197,4 +305,40 @@ async fn arrived(hv: &FakeVnc, n: usize) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What a TLS console costs on each path here: `size` bytes from a flooding hypervisor to
+/// a TLS viewer through the CONNECT door, with TLS in rustls (`kernel_tls = false`), in
+/// the kernel relayed by copy, and in the kernel spliced by the ring. Returns (path, MiB/s,
+/// CPU ms of this process per MiB: relay, viewer and hypervisor together, the same
+/// viewer and hypervisor on every path).
+pub async fn measure_paths(size: usize) -> Vec<(&'static str, f64, f64)> {
+    let mut rows = Vec::new();
+    for (path, backend, kernel_tls) in
+        [("rustls", Backend::Copy, false), ("kTLS + copy", Backend::Copy, true), ("kTLS + uring", Backend::Uring, true)]
+    {
+        let (relay, ca) = start_tls_with(backend, move |c| c.relay.kernel_tls = kernel_tls).await;
+        let hv = FakeVnc::start(Script::after(After::Flood(size))).await;
+        let started = std::time::Instant::now();
+        let cpu = cpu_time();
+        let mut tls = tls_console(&relay, &ca, Suite::Tls13Aes256Gcm, &hv, &[]).await;
+        let got = read_pattern(&mut tls, size).await;
+        assert_eq!(got, size, "{path}");
+        let mib = size as f64 / f64::from(1 << 20);
+        rows.push((path, mib / started.elapsed().as_secs_f64(), (cpu_time() - cpu).as_secs_f64() * 1000.0 / mib));
+    }
+    rows
+}
+
+/// User and system CPU time of this process so far.
+fn cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given.
+    #[allow(unsafe_code)]
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
 }

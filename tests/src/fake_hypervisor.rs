@@ -16,6 +16,9 @@ pub enum Security {
     Password(String),
     /// Refuses every connection before security, with this reason.
     Refuse(String),
+    /// VeNCrypt X509None, as QEMU offers it without a password: TLS under this server
+    /// configuration, and everything after it (SecurityResult on) inside TLS.
+    Vencrypt(Arc<rustls::ServerConfig>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -191,6 +194,17 @@ async fn serve(mut s: TcpStream, script: Script, seen: &Shared) -> std::io::Resu
             s.write_all(&[1, 1]).await?;
             s.read_u8().await?;
         }
+        Security::Vencrypt(config) => {
+            s.write_all(&[1, 19]).await?;
+            s.read_u8().await?;
+            s.write_all(&[0, 2]).await?; // VeNCrypt 0.2
+            s.read_u16().await?;
+            s.write_all(&[0, 1, 0, 0, 1, 4]).await?; // version accepted; one subtype: X509None
+            s.read_u32().await?;
+            s.write_all(&[1]).await?;
+            let tls = tokio_rustls::TlsAcceptor::from(config.clone()).accept(s).await?;
+            return after_security(tls, &script, seen).await;
+        }
         Security::Password(password) => {
             s.write_all(&[1, 2]).await?;
             s.read_u8().await?;
@@ -204,6 +218,28 @@ async fn serve(mut s: TcpStream, script: Script, seen: &Shared) -> std::io::Resu
             }
         }
     }
+    after_security(s, &script, seen).await
+}
+
+/// A connection the fake hypervisor can drop with a reset.
+trait Resettable: AsyncRead + AsyncWrite + Unpin {
+    fn reset(&self) -> std::io::Result<()>;
+}
+
+impl Resettable for TcpStream {
+    fn reset(&self) -> std::io::Result<()> {
+        self.set_zero_linger()
+    }
+}
+
+impl Resettable for tokio_rustls::server::TlsStream<TcpStream> {
+    fn reset(&self) -> std::io::Result<()> {
+        self.get_ref().0.set_zero_linger()
+    }
+}
+
+/// SecurityResult, the init messages, then the script.
+async fn after_security(mut s: impl Resettable, script: &Script, seen: &Shared) -> std::io::Result<()> {
     let mut init = 0u32.to_be_bytes().to_vec(); // SecurityResult OK
     let mut server_init = vec![0, 64, 0, 48, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0];
     server_init.extend_from_slice(&4u32.to_be_bytes());
@@ -219,7 +255,7 @@ async fn serve(mut s: TcpStream, script: Script, seen: &Shared) -> std::io::Resu
     }
     match script.after {
         After::Echo => {
-            let (mut r, mut w) = s.split();
+            let (mut r, mut w) = tokio::io::split(&mut s);
             let n = tokio::io::copy(&mut r, &mut w).await?;
             seen.received.fetch_add(n as usize, Ordering::SeqCst);
             w.shutdown().await
@@ -231,7 +267,7 @@ async fn serve(mut s: TcpStream, script: Script, seen: &Shared) -> std::io::Resu
             drain(&mut s, seen).await
         }
         After::Flood(total) => {
-            let (mut r, mut w) = s.split();
+            let (mut r, mut w) = tokio::io::split(&mut s);
             let flood = async {
                 let chunk = pattern(0, 1 << 16);
                 let mut sent = 0;
@@ -267,8 +303,7 @@ async fn serve(mut s: TcpStream, script: Script, seen: &Shared) -> std::io::Resu
         After::ResetAfter(n) => {
             s.write_all(&pattern(0, n)).await?;
             seen.sent.fetch_add(n, Ordering::SeqCst);
-            s.set_zero_linger()?;
-            Ok(())
+            s.reset()
         }
     }
 }
@@ -284,7 +319,7 @@ pub fn pattern(from: usize, n: usize) -> Vec<u8> {
 }
 
 /// Reads until EOF, counting; an error (a reset) is returned.
-async fn drain(s: &mut TcpStream, seen: &Shared) -> std::io::Result<()> {
+async fn drain(s: &mut (impl AsyncRead + Unpin), seen: &Shared) -> std::io::Result<()> {
     let mut sink = [0u8; 4096];
     loop {
         match s.read(&mut sink).await? {

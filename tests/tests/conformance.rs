@@ -29,6 +29,8 @@ macro_rules! conformance {
                 tls_consoles_each_cipher_byte_exact_each_way,
                 tls_close_notify_arrives_after_the_data_both_ways,
                 tls_key_update_mid_stream,
+                tls_websocket_console_byte_exact_each_way,
+                tls_on_both_sides_byte_exact_each_way,
             );
         }
     )*};

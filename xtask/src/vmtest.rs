@@ -5,7 +5,9 @@
 //!
 //! Options: `--kernel PACKAGE` (repeatable; default: the images `linux-image-amd64` and
 //! `linux-image-6.12-amd64` depend on, Debian 12's 6.1 and 6.12) and `--backends
-//! copy,uring,sockmap` (default: all three).
+//! copy,uring,sockmap` (default: all three; `none` runs no check), and `--bench`: also
+//! measure a TLS console's cost with TLS in rustls, in the kernel relayed by copy, and
+//! spliced by the ring.
 
 use super::{apt_install, run};
 use anyhow::{Context, Result, bail};
@@ -22,6 +24,7 @@ pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
     let value =
         |flag: &str| args.iter().enumerate().filter(|(_, a)| *a == flag).filter_map(|(i, _)| args.get(i + 1).cloned()).collect::<Vec<_>>();
     let backends = value("--backends").pop().unwrap_or_else(|| "copy,uring,sockmap".into());
+    let bench = args.iter().any(|a| a == "--bench");
     let kernels = match value("--kernel") {
         k if k.is_empty() => match DEFAULT_KERNELS.iter().map(|m| image_of(m)).collect::<Result<Vec<_>>>() {
             Ok(images) => images,
@@ -44,7 +47,7 @@ pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
         let initrd = initramfs(&cache, package, &tree, &vmcheck)?;
         let log = cache.join(format!("{package}.log"));
         eprintln!("xtask: booting {package} under QEMU (TCG); its console goes to {}", log.display());
-        boots.push((package.clone(), log.clone(), boot(&vmlinuz, &initrd, &log, &backends)?));
+        boots.push((package.clone(), log.clone(), boot(&vmlinuz, &initrd, &log, &backends, bench)?));
     }
     let mut failed = Vec::new();
     for (package, log, mut qemu) in boots {
@@ -252,13 +255,14 @@ for m in tls gcm ctr ghash-generic ghash-clmulni-intel aesni-intel chacha20poly1
   modprobe $m 2>/dev/null
 done
 backends=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^vmcheck.backends=//p')
+bench=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^vmcheck.bench=//p')
 echo "vmcheck: kernel $(uname -r), $(nproc) CPUs, uptime $(cut -d' ' -f1 /proc/uptime) s"
-HOME=/root RUST_LOG=warn RUST_BACKTRACE=0 /vmcheck $backends
+HOME=/root RUST_LOG=warn RUST_BACKTRACE=0 /vmcheck $backends $bench
 poweroff -f
 "#;
 
 /// Starts QEMU on `vmlinuz` and `initrd`, its serial console into `log`.
-fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, backends: &str) -> Result<std::process::Child> {
+fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, backends: &str, bench: bool) -> Result<std::process::Child> {
     let console = std::fs::File::create(log)?;
     Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1536", "-nographic", "-no-reboot", "-kernel"])
@@ -266,7 +270,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, backends: &str) -> Result<std
         .arg("-initrd")
         .arg(initrd)
         .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 quiet vmcheck.backends={backends}"))
+        .arg(format!("console=ttyS0 panic=-1 quiet vmcheck.backends={backends}{}", if bench { " vmcheck.bench=bench" } else { "" }))
         .stdin(Stdio::null())
         .stdout(console.try_clone()?)
         .stderr(console)

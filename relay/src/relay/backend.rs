@@ -46,6 +46,8 @@ pub struct BackendsView {
     pub raw: Choice,
     /// The back-end of the rest (WebSocket framing or TLS on either side).
     pub framed: Choice,
+    /// The back-end of raw consoles with TLS on a side that the kernel carries (kTLS).
+    pub kernel_tls: Choice,
     /// How long a console bound for a kernel back-end runs on `copy` first (0: none).
     pub kernel_after_ms: u64,
     /// Consoles moved from `copy` to a kernel back-end.
@@ -65,6 +67,8 @@ pub struct Relays {
     pub raw: Choice,
     /// Everything else: WebSocket framing or TLS on either side.
     pub framed: Choice,
+    /// Raw consoles with TLS on a side, once the kernel carries it (kTLS).
+    pub kernel_tls: Choice,
     /// How long a console bound for a kernel back-end runs on `copy` first (None: none).
     kernel_after: Option<Duration>,
     /// Consoles moved from `copy` to a kernel back-end after `kernel_after`; one the
@@ -89,6 +93,7 @@ impl Relays {
             Some(Err(e)) => (None, Some(e.to_string())),
             None => (None, None),
         };
+        let has_ktls = matches!(ktls, Ktls::Available(_));
         let (uring, uring_off) = match probe(Backend::Uring).then(|| Uring::start(4096)) {
             Some(Ok(u)) => (Some(u), None),
             Some(Err(e)) => (None, Some(e.to_string())),
@@ -104,11 +109,20 @@ impl Relays {
             Backend::Auto if sockmap.is_some() => Choice::Sockmap,
             Backend::Auto | Backend::Copy => Choice::Copy,
         };
-        // Only the back-end in use stays loaded.
+        // Raw consoles whose TLS the kernel carries are spliced by the ring, where there is
+        // one: sockmap cannot take a kTLS socket, and under emulation of Debian's kernels
+        // the ring moved a TLS console 1.1-2.5 times as fast as copy over kTLS, for at
+        // most the same CPU (`cargo xtask vmtest --bench`, docs/architecture.md).
+        let kernel_tls = match config.backend {
+            Backend::Uring | Backend::Auto if has_ktls && uring.is_some() => Choice::Uring,
+            _ => Choice::Copy,
+        };
+        // Only the back-ends in use stay loaded.
         let relays = Relays {
             sockmap: sockmap.filter(|_| raw == Choice::Sockmap),
-            uring: uring.filter(|_| raw == Choice::Uring),
+            uring: uring.filter(|_| raw == Choice::Uring || kernel_tls == Choice::Uring),
             raw,
+            kernel_tls,
             // WebSocket over bare TCP can be framed on the ring; TLS stays in userspace.
             framed: if raw == Choice::Uring { Choice::Uring } else { Choice::Copy },
             kernel_after: (config.kernel_after_ms > 0).then(|| Duration::from_millis(config.kernel_after_ms)),
@@ -120,20 +134,20 @@ impl Relays {
             .into_iter()
             .filter_map(|(name, why)| why.as_ref().map(|w| format!("{name} unavailable: {w}")))
             .collect();
-        if config.backend == Backend::Auto && uring_off.is_none() {
+        if config.backend == Backend::Auto && uring_off.is_none() && kernel_tls != Choice::Uring {
             notes.push("uring available, not chosen by auto (see README)".into());
         }
-        if relays.raw != Choice::Copy || relays.framed != Choice::Copy {
+        if relays.raw != Choice::Copy || relays.framed != Choice::Copy || relays.kernel_tls != Choice::Copy {
             notes.push(match relays.kernel_after {
                 Some(after) => format!("consoles move to the kernel after {after:?} on copy"),
                 None => "consoles move to the kernel at once".into(),
             });
         }
-        let (raw_name, framed_name) = (relays.raw.name(), relays.framed.name());
+        let (raw_name, framed_name, tls_name) = (relays.raw.name(), relays.framed.name(), relays.kernel_tls.name());
         if sockmap_off.is_some() || uring_off.is_some() {
-            warn!(requested = ?config.backend, raw = raw_name, framed = framed_name, "relay back-ends: {}", notes.join("; "));
+            warn!(requested = ?config.backend, raw = raw_name, framed = framed_name, kernel_tls = tls_name, "relay back-ends: {}", notes.join("; "));
         } else {
-            info!(requested = ?config.backend, raw = raw_name, framed = framed_name, in_flight_bytes = config.in_flight_bytes, "relay back-ends: {}", notes.join("; "));
+            info!(requested = ?config.backend, raw = raw_name, framed = framed_name, kernel_tls = tls_name, in_flight_bytes = config.in_flight_bytes, "relay back-ends: {}", notes.join("; "));
         }
         Ok(relays)
     }
@@ -145,6 +159,7 @@ impl Relays {
         BackendsView {
             raw: self.raw,
             framed: self.framed,
+            kernel_tls: self.kernel_tls,
             kernel_after_ms: self.kernel_after.map_or(0, |d| d.as_millis() as u64),
             hand_overs: self.hand_overs.load(Ordering::Relaxed),
             sockmap_flows,
@@ -184,6 +199,11 @@ impl Relays {
                 if let Err(ended) = moved {
                     return (ended, Choice::Copy);
                 }
+                // What rustls had decrypted goes out with the handshakes' leftovers.
+                let pending = pair.viewer.io.take_kernel_pending();
+                pair.viewer.prefix.extend(pending);
+                let pending = pair.hypervisor.io.take_kernel_pending();
+                pair.hypervisor.prefix.extend(pending);
             }
             relays.relay(pair, control, limits).await
         })
@@ -217,11 +237,15 @@ impl Relays {
         limits: Limits,
     ) -> (Ended, Choice) {
         let raw = pair.viewer.io.is_plain_tcp() && pair.hypervisor.io.is_plain_tcp();
+        // Raw either way, TLS on a side carried by the kernel: the ring can splice it;
+        // sockmap cannot take a kTLS socket.
+        let spliced = pair.viewer.io.is_kernel_stream() && pair.hypervisor.io.is_kernel_stream();
         let websocket = pair.viewer.io.is_plain_websocket() && pair.hypervisor.io.is_plain_tcp();
-        let kernel = match (raw, websocket) {
-            (true, _) if self.raw == Choice::Sockmap && self.sockmap.is_some() => Some(Choice::Sockmap),
-            (true, _) if self.raw == Choice::Uring && self.uring.is_some() => Some(Choice::Uring),
-            (_, true) if self.framed == Choice::Uring && self.uring.is_some() => Some(Choice::Uring),
+        let kernel = match (raw, spliced, websocket) {
+            (true, _, _) if self.raw == Choice::Sockmap && self.sockmap.is_some() => Some(Choice::Sockmap),
+            (true, _, _) if self.raw == Choice::Uring && self.uring.is_some() => Some(Choice::Uring),
+            (false, true, _) if self.kernel_tls == Choice::Uring && self.uring.is_some() => Some(Choice::Uring),
+            (_, _, true) if self.framed == Choice::Uring && self.uring.is_some() => Some(Choice::Uring),
             _ => None,
         };
         let Some(kernel) = kernel else {
@@ -242,7 +266,7 @@ impl Relays {
         };
         match kernel {
             Choice::Sockmap => self.on_sockmap(pair, control, limits, moved).await,
-            _ => self.on_uring(pair, control, limits, raw, moved).await,
+            _ => self.on_uring(pair, control, limits, spliced, moved).await,
         }
     }
 
@@ -251,15 +275,19 @@ impl Relays {
         mut pair: Established<V, H>,
         mut control: Control,
         limits: Limits,
-        raw: bool,
+        spliced: bool,
         moved: impl FnOnce(),
     ) -> (Ended, Choice) {
         if let Err(ended) = send_leftovers(&mut pair, &mut control).await {
             return (ended, Choice::Uring);
         }
         let Established { viewer, hypervisor } = pair;
-        let viewer = if raw { viewer.io.into_tcp().map(|v| (v, None)) } else { viewer.io.into_websocket().map(|(v, d)| (v, Some(d))) };
-        let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer, hypervisor.io.into_tcp(), self.uring.as_ref()) else {
+        let viewer = match spliced {
+            true => viewer.io.into_kernel_stream().map(|(v, tls)| uring::Leg { tcp: v, kernel_tls: tls, framing: None }),
+            false => viewer.io.into_websocket().map(|(v, d)| uring::Leg { tcp: v, kernel_tls: false, framing: Some(d) }),
+        };
+        let hypervisor = hypervisor.io.into_kernel_stream().map(|(h, tls)| uring::Leg { tcp: h, kernel_tls: tls, framing: None });
+        let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer, hypervisor, self.uring.as_ref()) else {
             unreachable!("checked by run")
         };
         moved();

@@ -45,6 +45,23 @@ pub trait Peer: AsyncRead + AsyncWrite + Unpin + Send {
     {
         None
     }
+    /// A TCP socket whose bytes the kernel can move as they are (bare TCP, or TLS the
+    /// kernel seals and opens): the io_uring back-end may splice it.
+    fn is_kernel_stream(&self) -> bool {
+        self.is_plain_tcp()
+    }
+    /// The socket, and whether the kernel carries TLS on it, when [`Peer::is_kernel_stream`].
+    fn into_kernel_stream(self) -> Option<(TcpStream, bool)>
+    where
+        Self: Sized,
+    {
+        self.into_tcp().map(|tcp| (tcp, false))
+    }
+    /// Plaintext the connection holds from before its TLS moved into the kernel: it
+    /// belongs after what the handshakes left over, before anything the kernel reads.
+    fn take_kernel_pending(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
     /// The TCP or TLS connection under any framing, for moving its TLS into the kernel.
     fn transport_mut(&mut self) -> Option<&mut crate::transport::Transport> {
         None

@@ -32,8 +32,10 @@ const CHECKS: [(&str, Check); 8] = checks!(conformance:
 );
 
 /// TLS consoles, whose TLS must move into these kernels (kTLS).
-const TLS_CHECKS: [(&str, Check); 3] = checks!(conformance_tls:
+const TLS_CHECKS: [(&str, Check); 5] = checks!(conformance_tls:
     tls_consoles_each_cipher_byte_exact_each_way,
+    tls_on_both_sides_byte_exact_each_way,
+    tls_websocket_console_byte_exact_each_way,
     tls_close_notify_arrives_after_the_data_both_ways,
     tls_key_update_mid_stream,
 );
@@ -70,6 +72,17 @@ fn main() -> std::process::ExitCode {
         }
         failed
     });
+    if std::env::args().nth(2).as_deref() == Some("bench") {
+        runtime.block_on(async {
+            let size = 256 << 20;
+            for (path, rate, cpu) in conformance_tls::measure_paths(size).await {
+                println!(
+                    "vmcheck: {kernel} bench {path}: {rate:.1} MiB/s, {cpu:.2} CPU ms per MiB ({} MiB to a TLS 1.3 viewer)",
+                    size >> 20
+                );
+            }
+        });
+    }
     println!("vmcheck: done, {failed} failed");
     std::process::ExitCode::from(failed.min(255) as u8)
 }

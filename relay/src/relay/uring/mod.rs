@@ -6,7 +6,7 @@
 mod ring;
 mod session;
 
-pub use session::run;
+pub use session::{Leg, run};
 
 use super::lifecycle::{Direction, Failure};
 use crate::session::ByteCounters;
@@ -29,6 +29,8 @@ enum Command {
         /// userspace decoder stopped.
         framing: Option<Box<ring::WsState>>,
         hypervisor: TcpStream,
+        /// Which sides' TLS the kernel carries (viewer, hypervisor).
+        kernel_tls: [bool; 2],
         bytes: Arc<ByteCounters>,
         events: UnboundedSender<RingEvent>,
     },

@@ -50,9 +50,24 @@ enum Step {
 struct Sockets {
     viewer: TcpStream,
     hypervisor: TcpStream,
+    /// Which of them carry TLS in the kernel (viewer, hypervisor).
+    kernel_tls: [bool; 2],
 }
 
 impl Sockets {
+    fn kernel_tls(&self, side: Side) -> bool {
+        self.kernel_tls[matches!(side, Side::Hypervisor) as usize]
+    }
+
+    /// Ends what `side` receives: a TLS close_notify first where the kernel carries its
+    /// TLS (best effort: the socket is closing), then the FIN.
+    fn finish_sending(&self, side: Side) {
+        if self.kernel_tls(side) {
+            let _ = crate::tls::kernel::send_close_notify(self.of(side));
+        }
+        let _ = self.of(side).shutdown(Shutdown::Write);
+    }
+
     fn of(&self, side: Side) -> &TcpStream {
         match side {
             Side::Viewer => &self.viewer,
@@ -227,12 +242,12 @@ impl Ring {
     fn take_commands(&mut self) -> bool {
         loop {
             match self.commands.try_recv() {
-                Ok(Command::Start { id, viewer, framing, hypervisor, bytes, events }) => {
+                Ok(Command::Start { id, viewer, framing, hypervisor, kernel_tls, bytes, events }) => {
                     let carry = match framing {
                         Some(ws) => Carry::Framed(ws),
                         None => Carry::Splice(splice::Pipes::default()),
                     };
-                    let sockets = Rc::new(Sockets { viewer, hypervisor });
+                    let sockets = Rc::new(Sockets { viewer, hypervisor, kernel_tls });
                     let console = Console { sockets, inflight: [None; 2], finished: [false; 2], bytes, events, carry };
                     self.consoles.insert(id, console);
                     for dir in Direction::BOTH {
@@ -301,7 +316,7 @@ impl Ring {
     /// FIN on, and end the console once both directions are done.
     fn source_finished(&mut self, id: u64, dir: Direction) {
         let Some(console) = self.consoles.get_mut(&id) else { return };
-        let _ = console.sockets.of(dir.to()).shutdown(Shutdown::Write);
+        console.sockets.finish_sending(dir.to());
         console.finished[dir.index()] = true;
         let _ = console.events.send(RingEvent::Finished(dir));
         if console.finished == [true; 2] {
@@ -314,8 +329,10 @@ impl Ring {
     fn stop(&mut self, id: u64) {
         self.close_viewer_now(id, crate::wire::ws_frame::CLOSE_NORMAL);
         let Some(console) = self.consoles.get(&id) else { return };
-        let _ = console.sockets.viewer.shutdown(Shutdown::Both);
-        let _ = console.sockets.hypervisor.shutdown(Shutdown::Both);
+        for side in [Side::Viewer, Side::Hypervisor] {
+            console.sockets.finish_sending(side);
+            let _ = console.sockets.of(side).shutdown(Shutdown::Both);
+        }
         self.end(id, Ok(()));
     }
 

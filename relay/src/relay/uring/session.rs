@@ -12,21 +12,27 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-/// Runs one session whose handshake leftovers are already sent: `framing` is set when the
-/// viewer speaks WebSocket (the ring frames its bytes), unset for raw TCP.
-pub async fn run(
-    engine: &Uring,
-    (viewer, framing): (TcpStream, Option<Decoder>),
-    hypervisor: TcpStream,
-    control: &mut Control,
-    limits: Limits,
-) -> Ended {
+/// One side of a console, as the ring takes it.
+pub struct Leg {
+    pub tcp: TcpStream,
+    /// The kernel seals and opens TLS records on it (kTLS): what is not data comes to the
+    /// ring as a control record, and its end is a close_notify.
+    pub kernel_tls: bool,
+    /// The viewer speaks WebSocket: the frame decoder's state, from where userspace left it.
+    pub framing: Option<Decoder>,
+}
+
+/// Runs one session whose handshake leftovers are already sent: the viewer's `framing`
+/// is set when it speaks WebSocket (the ring frames its bytes), unset for raw TCP.
+pub async fn run(engine: &Uring, viewer: Leg, hypervisor: Leg, control: &mut Control, limits: Limits) -> Ended {
     let leaving = |side: Side, e: io::Error| Ended::Failed(Failure::new(side, Op::HandOff, e));
-    let viewer = match viewer.into_std() {
+    let kernel_tls = [viewer.kernel_tls, hypervisor.kernel_tls];
+    let framing = viewer.framing;
+    let viewer = match viewer.tcp.into_std() {
         Ok(s) => s,
         Err(e) => return leaving(Side::Viewer, e),
     };
-    let hypervisor = match hypervisor.into_std() {
+    let hypervisor = match hypervisor.tcp.into_std() {
         Ok(s) => s,
         Err(e) => return leaving(Side::Hypervisor, e),
     };
@@ -38,6 +44,7 @@ pub async fn run(
         viewer,
         framing: framing.map(super::ring::WsState::new),
         hypervisor,
+        kernel_tls,
         bytes: control.bytes.clone(),
         events: events_tx,
     });

@@ -9,11 +9,11 @@
 //! that can refuse it is checked before.
 
 mod crypto;
-mod records;
+pub mod records;
 mod stream;
 
 pub use crypto::{Cipher, Version};
-pub use stream::KernelTlsStream;
+pub use stream::{KernelTlsStream, control_record, send_close_notify};
 
 use crate::tls::cork::Corked;
 use crypto::{CryptoInfo, Dir};

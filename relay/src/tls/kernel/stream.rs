@@ -38,38 +38,57 @@ impl KernelTlsStream {
         &self.tcp
     }
 
-    /// What a record that is not application data means for the stream: `Ok(true)` to
-    /// read on, `Ok(false)` for the end of the stream.
-    fn control_record(&mut self, kind: u8, body: &[u8]) -> io::Result<bool> {
-        match kind {
-            ALERT => match body {
-                [_, CLOSE_NOTIFY] => {
-                    self.closed_by_peer = true;
-                    Ok(false)
-                }
-                [_, description] => Err(io::Error::other(format!("the peer sent TLS alert {description}"))),
-                _ => Err(io::Error::other("a malformed TLS alert")),
-            },
-            HANDSHAKE => {
-                let mut rest = body;
-                while let [kind, a, b, c, tail @ ..] = rest {
-                    match *kind {
-                        NEW_SESSION_TICKET => {}
-                        KEY_UPDATE => {
-                            return Err(io::Error::other(
-                                "the peer sent a TLS KeyUpdate, and this kernel's TLS cannot take a new key on a live connection",
-                            ));
-                        }
-                        other => return Err(io::Error::other(format!("unexpected TLS handshake message {other} after the handshake"))),
-                    }
-                    let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-                    rest = tail.get(len..).unwrap_or_default();
-                }
-                Ok(true)
-            }
-            other => Err(io::Error::other(format!("unexpected TLS record type {other}"))),
-        }
+    pub fn into_tcp(self) -> TcpStream {
+        self.tcp
     }
+
+    /// Whether the peer's close_notify has come (the stream has ended cleanly).
+    pub fn closed_by_peer(&self) -> bool {
+        self.closed_by_peer
+    }
+
+    /// The plaintext rustls held at the move and not yet read, taken out.
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.drain(..self.taken);
+        self.taken = 0;
+        pending
+    }
+}
+
+/// What a record that is not application data means: `Ok(true)` to read on (a session
+/// ticket), `Ok(false)` for the end of the stream (close_notify); an error otherwise.
+pub fn control_record(kind: u8, body: &[u8]) -> io::Result<bool> {
+    match kind {
+        ALERT => match body {
+            [_, CLOSE_NOTIFY] => Ok(false),
+            [_, description] => Err(io::Error::other(format!("the peer sent TLS alert {description}"))),
+            _ => Err(io::Error::other("a malformed TLS alert")),
+        },
+        HANDSHAKE => {
+            let mut rest = body;
+            while let [kind, a, b, c, tail @ ..] = rest {
+                match *kind {
+                    NEW_SESSION_TICKET => {}
+                    KEY_UPDATE => {
+                        return Err(io::Error::other(
+                            "the peer sent a TLS KeyUpdate, and this kernel's TLS cannot take a new key on a live connection",
+                        ));
+                    }
+                    other => return Err(io::Error::other(format!("unexpected TLS handshake message {other} after the handshake"))),
+                }
+                let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+                rest = tail.get(len..).unwrap_or_default();
+            }
+            Ok(true)
+        }
+        other => Err(io::Error::other(format!("unexpected TLS record type {other}"))),
+    }
+}
+
+/// Sends close_notify without blocking.
+pub fn send_close_notify(socket: &impl std::os::fd::AsFd) -> io::Result<()> {
+    records::send(socket, ALERT, &[1, CLOSE_NOTIFY]).map(drop)
 }
 
 impl AsyncRead for KernelTlsStream {
@@ -100,8 +119,8 @@ impl AsyncRead for KernelTlsStream {
                 // as with a bare socket.
                 Ok((_, 0)) => return Poll::Ready(Ok(())),
                 Ok((kind, n)) => {
-                    let body = room[..n].to_vec();
-                    if !this.control_record(kind, &body)? {
+                    if !control_record(kind, &room[..n])? {
+                        this.closed_by_peer = true;
                         return Poll::Ready(Ok(()));
                     }
                 }
@@ -130,7 +149,7 @@ impl AsyncWrite for KernelTlsStream {
         let this = self.get_mut();
         while !this.close_notify_sent {
             ready!(this.tcp.poll_write_ready(cx))?;
-            match this.tcp.try_io(Interest::WRITABLE, || records::send(&this.tcp, ALERT, &[1, CLOSE_NOTIFY])) {
+            match this.tcp.try_io(Interest::WRITABLE, || send_close_notify(&this.tcp)) {
                 Ok(_) => this.close_notify_sent = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),

@@ -37,7 +37,10 @@ impl Ring {
 
     pub(super) fn complete_splice(&mut self, id: u64, dir: Direction, step: Step, result: i32) {
         let eagain = result == -libc::EAGAIN;
+        let kernel_tls_source = self.consoles.get(&id).is_some_and(|c| c.sockets.kernel_tls(dir.from()));
         match step {
+            // kTLS will not splice a record that is not application data: it is next.
+            Step::Fill if result == -libc::EINVAL && kernel_tls_source => self.control_record(id, dir),
             Step::PollIn | Step::PollOut | Step::Fill | Step::Drain if result < 0 && !eagain => {
                 self.end(id, Err(Ring::failure(dir, step, result)))
             }
@@ -67,6 +70,25 @@ impl Ring {
                 piped.held = piped.held.saturating_sub(result as u32);
                 if piped.held > 0 { self.drain(id, dir) } else { self.fill(id, dir) }
             }
+        }
+    }
+
+    /// Reads the control record a kTLS source holds (its pipe is empty): a session ticket
+    /// is passed over, close_notify ends the direction like a FIN, anything else ends
+    /// the console.
+    fn control_record(&mut self, id: u64, dir: Direction) {
+        let Some(console) = self.consoles.get(&id) else { return };
+        let mut record = [0u8; 1 << 14];
+        let read = crate::tls::kernel::records::recv(console.sockets.of(dir.from()), &mut record);
+        let outcome = read.and_then(|(kind, n)| match kind {
+            crate::tls::kernel::records::APPLICATION_DATA => Err(io::Error::other("kTLS refused to splice application data")),
+            kind => crate::tls::kernel::control_record(kind, &record[..n]),
+        });
+        self.release_pipe(id, dir);
+        match outcome {
+            Ok(true) => self.poll_in(id, dir),
+            Ok(false) => self.source_finished(id, dir),
+            Err(e) => self.end(id, Err(Failure::reading(dir, e))),
         }
     }
 
