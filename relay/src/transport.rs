@@ -218,8 +218,9 @@ impl Peer for Transport {
         match self {
             Transport::Plain(_) => true,
             // After the peer's close_notify the kernel has nothing more to read, yet the
-            // TCP stream may stay open: userspace sees that end, a splice would not.
-            Transport::Kernel(s) => !s.closed_by_peer(),
+            // TCP stream may stay open: userspace sees that end, a splice would not. And
+            // plaintext rustls held must be read first, by whoever frames it.
+            Transport::Kernel(s) => !s.closed_by_peer() && !s.has_pending(),
             _ => false,
         }
     }

@@ -171,7 +171,7 @@ async fn ended_on(relay: &TestRelay, n: usize) -> Vec<String> {
 }
 
 /// A wss console (noVNC's way): 4 MiB each way byte-exact through an echoing hypervisor,
-/// framed in userspace over the kernel's TLS where it has kTLS.
+/// framed over the kernel's TLS where it has kTLS (by the ring on `uring`).
 pub async fn tls_websocket_console_byte_exact_each_way(default: TestRelay, backend: Backend) {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     drop(default);
@@ -201,6 +201,10 @@ pub async fn tls_websocket_console_byte_exact_each_way(default: TestRelay, backe
     r.read_exact(&mut echoed).await.unwrap();
     writer.await.unwrap();
     assert!(echoed == block[..size], "every byte came back in order");
+    drop(r);
+    // With its TLS in the kernel, the ring frames a wss console (`uring`).
+    let expected = if kernel_takes_tls() && backend == Backend::Uring { "uring" } else { "copy" };
+    assert_eq!(ended_on(&relay, 1).await, [expected], "carried by");
 }
 
 /// TLS on both sides: a viewer over TLS 1.2 and a hypervisor speaking VeNCrypt X509None

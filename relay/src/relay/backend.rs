@@ -240,7 +240,7 @@ impl Relays {
         // Raw either way, TLS on a side carried by the kernel: the ring can splice it;
         // sockmap cannot take a kTLS socket.
         let spliced = pair.viewer.io.is_kernel_stream() && pair.hypervisor.io.is_kernel_stream();
-        let websocket = pair.viewer.io.is_plain_websocket() && pair.hypervisor.io.is_plain_tcp();
+        let websocket = pair.viewer.io.is_plain_websocket() && pair.hypervisor.io.is_kernel_stream();
         let kernel = match (raw, spliced, websocket) {
             (true, _, _) if self.raw == Choice::Sockmap && self.sockmap.is_some() => Some(Choice::Sockmap),
             (true, _, _) if self.raw == Choice::Uring && self.uring.is_some() => Some(Choice::Uring),
@@ -284,7 +284,7 @@ impl Relays {
         let Established { viewer, hypervisor } = pair;
         let viewer = match spliced {
             true => viewer.io.into_kernel_stream().map(|(v, tls)| uring::Leg { tcp: v, kernel_tls: tls, framing: None }),
-            false => viewer.io.into_websocket().map(|(v, d)| uring::Leg { tcp: v, kernel_tls: false, framing: Some(d) }),
+            false => viewer.io.into_websocket().map(|(v, tls, d)| uring::Leg { tcp: v, kernel_tls: tls, framing: Some(d) }),
         };
         let hypervisor = hypervisor.io.into_kernel_stream().map(|(h, tls)| uring::Leg { tcp: h, kernel_tls: tls, framing: None });
         let (Some(viewer), Some(hypervisor), Some(engine)) = (viewer, hypervisor, self.uring.as_ref()) else {

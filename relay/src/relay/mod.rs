@@ -66,13 +66,14 @@ pub trait Peer: AsyncRead + AsyncWrite + Unpin + Send {
     fn transport_mut(&mut self) -> Option<&mut crate::transport::Transport> {
         None
     }
-    /// A WebSocket over bare TCP: the io_uring back-end may take over its framing.
+    /// A WebSocket over a socket the kernel can move bytes on as they are (bare TCP, or
+    /// TLS it carries): the io_uring back-end may take over its framing.
     fn is_plain_websocket(&self) -> bool {
         false
     }
-    /// The TCP connection and the frame decoder's state, when [`Peer::is_plain_websocket`].
-    /// Nothing may be left to write: flush first.
-    fn into_websocket(self) -> Option<(TcpStream, Decoder)>
+    /// The socket, whether the kernel carries TLS on it, and the frame decoder's state,
+    /// when [`Peer::is_plain_websocket`]. Nothing may be left to write: flush first.
+    fn into_websocket(self) -> Option<(TcpStream, bool, Decoder)>
     where
         Self: Sized,
     {
@@ -98,14 +99,14 @@ impl<S: Peer> Peer for WsByteStream<S> {
         WsByteStream::heartbeat(self, every);
     }
     fn is_plain_websocket(&self) -> bool {
-        self.get_ref().is_plain_tcp()
+        self.get_ref().is_kernel_stream()
     }
     fn transport_mut(&mut self) -> Option<&mut crate::transport::Transport> {
         self.get_mut().transport_mut()
     }
-    fn into_websocket(self) -> Option<(TcpStream, Decoder)> {
+    fn into_websocket(self) -> Option<(TcpStream, bool, Decoder)> {
         let (io, decoder) = self.into_parts();
-        io.into_tcp().map(|tcp| (tcp, decoder))
+        io.into_kernel_stream().map(|(tcp, kernel_tls)| (tcp, kernel_tls, decoder))
     }
 }
 

@@ -360,6 +360,25 @@ impl Ring {
         }
     }
 
+    /// Reads the record that is not application data a kTLS source holds next (a splice
+    /// stops before one with EINVAL, a receive with EIO): `Ok(true)` for a session ticket
+    /// (read on), `Ok(false)` for close_notify (the direction's end), an error for
+    /// anything else; `None` when the console is gone.
+    fn take_control_record(&self, id: u64, dir: Direction) -> Option<io::Result<bool>> {
+        use crate::tls::kernel::{control_record, records};
+        let console = self.consoles.get(&id)?;
+        let mut record = [0u8; 1 << 14];
+        Some(records::recv(console.sockets.of(dir.from()), &mut record).and_then(|(kind, n)| match kind {
+            records::APPLICATION_DATA => Err(io::Error::other("kTLS held back application data")),
+            kind => control_record(kind, &record[..n]),
+        }))
+    }
+
+    /// Whether a direction's source is a socket whose TLS the kernel carries.
+    fn kernel_tls_source(&self, id: u64, dir: Direction) -> bool {
+        self.consoles.get(&id).is_some_and(|c| c.sockets.kernel_tls(dir.from()))
+    }
+
     /// Cancels the operation in flight for `dir` if it is `step` (its completion then says
     /// ECANCELED).
     fn cancel(&mut self, id: u64, dir: Direction, step: Step) {

@@ -47,6 +47,11 @@ impl KernelTlsStream {
         self.closed_by_peer
     }
 
+    /// Plaintext rustls held at the move is still to be read.
+    pub fn has_pending(&self) -> bool {
+        self.taken < self.pending.len()
+    }
+
     /// The plaintext rustls held at the move and not yet read, taken out.
     pub fn take_pending(&mut self) -> Vec<u8> {
         let mut pending = std::mem::take(&mut self.pending);

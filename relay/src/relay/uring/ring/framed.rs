@@ -71,6 +71,16 @@ impl Ring {
         }
         let eagain = result == -libc::EAGAIN;
         match step {
+            // kTLS will not hand a record that is not application data to a plain receive.
+            Step::Fill if result == -libc::EIO && self.kernel_tls_source(id, dir) => {
+                self.give_back_buf(id, dir);
+                match self.take_control_record(id, dir) {
+                    Some(Ok(true)) => self.idle(id, dir),
+                    Some(Ok(false)) => self.source_ended(id, dir),
+                    Some(Err(e)) => self.end(id, Err(crate::relay::lifecycle::Failure::reading(dir, e))),
+                    None => {}
+                }
+            }
             // Woken (see `wake_viewer_writer`): an answer is due.
             Step::PollIn if result == -libc::ECANCELED => self.idle(id, dir),
             _ if result < 0 && !eagain => self.end(id, Err(Ring::failure(dir, step, result))),

@@ -37,7 +37,7 @@ impl Ring {
 
     pub(super) fn complete_splice(&mut self, id: u64, dir: Direction, step: Step, result: i32) {
         let eagain = result == -libc::EAGAIN;
-        let kernel_tls_source = self.consoles.get(&id).is_some_and(|c| c.sockets.kernel_tls(dir.from()));
+        let kernel_tls_source = self.kernel_tls_source(id, dir);
         match step {
             // kTLS will not splice a record that is not application data: it is next.
             Step::Fill if result == -libc::EINVAL && kernel_tls_source => self.control_record(id, dir),
@@ -73,22 +73,15 @@ impl Ring {
         }
     }
 
-    /// Reads the control record a kTLS source holds (its pipe is empty): a session ticket
-    /// is passed over, close_notify ends the direction like a FIN, anything else ends
-    /// the console.
+    /// A kTLS source's next record is not application data (its pipe is empty).
     fn control_record(&mut self, id: u64, dir: Direction) {
-        let Some(console) = self.consoles.get(&id) else { return };
-        let mut record = [0u8; 1 << 14];
-        let read = crate::tls::kernel::records::recv(console.sockets.of(dir.from()), &mut record);
-        let outcome = read.and_then(|(kind, n)| match kind {
-            crate::tls::kernel::records::APPLICATION_DATA => Err(io::Error::other("kTLS refused to splice application data")),
-            kind => crate::tls::kernel::control_record(kind, &record[..n]),
-        });
+        let outcome = self.take_control_record(id, dir);
         self.release_pipe(id, dir);
         match outcome {
-            Ok(true) => self.poll_in(id, dir),
-            Ok(false) => self.source_finished(id, dir),
-            Err(e) => self.end(id, Err(Failure::reading(dir, e))),
+            Some(Ok(true)) => self.poll_in(id, dir),
+            Some(Ok(false)) => self.source_finished(id, dir),
+            Some(Err(e)) => self.end(id, Err(Failure::reading(dir, e))),
+            None => {}
         }
     }
 
