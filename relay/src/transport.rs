@@ -100,14 +100,13 @@ impl Transport {
     /// it holds; says whether the peer's close_notify came with them.
     async fn drain_rustls(&mut self) -> io::Result<(Vec<u8>, bool)> {
         use std::io::Read;
-        use tokio::io::AsyncReadExt;
         let mut pending = Vec::new();
         let mut chunk = [0u8; 4096];
-        while !self.at_record_boundary() {
-            match self.read(&mut chunk).await? {
-                0 => return Ok((pending, true)),
-                n => pending.extend_from_slice(&chunk[..n]),
+        while let Some(n) = self.read_to_record_boundary(&mut chunk).await? {
+            if n == 0 {
+                return Ok((pending, true));
             }
+            pending.extend_from_slice(&chunk[..n]);
         }
         let mut take = |reader: &mut dyn Read| -> io::Result<bool> {
             loop {
@@ -133,6 +132,26 @@ impl Transport {
             _ => false,
         };
         Ok((pending, closed))
+    }
+
+    /// Reads plaintext while a record is part-read: `None` once at a record boundary,
+    /// even with no plaintext (the record finished may have been a session ticket, and
+    /// the peer may send nothing more for a long time).
+    async fn read_to_record_boundary(&mut self, chunk: &mut [u8]) -> io::Result<Option<usize>> {
+        use tokio::io::AsyncRead;
+        std::future::poll_fn(|cx| {
+            if self.at_record_boundary() {
+                return Poll::Ready(Ok(None));
+            }
+            let mut read = ReadBuf::new(&mut *chunk);
+            match Pin::new(&mut *self).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(read.filled().len()))),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending if self.at_record_boundary() => Poll::Ready(Ok(None)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
     }
 
     fn at_record_boundary(&self) -> bool {
