@@ -27,11 +27,16 @@ pub struct KernelTlsStream {
     closed_by_peer: bool,
     /// Ours has gone out.
     close_notify_sent: bool,
+    /// Room for a whole record, for readers with less (allocated on first use).
+    scratch: Vec<u8>,
 }
+
+/// The most plaintext one TLS record holds.
+const MAX_RECORD: usize = 1 << 14;
 
 impl KernelTlsStream {
     pub fn new(tcp: TcpStream, pending: Vec<u8>, closed_by_peer: bool) -> KernelTlsStream {
-        KernelTlsStream { tcp, pending, taken: 0, closed_by_peer, close_notify_sent: false }
+        KernelTlsStream { tcp, pending, taken: 0, closed_by_peer, close_notify_sent: false, scratch: Vec::new() }
     }
 
     pub fn tcp(&self) -> &TcpStream {
@@ -114,17 +119,33 @@ impl AsyncRead for KernelTlsStream {
         }
         loop {
             ready!(this.tcp.poll_read_ready(cx))?;
-            let room = buf.initialize_unfilled();
-            match this.tcp.try_io(Interest::READABLE, || records::recv(&this.tcp, room)) {
+            // A control record comes whole only into room for a whole record; a smaller
+            // reader (copy's buffers start at 512 bytes) reads through `scratch`, and
+            // data beyond its room waits in `pending`.
+            let small = buf.remaining() < MAX_RECORD;
+            let KernelTlsStream { tcp, scratch, .. } = &mut *this;
+            if small && scratch.len() < MAX_RECORD {
+                scratch.resize(MAX_RECORD, 0);
+            }
+            let room: &mut [u8] = if small { scratch } else { buf.initialize_unfilled() };
+            match tcp.try_io(Interest::READABLE, || records::recv(tcp, room)) {
                 Ok((APPLICATION_DATA, n)) => {
-                    buf.advance(n);
+                    if small {
+                        let fits = n.min(buf.remaining());
+                        buf.put_slice(&this.scratch[..fits]);
+                        this.pending = this.scratch[fits..n].to_vec();
+                        this.taken = 0;
+                    } else {
+                        buf.advance(n);
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 // End of the TCP stream without close_notify: the caller sees it as EOF,
                 // as with a bare socket.
                 Ok((_, 0)) => return Poll::Ready(Ok(())),
                 Ok((kind, n)) => {
-                    if !control_record(kind, &room[..n])? {
+                    let record = if small { &this.scratch[..n] } else { &buf.initialize_unfilled()[..n] };
+                    if !control_record(kind, record)? {
                         this.closed_by_peer = true;
                         return Poll::Ready(Ok(()));
                     }
