@@ -139,7 +139,7 @@ pub async fn tls_consoles_each_cipher_byte_exact_each_way(default: TestRelay, ba
             }
             w.shutdown().await.unwrap();
         });
-        let echoed = read_numbered_words(&mut r).await;
+        let echoed = read_numbered_words(&mut r, &Default::default()).await;
         writer.await.unwrap();
         assert_eq!(echoed, size, "{suite:?}: every byte came back, then close_notify");
         assert_eq!(hv.shared().received.load(SeqCst), size, "{suite:?}");
@@ -242,7 +242,7 @@ pub async fn tls_on_both_sides_byte_exact_each_way(default: TestRelay, backend: 
         }
         w.shutdown().await.unwrap();
     });
-    let echoed = read_numbered_words(&mut r).await;
+    let echoed = read_numbered_words(&mut r, &Default::default()).await;
     writer.await.unwrap();
     assert_eq!(echoed, size, "every byte came back, then close_notify");
     assert_eq!(hv.shared().received.load(SeqCst), size);

@@ -7,7 +7,8 @@
 //! `linux-image-6.12-amd64` depend on, Debian 12's 6.1 and 6.12) and `--backends
 //! copy,uring,sockmap` (default: all three; `none` runs no check), and `--bench`: also
 //! measure a TLS console's cost with TLS in rustls, in the kernel relayed by copy, and
-//! spliced by the ring.
+//! spliced by the ring. For chasing a rare failure: `--only CHECK` (one check by name),
+//! `--repeat N` (each check N times) and `--log FILTER` (relay's log filter, default `warn`).
 
 use super::{apt_install, run};
 use anyhow::{Context, Result, bail};
@@ -25,6 +26,19 @@ pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
         |flag: &str| args.iter().enumerate().filter(|(_, a)| *a == flag).filter_map(|(i, _)| args.get(i + 1).cloned()).collect::<Vec<_>>();
     let backends = value("--backends").pop().unwrap_or_else(|| "copy,uring,sockmap".into());
     let bench = args.iter().any(|a| a == "--bench");
+    let mut options = vec![format!("vmcheck.backends={backends}")];
+    for (flag, param) in [("--only", "only"), ("--repeat", "repeat"), ("--log", "log")] {
+        if let Some(v) = value(flag).pop() {
+            // The kernel command line splits on spaces; the guest's /init reads each back.
+            if v.contains(char::is_whitespace) {
+                bail!("{flag} takes one word");
+            }
+            options.push(format!("vmcheck.{param}={v}"));
+        }
+    }
+    if bench {
+        options.push("vmcheck.bench=bench".into());
+    }
     let kernels = match value("--kernel") {
         k if k.is_empty() => match DEFAULT_KERNELS.iter().map(|m| image_of(m)).collect::<Result<Vec<_>>>() {
             Ok(images) => images,
@@ -47,7 +61,7 @@ pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
         let initrd = initramfs(&cache, package, &tree, &vmcheck)?;
         let log = cache.join(format!("{package}.log"));
         eprintln!("xtask: booting {package} under QEMU (TCG); its console goes to {}", log.display());
-        boots.push((package.clone(), log.clone(), boot(&vmlinuz, &initrd, &log, &backends, bench)?));
+        boots.push((package.clone(), log.clone(), boot(&vmlinuz, &initrd, &log, &options.join(" "))?));
     }
     let mut failed = Vec::new();
     for (package, log, mut qemu) in boots {
@@ -254,15 +268,16 @@ echo /bin/modprobe > /proc/sys/kernel/modprobe
 for m in tls gcm ctr ghash-generic ghash-clmulni-intel aesni-intel chacha20poly1305 chacha-x86_64 chacha-generic poly1305-x86_64 poly1305-generic; do
   modprobe $m 2>/dev/null
 done
-backends=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^vmcheck.backends=//p')
-bench=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^vmcheck.bench=//p')
+param() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^vmcheck.$1=//p"; }
+log=$(param log)
 echo "vmcheck: kernel $(uname -r), $(nproc) CPUs, uptime $(cut -d' ' -f1 /proc/uptime) s"
-HOME=/root RUST_LOG=warn RUST_BACKTRACE=0 /vmcheck $backends $bench
+HOME=/root RUST_LOG=${log:-warn} RUST_BACKTRACE=0 VMCHECK_BACKENDS=$(param backends) VMCHECK_ONLY=$(param only) \
+  VMCHECK_REPEAT=$(param repeat) VMCHECK_BENCH=$(param bench) /vmcheck
 poweroff -f
 "#;
 
 /// Starts QEMU on `vmlinuz` and `initrd`, its serial console into `log`.
-fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, backends: &str, bench: bool) -> Result<std::process::Child> {
+fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, options: &str) -> Result<std::process::Child> {
     let console = std::fs::File::create(log)?;
     Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1536", "-nographic", "-no-reboot", "-kernel"])
@@ -270,7 +285,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, backends: &str, bench: bool) 
         .arg("-initrd")
         .arg(initrd)
         .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 quiet vmcheck.backends={backends}{}", if bench { " vmcheck.bench=bench" } else { "" }))
+        .arg(format!("console=ttyS0 panic=-1 quiet {options}"))
         .stdin(Stdio::null())
         .stdout(console.try_clone()?)
         .stderr(console)

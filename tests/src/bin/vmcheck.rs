@@ -1,6 +1,10 @@
 //! The back-end conformance subset, run as PID 1's child inside a kernel booted by
 //! `cargo xtask vmtest`: one line per back-end and check (`vmcheck: KERNEL BACKEND CHECK:
 //! PASS|FAIL ...`), then `vmcheck: done, N failed`; the exit status is the failures'.
+//!
+//! Its /init passes the options in the environment: `VMCHECK_BACKENDS` (comma-separated;
+//! empty: all), `VMCHECK_ONLY` (one check by name), `VMCHECK_REPEAT` (runs of each check)
+//! and `VMCHECK_BENCH` (non-empty: measure TLS paths too).
 
 use relay::config::Backend;
 use relay_tests::conformance::{self, start};
@@ -20,7 +24,7 @@ macro_rules! checks {
 
 /// What each back-end must do on every kernel relay supports; the bulk check moves
 /// 32 MiB each way (an emulated machine runs several times slower than this one).
-const CHECKS: [(&str, Check); 8] = checks!(conformance:
+const CHECKS: [(&str, Check); 9] = checks!(conformance:
     several_mib_each_way_byte_exact,
     hypervisor_fin_arrives_after_its_data_and_the_other_way_stays_open,
     viewer_fin_arrives_after_its_data_and_the_other_way_stays_open,
@@ -29,6 +33,7 @@ const CHECKS: [(&str, Check); 8] = checks!(conformance:
     forced_disconnect_ends_the_console_on_both_sides,
     a_stalled_viewer_bounds_what_is_in_flight_then_gets_every_byte,
     a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order,
+    uneven_reads_and_writes_keep_every_byte_in_order,
 );
 
 /// TLS consoles, whose TLS must move into these kernels (kTLS).
@@ -46,7 +51,10 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(240);
 fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let wanted = std::env::args().nth(1);
+    let option = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let wanted = option("VMCHECK_BACKENDS");
+    let only = option("VMCHECK_ONLY");
+    let repeat: usize = option("VMCHECK_REPEAT").and_then(|n| n.parse().ok()).unwrap_or(1);
     // Debian's kernels build TLS as a module: kTLS must be there, with every cipher.
     let ktls = relay::tls::kernel::probe();
     let ktls_failed = !matches!(&ktls, relay::tls::kernel::Ktls::Available(offered) if offered.len() == 6);
@@ -58,7 +66,8 @@ fn main() -> std::process::ExitCode {
             if wanted.as_ref().is_some_and(|w| !w.split(',').any(|b| b == name)) {
                 continue;
             }
-            for (check, run) in CHECKS.into_iter().chain(TLS_CHECKS) {
+            let checks = CHECKS.into_iter().chain(TLS_CHECKS).filter(|(check, _)| only.as_ref().is_none_or(|o| o == check));
+            for (check, run) in checks.flat_map(|c| std::iter::repeat_n(c, repeat)) {
                 let started = Instant::now();
                 let task = tokio::spawn(async move { run(start(backend, |_| {}).await, backend).await });
                 let outcome = match tokio::time::timeout(CHECK_TIMEOUT, task).await {
@@ -72,7 +81,7 @@ fn main() -> std::process::ExitCode {
         }
         failed
     });
-    if std::env::args().nth(2).as_deref() == Some("bench") {
+    if option("VMCHECK_BENCH").is_some() {
         runtime.block_on(async {
             let size = 256 << 20;
             for (path, rate, cpu) in conformance_tls::measure_paths(size).await {
