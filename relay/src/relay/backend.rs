@@ -137,6 +137,9 @@ impl Relays {
         if config.backend == Backend::Auto && uring_off.is_none() && kernel_tls != Choice::Uring {
             notes.push("uring available, not chosen by auto (see README)".into());
         }
+        if let Some(uring) = &relays.uring {
+            notes.push(format!("io_uring: {} rings, one per core", uring.rings()));
+        }
         if relays.raw != Choice::Copy || relays.framed != Choice::Copy || relays.kernel_tls != Choice::Copy {
             notes.push(match relays.kernel_after {
                 Some(after) => format!("consoles move to the kernel after {after:?} on copy"),

@@ -1,11 +1,12 @@
-//! The io_uring back-end: one thread owns one ring and carries every uring console's
-//! bytes ([`ring`]: raw consoles spliced socket → pipe → socket, WebSocket consoles framed
-//! on the ring); each console's task hands it over and runs the shared lifecycle
-//! ([`session`]).
+//! The io_uring back-end: one ring per core, each owned by its thread, carrying the
+//! bytes of the uring consoles given to it ([`ring`]: raw consoles spliced socket → pipe
+//! → socket, WebSocket consoles framed on the ring); each console's task hands it over
+//! and runs the shared lifecycle ([`session`]).
 
 mod ring;
 mod session;
 
+pub use ring::PIPE_SPARES;
 pub use session::{Leg, run};
 
 use super::lifecycle::{Direction, Failure};
@@ -53,17 +54,49 @@ enum RingEvent {
     Ended(Result<(), Failure>),
 }
 
-/// The ring thread and the way to reach it.
+/// The ring threads and the ways to reach them. A console stays on the ring its id
+/// picks: with one ring for every console, a farm of small-message consoles kept one
+/// core busy and fell behind (docs/benchmarks.md), while the other core idled.
 pub struct Uring {
-    /// None once dropping: the ring thread then ends with its last session.
-    commands: Mutex<Option<mpsc::Sender<Command>>>,
-    wake: File,
+    rings: Vec<RingHandle>,
     next_id: AtomicU64,
 }
 
+/// One ring thread's command queue and wake-up.
+struct RingHandle {
+    /// None once dropping: the ring thread then ends with its last session.
+    commands: Mutex<Option<mpsc::Sender<Command>>>,
+    wake: File,
+}
+
 impl Uring {
-    /// Sets up a ring with the operations the back-end needs and starts its thread.
+    /// Sets up one ring per core (as the process may use them), each with the operations
+    /// the back-end needs and `entries` submission slots, and starts their threads.
     pub fn start(entries: u32) -> io::Result<Uring> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let rings = (0..cores).map(|i| RingHandle::start(entries, i)).collect::<io::Result<Vec<_>>>()?;
+        Ok(Uring { rings, next_id: AtomicU64::new(1) })
+    }
+
+    fn send(&self, command: Command) {
+        let id = match &command {
+            Command::Start { id, .. } | Command::Stop { id } | Command::Ping { id } => *id,
+        };
+        self.rings[(id % self.rings.len() as u64) as usize].send(command);
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// How many rings (and threads) carry consoles.
+    pub fn rings(&self) -> usize {
+        self.rings.len()
+    }
+}
+
+impl RingHandle {
+    fn start(entries: u32, index: usize) -> io::Result<RingHandle> {
         let ring = IoUring::new(entries)?;
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe)?;
@@ -77,8 +110,8 @@ impl Uring {
         let wake = eventfd()?;
         let (tx, rx) = mpsc::channel();
         let thread_wake = OwnedFd::from(wake.try_clone()?);
-        std::thread::Builder::new().name("relay-uring".into()).spawn(move || ring::Ring::new(ring, rx, thread_wake).run())?;
-        Ok(Uring { commands: Mutex::new(Some(tx)), wake, next_id: AtomicU64::new(1) })
+        std::thread::Builder::new().name(format!("relay-uring-{index}")).spawn(move || ring::Ring::new(ring, rx, thread_wake).run())?;
+        Ok(RingHandle { commands: Mutex::new(Some(tx)), wake })
     }
 
     fn send(&self, command: Command) {
@@ -92,13 +125,9 @@ impl Uring {
         // An eventfd adds the 8-byte counter written to it.
         let _ = (&self.wake).write(&1u64.to_ne_bytes());
     }
-
-    fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
 }
 
-impl Drop for Uring {
+impl Drop for RingHandle {
     fn drop(&mut self) {
         self.commands.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.wake();

@@ -155,10 +155,17 @@ impl Console {
     }
 }
 
-/// How many empty pipes, and buffers, the ring keeps for the next console that wakes: a
-/// console wakes for every burst, and a new 1 MiB pipe or 256 KiB buffer each time cost
-/// more than the burst. None are kept once no console is left.
-const SPARES: usize = 8;
+/// How many empty pipes the ring keeps for the next console that wakes: a console wakes
+/// for every burst, and a new 1 MiB pipe each time cost more than the burst. A farm of
+/// small-message consoles has many bursts in flight at once: with 8 spares, its ring
+/// spent a quarter of its time making, sizing and closing pipes (perf). An empty pipe
+/// holds two descriptors and its slot array (about 10 KiB of kernel memory), no pages.
+/// None are kept once no console is left.
+pub const PIPE_SPARES: usize = 64;
+/// The same for framed consoles' buffers (user memory), by size: a direction receives
+/// into a small one until a receive fills it, so a console of keystrokes and small
+/// updates does not zero 256 KiB at every wake-up.
+const BUF_SPARES: [usize; 2] = [256, 16];
 
 pub struct Ring {
     // Declared first, so dropped first: closing the ring waits for the kernel to be done
@@ -172,7 +179,8 @@ pub struct Ring {
     /// Completions taken from the ring, kept to reuse its allocation.
     completed: Vec<(u64, i32)>,
     spare_pipes: Vec<Pipe>,
-    spare_bufs: Vec<Box<[u8]>>,
+    /// Small and big framed buffers, kept for the next console that wakes.
+    spare_bufs: [Vec<Box<[u8]>>; 2],
 }
 
 impl Ring {
@@ -186,7 +194,7 @@ impl Ring {
             wake_buf: Box::new([0; 8]),
             completed: Vec::new(),
             spare_pipes: Vec::new(),
-            spare_bufs: Vec::new(),
+            spare_bufs: [Vec::new(), Vec::new()],
         }
     }
 
@@ -351,12 +359,12 @@ impl Ring {
             self.push(opcode::AsyncCancel::new(key).build().user_data(CANCEL));
         }
         if let Carry::Framed(ws) = console.carry {
-            self.spare_bufs.extend(ws.into_buffers().take(SPARES.saturating_sub(self.spare_bufs.len())));
+            ws.into_buffers().for_each(|buf| self.keep_spare_buf(buf));
         }
         if self.consoles.is_empty() {
             // No console left: neither are spares.
             self.spare_pipes.clear();
-            self.spare_bufs.clear();
+            self.spare_bufs = Default::default();
         }
     }
 

@@ -6,18 +6,18 @@
 //!
 //! A direction's buffer travels with its receive or send while that is in flight and
 //! comes back with the completion; it is held only while bytes move (kept as a spare for
-//! the next console that wakes, a few at most), so an idle WebSocket console holds two
-//! polls.
+//! the next console that wakes), so an idle WebSocket console holds two polls. It is
+//! small (16 KiB) until a receive fills it, then big (256 KiB) while receives keep doing so.
 
-use super::{Carry, Direction, Ring, SPARES, Step};
+use super::{BUF_SPARES, Carry, Direction, Ring, Step};
 use crate::relay::lifecycle::Failure;
 use crate::wire::ws_frame::{self, CLOSE_NORMAL, Decoder, MAX_SERVER_HEADER, Reply};
 use io_uring::{opcode, types};
 use std::io::{self, Write};
 use std::sync::atomic::Ordering;
 
-/// The most one receive takes.
-const CHUNK: usize = 256 << 10;
+/// The most one receive takes into a small buffer, and into a big one.
+const CHUNK: [usize; 2] = [16 << 10, 256 << 10];
 /// Room before received hypervisor bytes for their frame's header.
 const HEAD: usize = MAX_SERVER_HEADER;
 
@@ -41,6 +41,8 @@ struct Frames {
     payload: usize,
     /// This send is the direction's last (a Close frame): the direction ends after it.
     last: bool,
+    /// The last receive filled its buffer: the next buffer taken is a big one.
+    big: bool,
 }
 
 impl WsState {
@@ -105,32 +107,47 @@ impl Ring {
         self.poll_in(id, dir)
     }
 
-    /// The direction's buffer, taken out for an operation: its own, a spare, or a new one.
+    /// The direction's buffer, taken out for an operation: its own when it is of the size
+    /// the direction needs now, else a spare of that size, or a new one.
     fn take_buf(&mut self, id: u64, dir: Direction) -> Option<Box<[u8]>> {
-        let spare = &mut self.spare_bufs;
         let ws = match &mut self.consoles.get_mut(&id)?.carry {
             Carry::Framed(ws) => ws,
             Carry::Splice(_) => return None,
         };
-        Some(ws.dirs[dir.index()].buf.take().unwrap_or_else(|| spare.pop().unwrap_or_else(|| vec![0u8; HEAD + CHUNK].into_boxed_slice())))
+        let f = &mut ws.dirs[dir.index()];
+        let size = usize::from(f.big);
+        match f.buf.take() {
+            Some(buf) if size_of(&buf) == size => return Some(buf),
+            Some(other) => self.keep_spare_buf(other),
+            None => {}
+        }
+        Some(self.spare_bufs[size].pop().unwrap_or_else(|| vec![0u8; HEAD + CHUNK[size]].into_boxed_slice()))
     }
 
     /// An idle direction's buffer is kept as a spare, or freed.
     fn give_back_buf(&mut self, id: u64, dir: Direction) {
         let Some(ws) = self.ws(id) else { return };
-        if let Some(buf) = ws.dirs[dir.index()].buf.take()
-            && self.spare_bufs.len() < SPARES
-        {
-            self.spare_bufs.push(buf);
+        if let Some(buf) = ws.dirs[dir.index()].buf.take() {
+            self.keep_spare_buf(buf);
+        }
+    }
+
+    /// Keeps a buffer as a spare of its size while there is room for one.
+    pub(super) fn keep_spare_buf(&mut self, buf: Box<[u8]>) {
+        let size = size_of(&buf);
+        if self.spare_bufs[size].len() < BUF_SPARES[size] {
+            self.spare_bufs[size].push(buf);
         }
     }
 
     fn receive(&mut self, id: u64, dir: Direction) {
         let at = if dir == Direction::Down { HEAD } else { 0 };
         let Some(buf) = self.take_buf(id, dir) else { return };
+        // HEAD is spare at the end of an up buffer: the same buffer serves either way.
+        let room = (buf.len() - HEAD) as u32;
         self.submit(id, dir, Step::Fill, (None, Some(buf)), |sockets, _, buf| {
             let ptr = buf.map_or(std::ptr::null_mut(), |b| b[at..].as_mut_ptr());
-            opcode::Recv::new(types::Fd(sockets.ends(dir).0), ptr, CHUNK as u32).flags(libc::MSG_DONTWAIT).build()
+            opcode::Recv::new(types::Fd(sockets.ends(dir).0), ptr, room).flags(libc::MSG_DONTWAIT).build()
         });
     }
 
@@ -139,6 +156,12 @@ impl Ring {
         let WsState { decoder, reply, dirs } = ws;
         let f = &mut dirs[dir.index()];
         let Some(buf) = f.buf.as_mut() else { return };
+        // A full receive means more was waiting: a big buffer next time (this one is
+        // kept while the direction stays busy); a small receive, a small one.
+        let filled = n == buf.len() - HEAD;
+        if filled || n <= CHUNK[0] / 2 {
+            f.big = filled;
+        }
         if dir == Direction::Down {
             let (header, used) = ws_frame::binary_header(n);
             buf[HEAD - used..HEAD].copy_from_slice(&header[..used]);
@@ -256,4 +279,9 @@ impl Ring {
             let _ = (&console.sockets.viewer).write(Reply::close(code).as_bytes());
         }
     }
+}
+
+/// Which of [`CHUNK`]'s sizes a buffer is (0: small, 1: big).
+fn size_of(buf: &[u8]) -> usize {
+    usize::from(buf.len() > HEAD + CHUNK[0])
 }

@@ -4,7 +4,7 @@
 //! holds two polls and nothing else: no io-wq worker, no pipe (a direction takes a pipe,
 //! 1 MiB, only while bytes move). Bytes never cross into userspace.
 
-use super::{Carry, Direction, Pipe, Ring, SPARES, Step};
+use super::{Carry, Direction, PIPE_SPARES, Pipe, Ring, Step};
 use crate::relay::lifecycle::Failure;
 use io_uring::{opcode, types};
 use std::io;
@@ -134,7 +134,7 @@ impl Ring {
             return;
         }
         if let Some(pipe) = piped.pipe.take().and_then(|p| Rc::try_unwrap(p).ok())
-            && self.spare_pipes.len() < SPARES
+            && self.spare_pipes.len() < PIPE_SPARES
         {
             self.spare_pipes.push(pipe);
         }
