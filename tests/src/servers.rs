@@ -324,12 +324,18 @@ impl Mariadb {
     pub async fn start_nova() -> anyhow::Result<Mariadb> {
         let dir = scratch_dir("mariadb");
         let data = dir.join("data");
+        // A server of its own for temporary tables: servers sharing /tmp remove each
+        // other's at start-up, and a concurrent install then fails (1 in 6 did here).
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
+        let log = std::fs::File::create(dir.join("install.log"))?;
         let install = Command::new(MARIADB_INSTALL_DB)
             .args(["--no-defaults", "--user=root", "--auth-root-authentication-method=socket", "--skip-test-db"])
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("install.log"))?)
-            .stderr(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
             .status()
             .context("running mariadb-install-db")?;
         if !install.success() {
@@ -342,6 +348,7 @@ impl Mariadb {
                 .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1", "--skip-name-resolve", "--innodb-buffer-pool-size=16M"])
                 .arg(format!("--port={port}"))
                 .arg(format!("--datadir={}", data.display()))
+                .arg(format!("--tmpdir={}", tmp.display()))
                 .arg(format!("--socket={}", dir.join("sock").display()))
                 .arg(format!("--pid-file={}", dir.join("pid").display()))
                 .arg(format!("--log-error={}", dir.join("error.log").display()))
