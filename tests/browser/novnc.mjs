@@ -237,6 +237,21 @@ async function main() {
     if (opts.screenshot) {
       try { await page.screenshot({ path: opts.screenshot, timeout: 5000 }); } catch (e) { log('screenshot failed', e.message); }
     }
+    // A viewer that is done says so: where the page exposes its RFB object (console.html),
+    // disconnect it and wait for the close handshake, so the console ends with a WebSocket
+    // Close rather than with whatever killing Chromium leaves (a reset, when the server's
+    // updates were still unread).
+    try {
+      const closed = await page.evaluate(async () => {
+        if (!window.rfb || !window.consoleState || window.consoleState.status !== 'connected') return null;
+        window.rfb.disconnect();
+        for (let i = 0; i < 50 && window.consoleState.status !== 'disconnected'; i++) {
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        return window.consoleState.status === 'disconnected';
+      });
+      if (closed === false) log('the console did not close within 5 s');
+    } catch (e) { log('disconnecting failed', e.message.split('\n')[0]); }
     return result;
   };
 
