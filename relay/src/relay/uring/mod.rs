@@ -1,12 +1,12 @@
 //! The io_uring back-end: one ring per core, each owned by its thread, carrying the
-//! bytes of the uring consoles given to it ([`ring`]: raw consoles spliced socket → pipe
-//! → socket, WebSocket consoles framed on the ring); each console's task hands it over
-//! and runs the shared lifecycle ([`session`]).
+//! bytes of the uring consoles given to it ([`ring`]: raw consoles received and sent, or
+//! spliced socket → pipe → socket where the kernel carries their TLS; WebSocket consoles
+//! framed on the ring); each console's task hands it over and runs the shared lifecycle
+//! ([`session`]).
 
 mod ring;
 mod session;
 
-pub use ring::PIPE_SPARES;
 pub use session::{Leg, run};
 
 use super::lifecycle::{Direction, Failure};

@@ -1,4 +1,8 @@
-//! WebSocket consoles on the ring. Up, the viewer's frames are received, decoded in place
+//! Consoles the ring carries through buffers: WebSocket consoles, and raw consoles over
+//! plain TCP (received and sent as they are: for small messages a receive and a send
+//! run inline in the ring's submission, where a splice costs a hop to an io-wq worker).
+//!
+//! WebSocket consoles: up, the viewer's frames are received, decoded in place
 //! (unmasking eight bytes at a time, see [`Decoder`]) and their payload sent to the
 //! hypervisor; down, the hypervisor's bytes are received behind room for a header and sent
 //! to the viewer as one binary frame. Only the down direction writes to the viewer, so
@@ -21,9 +25,10 @@ const CHUNK: [usize; 2] = [16 << 10, 256 << 10];
 /// Room before received hypervisor bytes for their frame's header.
 const HEAD: usize = MAX_SERVER_HEADER;
 
-/// A WebSocket console's framing state.
+/// A buffered console's state: a WebSocket console's framing, or none for a raw one.
 pub(in crate::relay::uring) struct WsState {
-    decoder: Decoder,
+    /// None: a raw console, relayed byte for byte.
+    decoder: Option<Decoder>,
     /// An answer for the viewer (a pong, or a Close that ends the direction), due at a
     /// frame boundary.
     reply: Option<Reply>,
@@ -48,7 +53,16 @@ struct Frames {
 impl WsState {
     /// Boxed once, on the console's side: the ring only takes it.
     pub(in crate::relay::uring) fn new(decoder: Decoder) -> Box<WsState> {
-        Box::new(WsState { decoder, reply: None, dirs: [Frames::default(), Frames::default()] })
+        Box::new(WsState { decoder: Some(decoder), reply: None, dirs: [Frames::default(), Frames::default()] })
+    }
+
+    /// A raw console's: no framing either way.
+    pub(super) fn raw() -> Box<WsState> {
+        Box::new(WsState { decoder: None, reply: None, dirs: [Frames::default(), Frames::default()] })
+    }
+
+    fn framed(&self) -> bool {
+        self.decoder.is_some()
     }
 
     /// The buffers it holds, for the ring's spares.
@@ -141,7 +155,7 @@ impl Ring {
     }
 
     fn receive(&mut self, id: u64, dir: Direction) {
-        let at = if dir == Direction::Down { HEAD } else { 0 };
+        let at = if dir == Direction::Down && self.ws(id).is_some_and(|ws| ws.framed()) { HEAD } else { 0 };
         let Some(buf) = self.take_buf(id, dir) else { return };
         // HEAD is spare at the end of an up buffer: the same buffer serves either way.
         let room = (buf.len() - HEAD) as u32;
@@ -156,12 +170,17 @@ impl Ring {
         let WsState { decoder, reply, dirs } = ws;
         let f = &mut dirs[dir.index()];
         let Some(buf) = f.buf.as_mut() else { return };
-        // A full receive means more was waiting: a big buffer next time (this one is
-        // kept while the direction stays busy); a small receive, a small one.
+        // A full receive means more was waiting: a big buffer next time; a small
+        // receive, a small one.
         let filled = n == buf.len() - HEAD;
         if filled || n <= CHUNK[0] / 2 {
             f.big = filled;
         }
+        let Some(decoder) = decoder else {
+            // Raw: out as it came; counted once all of it is out, like a frame.
+            (f.start, f.end, f.payload) = (0, n, n);
+            return self.send(id, dir);
+        };
         if dir == Direction::Down {
             let (header, used) = ws_frame::binary_header(n);
             buf[HEAD - used..HEAD].copy_from_slice(&header[..used]);
@@ -218,7 +237,7 @@ impl Ring {
             // Our Close went out: no frame may follow; the viewer gets a FIN.
             Direction::Down if ws.dirs[1].last => self.source_finished(id, dir),
             Direction::Down if ws.reply.is_some() => self.send_reply(id),
-            Direction::Up if ws.decoder.closed() => self.source_ended(id, dir),
+            Direction::Up if ws.decoder.as_ref().is_some_and(Decoder::closed) => self.source_ended(id, dir),
             _ => self.receive(id, dir),
         }
     }
@@ -258,7 +277,7 @@ impl Ring {
     /// hypervisor's as a Close frame, then a FIN.
     fn source_ended(&mut self, id: u64, dir: Direction) {
         self.give_back_buf(id, dir);
-        if dir == Direction::Up {
+        if dir == Direction::Up || self.ws(id).is_some_and(|ws| !ws.framed()) {
             return self.source_finished(id, dir);
         }
         let Some(ws) = self.ws(id) else { return };
@@ -271,7 +290,10 @@ impl Ring {
     /// full).
     pub(super) fn close_viewer_now(&mut self, id: u64, code: u16) {
         let Some(console) = self.consoles.get(&id) else { return };
-        let Carry::Framed(_) = &console.carry else { return };
+        let Carry::Framed(ws) = &console.carry else { return };
+        if !ws.framed() {
+            return;
+        }
         let down = Direction::Down.index();
         let mid_frame =
             console.inflight[down].and_then(|key| self.ops.get(key)).is_some_and(|op| matches!(op.step, Step::Drain | Step::PollOut));

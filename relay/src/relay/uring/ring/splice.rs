@@ -1,8 +1,9 @@
-//! Raw consoles on the ring: per direction, wait for the source (POLL_ADD), splice what it
-//! has into the direction's pipe, splice the pipe into the destination (waiting for room
-//! with POLL_ADD when it is full), repeat. Splices are non-blocking, so an idle console
-//! holds two polls and nothing else: no io-wq worker, no pipe (a direction takes a pipe,
-//! 1 MiB, only while bytes move). Bytes never cross into userspace.
+//! Raw consoles with TLS in the kernel, on the ring: per direction, wait for the source
+//! (POLL_ADD), splice what it has into the direction's pipe, splice the pipe into the
+//! destination (waiting for room with POLL_ADD when it is full), repeat. Splices are
+//! non-blocking, so an idle console holds two polls and nothing else: no io-wq worker, no
+//! pipe (a direction takes a pipe, 1 MiB, only while bytes move). Bytes never cross into
+//! userspace, and the kernel's TLS records move without a copy.
 
 use super::{Carry, Direction, PIPE_SPARES, Pipe, Ring, Step};
 use crate::relay::lifecycle::Failure;
