@@ -28,7 +28,7 @@ enum Command {
         viewer: TcpStream,
         /// Set when the viewer speaks WebSocket: its framing state, from where the
         /// userspace decoder stopped.
-        framing: Option<Box<ring::WsState>>,
+        framing: Option<Box<ring::Buffered>>,
         hypervisor: TcpStream,
         /// Which sides' TLS the kernel carries (viewer, hypervisor).
         kernel_tls: [bool; 2],

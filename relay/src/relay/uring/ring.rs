@@ -1,7 +1,7 @@
 //! An io_uring thread: one ring for the uring consoles given to it. Raw consoles whose
 //! TLS the kernel carries are spliced socket → pipe → socket without crossing into
 //! userspace ([`splice`]); raw consoles over plain TCP are received and sent through a
-//! buffer, and WebSocket consoles received, framed and sent ([`framed`]).
+//! buffer, and WebSocket consoles received, framed and sent the same way ([`buffered`]).
 //!
 //! **What the kernel touches is owned by the operation.** Every submission is an
 //! [`InFlight`] kept in a table under its `user_data` until its completion is reaped: it
@@ -12,13 +12,13 @@
 //! Per direction at most one operation is in flight, so a pipe is never filled and
 //! drained at once and a buffer never has two users. An idle console holds two polls.
 
-mod framed;
+mod buffered;
 mod splice;
 
 use super::{Command, RingEvent};
 use crate::relay::lifecycle::{Direction, Failure, Op, Side};
 use crate::session::ByteCounters;
-pub(super) use framed::WsState;
+pub(super) use buffered::Buffered;
 use io_uring::{IoUring, opcode, squeue, types};
 use std::collections::HashMap;
 use std::io;
@@ -95,7 +95,7 @@ struct InFlight {
     step: Step,
     _sockets: Rc<Sockets>,
     _pipe: Option<Rc<Pipe>>,
-    /// Framed consoles' buffers travel with the operation and come back at completion.
+    /// Buffered consoles' buffers travel with the operation and come back at completion.
     buf: Option<Box<[u8]>>,
 }
 
@@ -138,7 +138,7 @@ impl Table {
 /// behind on splices, and 0.73 cores, keeping up, on buffers.
 enum Carry {
     Splice(splice::Pipes),
-    Framed(Box<WsState>),
+    Buffered(Box<Buffered>),
 }
 
 struct Console {
@@ -167,7 +167,7 @@ impl Console {
 /// holds two descriptors and its slot array (about 10 KiB of kernel memory), no pages.
 /// None are kept once no console is left.
 const PIPE_SPARES: usize = 64;
-/// The same for framed consoles' buffers (user memory), by size: a direction receives
+/// The same for buffered consoles' buffers (user memory), by size: a direction receives
 /// into a small one until a receive fills it, so a console of keystrokes and small
 /// updates does not zero 256 KiB at every wake-up.
 const BUF_SPARES: [usize; 2] = [256, 16];
@@ -184,7 +184,7 @@ pub struct Ring {
     /// Completions taken from the ring, kept to reuse its allocation.
     completed: Vec<(u64, i32)>,
     spare_pipes: Vec<Pipe>,
-    /// Small and big framed buffers, kept for the next console that wakes.
+    /// Small and big buffers of buffered consoles, kept for the next console that wakes.
     spare_bufs: [Vec<Box<[u8]>>; 2],
 }
 
@@ -259,9 +259,9 @@ impl Ring {
                     // Raw consoles over plain TCP go through buffers; with TLS in the kernel
                     // they are spliced, so the kernel's records move without a copy.
                     let carry = match framing {
-                        Some(ws) => Carry::Framed(ws),
+                        Some(ws) => Carry::Buffered(ws),
                         None if kernel_tls.contains(&true) => Carry::Splice(splice::Pipes::default()),
-                        None => Carry::Framed(WsState::raw()),
+                        None => Carry::Buffered(Buffered::raw()),
                     };
                     let sockets = Rc::new(Sockets { viewer, hypervisor, kernel_tls });
                     let console = Console { sockets, inflight: [None; 2], finished: [false; 2], bytes, events, carry };
@@ -315,7 +315,7 @@ impl Ring {
         console.inflight[dir.index()] = None;
         match &console.carry {
             Carry::Splice(_) => self.complete_splice(id, dir, step, result),
-            Carry::Framed(_) => self.complete_framed(id, dir, step, result, buf),
+            Carry::Buffered(_) => self.complete_buffered(id, dir, step, result, buf),
         }
     }
 
@@ -366,7 +366,7 @@ impl Ring {
             // A poll on a live socket would not end by itself.
             self.push(opcode::AsyncCancel::new(key).build().user_data(CANCEL));
         }
-        if let Carry::Framed(ws) = console.carry {
+        if let Carry::Buffered(ws) = console.carry {
             ws.into_buffers().for_each(|buf| self.keep_spare_buf(buf));
         }
         if self.consoles.is_empty() {

@@ -42,7 +42,7 @@ pub async fn run(engine: &Uring, viewer: Leg, hypervisor: Leg, control: &mut Con
     engine.send(Command::Start {
         id,
         viewer,
-        framing: framing.map(super::ring::WsState::new),
+        framing: framing.map(super::ring::Buffered::new),
         hypervisor,
         kernel_tls,
         bytes: control.bytes.clone(),

@@ -32,7 +32,7 @@ impl Ring {
     fn pipes(&mut self, id: u64) -> Option<&mut Pipes> {
         match &mut self.consoles.get_mut(&id)?.carry {
             Carry::Splice(pipes) => Some(pipes),
-            Carry::Framed(_) => None,
+            Carry::Buffered(_) => None,
         }
     }
 

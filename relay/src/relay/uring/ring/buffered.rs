@@ -26,17 +26,17 @@ const CHUNK: [usize; 2] = [16 << 10, 256 << 10];
 const HEAD: usize = MAX_SERVER_HEADER;
 
 /// A buffered console's state: a WebSocket console's framing, or none for a raw one.
-pub(in crate::relay::uring) struct WsState {
+pub(in crate::relay::uring) struct Buffered {
     /// None: a raw console, relayed byte for byte.
     decoder: Option<Decoder>,
     /// An answer for the viewer (a pong, or a Close that ends the direction), due at a
     /// frame boundary.
     reply: Option<Reply>,
-    dirs: [Frames; 2],
+    dirs: [Outgoing; 2],
 }
 
 #[derive(Default)]
-struct Frames {
+struct Outgoing {
     /// The direction's buffer, when no operation has it.
     buf: Option<Box<[u8]>>,
     /// `buf[start..end]` is still to be sent.
@@ -50,15 +50,15 @@ struct Frames {
     big: bool,
 }
 
-impl WsState {
+impl Buffered {
     /// Boxed once, on the console's side: the ring only takes it.
-    pub(in crate::relay::uring) fn new(decoder: Decoder) -> Box<WsState> {
-        Box::new(WsState { decoder: Some(decoder), reply: None, dirs: [Frames::default(), Frames::default()] })
+    pub(in crate::relay::uring) fn new(decoder: Decoder) -> Box<Buffered> {
+        Box::new(Buffered { decoder: Some(decoder), reply: None, dirs: [Outgoing::default(), Outgoing::default()] })
     }
 
     /// A raw console's: no framing either way.
-    pub(super) fn raw() -> Box<WsState> {
-        Box::new(WsState { decoder: None, reply: None, dirs: [Frames::default(), Frames::default()] })
+    pub(super) fn raw() -> Box<Buffered> {
+        Box::new(Buffered { decoder: None, reply: None, dirs: [Outgoing::default(), Outgoing::default()] })
     }
 
     fn framed(&self) -> bool {
@@ -72,18 +72,18 @@ impl WsState {
 }
 
 impl Ring {
-    fn ws(&mut self, id: u64) -> Option<&mut WsState> {
+    fn buffered(&mut self, id: u64) -> Option<&mut Buffered> {
         match &mut self.consoles.get_mut(&id)?.carry {
-            Carry::Framed(ws) => Some(ws),
+            Carry::Buffered(state) => Some(state),
             Carry::Splice(_) => None,
         }
     }
 
-    pub(super) fn complete_framed(&mut self, id: u64, dir: Direction, step: Step, result: i32, buf: Option<Box<[u8]>>) {
+    pub(super) fn complete_buffered(&mut self, id: u64, dir: Direction, step: Step, result: i32, buf: Option<Box<[u8]>>) {
         if let Some(buf) = buf
-            && let Some(ws) = self.ws(id)
+            && let Some(state) = self.buffered(id)
         {
-            ws.dirs[dir.index()].buf = Some(buf);
+            state.dirs[dir.index()].buf = Some(buf);
         }
         let eagain = result == -libc::EAGAIN;
         match step {
@@ -115,7 +115,7 @@ impl Ring {
 
     /// Nothing to move: send a due answer (down), else wait for the source.
     fn idle(&mut self, id: u64, dir: Direction) {
-        if dir == Direction::Down && self.ws(id).is_some_and(|ws| ws.reply.is_some()) {
+        if dir == Direction::Down && self.buffered(id).is_some_and(|state| state.reply.is_some()) {
             return self.send_reply(id);
         }
         self.poll_in(id, dir)
@@ -124,11 +124,11 @@ impl Ring {
     /// The direction's buffer, taken out for an operation: its own when it is of the size
     /// the direction needs now, else a spare of that size, or a new one.
     fn take_buf(&mut self, id: u64, dir: Direction) -> Option<Box<[u8]>> {
-        let ws = match &mut self.consoles.get_mut(&id)?.carry {
-            Carry::Framed(ws) => ws,
+        let state = match &mut self.consoles.get_mut(&id)?.carry {
+            Carry::Buffered(state) => state,
             Carry::Splice(_) => return None,
         };
-        let f = &mut ws.dirs[dir.index()];
+        let f = &mut state.dirs[dir.index()];
         let size = usize::from(f.big);
         match f.buf.take() {
             Some(buf) if size_of(&buf) == size => return Some(buf),
@@ -140,8 +140,8 @@ impl Ring {
 
     /// An idle direction's buffer is kept as a spare, or freed.
     fn give_back_buf(&mut self, id: u64, dir: Direction) {
-        let Some(ws) = self.ws(id) else { return };
-        if let Some(buf) = ws.dirs[dir.index()].buf.take() {
+        let Some(state) = self.buffered(id) else { return };
+        if let Some(buf) = state.dirs[dir.index()].buf.take() {
             self.keep_spare_buf(buf);
         }
     }
@@ -155,7 +155,7 @@ impl Ring {
     }
 
     fn receive(&mut self, id: u64, dir: Direction) {
-        let at = if dir == Direction::Down && self.ws(id).is_some_and(|ws| ws.framed()) { HEAD } else { 0 };
+        let at = if dir == Direction::Down && self.buffered(id).is_some_and(|state| state.framed()) { HEAD } else { 0 };
         let Some(buf) = self.take_buf(id, dir) else { return };
         // HEAD is spare at the end of an up buffer: the same buffer serves either way.
         let room = (buf.len() - HEAD) as u32;
@@ -166,8 +166,8 @@ impl Ring {
     }
 
     fn received(&mut self, id: u64, dir: Direction, n: usize) {
-        let Some(ws) = self.ws(id) else { return };
-        let WsState { decoder, reply, dirs } = ws;
+        let Some(state) = self.buffered(id) else { return };
+        let Buffered { decoder, reply, dirs } = state;
         let f = &mut dirs[dir.index()];
         let Some(buf) = f.buf.as_mut() else { return };
         // A full receive means more was waiting: a big buffer next time; a small
@@ -203,8 +203,8 @@ impl Ring {
     }
 
     fn send(&mut self, id: u64, dir: Direction) {
-        let Some(ws) = self.ws(id) else { return };
-        let f = &mut ws.dirs[dir.index()];
+        let Some(state) = self.buffered(id) else { return };
+        let f = &mut state.dirs[dir.index()];
         let (start, end) = (f.start, f.end);
         let Some(buf) = f.buf.take() else { return };
         self.submit(id, dir, Step::Drain, (None, Some(buf)), |sockets, _, buf| {
@@ -216,8 +216,8 @@ impl Ring {
 
     fn sent(&mut self, id: u64, dir: Direction, n: usize) {
         let Some(console) = self.consoles.get_mut(&id) else { return };
-        let Carry::Framed(ws) = &mut console.carry else { return };
-        let f = &mut ws.dirs[dir.index()];
+        let Carry::Buffered(state) = &mut console.carry else { return };
+        let f = &mut state.dirs[dir.index()];
         f.start += n;
         // Up counts payload as it goes; down counts a frame's payload once it is all out.
         let counted = match dir {
@@ -232,24 +232,24 @@ impl Ring {
 
     /// Everything taken from the source is out.
     fn after_sent(&mut self, id: u64, dir: Direction) {
-        let Some(ws) = self.ws(id) else { return };
+        let Some(state) = self.buffered(id) else { return };
         match dir {
             // Our Close went out: no frame may follow; the viewer gets a FIN.
-            Direction::Down if ws.dirs[1].last => self.source_finished(id, dir),
-            Direction::Down if ws.reply.is_some() => self.send_reply(id),
-            Direction::Up if ws.decoder.as_ref().is_some_and(Decoder::closed) => self.source_ended(id, dir),
+            Direction::Down if state.dirs[1].last => self.source_finished(id, dir),
+            Direction::Down if state.reply.is_some() => self.send_reply(id),
+            Direction::Up if state.decoder.as_ref().is_some_and(Decoder::closed) => self.source_ended(id, dir),
             _ => self.receive(id, dir),
         }
     }
 
     /// Sends the due answer to the viewer from the down direction's buffer.
     fn send_reply(&mut self, id: u64) {
-        let Some(reply) = self.ws(id).and_then(|ws| ws.reply.take()) else { return };
+        let Some(reply) = self.buffered(id).and_then(|state| state.reply.take()) else { return };
         let Some(mut buf) = self.take_buf(id, Direction::Down) else { return };
         let bytes = reply.as_bytes();
         buf[..bytes.len()].copy_from_slice(bytes);
-        let Some(ws) = self.ws(id) else { return };
-        let f = &mut ws.dirs[Direction::Down.index()];
+        let Some(state) = self.buffered(id) else { return };
+        let f = &mut state.dirs[Direction::Down.index()];
         (f.buf, f.start, f.end, f.payload, f.last) = (Some(buf), 0, bytes.len(), 0, reply.is_close());
         self.send(id, Direction::Down)
     }
@@ -259,11 +259,11 @@ impl Ring {
     pub(super) fn ping(&mut self, id: u64) {
         let Some(console) = self.consoles.get_mut(&id) else { return };
         let finished = console.finished[Direction::Down.index()];
-        let Carry::Framed(ws) = &mut console.carry else { return };
-        if finished || ws.reply.is_some() || ws.dirs[Direction::Down.index()].last {
+        let Carry::Buffered(state) = &mut console.carry else { return };
+        if finished || state.reply.is_some() || state.dirs[Direction::Down.index()].last {
             return;
         }
-        ws.reply = Some(Reply::ping());
+        state.reply = Some(Reply::ping());
         self.wake_viewer_writer(id);
     }
 
@@ -277,11 +277,11 @@ impl Ring {
     /// hypervisor's as a Close frame, then a FIN.
     fn source_ended(&mut self, id: u64, dir: Direction) {
         self.give_back_buf(id, dir);
-        if dir == Direction::Up || self.ws(id).is_some_and(|ws| !ws.framed()) {
+        if dir == Direction::Up || self.buffered(id).is_some_and(|state| !state.framed()) {
             return self.source_finished(id, dir);
         }
-        let Some(ws) = self.ws(id) else { return };
-        ws.reply = Some(Reply::close(CLOSE_NORMAL));
+        let Some(state) = self.buffered(id) else { return };
+        state.reply = Some(Reply::close(CLOSE_NORMAL));
         self.send_reply(id)
     }
 
@@ -290,8 +290,8 @@ impl Ring {
     /// full).
     pub(super) fn close_viewer_now(&mut self, id: u64, code: u16) {
         let Some(console) = self.consoles.get(&id) else { return };
-        let Carry::Framed(ws) = &console.carry else { return };
-        if !ws.framed() {
+        let Carry::Buffered(state) = &console.carry else { return };
+        if !state.framed() {
             return;
         }
         let down = Direction::Down.index();
