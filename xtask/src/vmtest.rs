@@ -21,7 +21,30 @@ const DEFAULT_KERNELS: &[&str] = &["linux-image-amd64", "linux-image-6.12-amd64"
 /// How long one kernel may take to boot and run every check under emulation.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(1500);
 
+/// Options that take a value; `--bench` takes none.
+const VALUE_FLAGS: &[&str] = &["--kernel", "--backends", "--only", "--repeat", "--log"];
+
+const USAGE: &str = "usage: cargo xtask vmtest [--kernel PACKAGE]... [--backends copy,uring,sockmap|none] \
+[--only CHECK] [--repeat N] [--log FILTER] [--bench]";
+
 pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
+    // A mistyped option must not start a run of many minutes that ignores it.
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            "--bench" => {}
+            flag if VALUE_FLAGS.contains(&flag) => {
+                if rest.next().is_none() {
+                    bail!("{flag} needs a value\n{USAGE}");
+                }
+            }
+            other => bail!("unknown option {other:?}\n{USAGE}"),
+        }
+    }
     let value =
         |flag: &str| args.iter().enumerate().filter(|(_, a)| *a == flag).filter_map(|(i, _)| args.get(i + 1).cloned()).collect::<Vec<_>>();
     let backends = value("--backends").pop().unwrap_or_else(|| "copy,uring,sockmap".into());
