@@ -21,6 +21,9 @@ pub struct Flow {
     pub dropped: u64,
     /// Of those, skbs the program could not cut (the stream is broken).
     pub cut_failures: u64,
+    /// Bytes of sequence space the program never saw: an skb began past the next byte
+    /// due. The stream has a hole, so relay ends such a session with an error.
+    pub skipped: u64,
     /// [`MODE_REDIRECT`] or [`MODE_PASS`].
     pub mode: u32,
     /// How many times the direction fell back to userspace.

@@ -163,7 +163,8 @@ fn settle(engine: &Sockmap, bytes: &ByteCounters, viewer: &Socket, hypervisor: &
     bytes.to_hypervisor.fetch_add(flows.0.map_or(0, |f| f.redirected), Ordering::Relaxed);
     bytes.to_viewer.fetch_add(flows.1.map_or(0, |f| f.redirected), Ordering::Relaxed);
     if let (Some(up), Some(down)) = flows
-        && (up.trimmed + down.trimmed + up.dropped + down.dropped > 0 || tracing::enabled!(tracing::Level::DEBUG))
+        && (up.trimmed + down.trimmed + up.dropped + down.dropped + up.skipped + down.skipped > 0
+            || tracing::enabled!(tracing::Level::DEBUG))
     {
         tracing::info!(
             up_redirected = up.redirected,
@@ -176,6 +177,8 @@ fn settle(engine: &Sockmap, bytes: &ByteCounters, viewer: &Socket, hypervisor: &
             down_trimmed = down.trimmed,
             dropped = up.dropped + down.dropped,
             cut_failures = up.cut_failures + down.cut_failures,
+            up_skipped = up.skipped,
+            down_skipped = down.skipped,
             "sockmap session counters"
         );
     }

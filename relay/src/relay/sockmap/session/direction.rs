@@ -34,10 +34,9 @@ pub(super) async fn direction(
         let ready = guard.ready();
         let ending = ready.is_read_closed() || ready.is_error();
         let flow = engine.flow(from.cookie);
-        if flow.is_some_and(|f| f.cut_failures > 0) {
-            // The program dropped an skb it could not cut: end the console rather than
-            // relay a stream with a hole in it.
-            return Err(Failure::reading(dir, io::Error::other("the kernel relay lost bytes (an overlap it could not cut)")));
+        if let Some(hole) = flow.and_then(hole) {
+            // End the console rather than relay a stream with a hole in it.
+            return Err(Failure::reading(dir, io::Error::other(hole)));
         }
         if !ending && flow.is_some_and(|f| f.passed == read_total) {
             guard.clear_ready();
@@ -102,6 +101,17 @@ pub(super) async fn direction(
             limit = limit.max(redirected_acked + engine.in_flight_cap);
             engine.grant(from.cookie, Grant { limit, resumed_at: read_total });
         }
+    }
+}
+
+/// Why the bytes the program moved have a hole in them, if they do.
+fn hole(flow: relay_common::Flow) -> Option<String> {
+    if flow.cut_failures > 0 {
+        Some("the kernel relay lost bytes (an overlap it could not cut)".into())
+    } else if flow.skipped > 0 {
+        Some(format!("the kernel relay lost bytes ({} bytes never reached the program)", flow.skipped))
+    } else {
+        None
     }
 }
 
