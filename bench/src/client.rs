@@ -29,9 +29,6 @@ pub enum Door {
 pub struct Target {
     pub addr: SocketAddr,
     pub door: Door,
-    /// How long a connection waits after opening before it is measured (a proxy that
-    /// changes how it relays a connection after a while is measured after the change).
-    pub settle: std::time::Duration,
 }
 
 pub enum Conn {

@@ -128,25 +128,21 @@ async fn one_path(relay_bin: &Path, dir: &Path, hv: &Hypervisor, key: &str, shap
     let mut relay = None;
     let mut peer: Option<Proc> = None;
     let (target, pid) = match key {
-        "direct" => (Target { settle: Duration::ZERO, addr: hv.addr, door: Door::Raw }, None),
+        "direct" => (Target { addr: hv.addr, door: Door::Raw }, None),
         "haproxy" => {
             let (mut proc, addr) = procs::start_haproxy(hv.addr, dir, nofile)?;
             procs::wait_listening(&mut proc, addr).await?;
             let pid = proc.pid();
             peer = Some(proc);
-            (Target { settle: Duration::ZERO, addr, door: Door::Raw }, Some(pid))
+            (Target { addr, door: Door::Raw }, Some(pid))
         }
         _ => {
             let (door, backend) = key.split_once('-').context("a relay path")?;
             let r = procs::start_relay(relay_bin, dir, backend)?;
             let token = r.token(hv.addr).await?;
             let target = match door {
-                "ws" => Target { settle: Duration::ZERO, addr: r.ws, door: Door::Ws { token: Some(token) } },
-                // auto moves a console to the kernel after `kernel_after_ms`: measured once it has.
-                _ => {
-                    let settle = if backend == "auto" { procs::AUTO_SETTLE } else { Duration::ZERO };
-                    Target { settle, addr: r.connect, door: Door::Connect { token } }
-                }
+                "ws" => Target { addr: r.ws, door: Door::Ws { token: Some(token) } },
+                _ => Target { addr: r.connect, door: Door::Connect { token } },
             };
             let pid = r.proc.pid();
             relay = Some(r);
@@ -161,7 +157,6 @@ async fn one_path(relay_bin: &Path, dir: &Path, hv: &Hypervisor, key: &str, shap
 /// Opens the consoles, lets them run, and measures the window.
 async fn farm(target: &Target, pid: Option<u32>, shape: Shape) -> Result<FarmResult> {
     let conns = open_all(target, shape).await?;
-    tokio::time::sleep(target.settle).await;
     let warm_up = shape.interval + Duration::from_secs(1);
     let start = Instant::now();
     let measure_from = start + warm_up;

@@ -263,15 +263,9 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             continue;
         }
         let target = match p.key {
-            "direct" => Ok((Target { settle: Duration::ZERO, addr: hv.addr, door: Door::Raw }, None)),
-            "connect" => Ok((
-                Target { settle: Duration::ZERO, addr: relay.connect, door: Door::Connect { token: token.clone() } },
-                Some(relay.proc.pid()),
-            )),
-            "ws" => Ok((
-                Target { settle: Duration::ZERO, addr: relay.ws, door: Door::Ws { token: Some(token.clone()) } },
-                Some(relay.proc.pid()),
-            )),
+            "direct" => Ok((Target { addr: hv.addr, door: Door::Raw }, None)),
+            "connect" => Ok((Target { addr: relay.connect, door: Door::Connect { token: token.clone() } }, Some(relay.proc.pid()))),
+            "ws" => Ok((Target { addr: relay.ws, door: Door::Ws { token: Some(token.clone()) } }, Some(relay.proc.pid()))),
             kernel @ ("connect-sockmap" | "connect-uring" | "connect-auto" | "ws-uring") => {
                 let backend = backend_of(kernel);
                 let sub = dir.join(kernel);
@@ -281,15 +275,9 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
                     Ok(other) => match other.token(hv.addr).await {
                         Ok(t) => {
                             let target = if kernel.starts_with("ws") {
-                                (
-                                    Target { settle: Duration::ZERO, addr: other.ws, door: Door::Ws { token: Some(t) } },
-                                    Some(other.proc.pid()),
-                                )
+                                (Target { addr: other.ws, door: Door::Ws { token: Some(t) } }, Some(other.proc.pid()))
                             } else {
-                                // auto moves a console to the kernel after `kernel_after_ms`:
-                                // measured once it has.
-                                let settle = if kernel == "connect-auto" { procs::AUTO_SETTLE } else { Duration::ZERO };
-                                (Target { settle, addr: other.connect, door: Door::Connect { token: t } }, Some(other.proc.pid()))
+                                (Target { addr: other.connect, door: Door::Connect { token: t } }, Some(other.proc.pid()))
                             };
                             kernel_relays.push(other);
                             Ok(target)
@@ -317,9 +305,9 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
                             let pid = proc.pid();
                             extra_procs.push(proc);
                             if key == "haproxy" {
-                                haproxy = Some((pid, Target { settle: Duration::ZERO, addr, door: door.clone() }));
+                                haproxy = Some((pid, Target { addr, door: door.clone() }));
                             }
-                            Ok((Target { settle: Duration::ZERO, addr, door }, Some(pid)))
+                            Ok((Target { addr, door }, Some(pid)))
                         }
                         Err(e) => Err(e),
                     },
@@ -505,8 +493,8 @@ async fn relay_idle_memory(
         let relay = procs::start_relay(relay_bin, dir, backend)?;
         let token = relay.token(hv.addr).await?;
         let target = match door {
-            door if door.starts_with("connect") => Target { settle: Duration::ZERO, addr: relay.connect, door: Door::Connect { token } },
-            _ => Target { settle: Duration::ZERO, addr: relay.ws, door: Door::Ws { token: Some(token) } },
+            door if door.starts_with("connect") => Target { addr: relay.connect, door: Door::Connect { token } },
+            _ => Target { addr: relay.ws, door: Door::Ws { token: Some(token) } },
         };
         let live = async || relay.sessions_active().await.ok();
         measure::idle_memory(&target, relay.proc.pid(), steps, live, IDLE_CAP).await

@@ -53,7 +53,6 @@ pub async fn throughput(
 ) -> Result<Rate> {
     let per = (total / conns as u64).max(1);
     let opened = futures_util::future::try_join_all((0..conns).map(|_| target.open(Buffers::Bulk))).await?;
-    tokio::time::sleep(target.settle).await;
     let received = Arc::new(AtomicU64::new(0));
     let sunk_before = hv.sunk.load(Ordering::Relaxed);
     let start = Instant::now();
@@ -130,7 +129,6 @@ pub const PING_BYTES: usize = 8;
 /// Round trips of an 8-byte message through the echo mode, one at a time.
 pub async fn latency(target: &Target, pings: usize, cap: Duration) -> Result<Latency> {
     let mut conn = target.open(Buffers::Bulk).await?;
-    tokio::time::sleep(target.settle).await;
     conn.write_all(&command(hv::MODE_ECHO, 0)).await?;
     let msg = Bytes::from_static(b"pingpong");
     let mut back = [0u8; PING_BYTES];

@@ -81,8 +81,6 @@ pub struct Relay {
 /// relay's default hand-over time, for the `auto` path; the others hand over at once, so
 /// each back-end is measured from a console's first byte.
 pub const AUTO_KERNEL_AFTER: std::time::Duration = std::time::Duration::from_millis(1000);
-/// How long the `auto` path's connections wait before being measured: past the hand-over.
-pub const AUTO_SETTLE: std::time::Duration = std::time::Duration::from_millis(1300);
 
 pub fn start_relay(binary: &Path, dir: &Path, backend: &str) -> Result<Relay> {
     start_relay_with(binary, dir, backend, "[store]\nbackend = \"memory\"\n")

@@ -9,7 +9,6 @@ use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 /// The sources compared, in the order they are reported.
 pub const SOURCES: [&str; 3] = ["store", "jwt", "nova"];
@@ -48,7 +47,7 @@ pub async fn run(relay_bin: &Path, dir: &Path, hv: SocketAddr, handshakes: usize
             "jwt" => sign(relay_bin, &secret, hv)?,
             _ => NOVA_TOKEN.to_string(),
         };
-        targets.push((*source, Target { addr: relay.connect, door: Door::Connect { token }, settle: Duration::ZERO }, relay.proc.pid()));
+        targets.push((*source, Target { addr: relay.connect, door: Door::Connect { token } }, relay.proc.pid()));
     }
     let measured = measure::opening_rounds("source", &targets, db.pid(), handshakes, inflight, rounds).await?;
     Ok(SourceRates { rates: measured.rates, cpu_ms: measured.cpu_ms })

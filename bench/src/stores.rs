@@ -57,7 +57,7 @@ pub async fn run(relay_bin: &Path, dir: &Path, hv: SocketAddr, handshakes: usize
     let mut targets = Vec::new();
     for (store, relay) in &relays {
         let token = relay.token(hv).await.with_context(|| format!("token on the {store} store"))?;
-        targets.push((*store, Target { addr: relay.connect, door: Door::Connect { token }, settle: Duration::ZERO }, relay.proc.pid()));
+        targets.push((*store, Target { addr: relay.connect, door: Door::Connect { token } }, relay.proc.pid()));
     }
     let measured = measure::opening_rounds("store", &targets, redis.pid(), handshakes, inflight, rounds).await?;
 
@@ -102,7 +102,7 @@ async fn fanout(fleet: &[Relay], hv: SocketAddr) -> Result<Vec<Duration>> {
         let token = reply["token"].as_str().context("token")?.to_string();
         let mut consoles = Vec::new();
         for relay in fleet {
-            let target = Target { addr: relay.connect, door: Door::Connect { token: token.clone() }, settle: Duration::ZERO };
+            let target = Target { addr: relay.connect, door: Door::Connect { token: token.clone() } };
             for _ in 0..CONSOLES_EACH {
                 consoles.push(target.open(Buffers::Small).await?);
             }

@@ -78,6 +78,57 @@ async fn each_way_byte_exact(relay: TestRelay, size: usize) {
     assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), size);
 }
 
+/// Past the hand-over time, a console moves to the kernel only once it carries
+/// `kernel_min_bytes_per_sec`: a typing console stays on copy however long it lives; a
+/// streaming one moves, and both keep every byte.
+pub async fn only_a_busy_console_moves_to_the_kernel(default: TestRelay, backend: Backend) {
+    // Needs its own relay: the hand-over rule is configuration.
+    drop(default);
+    let relay = start(backend, |c| {
+        c.relay.kernel_after_ms = 200;
+        c.relay.kernel_min_bytes_per_sec = 1_000_000;
+    })
+    .await;
+    let hv = FakeVnc::start(Script::echo()).await;
+    let hand_overs = async || relay.ctl(Request::Stats).await.unwrap()["relay"]["hand_overs"].clone();
+    // Keystrokes: 256 bytes each way every 20 ms (25 KB/s) for 1.2 s, six looks.
+    let mut typing = console(&relay, "vm-typing", &hv).await;
+    let mut echo = [0u8; 256];
+    for i in 0..60u8 {
+        typing.write_all(&[i; 256]).await.unwrap();
+        typing.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, [i; 256], "keystroke {i} echoed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hand_overs().await, 0, "a typing console stays on copy");
+    // A stream of 64 KiB blocks (several MB/s) for 1.2 s: it moves, in a quiet moment
+    // between blocks.
+    let mut streaming = console(&relay, "vm-streaming", &hv).await;
+    let started = Instant::now();
+    let mut offset = 0;
+    while started.elapsed() < Duration::from_millis(1200) {
+        let block = pattern(offset, 64 << 10);
+        streaming.write_all(&block).await.unwrap();
+        let mut back = vec![0u8; block.len()];
+        streaming.read_exact(&mut back).await.unwrap();
+        assert!(back == block, "block at {offset} echoed whole");
+        offset += block.len();
+    }
+    let moved = if backend == Backend::Copy { 0 } else { 1 };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while hand_overs().await != moved && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hand_overs().await, moved, "the streaming console moved");
+    // Both still carry bytes, each on its own back-end.
+    for s in [&mut typing, &mut streaming] {
+        s.write_all(b"still there").await.unwrap();
+        let mut back = [0u8; 11];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"still there");
+    }
+}
+
 /// A console bound for a kernel back-end starts on copy and moves between bursts of a
 /// stream, once no byte is held in relay: none lost, doubled or reordered across the move.
 pub async fn a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order(default: TestRelay, backend: Backend) {

@@ -144,6 +144,25 @@ async fn read_screen<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, size: (&mut u
     }
 }
 
+/// Whole frames one after another for `time`, after [`resized_framebuffer`] has set the
+/// pixel format: a console busy enough for relay to move it to the kernel. Returns the
+/// bytes of pixels that came.
+pub async fn busy_for<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    (w, h): (&mut u16, &mut u16),
+    time: Duration,
+) -> Result<usize, ViewerError> {
+    let until = tokio::time::Instant::now() + time;
+    let (mut fw, mut fh) = (*w as usize, *h as usize);
+    let mut bytes = 0;
+    while tokio::time::Instant::now() < until {
+        bytes +=
+            tokio::time::timeout(Duration::from_secs(30), read_frame(s, &mut fw, &mut fh)).await.map_err(|_| ViewerError::Timeout)??.len();
+    }
+    (*w, *h) = (fw as u16, fh as u16);
+    Ok(bytes)
+}
+
 /// One full, non-incremental frame.
 async fn read_frame<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, w: &mut usize, h: &mut usize) -> Result<Vec<u8>, ViewerError> {
     let request = |w: usize, h: usize| {

@@ -25,6 +25,7 @@ macro_rules! conformance {
                 a_thousand_consoles_open_and_close_without_leaks,
                 live_byte_counts_include_what_the_back_end_moved,
                 a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order,
+                only_a_busy_console_moves_to_the_kernel,
                 uneven_reads_and_writes_keep_every_byte_in_order,
                 the_hypervisors_end_is_the_cause_even_when_the_viewer_then_resets,
                 tls_consoles_each_cipher_byte_exact_each_way,

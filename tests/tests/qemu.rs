@@ -5,7 +5,7 @@ use relay::relay::lifecycle::Cause;
 use relay_tests::env;
 use relay_tests::hypervisor::{Qemu, VncAuth};
 use relay_tests::relay_server::{TestRelay, new_token, with_hypervisor_password};
-use relay_tests::viewer::{distinct_colours, framebuffer, handshake, resized_framebuffer};
+use relay_tests::viewer::{busy_for, distinct_colours, framebuffer, handshake, resized_framebuffer};
 use tokio::io::AsyncReadExt;
 
 #[tokio::test]
@@ -52,7 +52,7 @@ async fn wrong_hypervisor_password_reaches_the_viewer_as_a_reason() {
     assert_eq!(stats["counters"]["sessions_started"], 0);
 }
 
-/// relay's default configuration moves a raw console to the kernel after its first
+/// relay's default configuration moves a busy raw console to the kernel after its first
 /// second (sockmap where relay may load its program): QEMU's screen still arrives whole
 /// after the move, and the move is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,14 +66,16 @@ async fn connect_door_console_keeps_working_after_moving_to_the_kernel() {
     let init = handshake(&mut viewer, b"RFB 003.008\n", None).await.expect("RFB through relay");
     let mut size = (init.width, init.height);
     let before = resized_framebuffer(&mut viewer, (&mut size.0, &mut size.1)).await.expect("a full framebuffer update on copy");
-    // Past the hand-over time, with nothing in flight: the console moves.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // Whole screens for past the hand-over time (over 1 MB/s, the default bar for a move);
+    // then, with nothing in flight, the console moves.
+    let shown = busy_for(&mut viewer, (&mut size.0, &mut size.1), std::time::Duration::from_millis(1500)).await.expect("screens on copy");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let after = resized_framebuffer(&mut viewer, (&mut size.0, &mut size.1)).await.expect("a full framebuffer update after the move");
     assert_eq!(after.len(), before.len());
     assert!(distinct_colours(&after) >= 2, "the firmware screen is not blank");
     let stats = relay.ctl(relay::control::proto::Request::Stats).await.unwrap();
     let moved = if stats["relay"]["raw"] == "copy" { 0 } else { 1 };
-    assert_eq!(stats["relay"]["hand_overs"], moved, "{stats}");
+    assert_eq!(stats["relay"]["hand_overs"], moved, "{shown} bytes of screens in 1.5 s: {stats}");
 }
 
 /// QEMU killed under live consoles, one per door, on relay's default configuration (the
@@ -87,10 +89,17 @@ async fn a_killed_hypervisor_is_the_end_on_both_doors() {
     let relay = TestRelay::start().await;
     let token = relay.token("vm-q5", qemu.addr()).await;
     let mut raw = relay.connect_door(&token).await.expect("200 from the CONNECT door");
-    handshake(&mut raw, b"RFB 003.008\n", None).await.expect("RFB through relay");
+    let init = handshake(&mut raw, b"RFB 003.008\n", None).await.expect("RFB through relay");
     let mut ws = relay.websocket(&format!("/?token={token}"), &[]).await.expect("upgrade");
     handshake(&mut ws, b"RFB 003.008\n", None).await.expect("RFB through relay");
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // The raw console busy past the hand-over time, so that it moves to the kernel.
+    let mut size = (init.width, init.height);
+    resized_framebuffer(&mut raw, (&mut size.0, &mut size.1)).await.expect("a screen");
+    busy_for(&mut raw, (&mut size.0, &mut size.1), std::time::Duration::from_millis(1500)).await.expect("screens on copy");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let stats = relay.ctl(relay::control::proto::Request::Stats).await.unwrap();
+    let moved = if stats["relay"]["raw"] == "copy" { 0 } else { 1 };
+    assert_eq!(stats["relay"]["hand_overs"], moved, "the raw console moved before the kill: {stats}");
     qemu.kill();
     let mut sink = vec![0u8; 1 << 16];
     // The viewers see the end (a clean one, or a reset passed on), then reset their side.

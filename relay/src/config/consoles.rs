@@ -126,6 +126,11 @@ pub struct Relay {
     /// short ones (probes, abandoned password prompts) never pay the hand-off; 0 hands
     /// over at once.
     pub kernel_after_ms: u64,
+    /// Past `kernel_after_ms`, a console moves only once it carried at least this many
+    /// bytes a second (both ways together) since the last look (after `kernel_after_ms`,
+    /// then twice as long each time, up to 8×): typing and small screen updates stay on
+    /// copy, where a farm of them had the shortest tail. 0 moves every console.
+    pub kernel_min_bytes_per_sec: u64,
     /// After both handshakes, move TLS legs' records into the kernel (kTLS) where it
     /// offers the negotiated version and cipher.
     pub kernel_tls: bool,
@@ -133,7 +138,13 @@ pub struct Relay {
 
 impl Default for Relay {
     fn default() -> Self {
-        Relay { backend: Backend::Auto, in_flight_bytes: 1 << 20, kernel_after_ms: 1000, kernel_tls: true }
+        Relay {
+            backend: Backend::Auto,
+            in_flight_bytes: 1 << 20,
+            kernel_after_ms: 1000,
+            kernel_min_bytes_per_sec: 1_000_000,
+            kernel_tls: true,
+        }
     }
 }
 

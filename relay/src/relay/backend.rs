@@ -13,7 +13,6 @@ use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// How long a peer may take to finish a TLS record it had begun when its TLS moves into
@@ -69,8 +68,8 @@ pub struct Relays {
     pub framed: Choice,
     /// Raw consoles with TLS on a side, once the kernel carries it (kTLS).
     pub kernel_tls: Choice,
-    /// How long a console bound for a kernel back-end runs on `copy` first (None: none).
-    kernel_after: Option<Duration>,
+    /// When a console bound for a kernel back-end leaves `copy` (None: at once).
+    hand_over: Option<copy::HandOver>,
     /// Consoles moved from `copy` to a kernel back-end after `kernel_after`; one the
     /// kernel refused, and `copy` took back, is not counted.
     hand_overs: AtomicU64,
@@ -125,7 +124,10 @@ impl Relays {
             kernel_tls,
             // WebSocket over bare TCP can be framed on the ring; TLS stays in userspace.
             framed: if raw == Choice::Uring { Choice::Uring } else { Choice::Copy },
-            kernel_after: (config.kernel_after_ms > 0).then(|| Duration::from_millis(config.kernel_after_ms)),
+            hand_over: (config.kernel_after_ms > 0).then(|| copy::HandOver {
+                after: Duration::from_millis(config.kernel_after_ms),
+                min_rate: config.kernel_min_bytes_per_sec,
+            }),
             hand_overs: AtomicU64::new(0),
             ktls,
             kernel_tls_legs: AtomicU64::new(0),
@@ -141,8 +143,11 @@ impl Relays {
             notes.push(format!("io_uring: {} rings, one per core", uring.rings()));
         }
         if relays.raw != Choice::Copy || relays.framed != Choice::Copy || relays.kernel_tls != Choice::Copy {
-            notes.push(match relays.kernel_after {
-                Some(after) => format!("consoles move to the kernel after {after:?} on copy"),
+            notes.push(match relays.hand_over {
+                Some(h) if h.min_rate > 0 => {
+                    format!("consoles move to the kernel after {:?} on copy, once they carry {} bytes/s", h.after, h.min_rate)
+                }
+                Some(h) => format!("consoles move to the kernel after {:?} on copy", h.after),
                 None => "consoles move to the kernel at once".into(),
             });
         }
@@ -163,7 +168,7 @@ impl Relays {
             raw: self.raw,
             framed: self.framed,
             kernel_tls: self.kernel_tls,
-            kernel_after_ms: self.kernel_after.map_or(0, |d| d.as_millis() as u64),
+            kernel_after_ms: self.hand_over.map_or(0, |h| h.after.as_millis() as u64),
             hand_overs: self.hand_overs.load(Ordering::Relaxed),
             sockmap_flows,
             sockmap_sockets,
@@ -178,8 +183,9 @@ impl Relays {
 
     /// Relays one session on the back-end its kind was given; resolves to how it ended
     /// and which back-end carried it. A console bound for a kernel back-end starts on
-    /// `copy` and moves once it has lived `kernel_after` (or at once without it), so short
-    /// ones never pay the hand-off. Boxed per back-end, so a live console holds the state
+    /// `copy` and moves once it has lived `kernel_after_ms` and carries
+    /// `kernel_min_bytes_per_sec` (or at once without them), so short and quiet ones never
+    /// pay the hand-off. Boxed per back-end, so a live console holds the state
     /// of its own back-end only.
     pub fn run<V: Peer + 'static, H: Peer + 'static>(
         self: &Arc<Self>,
@@ -254,8 +260,8 @@ impl Relays {
         let Some(kernel) = kernel else {
             return (Box::pin(copy::run_to_end(pair, &mut control, limits)).await, Choice::Copy);
         };
-        let pair = match self.kernel_after {
-            Some(after) => match Box::pin(copy::run(pair, &mut control, limits, Some(Instant::now() + after))).await {
+        let pair = match self.hand_over {
+            Some(rule) => match Box::pin(copy::run(pair, &mut control, limits, Some(rule))).await {
                 copy::Outcome::Ended(ended) => return (ended, Choice::Copy),
                 copy::Outcome::HandOver(pair) => pair,
             },
@@ -263,7 +269,7 @@ impl Relays {
         };
         // A move counts once the kernel back-end has the console.
         let moved = || {
-            if self.kernel_after.is_some() {
+            if self.hand_over.is_some() {
                 self.hand_overs.fetch_add(1, Ordering::Relaxed);
             }
         };

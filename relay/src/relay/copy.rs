@@ -1,5 +1,6 @@
 //! The portable userspace relay: one task, two pumps, any pair of streams. It also
-//! carries a console that will move to a kernel back-end until the hand-over time.
+//! carries a console that will move to a kernel back-end until the hand-over time, and
+//! past it while the console is too quiet to be worth moving.
 
 use super::duplex::{Carrier, Event, drive};
 use super::lifecycle::{Direction, Ended, Side};
@@ -20,6 +21,21 @@ use tokio::time::{Instant, Sleep};
 /// receiver) costs little.
 const HAND_OVER_RETRY: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(250));
 
+/// How much longer each look at a quiet console waits than the last, up to 8× the
+/// hand-over time: a crowd of idle consoles should not wake every second for nothing.
+const QUIET_LOOKS: (u32, u32) = (2, 8);
+
+/// When a console bound for a kernel back-end may leave the userspace relay.
+#[derive(Debug, Clone, Copy)]
+pub struct HandOver {
+    /// How long it stays here first, and how soon its traffic is looked at again after
+    /// that (longer each time it is found quiet).
+    pub after: Duration,
+    /// The least it must have carried since the last look, in bytes a second (both ways
+    /// together), to move; 0 moves any console.
+    pub min_rate: u64,
+}
+
 /// How the userspace relay let go of a session.
 pub enum Outcome<V, H> {
     Ended(Ended),
@@ -36,13 +52,13 @@ pub async fn run_to_end<V: Peer, H: Peer>(pair: Established<V, H>, control: &mut
     }
 }
 
-/// Relays until the session ends or, with `hand_over_at`, until the first moment from
-/// then on when both directions are open and no byte is held.
+/// Relays until the session ends or, with `hand_over`, until the first moment past its
+/// time when the console is busy enough, both directions are open and no byte is held.
 pub async fn run<V: Peer, H: Peer>(
     pair: Established<V, H>,
     control: &mut Control,
     limits: Limits,
-    hand_over_at: Option<Instant>,
+    hand_over: Option<HandOver>,
 ) -> Outcome<V, H> {
     let Established { mut viewer, hypervisor } = pair;
     if let Some(every) = limits.ws_ping {
@@ -50,7 +66,7 @@ pub async fn run<V: Peer, H: Peer>(
     }
     // A console that will move to the kernel starts with small buffers: they are freed at
     // the move, and the heap keeps what it has grown to.
-    let first = if hand_over_at.is_some() { SMALL_BUFFER } else { BUFFER };
+    let first = if hand_over.is_some() { SMALL_BUFFER } else { BUFFER };
     let mut pumps = Pumps {
         up: Pump::new(viewer.prefix, first, limits.buffer_bytes),
         down: Pump::new(hypervisor.prefix, first, limits.buffer_bytes),
@@ -58,7 +74,14 @@ pub async fn run<V: Peer, H: Peer>(
         hypervisor: hypervisor.io,
         bytes: control.bytes.clone(),
         reported: [false; 2],
-        hand_over: hand_over_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
+        hand_over: hand_over.map(|rule| Waiting {
+            rule,
+            timer: Box::pin(tokio::time::sleep(rule.after)),
+            busy: rule.min_rate == 0,
+            seen: 0,
+            looked: Instant::now(),
+            every: rule.after,
+        }),
         retry: HAND_OVER_RETRY.0,
     };
     match drive(&mut pumps, control, &limits).await {
@@ -76,10 +99,26 @@ struct Pumps<V, H> {
     bytes: Arc<ByteCounters>,
     /// Directions whose end has been reported.
     reported: [bool; 2],
-    /// When to try letting go of the console for a kernel back-end. Boxed: most consoles
-    /// never arm it, and a live console's task should not carry a timer's room.
-    hand_over: Option<Pin<Box<Sleep>>>,
+    /// A hand-over still to come.
+    hand_over: Option<Waiting>,
     retry: Duration,
+}
+
+/// A hand-over waiting for its time, for the console to be busy enough, then for a
+/// quiet moment.
+struct Waiting {
+    rule: HandOver,
+    /// Boxed: most consoles never have one, and a live console's task should not carry
+    /// a timer's room.
+    timer: Pin<Box<Sleep>>,
+    /// The console carried `rule.min_rate` over the last look: only a quiet moment is
+    /// still awaited.
+    busy: bool,
+    /// Bytes carried both ways at the last look, and when it was.
+    seen: u64,
+    looked: Instant,
+    /// How long until the next look while the console stays quiet.
+    every: Duration,
 }
 
 impl<V: Peer, H: Peer> Pumps<V, H> {
@@ -110,24 +149,45 @@ impl<V: Peer, H: Peer> Pumps<V, H> {
     /// written before the kernel may start, and a receiver that stalls meanwhile could
     /// hold up the other direction for good. A half-closed console finishes here.
     fn poll_hand_over(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        let Some(sleep) = self.hand_over.as_mut() else { return Poll::Pending };
-        if sleep.as_mut().poll(cx).is_pending() {
+        let Some(pending) = self.hand_over.as_mut() else { return Poll::Pending };
+        if pending.timer.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
         if !(self.up.reading() && self.down.reading()) {
             self.hand_over = None;
             return Poll::Pending;
         }
-        if self.up.empty() && self.down.empty() {
+        let wait = if !pending.busy && !pending.look(self.bytes.snapshot()) {
+            pending.every
+        } else if self.up.empty() && self.down.empty() {
             self.hand_over = None;
             return Poll::Ready(Event::Released);
-        }
-        let wait = self.retry;
-        self.retry = (self.retry * 2).min(HAND_OVER_RETRY.1);
-        sleep.as_mut().reset(Instant::now() + wait);
+        } else {
+            let wait = self.retry;
+            self.retry = (self.retry * 2).min(HAND_OVER_RETRY.1);
+            wait
+        };
+        pending.timer.as_mut().reset(Instant::now() + wait);
         // Registers the new deadline's waker.
-        let _ = sleep.as_mut().poll(cx);
+        let _ = pending.timer.as_mut().poll(cx);
         Poll::Pending
+    }
+}
+
+impl Waiting {
+    /// Looks at what the console carried since the last look; true once it is busy
+    /// enough to move. Typing and small screen updates stay in userspace: a farm of such
+    /// consoles had a shorter tail on copy than moved to sockmap (docs/benchmarks.md).
+    fn look(&mut self, (up, down): (u64, u64)) -> bool {
+        let carried = (up + down).saturating_sub(self.seen);
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.looked).as_secs_f64();
+        (self.seen, self.looked) = (up + down, now);
+        self.busy = carried as f64 >= self.rule.min_rate as f64 * elapsed;
+        if !self.busy {
+            self.every = (self.every * QUIET_LOOKS.0).min(self.rule.after * QUIET_LOOKS.1);
+        }
+        self.busy
     }
 }
 
@@ -150,5 +210,35 @@ impl<V: Peer, H: Peer> Carrier for Pumps<V, H> {
     async fn close(&mut self) {
         let _ = self.viewer.shutdown().await;
         let _ = self.hypervisor.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(after: Duration, min_rate: u64) -> Waiting {
+        let rule = HandOver { after, min_rate };
+        Waiting { rule, timer: Box::pin(tokio::time::sleep(after)), busy: false, seen: 0, looked: Instant::now(), every: after }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_console_is_looked_at_less_and_less_often_then_moves_once_busy() {
+        let second = Duration::from_secs(1);
+        let mut w = waiting(second, 1000);
+        // 500 bytes a second: under the bar; the next look comes twice as late each time,
+        // up to 8 seconds.
+        let mut total = 0;
+        for expected in [2, 4, 8, 8] {
+            tokio::time::advance(w.every).await;
+            total += 500 * w.every.as_secs();
+            assert!(!w.look((total, 0)), "quiet at {total} bytes");
+            assert_eq!(w.every, second * expected);
+        }
+        // 1000 bytes a second since the last look, both ways together: busy.
+        tokio::time::advance(w.every).await;
+        total += 500 * w.every.as_secs();
+        assert!(w.look((total, 500 * w.every.as_secs())));
+        assert!(w.busy);
     }
 }
