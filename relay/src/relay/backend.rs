@@ -70,8 +70,8 @@ pub struct Relays {
     pub kernel_tls: Choice,
     /// When a console bound for a kernel back-end leaves `copy` (None: at once).
     hand_over: Option<copy::HandOver>,
-    /// Consoles moved from `copy` to a kernel back-end after `kernel_after`; one the
-    /// kernel refused, and `copy` took back, is not counted.
+    /// Consoles moved from `copy` to a kernel back-end by `hand_over`; one the kernel
+    /// refused, and `copy` took back, is not counted.
     hand_overs: AtomicU64,
     /// What kTLS the kernel offers (probed at start-up, or off by configuration).
     ktls: Ktls,
@@ -196,10 +196,12 @@ impl Relays {
         let relays = self.clone();
         Box::pin(async move {
             if matches!(relays.ktls, Ktls::Available(_)) {
-                let moved = async {
+                // Boxed, like each back-end below: a console's task keeps room only for
+                // the phase it is in (one unboxed future reserved 5 KiB for every phase).
+                let moved = Box::pin(async {
                     relays.tls_into_kernel(&mut pair.viewer.io, Side::Viewer).await?;
                     relays.tls_into_kernel(&mut pair.hypervisor.io, Side::Hypervisor).await
-                };
+                });
                 let moved = tokio::select! {
                     biased;
                     reason = control.stopped() => Err(Ended::Stopped(reason)),
@@ -274,8 +276,8 @@ impl Relays {
             }
         };
         match kernel {
-            Choice::Sockmap => self.on_sockmap(pair, control, limits, moved).await,
-            _ => self.on_uring(pair, control, limits, spliced, moved).await,
+            Choice::Sockmap => Box::pin(self.on_sockmap(pair, control, limits, moved)).await,
+            _ => Box::pin(self.on_uring(pair, control, limits, spliced, moved)).await,
         }
     }
 
