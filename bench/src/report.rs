@@ -283,7 +283,7 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
         "Paths: **direct**: the viewer connects to the fake hypervisor itself. **relay CONNECT door**: `CONNECT /console?token=…`, \
          then RFB; relay terminates RFB security on both sides and relays the rest, on the back-end named (`[relay] backend`: \
          copy, uring or sockmap; each kernel back-end in a relay process of its own, with `kernel_after_ms = 0` so it carries \
-         a console from its first byte; **auto** is relay's default: on copy first, moved to sockmap once a console has lived \
+         a console from its first byte; **auto** is relay's default: on copy first, moved to the io_uring back-end once a console has lived \
          1 s and carried at least 1 MB/s since the last look, so a bulk run starts on copy and moves about a second in, \
          while ping-pong, farm and idle consoles stay on copy). **relay WebSocket door**: `ws://…/?token=…` \
          with subprotocol `binary`, RFB in binary messages, on copy or uring. **socat**: `socat TCP-LISTEN:p,fork,reuseaddr TCP:hypervisor`. \
