@@ -1,6 +1,7 @@
-//! One direction of a userspace relay: read into a fixed buffer, write it all out,
-//! pass EOF on as a shutdown. Polled, so one task drives both directions without
-//! splitting the streams.
+//! One direction of a userspace relay: read into a buffer, write it all out, pass EOF on
+//! as a shutdown. Polled, so one task drives both directions without splitting the
+//! streams. The buffer is held only while bytes move: a pump waiting for its reader holds
+//! none, so a crowd of quiet consoles costs no buffers.
 
 use super::lifecycle::{Direction, Failure, is_truncation};
 use std::io;
@@ -26,14 +27,18 @@ impl PumpError {
     }
 }
 
-/// Where a pump's buffer starts: an idle console costs this much per direction.
+/// Where a pump's buffer starts.
 pub const BUFFER: usize = 4 << 10;
 /// Where it starts for a console that will soon move to a kernel back-end.
 pub const SMALL_BUFFER: usize = 512;
 
 pub struct Pump {
+    /// Empty (no allocation) while the pump waits for its reader with nothing held.
     buf: Vec<u8>,
-    /// The buffer grows up to this while reads keep filling it.
+    /// The size of the next buffer: doubled up to `max` while reads fill it, halved down
+    /// to `min` while they use a quarter of it or less.
+    size: usize,
+    min: usize,
     max: usize,
     start: usize,
     end: usize,
@@ -47,9 +52,8 @@ impl Pump {
     /// buffer of `first` bytes that grows up to `max` while reads fill it.
     pub fn new(pending: Vec<u8>, first: usize, max: usize) -> Pump {
         let end = pending.len();
-        let mut buf = pending;
-        buf.resize(first.min(max).max(end), 0);
-        Pump { buf, max, start: 0, end, read_eof: false, unflushed: false, finished: false }
+        let size = first.min(max);
+        Pump { buf: pending, size, min: size, max, start: 0, end, read_eof: false, unflushed: false, finished: false }
     }
 
     pub fn finished(&self) -> bool {
@@ -98,10 +102,8 @@ impl Pump {
                 self.finished = true;
                 return Poll::Ready(Ok(()));
             }
-            // The last read filled the buffer: the stream is busy, so read more at a time.
-            if self.end == self.buf.len() && self.buf.len() < self.max {
-                let grown = (self.buf.len() * 2).min(self.max);
-                self.buf.resize(grown, 0);
+            if self.buf.len() != self.size {
+                self.buf = vec![0; self.size];
             }
             let mut rb = ReadBuf::new(&mut self.buf);
             match reader.as_mut().poll_read(cx, &mut rb) {
@@ -109,6 +111,13 @@ impl Pump {
                     let n = rb.filled().len();
                     (self.start, self.end) = (0, n);
                     self.read_eof = n == 0;
+                    // A full read means the stream is busy: read more at a time. A small
+                    // one, less: a console that once streamed goes back to small buffers.
+                    if n == self.size {
+                        self.size = (self.size * 2).min(self.max);
+                    } else if n <= self.size / 4 {
+                        self.size = (self.size / 2).max(self.min);
+                    }
                 }
                 // A TLS peer that closed without close_notify ended its stream.
                 Poll::Ready(Err(e)) if is_truncation(&e) => {
@@ -118,7 +127,9 @@ impl Pump {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::Read(e))),
                 Poll::Pending => {
-                    // Nothing more to read for now: push out what the writer holds.
+                    // Nothing to read for now and nothing held: let the buffer go.
+                    self.buf = Vec::new();
+                    // Push out what the writer holds.
                     if self.unflushed {
                         ready!(writer.as_mut().poll_flush(cx)).map_err(PumpError::Write)?;
                         self.unflushed = false;
@@ -139,7 +150,6 @@ mod tests {
     async fn starts_small_grows_when_busy_and_keeps_order() {
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
         let mut pump = Pump::new(b"early".to_vec(), BUFFER, 64 << 10);
-        assert_eq!(pump.buf.len(), BUFFER);
         let mut reader = &data[..];
         let mut out = Vec::new();
         let counter = AtomicU64::new(0);
@@ -148,6 +158,34 @@ mod tests {
         assert!(out[5..] == data[..], "then every byte in order");
         assert_eq!(pump.buf.len(), 64 << 10, "a busy stream grew the buffer to its bound");
         assert_eq!(counter.load(Ordering::Relaxed), data.len() as u64 + 5);
+    }
+
+    #[tokio::test]
+    async fn a_pump_waiting_for_its_reader_holds_no_buffer() {
+        use tokio::io::AsyncWriteExt;
+        let (mut viewer, reader) = tokio::io::duplex(1 << 20);
+        let mut reader = Box::pin(reader);
+        let mut pump = Pump::new(Vec::new(), BUFFER, 64 << 10);
+        let (mut out, counter) = (Vec::new(), AtomicU64::new(0));
+        let mut poll = |pump: &mut Pump, out: &mut Vec<u8>| {
+            let waker = std::task::Waker::noop();
+            pump.poll(&mut Context::from_waker(waker), reader.as_mut(), Pin::new(out), &counter).is_pending()
+        };
+        for round in 0..3u8 {
+            // A burst bigger than the buffer: read in several goes, then nothing to read.
+            let burst = vec![round; 3 * BUFFER + 7];
+            viewer.write_all(&burst).await.unwrap();
+            assert!(poll(&mut pump, &mut out), "waits for more");
+            assert_eq!(pump.buf.capacity(), 0, "round {round}: no buffer held while waiting");
+            assert!(out.ends_with(&burst), "round {round}: the burst went out whole");
+        }
+        assert_eq!(out.len(), 3 * (3 * BUFFER + 7));
+        // Small reads bring a grown buffer back down to where it started.
+        for _ in 0..8 {
+            viewer.write_all(b"k").await.unwrap();
+            poll(&mut pump, &mut out);
+        }
+        assert_eq!(pump.size, BUFFER);
     }
 
     /// A TLS peer that closes without close_notify (rustls reports UnexpectedEof).
