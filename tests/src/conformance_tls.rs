@@ -6,7 +6,8 @@
 //! KeyUpdate. Where it has not (this machine), the same checks pass on rustls.
 //! `cargo xtask vmtest` runs them inside Debian's kernels (`vmcheck`).
 
-use crate::conformance::{BLOCK, numbered_block, read_numbered_words, start};
+use crate::conformance::start;
+use crate::conformance_order::{BLOCK, numbered_block, read_numbered_words};
 use crate::fake_hypervisor::{After, FakeVnc, Script, Security, pattern, read_pattern};
 use crate::pki::{Ca, Role};
 use crate::relay_server::{TestRelay, scratch_dir};

@@ -1,5 +1,6 @@
 pub mod browser;
 pub mod conformance;
+pub mod conformance_order;
 pub mod conformance_tls;
 pub mod env;
 pub mod fake_hypervisor;

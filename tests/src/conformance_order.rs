@@ -1,0 +1,255 @@
+//! Streams of numbered words, checked byte by byte on their way back: a console moved
+//! from copy to the kernel mid-stream, only a busy one moved at all, and uneven reads and
+//! writes (on sockmap, a direction falling back to userspace and resuming again and
+//! again). A misplaced byte says which word arrived where which was due.
+
+use crate::conformance::{console, start};
+use crate::fake_hypervisor::{FakeVnc, Script, pattern};
+use crate::relay_server::TestRelay;
+use relay::config::Backend;
+use relay::control::proto::Request;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Past the hand-over time, a console moves to the kernel only once it carries
+/// `kernel_min_bytes_per_sec`: a typing console stays on copy however long it lives; a
+/// streaming one moves, and both keep every byte.
+pub async fn only_a_busy_console_moves_to_the_kernel(default: TestRelay, backend: Backend) {
+    // Needs its own relay: the hand-over rule is configuration.
+    drop(default);
+    let relay = start(backend, |c| {
+        c.relay.kernel_after_ms = 200;
+        c.relay.kernel_min_bytes_per_sec = 1_000_000;
+    })
+    .await;
+    let hv = FakeVnc::start(Script::echo()).await;
+    let hand_overs = async || relay.ctl(Request::Stats).await.unwrap()["relay"]["hand_overs"].clone();
+    // Keystrokes: 256 bytes each way every 20 ms (25 KB/s) for 1.2 s, six looks.
+    let mut typing = console(&relay, "vm-typing", &hv).await;
+    let mut echo = [0u8; 256];
+    for i in 0..60u8 {
+        typing.write_all(&[i; 256]).await.unwrap();
+        typing.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, [i; 256], "keystroke {i} echoed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hand_overs().await, 0, "a typing console stays on copy");
+    // A stream of 64 KiB blocks (several MB/s) for 1.2 s: it moves, in a quiet moment
+    // between blocks.
+    let mut streaming = console(&relay, "vm-streaming", &hv).await;
+    let started = Instant::now();
+    let mut offset = 0;
+    while started.elapsed() < Duration::from_millis(1200) {
+        let block = pattern(offset, 64 << 10);
+        streaming.write_all(&block).await.unwrap();
+        let mut back = vec![0u8; block.len()];
+        streaming.read_exact(&mut back).await.unwrap();
+        assert!(back == block, "block at {offset} echoed whole");
+        offset += block.len();
+    }
+    let moved = if backend == Backend::Copy { 0 } else { 1 };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while hand_overs().await != moved && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hand_overs().await, moved, "the streaming console moved");
+    // Both still carry bytes, each on its own back-end.
+    for s in [&mut typing, &mut streaming] {
+        s.write_all(b"still there").await.unwrap();
+        let mut back = [0u8; 11];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"still there");
+    }
+}
+
+/// A console bound for a kernel back-end starts on copy and moves between bursts of a
+/// stream, once no byte is held in relay: none lost, doubled or reordered across the move.
+pub async fn a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order(default: TestRelay, backend: Backend) {
+    // Needs its own relay: the hand-over time is configuration.
+    drop(default);
+    let relay = start(backend, |c| c.relay.kernel_after_ms = 200).await;
+    let hv = FakeVnc::start(Script::echo()).await;
+    numbered_block();
+    let s = console(&relay, "vm-move", &hv).await;
+    // Bursts of 1 MiB for well past the hand-over time, each followed by a quiet moment once
+    // its echo is back (on a loaded, emulated machine relay may trail the writer by
+    // seconds, and a console that is never quiet rightly stays on copy). The viewer reads
+    // nothing until after the hand-over time, so the move waits for relay's buffers to empty.
+    let started = Instant::now();
+    let more = move |written| written < 4 * BLOCK || started.elapsed() < Duration::from_millis(3000);
+    let bursts = Writes { chunk: 1 << 20, pause: Duration::from_millis(40), more };
+    let echoed = echo_numbered_words(s, tokio::time::sleep(Duration::from_millis(400)), bursts).await;
+    assert_eq!(hv.shared().received.load(std::sync::atomic::Ordering::SeqCst), echoed);
+    let stats = relay.ctl(Request::Stats).await.unwrap();
+    let moved = if backend == Backend::Copy { 0 } else { 1 };
+    assert_eq!(stats["relay"]["hand_overs"], moved, "consoles moved from copy: {stats}");
+}
+
+/// A viewer that writes in uneven bursts and reads in fits and starts, with relay's
+/// in-flight cap at its least: on sockmap both directions keep falling back to userspace
+/// and resuming in the kernel, and no byte may be lost, doubled or reordered across any
+/// of those changes.
+pub async fn uneven_reads_and_writes_keep_every_byte_in_order(default: TestRelay, backend: Backend) {
+    drop(default);
+    let relay = start(backend, |_| {}).await;
+    let hv = FakeVnc::start(Script::echo()).await;
+    let s = console(&relay, "vm-uneven", &hv).await;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64 | 1;
+    eprintln!("uneven reads and writes: seed {seed}");
+    let (mut r, mut w) = s.into_split();
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let (block, mut random, mut written) = (numbered_block(), Random(seed), 0usize);
+        while written < 4 * BLOCK && started.elapsed() < Duration::from_secs(4) {
+            let at = written % BLOCK;
+            let part = &block[at..(at + 1 + random.below(2 << 20)).min(BLOCK)];
+            w.write_all(part).await.unwrap();
+            written += part.len();
+            // Quiet moments let a direction that fell back resume in the kernel.
+            if random.below(2) == 0 {
+                tokio::time::sleep(Duration::from_millis(1 + random.below(10) as u64)).await;
+            }
+        }
+        w.shutdown().await.unwrap();
+        written
+    });
+    let mut reader = Fitful { inner: &mut r, random: Random(seed.rotate_left(17)), pause: None };
+    let echoed = read_numbered_words(&mut reader, &AtomicUsize::new(0)).await;
+    assert_eq!(echoed, writer.await.unwrap(), "every byte written came back, then EOF");
+    assert_eq!(hv.shared().received.load(Ordering::SeqCst), echoed);
+}
+
+/// A small xorshift generator: the tests need variety, not quality.
+struct Random(u64);
+
+impl Random {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// A reader that now and then stops reading for a few milliseconds.
+struct Fitful<'a, R> {
+    inner: &'a mut R,
+    random: Random,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Fitful<'_, R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(pause) = self.pause.as_mut() {
+            std::task::ready!(pause.as_mut().poll(cx));
+            self.pause = None;
+        }
+        let this = &mut *self;
+        let room = buf.remaining().min(1 + this.random.below(64 << 10));
+        let mut part = ReadBuf::new(buf.initialize_unfilled_to(room));
+        std::task::ready!(Pin::new(&mut *this.inner).poll_read(cx, &mut part))?;
+        let n = part.filled().len();
+        buf.advance(n);
+        if this.random.below(8) == 0 {
+            this.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(this.random.below(20) as u64))));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// What the echo tests write at a time: numbered words over a 16 MiB period rather than a
+/// short one, so a misplaced byte says where it came from.
+pub const BLOCK: usize = 16 << 20;
+
+/// How [`echo_numbered_words`] writes: `chunk` bytes at a time (at most a block) while
+/// `more(bytes written)`; with a `pause`, after each chunk it waits for the echo of
+/// everything written so far, then for the pause, so every burst ends in a quiet moment.
+pub(crate) struct Writes<F> {
+    pub chunk: usize,
+    pub pause: Duration,
+    pub more: F,
+}
+
+/// Writes blocks of numbered words as `writes` says, then a FIN, and checks, reading once
+/// `read_from` resolves, that the echo brings back every byte in order; returns how many
+/// came back.
+pub(crate) async fn echo_numbered_words<F>(s: TcpStream, read_from: impl Future<Output = ()>, writes: Writes<F>) -> usize
+where
+    F: FnMut(usize) -> bool + Send + 'static,
+{
+    let Writes { chunk, pause, mut more } = writes;
+    let (mut r, mut w) = s.into_split();
+    let block = numbered_block();
+    let echoed = Arc::new(AtomicUsize::new(0));
+    let echo = echoed.clone();
+    let writer = tokio::spawn(async move {
+        let mut written = 0;
+        while more(written) {
+            let at = written % BLOCK;
+            let part = &block[at..(at + chunk).min(BLOCK)];
+            w.write_all(part).await.unwrap();
+            written += part.len();
+            if !pause.is_zero() {
+                while echo.load(Ordering::SeqCst) < written {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+        w.shutdown().await.unwrap();
+        written
+    });
+    read_from.await;
+    let at = read_numbered_words(&mut r, &echoed).await;
+    let sent = writer.await.unwrap();
+    assert_eq!(at, sent, "every byte written came back, then EOF");
+    at
+}
+
+/// Reads until EOF, checking every byte against [`numbered_block`] and counting them in
+/// `progress`; returns how many came.
+pub async fn read_numbered_words(r: &mut (impl AsyncReadExt + Unpin), progress: &AtomicUsize) -> usize {
+    let expected = numbered_block();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut at = 0usize;
+    loop {
+        let n = r.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        let mut done = 0;
+        while done < n {
+            let off = (at + done) % expected.len();
+            let take = (n - done).min(expected.len() - off);
+            if buf[done..done + take] != expected[off..off + take] {
+                let bad = (0..take).find(|&i| buf[done + i] != expected[off + i]).unwrap();
+                let from = (done + bad).saturating_sub(8);
+                let shown = &buf[from..(done + bad + 24).min(n)];
+                // Words whole from here on say how far the stream jumped.
+                let word = (at + done + bad) & !3;
+                let found = word.checked_sub(at).and_then(|i| buf[..n].get(i..i + 4)).map(|w| u32::from_le_bytes(w.try_into().unwrap()));
+                let due = (word % expected.len()) / 4;
+                panic!(
+                    "byte {} differs: word {found:x?} where word {due:x} was due; bytes from 8 before: {shown:?} (read of {n})",
+                    at + done + bad,
+                );
+            }
+            done += take;
+        }
+        at += n;
+        progress.store(at, Ordering::SeqCst);
+    }
+    at
+}
+
+/// [`BLOCK`] bytes of little-endian u32 words numbered from 0, made once per process
+/// (slow in a debug build).
+pub fn numbered_block() -> &'static [u8] {
+    static BLOCK_WORDS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BLOCK_WORDS.get_or_init(|| (0..BLOCK as u32 / 4).flat_map(u32::to_le_bytes).collect())
+}
