@@ -37,11 +37,16 @@ pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
                 return Ok(());
             }
             "--bench" => {}
-            flag if VALUE_FLAGS.contains(&flag) => {
-                if rest.next().is_none() {
-                    bail!("{flag} needs a value\n{USAGE}");
+            flag if VALUE_FLAGS.contains(&flag) => match (flag, rest.next()) {
+                (_, None) => bail!("{flag} needs a value\n{USAGE}"),
+                ("--repeat", Some(n)) if n.parse::<usize>().map_or(true, |n| n == 0) => {
+                    bail!("--repeat takes a positive number, not {n:?}")
                 }
-            }
+                ("--backends", Some(list)) if list != "none" && list.split(',').any(|b| !["copy", "uring", "sockmap"].contains(&b)) => {
+                    bail!("--backends takes copy, uring and sockmap, comma-separated, or none; not {list:?}")
+                }
+                _ => {}
+            },
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }

@@ -55,12 +55,17 @@ fn main() -> std::process::ExitCode {
     let wanted = option("VMCHECK_BACKENDS");
     let only = option("VMCHECK_ONLY");
     let repeat: usize = option("VMCHECK_REPEAT").and_then(|n| n.parse().ok()).unwrap_or(1);
+    // A check name that matches none must fail the run, not pass it with nothing run.
+    let unknown = only.as_ref().filter(|o| !CHECKS.iter().chain(&TLS_CHECKS).any(|(check, _)| check == o));
+    if let Some(name) = unknown {
+        println!("vmcheck: {kernel}: FAIL: no check named {name:?}");
+    }
     // Debian's kernels build TLS as a module: kTLS must be there, with every cipher.
     let ktls = relay::tls::kernel::probe();
     let ktls_failed = !matches!(&ktls, relay::tls::kernel::Ktls::Available(offered) if offered.len() == 6);
     println!("vmcheck: {kernel} kTLS: {}: {ktls:?}", if ktls_failed { "FAIL" } else { "PASS" });
     let failed = runtime.block_on(async {
-        let mut failed = usize::from(ktls_failed);
+        let mut failed = usize::from(ktls_failed) + usize::from(unknown.is_some());
         for backend in [Backend::Copy, Backend::Uring, Backend::Sockmap] {
             let name = format!("{backend:?}").to_lowercase();
             if wanted.as_ref().is_some_and(|w| !w.split(',').any(|b| b == name)) {
