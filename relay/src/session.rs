@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::watch;
+use std::sync::{Arc, Mutex, OnceLock};
+use tokio::sync::Notify;
 
 use crate::auth::TokenHash;
 use crate::front::Door;
@@ -36,6 +36,43 @@ impl ByteCounters {
             cookie => kernel(cookie),
         };
         (up + from(0), down + from(1))
+    }
+}
+
+/// A session's end when relay imposes it (forced disconnect, expiry, shutdown): set once,
+/// the first reason kept, awaited by the console's task. A watch channel did the same for
+/// a few hundred bytes more per console.
+#[derive(Debug, Default)]
+pub struct Stop {
+    reason: OnceLock<String>,
+    told: Notify,
+}
+
+impl Stop {
+    /// Ends the session for `reason`, unless it was already told to end.
+    pub fn set(&self, reason: &str) {
+        if self.reason.set(reason.to_string()).is_ok() {
+            self.told.notify_waiters();
+        }
+    }
+
+    /// Why the session must end, once it must.
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.get().map(String::as_str)
+    }
+
+    /// Resolves, with the reason, when the session must end.
+    pub async fn wait(&self) -> String {
+        loop {
+            // Registered before the check, so a `set` between the two still wakes it.
+            let told = self.told.notified();
+            let mut told = std::pin::pin!(told);
+            told.as_mut().enable();
+            if let Some(reason) = self.reason() {
+                return reason.to_string();
+            }
+            told.await;
+        }
     }
 }
 
@@ -72,12 +109,14 @@ struct Entry {
     /// fleet raises the epoch and ends the sessions started under an older one.
     epoch: u64,
     bytes: Arc<ByteCounters>,
-    stop: watch::Sender<Option<String>>,
+    stop: Arc<Stop>,
 }
 
 #[derive(Default)]
 struct Inner {
-    sessions: HashMap<u64, Entry>,
+    /// Boxed: a map's spare room (up to half its slots) then costs a pointer a slot,
+    /// not a whole entry.
+    sessions: HashMap<u64, Box<Entry>>,
     by_instance: HashMap<String, HashSet<u64>>,
     /// The newest fleet reset heard per instance (epoch, reason, when), kept a while: a
     /// console redeemed before a reset whose message arrives before the console is
@@ -110,8 +149,16 @@ pub struct SessionHandle {
     registry: Arc<Registry>,
     pub id: u64,
     pub bytes: Arc<ByteCounters>,
-    /// Becomes `Some(reason)` when the session is to end.
-    pub stop: watch::Receiver<Option<String>>,
+    /// Set when the session is to end.
+    pub stop: Arc<Stop>,
+}
+
+impl SessionHandle {
+    /// What the registry holds of this session (for its closing audit: the console's
+    /// task need not carry its own copy of the token's record all its life).
+    pub fn info(&self) -> Option<SessionInfo> {
+        self.registry.lock().sessions.get(&self.id).map(|e| e.info.clone())
+    }
 }
 
 impl Drop for SessionHandle {
@@ -152,15 +199,15 @@ impl Registry {
             return Err(RegisterError::TooManyForInstance(max_per_instance));
         }
         ids.insert(info.id);
-        let (stop, stop_rx) = watch::channel(None);
+        let stop = Arc::new(Stop::default());
         let bytes = Arc::new(ByteCounters::default());
         let id = info.id;
         if let Some((newer, reason, _)) = inner.resets.get(&info.instance).filter(|(e, _, _)| epoch < *e) {
             tracing::debug!(instance = %info.instance, reset = newer, epoch, "a console redeemed before a reset ends as it registers");
-            stop.send_replace(Some(reason.clone()));
+            stop.set(reason);
         }
-        inner.sessions.insert(id, Entry { info, token, epoch, bytes: bytes.clone(), stop });
-        Ok(SessionHandle { registry: self.clone(), id, bytes, stop: stop_rx })
+        inner.sessions.insert(id, Box::new(Entry { info, token, epoch, bytes: bytes.clone(), stop: stop.clone() }));
+        Ok(SessionHandle { registry: self.clone(), id, bytes, stop })
     }
 
     fn remove(&self, id: u64) {
@@ -182,7 +229,7 @@ impl Registry {
         let Some(ids) = inner.by_instance.get(instance) else { return 0 };
         let mut told = 0;
         for entry in ids.iter().filter_map(|id| inner.sessions.get(id)) {
-            entry.stop.send_replace(Some(reason.to_string()));
+            entry.stop.set(reason);
             told += 1;
         }
         told
@@ -208,7 +255,7 @@ impl Registry {
         let Some(ids) = inner.by_instance.get(instance) else { return 0 };
         let mut told = 0;
         for entry in ids.iter().filter_map(|id| inner.sessions.get(id)).filter(|e| e.epoch < epoch) {
-            entry.stop.send_replace(Some(reason.to_string()));
+            entry.stop.set(reason);
             told += 1;
         }
         told
@@ -223,7 +270,7 @@ impl Registry {
     pub fn disconnect_all(&self, reason: &str) -> usize {
         let inner = self.lock();
         for entry in inner.sessions.values() {
-            entry.stop.send_replace(Some(reason.to_string()));
+            entry.stop.set(reason);
         }
         inner.sessions.len()
     }
@@ -259,7 +306,7 @@ impl Registry {
     pub fn disconnect_token(&self, token: TokenHash, reason: &str) -> usize {
         let inner = self.lock();
         let told = inner.sessions.values().filter(|e| e.token == token).inspect(|e| {
-            e.stop.send_replace(Some(reason.to_string()));
+            e.stop.set(reason);
         });
         told.count()
     }
@@ -268,10 +315,10 @@ impl Registry {
     /// many were told.
     pub fn disconnect_expired(&self, now: u64, reason: &str) -> usize {
         let inner = self.lock();
-        let expired = inner.sessions.values().filter(|e| (1..=now).contains(&e.info.token_expires) && e.stop.borrow().is_none());
+        let expired = inner.sessions.values().filter(|e| (1..=now).contains(&e.info.token_expires) && e.stop.reason().is_none());
         expired
             .inspect(|e| {
-                e.stop.send_replace(Some(reason.to_string()));
+                e.stop.set(reason);
             })
             .count()
     }
@@ -318,7 +365,7 @@ mod tests {
             "each token once, under its source"
         );
         assert_eq!(reg.disconnect_token(y, "revoked"), 2);
-        assert!(b.stop.borrow().is_some() && b2.stop.borrow().is_some() && a.stop.borrow().is_none());
+        assert!(b.stop.reason().is_some() && b2.stop.reason().is_some() && a.stop.reason().is_none());
     }
 
     #[test]
@@ -330,9 +377,9 @@ mod tests {
         assert_eq!(reg.register(info(4, "a"), TokenHash::of("x"), 0).err(), Some(RegisterError::TooManyForInstance(2)));
         assert_eq!(reg.live_tokens()["store"].len(), 2);
         assert_eq!(reg.disconnect_instance("a", "reset"), 2);
-        assert_eq!(a1.stop.borrow().as_deref(), Some("reset"));
-        assert_eq!(a2.stop.borrow().as_deref(), Some("reset"));
-        assert_eq!(*b.stop.borrow(), None);
+        assert_eq!(a1.stop.reason(), Some("reset"));
+        assert_eq!(a2.stop.reason(), Some("reset"));
+        assert_eq!(b.stop.reason(), None);
         drop((a1, a2));
         assert_eq!(reg.list(None, |_| 0).len(), 1);
         assert_eq!(reg.disconnect_instance("a", "reset"), 0);
@@ -347,13 +394,30 @@ mod tests {
         let new = reg.register(info(2, "a"), TokenHash::of("x"), 4).unwrap();
         assert_eq!(reg.live_instances(), vec!["a".to_string()]);
         assert_eq!(reg.disconnect_before("a", 4, "reset"), 1);
-        assert_eq!(old.stop.borrow().as_deref(), Some("reset"));
-        assert_eq!(*new.stop.borrow(), None);
+        assert_eq!(old.stop.reason(), Some("reset"));
+        assert_eq!(new.stop.reason(), None);
         // Redeemed before the reset, registered after its message: ended as it registers.
         let late = reg.register(info(3, "a"), TokenHash::of("x"), 3).unwrap();
-        assert_eq!(late.stop.borrow().as_deref(), Some("reset"));
+        assert_eq!(late.stop.reason(), Some("reset"));
         let after = reg.register(info(4, "a"), TokenHash::of("x"), 5).unwrap();
-        assert_eq!(*after.stop.borrow(), None);
+        assert_eq!(after.stop.reason(), None);
+    }
+
+    #[tokio::test]
+    async fn a_stop_wakes_its_waiter_once_with_the_first_reason() {
+        let stop = Arc::new(Stop::default());
+        let waiter = tokio::spawn({
+            let stop = stop.clone();
+            async move { stop.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "no reason yet");
+        stop.set("disconnected");
+        stop.set("shutting down");
+        assert_eq!(waiter.await.unwrap(), "disconnected");
+        // Set before the wait begins: it resolves at once.
+        assert_eq!(stop.wait().await, "disconnected");
+        assert_eq!(stop.reason(), Some("disconnected"));
     }
 
     #[test]

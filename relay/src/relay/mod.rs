@@ -16,7 +16,7 @@ pub mod uring;
 
 pub use lifecycle::Ended;
 
-use crate::session::ByteCounters;
+use crate::session::{ByteCounters, Stop};
 use crate::wire::prefixed::Prefixed;
 use crate::wire::ws_frame::Decoder;
 use crate::wire::ws_stream::WsByteStream;
@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 /// One side of a session, as the relay sees it.
 pub trait Peer: AsyncRead + AsyncWrite + Unpin + Send {
@@ -120,17 +119,14 @@ pub struct Established<V, H> {
 /// What a relay needs from the session around it.
 pub struct Control {
     pub bytes: Arc<ByteCounters>,
-    /// Becomes `Some(reason)` when the session must end (forced disconnect, shutdown).
-    pub stop: watch::Receiver<Option<String>>,
+    /// Set when the session must end (forced disconnect, shutdown).
+    pub stop: Arc<Stop>,
 }
 
 impl Control {
     /// Resolves, with the reason, when the session must end.
     pub async fn stopped(&mut self) -> String {
-        match self.stop.wait_for(Option::is_some).await {
-            Ok(reason) => reason.clone().unwrap_or_default(),
-            Err(_) => "session registry closed".to_string(),
-        }
+        self.stop.wait().await
     }
 }
 
