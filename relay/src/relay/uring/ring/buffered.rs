@@ -48,6 +48,10 @@ struct Outgoing {
     last: bool,
     /// The last receive filled its buffer: the next buffer taken is a big one.
     big: bool,
+    /// The last receive took less than it had room for: the source is drained, so the
+    /// direction waits for it to be readable rather than receive again (a receive would
+    /// nearly always come back EAGAIN, one operation more per message).
+    drained: bool,
 }
 
 impl Buffered {
@@ -176,6 +180,7 @@ impl Ring {
         if filled || n <= CHUNK[0] / 2 {
             f.big = filled;
         }
+        f.drained = !filled;
         let Some(decoder) = decoder else {
             // Raw: out as it came; counted once all of it is out, like a frame.
             (f.start, f.end, f.payload) = (0, n, n);
@@ -238,6 +243,10 @@ impl Ring {
             Direction::Down if state.dirs[1].last => self.source_finished(id, dir),
             Direction::Down if state.reply.is_some() => self.send_reply(id),
             Direction::Up if state.decoder.as_ref().is_some_and(Decoder::closed) => self.source_ended(id, dir),
+            _ if state.dirs[dir.index()].drained => {
+                self.give_back_buf(id, dir);
+                self.poll_in(id, dir)
+            }
             _ => self.receive(id, dir),
         }
     }
