@@ -16,8 +16,9 @@ pub enum Transport {
     Plain(TcpStream),
     ServerTls(Box<server::TlsStream<Corked>>),
     ClientTls(Box<client::TlsStream<Corked>>),
-    /// TLS whose records the kernel seals and opens (kTLS).
-    Kernel(KernelTlsStream),
+    /// TLS whose records the kernel seals and opens (kTLS). Boxed, like rustls's: every
+    /// console carries a `Transport` per side, and most are plain TCP.
+    Kernel(Box<KernelTlsStream>),
     /// Between rustls giving up its keys and the kernel taking them; never seen by I/O
     /// unless that move failed, and then every call fails.
     Detached,
@@ -84,7 +85,7 @@ impl Transport {
             _ => unreachable!("matched above"),
         };
         let (io, secrets) = secrets;
-        *self = Transport::Kernel(kernel::install(io, version, secrets, pending, closed_by_peer)?);
+        *self = Transport::Kernel(Box::new(kernel::install(io, version, secrets, pending, closed_by_peer)?));
         Ok(KernelMove::Moved)
     }
 

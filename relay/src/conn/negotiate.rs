@@ -121,10 +121,9 @@ impl Conn {
             }
         };
         // A forced disconnect also ends a viewer still at the password prompt.
-        let mut stop = session.stop.clone();
         let viewer_done = tokio::select! {
             done = timeout_at(deadline, drive(viewer_machine, &mut viewer)) => done,
-            _ = stop.wait_for(Option::is_some) => {
+            _ = session.stop.wait() => {
                 info!(target: AUDIT, event = "viewer_handshake_failed", error = "disconnected during the handshake");
                 return;
             }
@@ -170,14 +169,14 @@ impl Conn {
         let control = Control { bytes: session.bytes.clone(), stop: session.stop.clone() };
         let pair = Established { viewer, hypervisor };
         let viewer_auth = if viewer_done.security == crate::rfb::security::VNC { "password" } else { "none" };
-        let record = record.clone();
-        // The console gets a task of its own, holding only what the relay needs: the
-        // handshakes' state (several KiB) is freed now, not when the console ends.
+        // The console gets a task of its own, holding only what the relay and the closing
+        // audit need: the handshakes' state (several KiB) is freed now, not when the
+        // console ends.
         let relay = self.app.relays.run(pair, control, limits);
         let relaying = async move {
             let relay_started = Instant::now();
             let (ended, backend) = relay.await;
-            Box::pin(self.finish(&session, (door, ended, backend.name()), relay_started, hash, &record, viewer_auth)).await;
+            Box::pin(self.finish(&session, (door, ended, backend.name()), relay_started, hash, viewer_auth)).await;
         };
         tokio::spawn(relaying.in_current_span());
     }
@@ -302,10 +301,11 @@ impl Conn {
         (door, ended, backend): (Door, Ended, &'static str),
         started: Instant,
         hash: TokenHash,
-        record: &TokenRecord,
         viewer_auth: &str,
     ) {
         let (up, down) = session.bytes.snapshot();
+        let info = session.info();
+        let (instance, hypervisor) = info.as_ref().map_or(("", ""), |i| (i.instance.as_str(), i.hypervisor.as_str()));
         self.app.counters.ended(door, backend, ended.cause(), (up, down));
         self.app.timings.console.observe(started.elapsed().as_secs_f64());
         // The token was in use until now: it lapses from here, not from its last redeem.
@@ -314,9 +314,9 @@ impl Conn {
             target: AUDIT,
             event = "session_end",
             session = self.id,
-            instance = %record.instance,
+            instance = %instance,
             viewer = %self.peer,
-            hypervisor = %format!("{}:{}", record.target.host, record.target.port),
+            hypervisor = %hypervisor,
             viewer_auth,
             cause = ended.cause().name(),
             reason = %ended,

@@ -195,29 +195,30 @@ impl Relays {
         mut control: Control,
         limits: Limits,
     ) -> BoxFuture<'static, (Ended, Choice)> {
+        if !matches!(self.ktls, Ktls::Available(_)) {
+            return self.clone().relay(pair, control, limits);
+        }
         let relays = self.clone();
         Box::pin(async move {
-            if matches!(relays.ktls, Ktls::Available(_)) {
-                // Boxed, like each back-end below: a console's task keeps room only for
-                // the phase it is in (one unboxed future reserved 5 KiB for every phase).
-                let moved = Box::pin(async {
-                    relays.tls_into_kernel(&mut pair.viewer.io, Side::Viewer).await?;
-                    relays.tls_into_kernel(&mut pair.hypervisor.io, Side::Hypervisor).await
-                });
-                let moved = tokio::select! {
-                    biased;
-                    reason = control.stopped() => Err(Ended::Stopped(reason)),
-                    moved = moved => moved,
-                };
-                if let Err(ended) = moved {
-                    return (ended, Choice::Copy);
-                }
-                // What rustls had decrypted goes out with the handshakes' leftovers.
-                let pending = pair.viewer.io.take_kernel_pending();
-                pair.viewer.prefix.extend(pending);
-                let pending = pair.hypervisor.io.take_kernel_pending();
-                pair.hypervisor.prefix.extend(pending);
+            // Boxed, like each back-end: a console's task keeps room only for the phase it
+            // is in (one unboxed future reserved 5 KiB for every phase).
+            let moved = Box::pin(async {
+                relays.tls_into_kernel(&mut pair.viewer.io, Side::Viewer).await?;
+                relays.tls_into_kernel(&mut pair.hypervisor.io, Side::Hypervisor).await
+            });
+            let moved = tokio::select! {
+                biased;
+                reason = control.stopped() => Err(Ended::Stopped(reason)),
+                moved = moved => moved,
+            };
+            if let Err(ended) = moved {
+                return (ended, Choice::Copy);
             }
+            // What rustls had decrypted goes out with the handshakes' leftovers.
+            let pending = pair.viewer.io.take_kernel_pending();
+            pair.viewer.prefix.extend(pending);
+            let pending = pair.hypervisor.io.take_kernel_pending();
+            pair.hypervisor.prefix.extend(pending);
             relays.relay(pair, control, limits).await
         })
     }
@@ -243,12 +244,14 @@ impl Relays {
         }
     }
 
-    async fn relay<V: Peer + 'static, H: Peer + 'static>(
+    /// The console's future, boxed once: what it holds is built before it (see
+    /// [`copy::pumps`]), so an idle console on `copy` costs its streams and pumps once.
+    fn relay<V: Peer + 'static, H: Peer + 'static>(
         self: Arc<Self>,
         pair: Established<V, H>,
         mut control: Control,
         limits: Limits,
-    ) -> (Ended, Choice) {
+    ) -> BoxFuture<'static, (Ended, Choice)> {
         let raw = pair.viewer.io.is_plain_tcp() && pair.hypervisor.io.is_plain_tcp();
         // Raw either way, TLS on a side carried by the kernel: the ring can splice it;
         // sockmap cannot take a kTLS socket.
@@ -262,15 +265,29 @@ impl Relays {
             _ => None,
         };
         let Some(kernel) = kernel else {
-            return (Box::pin(copy::run_to_end(pair, &mut control, limits)).await, Choice::Copy);
+            let mut pumps = copy::pumps(pair, &control, &limits, None);
+            return Box::pin(async move { (copy::run_to_end(&mut pumps, &mut control, &limits).await, Choice::Copy) });
         };
-        let pair = match self.hand_over {
-            Some(rule) => match Box::pin(copy::run(pair, &mut control, limits, Some(rule))).await {
-                copy::Outcome::Ended(ended) => return (ended, Choice::Copy),
-                copy::Outcome::HandOver(pair) => pair,
-            },
-            None => pair,
+        let Some(rule) = self.hand_over else {
+            return Box::pin(self.on_kernel(kernel, pair, control, limits, spliced));
         };
+        let mut pumps = copy::pumps(pair, &control, &limits, Some(rule));
+        Box::pin(async move {
+            if let Some(ended) = copy::run(&mut pumps, &mut control, &limits).await {
+                return (ended, Choice::Copy);
+            }
+            Box::pin(self.on_kernel(kernel, pumps.into_pair(), control, limits, spliced)).await
+        })
+    }
+
+    async fn on_kernel<V: Peer, H: Peer>(
+        self: Arc<Self>,
+        kernel: Choice,
+        pair: Established<V, H>,
+        control: Control,
+        limits: Limits,
+        spliced: bool,
+    ) -> (Ended, Choice) {
         // A move counts once the kernel back-end has the console.
         let moved = || {
             if self.hand_over.is_some() {
@@ -278,8 +295,8 @@ impl Relays {
             }
         };
         match kernel {
-            Choice::Sockmap => Box::pin(self.on_sockmap(pair, control, limits, moved)).await,
-            _ => Box::pin(self.on_uring(pair, control, limits, spliced, moved)).await,
+            Choice::Sockmap => self.on_sockmap(pair, control, limits, moved).await,
+            _ => self.on_uring(pair, control, limits, spliced, moved).await,
         }
     }
 
@@ -325,7 +342,8 @@ impl Relays {
             Ok(ended) => (ended, Choice::Sockmap),
             Err(refused) => {
                 warn!(error = %refused.why, "sockmap refused the session; relaying it in userspace");
-                (Box::pin(copy::run_to_end(refused.pair, &mut control, limits)).await, Choice::Copy)
+                let mut pumps = copy::pumps(refused.pair, &control, &limits, None);
+                (Box::pin(copy::run_to_end(&mut pumps, &mut control, &limits)).await, Choice::Copy)
             }
         }
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 /// How soon a hand-over put off by bytes in the pumps is tried again: at first, then
 /// twice as long each time up to the most, so a console that is never quiet (a stalled
@@ -36,30 +36,10 @@ pub struct HandOver {
     pub min_rate: u64,
 }
 
-/// How the userspace relay let go of a session.
-pub enum Outcome<V, H> {
-    Ended(Ended),
-    /// The hand-over time came (or came later) with both directions open and every byte
-    /// read also written: the pair, for a kernel back-end.
-    HandOver(Established<V, H>),
-}
-
-/// Relays the whole session in userspace.
-pub async fn run_to_end<V: Peer, H: Peer>(pair: Established<V, H>, control: &mut Control, limits: Limits) -> Ended {
-    match run::<V, H>(pair, control, limits, None).await {
-        Outcome::Ended(ended) => ended,
-        Outcome::HandOver(_) => unreachable!("no hand-over time was set"),
-    }
-}
-
-/// Relays until the session ends or, with `hand_over`, until the first moment past its
-/// time when the console is busy enough, both directions are open and no byte is held.
-pub async fn run<V: Peer, H: Peer>(
-    pair: Established<V, H>,
-    control: &mut Control,
-    limits: Limits,
-    hand_over: Option<HandOver>,
-) -> Outcome<V, H> {
+/// A console's two directions in userspace, built before its future: a console's task
+/// then holds them once, not once per layer of `async fn` they were passed through
+/// (each such layer kept its own copy of the streams, and idle consoles paid for all).
+pub fn pumps<V: Peer, H: Peer>(pair: Established<V, H>, control: &Control, limits: &Limits, hand_over: Option<HandOver>) -> Pumps<V, H> {
     let Established { mut viewer, hypervisor } = pair;
     if let Some(every) = limits.ws_ping {
         viewer.io.heartbeat(every);
@@ -67,7 +47,7 @@ pub async fn run<V: Peer, H: Peer>(
     // A console that will move to the kernel starts with small buffers: they are freed at
     // the move, and the heap keeps what it has grown to.
     let first = if hand_over.is_some() { SMALL_BUFFER } else { BUFFER };
-    let mut pumps = Pumps {
+    Pumps {
         up: Pump::new(viewer.prefix, first, limits.buffer_bytes),
         down: Pump::new(hypervisor.prefix, first, limits.buffer_bytes),
         viewer: viewer.io,
@@ -76,22 +56,33 @@ pub async fn run<V: Peer, H: Peer>(
         reported: [false; 2],
         hand_over: hand_over.map(|rule| Waiting {
             rule,
-            timer: Box::pin(tokio::time::sleep(rule.after)),
+            at: Instant::now() + rule.after,
             busy: rule.min_rate == 0,
             seen: 0,
             looked: Instant::now(),
             every: rule.after,
         }),
         retry: HAND_OVER_RETRY.0,
-    };
-    match drive(&mut pumps, control, &limits).await {
-        Some(ended) => Outcome::Ended(ended),
-        None => Outcome::HandOver(Established { viewer: Prefixed::bare(pumps.viewer), hypervisor: Prefixed::bare(pumps.hypervisor) }),
     }
 }
 
+/// Relays the whole session in userspace.
+pub async fn run_to_end<V: Peer, H: Peer>(pumps: &mut Pumps<V, H>, control: &mut Control, limits: &Limits) -> Ended {
+    match drive(pumps, control, limits).await {
+        Some(ended) => ended,
+        None => unreachable!("no hand-over time was set"),
+    }
+}
+
+/// Relays until the session ends (`Some`) or, with a hand-over rule, until the first
+/// moment past its time when the console is busy enough, both directions are open and no
+/// byte is held (`None`: [`Pumps::into_pair`] then gives the pair to a kernel back-end).
+pub async fn run<V: Peer, H: Peer>(pumps: &mut Pumps<V, H>, control: &mut Control, limits: &Limits) -> Option<Ended> {
+    drive(pumps, control, limits).await
+}
+
 /// Both directions of a console in userspace.
-struct Pumps<V, H> {
+pub struct Pumps<V, H> {
     viewer: V,
     hypervisor: H,
     up: Pump,
@@ -108,9 +99,8 @@ struct Pumps<V, H> {
 /// quiet moment.
 struct Waiting {
     rule: HandOver,
-    /// Boxed: most consoles never have one, and a live console's task should not carry
-    /// a timer's room.
-    timer: Pin<Box<Sleep>>,
+    /// When to look next (on the console's one clock: [`Carrier::next_wake`]).
+    at: Instant,
     /// The console carried `rule.min_rate` over the last look: only a quiet moment is
     /// still awaited.
     busy: bool,
@@ -122,6 +112,11 @@ struct Waiting {
 }
 
 impl<V: Peer, H: Peer> Pumps<V, H> {
+    /// The streams, once [`run`] has let go of them.
+    pub fn into_pair(self) -> Established<V, H> {
+        Established { viewer: Prefixed::bare(self.viewer), hypervisor: Prefixed::bare(self.hypervisor) }
+    }
+
     /// Moves bytes both ways; ready with the first event. Bytes flowing never complete
     /// it: the pumps' wake-ups come back here without waking the console's loop.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
@@ -142,34 +137,6 @@ impl<V: Peer, H: Peer> Pumps<V, H> {
                 return Poll::Ready(Event::Finished(dir));
             }
         }
-        self.poll_hand_over(cx)
-    }
-
-    /// Only an open pair holding no byte moves: bytes a pump holds would have to be
-    /// written before the kernel may start, and a receiver that stalls meanwhile could
-    /// hold up the other direction for good. A half-closed console finishes here.
-    fn poll_hand_over(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        let Some(pending) = self.hand_over.as_mut() else { return Poll::Pending };
-        if pending.timer.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        if !(self.up.reading() && self.down.reading()) {
-            self.hand_over = None;
-            return Poll::Pending;
-        }
-        let wait = if !pending.busy && !pending.look(self.bytes.snapshot()) {
-            pending.every
-        } else if self.up.empty() && self.down.empty() {
-            self.hand_over = None;
-            return Poll::Ready(Event::Released);
-        } else {
-            let wait = self.retry;
-            self.retry = (self.retry * 2).min(HAND_OVER_RETRY.1);
-            wait
-        };
-        pending.timer.as_mut().reset(Instant::now() + wait);
-        // Registers the new deadline's waker.
-        let _ = pending.timer.as_mut().poll(cx);
         Poll::Pending
     }
 }
@@ -211,6 +178,34 @@ impl<V: Peer, H: Peer> Carrier for Pumps<V, H> {
         let _ = self.viewer.shutdown().await;
         let _ = self.hypervisor.shutdown().await;
     }
+
+    fn next_wake(&self) -> Option<Instant> {
+        self.hand_over.as_ref().map(|w| w.at)
+    }
+
+    /// Only an open pair holding no byte moves: bytes a pump holds would have to be
+    /// written before the kernel may start, and a receiver that stalls meanwhile could
+    /// hold up the other direction for good. A half-closed console finishes here.
+    fn wake(&mut self) -> bool {
+        let now = Instant::now();
+        let Some(pending) = self.hand_over.as_mut().filter(|w| w.at <= now) else { return false };
+        if !(self.up.reading() && self.down.reading()) {
+            self.hand_over = None;
+            return false;
+        }
+        let wait = if !pending.busy && !pending.look(self.bytes.snapshot()) {
+            pending.every
+        } else if self.up.empty() && self.down.empty() {
+            self.hand_over = None;
+            return true;
+        } else {
+            let wait = self.retry;
+            self.retry = (self.retry * 2).min(HAND_OVER_RETRY.1);
+            wait
+        };
+        pending.at = now + wait;
+        false
+    }
 }
 
 #[cfg(test)]
@@ -219,7 +214,7 @@ mod tests {
 
     fn waiting(after: Duration, min_rate: u64) -> Waiting {
         let rule = HandOver { after, min_rate };
-        Waiting { rule, timer: Box::pin(tokio::time::sleep(after)), busy: false, seen: 0, looked: Instant::now(), every: after }
+        Waiting { rule, at: Instant::now() + after, busy: false, seen: 0, looked: Instant::now(), every: after }
     }
 
     #[tokio::test(start_paused = true)]

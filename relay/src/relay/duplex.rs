@@ -6,6 +6,7 @@
 use super::lifecycle::{Direction, Ended, Failure, Lifecycle, Side};
 use super::{Control, Limits, deadline};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// What a back-end reports about the directions it carries.
 pub enum Event {
@@ -13,9 +14,6 @@ pub enum Event {
     Finished(Direction),
     /// A side failed; the back-end has stopped carrying bytes.
     Failed(Failure),
-    /// The back-end lets go of the console with both directions open and no byte held
-    /// (the userspace relay at the hand-over time).
-    Released,
 }
 
 /// A back-end carrying one console.
@@ -29,6 +27,17 @@ pub trait Carrier {
     /// Relay ends the console itself: a clean end (FIN, a WebSocket Close) to both sides,
     /// bounded in time by the caller.
     fn close(&mut self) -> impl Future<Output = ()> + Send;
+    /// When the carrier wants to look at its console again, on the console's one clock
+    /// (one timer per console, not one per concern).
+    fn next_wake(&self) -> Option<Instant> {
+        None
+    }
+    /// Its time has come (or a timer of the console's woke it early): true when it lets
+    /// go of the console, with both directions open and no byte held (the userspace relay
+    /// at the hand-over time).
+    fn wake(&mut self) -> bool {
+        false
+    }
 }
 
 /// How long relay waits for a clean end it imposes to reach both sides.
@@ -38,6 +47,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 pub async fn drive(carrier: &mut impl Carrier, control: &mut Control, limits: &Limits) -> Option<Ended> {
     let mut life = Lifecycle::new(limits, carrier.bytes());
     let imposed = loop {
+        let wake_at = earliest(life.next_wake(), carrier.next_wake());
         tokio::select! {
             biased;
             reason = control.stopped() => break Ended::Stopped(reason),
@@ -53,15 +63,25 @@ pub async fn drive(carrier: &mut impl Carrier, control: &mut Control, limits: &L
                     }
                     return Some(life.into_ended());
                 }
-                Event::Released => return None,
             },
-            () = deadline(life.next_wake()) => {
+            () = deadline(wake_at) => {
                 if let Some(ended) = life.wake(carrier.bytes()) {
                     break ended;
+                }
+                if carrier.wake() {
+                    return None;
                 }
             }
         }
     };
-    let _ = tokio::time::timeout(CLOSE_WAIT, carrier.close()).await;
+    // Boxed: every console's future would otherwise keep room for this last step's timer.
+    let _ = Box::pin(tokio::time::timeout(CLOSE_WAIT, carrier.close())).await;
     Some(imposed)
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
