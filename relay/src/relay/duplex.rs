@@ -3,7 +3,7 @@
 //! directions ([`Event`]) and how to end the console when relay must; the rules for how
 //! it ended, the timers and the forced disconnect are here, once.
 
-use super::lifecycle::{Direction, Ended, Failure, Lifecycle, Side};
+use super::lifecycle::{Direction, Ended, Failure, Lifecycle, Side, earliest};
 use super::{Control, Limits, deadline};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -77,11 +77,4 @@ pub async fn drive(carrier: &mut impl Carrier, control: &mut Control, limits: &L
     // Boxed: every console's future would otherwise keep room for this last step's timer.
     let _ = Box::pin(tokio::time::timeout(CLOSE_WAIT, carrier.close())).await;
     Some(imposed)
-}
-
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }

@@ -249,6 +249,14 @@ impl Cause {
     }
 }
 
+/// The sooner of two optional times.
+pub fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// A console's state between its start and its end: which directions have finished,
 /// the first end seen, and the two timers.
 pub struct Lifecycle {
@@ -293,11 +301,7 @@ impl Lifecycle {
     /// When [`Lifecycle::wake`] must next look: the idle clock's next check or the
     /// half-close deadline, whichever comes first (None: no timer is armed).
     pub fn next_wake(&self) -> Option<Instant> {
-        let idle = self.idle.as_ref().map(|c| c.next_check);
-        match (idle, self.half_close_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        earliest(self.idle.as_ref().map(|c| c.next_check), self.half_close_at)
     }
 
     /// Called at [`Lifecycle::next_wake`] with the console's byte counts (both ways,
