@@ -61,7 +61,11 @@ impl Qemu {
             cmd.args(["-vnc", &vnc]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
             let child = cmd.spawn().context("starting qemu-system-x86_64")?;
             let mut qemu = Qemu { child, addr: ([127, 0, 0, 1], port).into() };
-            match qemu.wait_ready().await {
+            let ready = match auth {
+                VncAuth::None => qemu.wait_firmware_screen().await,
+                _ => qemu.wait_ready().await,
+            };
+            match ready {
                 Ok(()) => return Ok(qemu),
                 Err(e) => last = e.to_string(),
             }
@@ -102,6 +106,27 @@ impl Qemu {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("QEMU's VNC server did not answer within 30 s")
+    }
+}
+
+impl Qemu {
+    /// Without VNC authentication: waits for the firmware's text screen (720×400). QEMU
+    /// answers VNC before the guest's firmware has set it (a 640×480 screen until then,
+    /// longer on a loaded machine), and tests check the size a viewer is told.
+    async fn wait_firmware_screen(&mut self) -> anyhow::Result<()> {
+        self.wait_ready().await?;
+        let started = Instant::now();
+        let mut seen = (0, 0);
+        while started.elapsed() < Duration::from_secs(30) {
+            let mut s = TcpStream::connect(self.addr).await?;
+            let init = crate::viewer::handshake(&mut s, b"RFB 003.008\n", None).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            seen = (init.width, init.height);
+            if seen == (720, 400) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("QEMU's firmware screen did not appear within 30 s (still {seen:?})")
     }
 }
 
