@@ -227,17 +227,9 @@ pub async fn read_numbered_words(r: &mut (impl AsyncReadExt + Unpin), progress: 
             let off = (at + done) % expected.len();
             let take = (n - done).min(expected.len() - off);
             if buf[done..done + take] != expected[off..off + take] {
-                let bad = (0..take).find(|&i| buf[done + i] != expected[off + i]).unwrap();
-                let from = (done + bad).saturating_sub(8);
-                let shown = &buf[from..(done + bad + 24).min(n)];
-                // Words whole from here on say how far the stream jumped.
-                let word = (at + done + bad) & !3;
-                let found = word.checked_sub(at).and_then(|i| buf[..n].get(i..i + 4)).map(|w| u32::from_le_bytes(w.try_into().unwrap()));
-                let due = (word % expected.len()) / 4;
-                panic!(
-                    "byte {} differs: word {found:x?} where word {due:x} was due; bytes from 8 before: {shown:?} (read of {n})",
-                    at + done + bad,
-                );
+                let bad = done + (0..take).find(|&i| buf[done + i] != expected[off + i]).unwrap();
+                let what = misplaced(r, &buf[..n], at, bad, progress).await;
+                panic!("byte {} differs: {what} (read of {n})", at + bad);
             }
             done += take;
         }
@@ -247,9 +239,78 @@ pub async fn read_numbered_words(r: &mut (impl AsyncReadExt + Unpin), progress: 
     at
 }
 
+/// What went wrong at stream byte `at + bad` (`read` holds the read it came in, from `at`):
+/// which word came where which was due, and, reading up to [`LOOK_AHEAD`] bytes further,
+/// whether the words due came later (reordered), never (lost), or had come already
+/// (doubled). A failure that says which tells where to look.
+async fn misplaced(r: &mut (impl AsyncReadExt + Unpin), read: &[u8], at: usize, bad: usize, progress: &AtomicUsize) -> String {
+    let word_at = |stream: usize, bytes: &[u8]| -> Option<u32> {
+        let i = stream.checked_sub(at)?;
+        bytes.get(i..i + 4).map(|w| u32::from_le_bytes(w.try_into().unwrap()))
+    };
+    let first = (at + bad) & !3;
+    let due = ((first % BLOCK) / 4) as u32;
+    let shown = &read[bad.saturating_sub(8)..(bad + 24).min(read.len())];
+    // The rest of the stream as it comes, the writer kept going meanwhile.
+    let mut rest = read.to_vec();
+    let mut buf = vec![0u8; 1 << 16];
+    while rest.len() < LOOK_AHEAD {
+        match tokio::time::timeout(Duration::from_secs(3), r.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                rest.extend_from_slice(&buf[..n]);
+                progress.store(at + rest.len(), Ordering::SeqCst);
+            }
+            _ => break,
+        }
+    }
+    let found = word_at(first, &rest);
+    let later = rest.get(first - at..).and_then(|tail| tail.windows(4).position(|w| w == due.to_le_bytes()));
+    // How many words back the word found is (numbering wraps every block).
+    let behind = found.map(|w| due.wrapping_sub(w) % (BLOCK as u32 / 4)).filter(|&b| b < BLOCK as u32 / 8);
+    let fate = match (behind, later) {
+        (Some(words), _) => format!("{} bytes came again (doubled)", words * 4),
+        (_, Some(bytes)) => format!("it came {bytes} bytes later (reordered)"),
+        _ => format!("it did not come in the next {} bytes (lost)", rest.len() - (first - at)),
+    };
+    format!("word {found:x?} where word {due:x} was due; {fate}; bytes from 8 before: {shown:?}")
+}
+
+/// How far past a misplaced byte [`misplaced`] reads to see what became of the words due.
+const LOOK_AHEAD: usize = 8 << 20;
+
 /// [`BLOCK`] bytes of little-endian u32 words numbered from 0, made once per process
 /// (slow in a debug build).
 pub fn numbered_block() -> &'static [u8] {
     static BLOCK_WORDS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     BLOCK_WORDS.get_or_init(|| (0..BLOCK as u32 / 4).flat_map(u32::to_le_bytes).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `stream` as the echo check does and returns its panic message.
+    async fn failure(stream: Vec<u8>) -> String {
+        let result = tokio::spawn(async move { read_numbered_words(&mut stream.as_slice(), &AtomicUsize::new(0)).await }).await;
+        let panic = result.expect_err("the check fails").into_panic();
+        panic.downcast_ref::<String>().cloned().unwrap()
+    }
+
+    fn words(range: std::ops::Range<usize>) -> Vec<u8> {
+        numbered_block()[range].to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_misplaced_byte_says_whether_the_words_due_were_lost_reordered_or_doubled() {
+        let lost = [words(0..8192), words(16384..200_000)].concat();
+        let message = failure(lost).await;
+        assert!(message.contains("byte 8193 differs: word Some(1000) where word 800 was due; it did not come"), "{message}");
+        assert!(message.contains("(lost)"), "{message}");
+        let late = [words(0..8192), words(16384..24576), words(8192..16384), words(24576..100_000)].concat();
+        let message = failure(late).await;
+        assert!(message.contains("word Some(1000) where word 800 was due; it came 8192 bytes later (reordered)"), "{message}");
+        let doubled = [words(0..8192), words(4096..100_000)].concat();
+        let message = failure(doubled).await;
+        assert!(message.contains("word Some(400) where word 800 was due; 4096 bytes came again (doubled)"), "{message}");
+    }
 }
