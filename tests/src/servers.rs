@@ -212,6 +212,15 @@ impl RelayProcess {
 
     /// As [`RelayProcess::start`], with more environment variables.
     pub async fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> anyhow::Result<RelayProcess> {
+        Self::spawn(config, env, Stdio::inherit()).await
+    }
+
+    /// As [`RelayProcess::start`], its logs (standard error) written to `log`.
+    pub async fn start_logging_to(config: &std::path::Path, log: &std::path::Path) -> anyhow::Result<RelayProcess> {
+        Self::spawn(config, &[], std::fs::File::create(log)?.into()).await
+    }
+
+    async fn spawn(config: &std::path::Path, env: &[(&str, &str)], stderr: Stdio) -> anyhow::Result<RelayProcess> {
         use std::io::BufRead as _;
         let mut child = Command::new(relay_binary())
             .envs(env.iter().copied())
@@ -220,7 +229,7 @@ impl RelayProcess {
             .arg(config)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .context("starting relay")?;
         let stdout = child.stdout.take().expect("piped");

@@ -207,9 +207,10 @@ impl Relays {
         Box::pin(async move {
             // Boxed, like each back-end: a console's task keeps room only for the phase it
             // is in (one unboxed future reserved 5 KiB for every phase).
+            let session = control.session;
             let moved = Box::pin(async {
-                relays.tls_into_kernel(&mut pair.viewer.io, Side::Viewer).await?;
-                relays.tls_into_kernel(&mut pair.hypervisor.io, Side::Hypervisor).await
+                relays.tls_into_kernel(&mut pair.viewer.io, Side::Viewer, session).await?;
+                relays.tls_into_kernel(&mut pair.hypervisor.io, Side::Hypervisor, session).await
             });
             let moved = tokio::select! {
                 biased;
@@ -230,17 +231,17 @@ impl Relays {
 
     /// Moves a leg's TLS, if any, into the kernel. A leg kTLS cannot take stays in
     /// rustls; a move that fails past the point of return ends the console.
-    async fn tls_into_kernel<P: Peer>(&self, peer: &mut P, side: Side) -> Result<(), Ended> {
+    async fn tls_into_kernel<P: Peer>(&self, peer: &mut P, side: Side, session: u64) -> Result<(), Ended> {
         let Some(transport) = peer.transport_mut() else { return Ok(()) };
         let lost = |e| Ended::Failed(Failure::new(side, Op::HandOff, e));
         match tokio::time::timeout(TLS_MOVE_TIMEOUT, transport.enter_kernel(&self.ktls)).await {
             Ok(Ok(KernelMove::Moved)) => {
                 self.kernel_tls_legs.fetch_add(1, Ordering::Relaxed);
-                debug!(side = side.name(), "TLS moved into the kernel (kTLS)");
+                debug!(session, side = side.name(), "TLS moved into the kernel (kTLS)");
                 Ok(())
             }
             Ok(Ok(KernelMove::Declined(why))) => {
-                info!(side = side.name(), reason = %why, "TLS stays in userspace (rustls)");
+                info!(session, side = side.name(), reason = %why, "TLS stays in userspace (rustls)");
                 Ok(())
             }
             Ok(Ok(KernelMove::NotTls)) => Ok(()),
@@ -346,7 +347,7 @@ impl Relays {
         match sockmap::run(engine, pair, &mut control, limits, moved).await {
             Ok(ended) => (ended, Choice::Sockmap),
             Err(refused) => {
-                warn!(error = %refused.why, "sockmap refused the session; relaying it in userspace");
+                warn!(session = control.session, error = %refused.why, "sockmap refused the session; relaying it in userspace");
                 let mut pumps = copy::pumps(refused.pair, &control, &limits, None);
                 (Box::pin(copy::run_to_end(&mut pumps, &mut control, &limits)).await, Choice::Copy)
             }

@@ -118,6 +118,9 @@ pub struct Established<V, H> {
 
 /// What a relay needs from the session around it.
 pub struct Control {
+    /// The session's id, for the few events a console logs while relayed (it runs
+    /// without a tracing span: see `conn::negotiate`).
+    pub session: u64,
     pub bytes: Arc<ByteCounters>,
     /// Set when the session must end (forced disconnect, shutdown).
     pub stop: Arc<Stop>,

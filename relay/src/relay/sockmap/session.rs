@@ -90,9 +90,17 @@ pub async fn run(
     let up = direction(engine, Direction::Up, (&viewer, &hypervisor), &up_user, &limits);
     let down = direction(engine, Direction::Down, (&hypervisor, &viewer), &down_user, &limits);
     tokio::pin!(up, down);
-    let mut in_kernel = InKernel { engine, viewer: &viewer, hypervisor: &hypervisor, up: Some(up), down: Some(down), bytes: &bytes };
+    let mut in_kernel = InKernel {
+        engine,
+        session: control.session,
+        viewer: &viewer,
+        hypervisor: &hypervisor,
+        up: Some(up),
+        down: Some(down),
+        bytes: &bytes,
+    };
     let ended = drive(&mut in_kernel, control, &limits).await.expect("a console in the kernel is never released");
-    settle(engine, &bytes, &viewer, &hypervisor);
+    settle(engine, control.session, &bytes, &viewer, &hypervisor);
     engine.finish(viewer.cookie);
     engine.finish(hypervisor.cookie);
     Ok(ended)
@@ -101,6 +109,7 @@ pub async fn run(
 /// A console the verdict program carries, with its two directions' userspace watchers.
 struct InKernel<'a, U, D> {
     engine: &'a Sockmap,
+    session: u64,
     viewer: &'a Socket,
     hypervisor: &'a Socket,
     /// Until each has ended.
@@ -144,7 +153,7 @@ where
     async fn close(&mut self) {
         // The kernel's share is counted before the program lets go of the flows; then
         // the program stops touching both sockets, and both ends see a clean EOF.
-        settle(self.engine, self.bytes, self.viewer, self.hypervisor);
+        settle(self.engine, self.session, self.bytes, self.viewer, self.hypervisor);
         self.engine.release(self.viewer.cookie);
         self.engine.release(self.hypervisor.cookie);
         let _ = self.viewer.fd.get_ref().shutdown(Shutdown::Both);
@@ -154,7 +163,7 @@ where
 
 /// Moves the kernel's share of the byte counts into the session's counters, once (the
 /// flows hold it until released), and logs the program's counters where they matter.
-fn settle(engine: &Sockmap, bytes: &ByteCounters, viewer: &Socket, hypervisor: &Socket) {
+fn settle(engine: &Sockmap, session: u64, bytes: &ByteCounters, viewer: &Socket, hypervisor: &Socket) {
     if bytes.kernel[0].swap(0, Ordering::Relaxed) == 0 {
         return;
     }
@@ -167,6 +176,7 @@ fn settle(engine: &Sockmap, bytes: &ByteCounters, viewer: &Socket, hypervisor: &
             || tracing::enabled!(tracing::Level::DEBUG))
     {
         tracing::info!(
+            session,
             up_redirected = up.redirected,
             up_passed = up.passed,
             up_fallbacks = up.fallbacks,

@@ -1,0 +1,72 @@
+//! The audit trail as an operator reads it: relay as a process of its own, logging JSON,
+//! one console opened and closed. Each audit event must carry its own fields (a console's
+//! relay runs without a tracing span, so nothing may depend on one), and the token must
+//! never appear in full.
+
+use relay::control::client::call;
+use relay::control::proto::Request;
+use relay::control::replies::TokenCreated;
+use relay_tests::fake_hypervisor::{FakeVnc, Script};
+use relay_tests::relay_server::{connect_door_at, new_token, scratch_dir};
+use relay_tests::servers::RelayProcess;
+use relay_tests::viewer::handshake;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The audit events logged so far, in order.
+fn audit_events(log: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines = text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok());
+    lines.filter(|v| v["target"] == "relay::audit").collect()
+}
+
+#[tokio::test]
+async fn a_console_start_and_end_are_audited_with_their_own_fields() {
+    let dir = scratch_dir("audit");
+    let (config, log) = (dir.join("relay.toml"), dir.join("relay.log"));
+    let text = format!(
+        "[listen]\nwebsocket = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:0\"\ncontrol = \"{}\"\n\n\
+         [hypervisor]\nauth_schemes = [\"none\"]\n\n[store]\nbackend = \"memory\"\n\n[log]\nformat = \"json\"\n",
+        dir.join("control.sock").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let relay = RelayProcess::start_logging_to(&config, &log).await.unwrap();
+    let hv = FakeVnc::start(Script::echo()).await;
+    let created: TokenCreated = call(&relay.control, Request::TokenCreate(new_token("vm-audit", hv.addr()))).await.unwrap();
+    let mut s = connect_door_at(relay.connect, &created.token).await.unwrap();
+    handshake(&mut s, b"RFB 003.008\n", None).await.unwrap();
+    s.write_all(b"twelve bytes").await.unwrap();
+    let mut back = [0u8; 12];
+    s.read_exact(&mut back).await.unwrap();
+    drop(s);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let end = loop {
+        let events = audit_events(&log);
+        if let Some(end) = events.iter().find(|e| e["event"] == "session_end") {
+            break end.clone();
+        }
+        assert!(Instant::now() < deadline, "no session_end in {events:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let events = audit_events(&log);
+    let start = events.iter().find(|e| e["event"] == "session_start").expect("a session_start");
+    assert_eq!(start["session"], end["session"], "start and end name the same session");
+    assert_eq!(start["hypervisor"], hv.addr().to_string());
+    assert_eq!(end["instance"], "vm-audit");
+    assert_eq!(end["token_id"], created.id, "the token by its id");
+    assert_eq!(end["door"], "connect");
+    assert_eq!(end["client"], "127.0.0.1");
+    assert_eq!(end["hypervisor"], hv.addr().to_string());
+    assert_eq!(end["viewer_auth"], "none");
+    assert_eq!(end["cause"], "viewer_closed", "{end}");
+    // The echo, plus what relay passed on after the security handshakes (ClientInit,
+    // ServerInit).
+    assert!(end["bytes_to_hypervisor"].as_u64() >= Some(12) && end["bytes_to_viewer"].as_u64() >= Some(12), "{end}");
+    assert!(end["duration_ms"].is_u64() && end["relay"].is_string(), "{end}");
+    let whole = std::fs::read_to_string(&log).unwrap();
+    assert!(!whole.contains(&created.token), "the token appears in full in the log");
+    drop(relay);
+    let _ = std::fs::remove_dir_all(dir);
+}
