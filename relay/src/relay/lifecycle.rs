@@ -259,21 +259,22 @@ pub fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 
 /// A console's state between its start and its end: which directions have finished,
 /// the first end seen, and the two timers.
-pub struct Lifecycle {
+/// Every idle console holds one, so it borrows its limits rather than copy them.
+pub struct Lifecycle<'a> {
+    limits: &'a Limits,
     first: Option<Ended>,
     finished: [bool; 2],
-    half_close_timeout: Duration,
     half_close_at: Option<Instant>,
     idle: Option<IdleClock>,
 }
 
-impl Lifecycle {
+impl<'a> Lifecycle<'a> {
     /// A console whose byte counts are `bytes` now.
-    pub fn new(limits: &Limits, bytes: (u64, u64)) -> Lifecycle {
+    pub fn new(limits: &'a Limits, bytes: (u64, u64)) -> Lifecycle<'a> {
         Lifecycle {
+            limits,
             first: None,
             finished: [false; 2],
-            half_close_timeout: limits.half_close_timeout,
             half_close_at: None,
             idle: limits.idle_timeout.map(|timeout| IdleClock::new(timeout, bytes)),
         }
@@ -284,7 +285,7 @@ impl Lifecycle {
     pub fn finished(&mut self, dir: Direction) -> bool {
         self.finished[dir.index()] = true;
         self.first.get_or_insert(Ended::Closed(dir.from()));
-        self.half_close_at.get_or_insert_with(|| Instant::now() + self.half_close_timeout);
+        self.half_close_at.get_or_insert_with(|| Instant::now() + self.limits.half_close_timeout);
         self.finished == [true; 2]
     }
 
@@ -312,7 +313,8 @@ impl Lifecycle {
             return Some(Ended::HalfCloseTimeout);
         }
         let clock = self.idle.as_mut().filter(|c| c.next_check <= now)?;
-        clock.idle(bytes, now).then_some(Ended::Idle)
+        let timeout = self.limits.idle_timeout?;
+        clock.idle(timeout, bytes, now).then_some(Ended::Idle)
     }
 
     /// How the console ended, once [`Lifecycle::finished`] said so or a side failed.
@@ -325,8 +327,6 @@ impl Lifecycle {
 /// nothing per byte for it. A console idle for the timeout ends within an eighth of the
 /// timeout past it, plus one look (the last byte is noticed at the next look).
 struct IdleClock {
-    timeout: Duration,
-    every: Duration,
     last_bytes: (u64, u64),
     last_change: Instant,
     next_check: Instant,
@@ -334,18 +334,22 @@ struct IdleClock {
 
 impl IdleClock {
     fn new(timeout: Duration, bytes: (u64, u64)) -> IdleClock {
-        let every = (timeout / 8).max(Duration::from_millis(50));
         let now = Instant::now();
-        IdleClock { timeout, every, last_bytes: bytes, last_change: now, next_check: now + every }
+        IdleClock { last_bytes: bytes, last_change: now, next_check: now + Self::every(timeout) }
     }
 
-    fn idle(&mut self, bytes: (u64, u64), now: Instant) -> bool {
-        self.next_check = now + self.every;
+    /// How often the clock looks.
+    fn every(timeout: Duration) -> Duration {
+        (timeout / 8).max(Duration::from_millis(50))
+    }
+
+    fn idle(&mut self, timeout: Duration, bytes: (u64, u64), now: Instant) -> bool {
+        self.next_check = now + Self::every(timeout);
         if bytes != self.last_bytes {
             (self.last_bytes, self.last_change) = (bytes, now);
             return false;
         }
-        now.duration_since(self.last_change) >= self.timeout
+        now.duration_since(self.last_change) >= timeout
     }
 }
 
@@ -363,7 +367,8 @@ mod tests {
 
     #[test]
     fn the_first_end_is_the_cause_and_a_later_reset_only_a_consequence() {
-        let mut life = Lifecycle::new(&limits(None), (0, 0));
+        let limits = limits(None);
+        let mut life = Lifecycle::new(&limits, (0, 0));
         assert!(!life.finished(Direction::Down), "one direction left");
         // The viewer resets after the hypervisor's end reached it.
         assert_eq!(life.failed(reset(Side::Viewer)), Some(Side::Hypervisor), "a reset is still passed on");
@@ -373,7 +378,8 @@ mod tests {
 
     #[test]
     fn a_failure_first_is_the_cause_and_only_resets_are_passed_on() {
-        let mut life = Lifecycle::new(&limits(None), (0, 0));
+        let limits = limits(None);
+        let mut life = Lifecycle::new(&limits, (0, 0));
         let broken = Failure::new(Side::Viewer, Op::Read, io::Error::new(io::ErrorKind::InvalidData, "unmasked frame"));
         assert_eq!(life.failed(broken), None);
         let ended = life.into_ended();
@@ -387,7 +393,8 @@ mod tests {
 
     #[test]
     fn both_directions_finished_is_the_end_named_by_the_first() {
-        let mut life = Lifecycle::new(&limits(None), (0, 0));
+        let limits = limits(None);
+        let mut life = Lifecycle::new(&limits, (0, 0));
         assert!(life.next_wake().is_none(), "no timer armed while both directions are open");
         assert!(!life.finished(Direction::Up));
         assert!(life.next_wake().is_some(), "the half-close clock runs");
@@ -398,7 +405,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_ends_within_a_quarter_of_the_timeout_after_the_last_byte() {
         let timeout = Duration::from_secs(8);
-        let mut life = Lifecycle::new(&limits(Some(timeout)), (0, 0));
+        let limits = limits(Some(timeout));
+        let mut life = Lifecycle::new(&limits, (0, 0));
         let start = Instant::now();
         let (mut bytes, mut last_byte) = ((0, 0), start);
         let ended = loop {
