@@ -37,11 +37,13 @@ pub struct Pump {
     buf: Vec<u8>,
     /// The size of the next buffer: doubled up to `max` while reads fill it, halved down
     /// to `min` while they use a quarter of it or less.
-    size: usize,
-    min: usize,
-    max: usize,
-    start: usize,
-    end: usize,
+    size: u32,
+    min: u32,
+    max: u32,
+    /// What is still to be written: `buf[start..end]`. Sizes and offsets are u32 (a
+    /// buffer is at most `relay_buffer_bytes`): every console holds two pumps all its life.
+    start: u32,
+    end: u32,
     read_eof: bool,
     unflushed: bool,
     finished: bool,
@@ -51,8 +53,9 @@ impl Pump {
     /// A pump whose first bytes out are `pending` (read earlier by a handshake), with a
     /// buffer of `first` bytes that grows up to `max` while reads fill it.
     pub fn new(pending: Vec<u8>, first: usize, max: usize) -> Pump {
-        let end = pending.len();
-        let size = first.min(max);
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let (end, max) = (clamp(pending.len()), clamp(max));
+        let size = clamp(first).min(max);
         Pump { buf: pending, size, min: size, max, start: 0, end, read_eof: false, unflushed: false, finished: false }
     }
 
@@ -88,11 +91,12 @@ impl Pump {
         }
         loop {
             while self.start < self.end {
-                let n = ready!(writer.as_mut().poll_write(cx, &self.buf[self.start..self.end])).map_err(PumpError::Write)?;
+                let n =
+                    ready!(writer.as_mut().poll_write(cx, &self.buf[self.start as usize..self.end as usize])).map_err(PumpError::Write)?;
                 if n == 0 {
                     return Poll::Ready(Err(PumpError::Write(io::ErrorKind::WriteZero.into())));
                 }
-                self.start += n;
+                self.start += n as u32;
                 self.unflushed = true;
                 counter.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -102,13 +106,14 @@ impl Pump {
                 self.finished = true;
                 return Poll::Ready(Ok(()));
             }
-            if self.buf.len() != self.size {
-                self.buf = vec![0; self.size];
+            if self.buf.len() != self.size as usize {
+                self.buf = vec![0; self.size as usize];
             }
             let mut rb = ReadBuf::new(&mut self.buf);
             match reader.as_mut().poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
+                    // At most the buffer's size, a u32.
+                    let n = rb.filled().len() as u32;
                     (self.start, self.end) = (0, n);
                     self.read_eof = n == 0;
                     // A full read means the stream is busy: read more at a time. A small
@@ -185,7 +190,7 @@ mod tests {
             viewer.write_all(b"k").await.unwrap();
             poll(&mut pump, &mut out);
         }
-        assert_eq!(pump.size, BUFFER);
+        assert_eq!(pump.size as usize, BUFFER);
     }
 
     /// A TLS peer that closes without close_notify (rustls reports UnexpectedEof).
