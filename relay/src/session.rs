@@ -1,12 +1,13 @@
 //! The registry of live sessions: who is connected to which instance, their byte
 //! counters, and the handle that ends them (forced disconnect).
 
+use futures_util::task::AtomicWaker;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use tokio::sync::Notify;
+use std::task::Poll;
 
 use crate::auth::TokenHash;
 use crate::front::Door;
@@ -40,19 +41,20 @@ impl ByteCounters {
 }
 
 /// A session's end when relay imposes it (forced disconnect, expiry, shutdown): set once,
-/// the first reason kept, awaited by the console's task. A watch channel did the same for
-/// a few hundred bytes more per console.
+/// the first reason kept, awaited by the console's own task. One waiter at a time (the
+/// handshake, then the relay, in turn), so a single waker slot does: a watch channel, then
+/// a `Notify` whose wait future alone was 104 bytes, cost every idle console more.
 #[derive(Debug, Default)]
 pub struct Stop {
     reason: OnceLock<String>,
-    told: Notify,
+    waiter: AtomicWaker,
 }
 
 impl Stop {
     /// Ends the session for `reason`, unless it was already told to end.
     pub fn set(&self, reason: &str) {
         if self.reason.set(reason.to_string()).is_ok() {
-            self.told.notify_waiters();
+            self.waiter.wake();
         }
     }
 
@@ -61,18 +63,20 @@ impl Stop {
         self.reason.get().map(String::as_str)
     }
 
-    /// Resolves, with the reason, when the session must end.
-    pub async fn wait(&self) -> String {
-        loop {
-            // Registered before the check, so a `set` between the two still wakes it.
-            let told = self.told.notified();
-            let mut told = std::pin::pin!(told);
-            told.as_mut().enable();
+    /// Resolves, with the reason, when the session must end. Only one task may wait at a
+    /// time: a second waiter takes the first one's place.
+    pub fn wait(&self) -> impl Future<Output = String> + Send + '_ {
+        std::future::poll_fn(|cx| {
             if let Some(reason) = self.reason() {
-                return reason.to_string();
+                return Poll::Ready(reason.to_string());
             }
-            told.await;
-        }
+            // Registered before the second look, so a `set` between the two still wakes it.
+            self.waiter.register(cx.waker());
+            match self.reason() {
+                Some(reason) => Poll::Ready(reason.to_string()),
+                None => Poll::Pending,
+            }
+        })
     }
 }
 
@@ -154,10 +158,10 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    /// What the registry holds of this session (for its closing audit: the console's
-    /// task need not carry its own copy of the token's record all its life).
-    pub fn info(&self) -> Option<SessionInfo> {
-        self.registry.lock().sessions.get(&self.id).map(|e| e.info.clone())
+    /// What the registry holds of this session, and its token (for its closing audit:
+    /// the console's task need not carry its own copy of either all its life).
+    pub fn info(&self) -> Option<(SessionInfo, TokenHash)> {
+        self.registry.lock().sessions.get(&self.id).map(|e| (e.info.clone(), e.token))
     }
 }
 

@@ -193,7 +193,7 @@ impl Conn {
             }
         };
         let span = info_span!("session", instance = %record.instance, token_id = %record.id, door = %req.door, client = %self.client);
-        self.console(stream, upgrade, record, hash, session, password).instrument(span).await
+        self.console(stream, upgrade, record, session, password).instrument(span).await
     }
 }
 

@@ -3,8 +3,8 @@
 //! the relay, and the closing audit.
 
 use super::{CONNECT_OK, Conn, send_and_close};
-use crate::app::unix_now;
-use crate::auth::{Secret, TokenHash, TokenRecord};
+use crate::app::{App, unix_now};
+use crate::auth::{Secret, TokenRecord};
 use crate::dial::{DialError, dial};
 use crate::front::{Door, ws};
 use crate::metrics::bump;
@@ -14,6 +14,7 @@ use crate::rfb::drive::{DriveError, drive};
 use crate::rfb::hypervisor::{HypervisorAuth, HypervisorDone, HypervisorHandshake};
 use crate::rfb::viewer::{ViewerAuth, ViewerHandshake};
 use crate::session::SessionHandle;
+use crate::sources::SourcePlace;
 use crate::telemetry::AUDIT;
 use crate::tls::cork::Corked;
 use crate::transport::Transport;
@@ -21,9 +22,12 @@ use crate::wire::http::Reject;
 use crate::wire::prefixed::Prefixed;
 use crate::wire::ws_stream::WsByteStream;
 use rand::RngCore;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout_at;
 use tracing::{info, warn};
 
@@ -41,7 +45,6 @@ const REFUSAL_GRACE: Duration = Duration::from_secs(5);
 
 /// What a console request was granted on its way to the handshakes.
 struct Granted {
-    hash: TokenHash,
     session: SessionHandle,
     /// The console password its viewer must give, if the instance has one.
     password: Option<Secret>,
@@ -57,7 +60,6 @@ impl Conn {
         mut stream: Prefixed<Transport>,
         upgrade: Option<ws::Upgrade>,
         record: TokenRecord,
-        hash: TokenHash,
         session: SessionHandle,
         password: Option<Secret>,
     ) {
@@ -80,7 +82,7 @@ impl Conn {
                 if stream.write_all(CONNECT_OK).await.is_err() {
                     return;
                 }
-                self.negotiate(stream, dialed, &record, Granted { hash, session, password, asked, door: Door::Connect }).await
+                self.negotiate(stream, dialed, &record, Granted { session, password, asked, door: Door::Connect }).await
             }
             Some(upgrade) => {
                 if stream.write_all(&upgrade.response()).await.is_err() {
@@ -88,7 +90,7 @@ impl Conn {
                 }
                 let max_frame = self.config.limits.max_ws_message_bytes as u64;
                 match WsByteStream::new(stream, max_frame) {
-                    Ok(ws) => self.negotiate(ws, dialed, &record, Granted { hash, session, password, asked, door: Door::WebSocket }).await,
+                    Ok(ws) => self.negotiate(ws, dialed, &record, Granted { session, password, asked, door: Door::WebSocket }).await,
                     Err(e) => warn!(target: AUDIT, event = "viewer_handshake_failed", error = %e),
                 }
             }
@@ -103,7 +105,7 @@ impl Conn {
         record: &TokenRecord,
         granted: Granted,
     ) {
-        let Granted { hash, session, password, asked, door } = granted;
+        let Granted { session, password, asked, door } = granted;
         let started = Instant::now();
         let hypervisor = match dialed {
             Ok(d) => self.hypervisor_handshake(d, record).await,
@@ -168,15 +170,15 @@ impl Conn {
         };
         let control = Control { session: session.id, bytes: session.bytes.clone(), stop: session.stop.clone() };
         let pair = Established { viewer, hypervisor };
-        let viewer_auth = if viewer_done.security == crate::rfb::security::VNC { "password" } else { "none" };
+        let with_password = viewer_done.security == crate::rfb::security::VNC;
         // The console gets a task of its own, holding only what the relay and the closing
         // audit need: the handshakes' state (several KiB) is freed now, not when the
         // console ends.
         let relay = self.app.relays.run(pair, control, limits);
+        let live = Live::new(self, session, door, with_password);
         let relaying = async move {
-            let relay_started = Instant::now();
             let (ended, backend) = relay.await;
-            Box::pin(self.finish(&session, (door, ended, backend.name()), relay_started, hash, viewer_auth)).await;
+            Box::pin(live.finish(ended, backend.name())).await;
         };
         // No span goes with it: a live span costs ~350 bytes (the subscriber's slot, its
         // fields formatted, their map), and the connection's and session's spans held
@@ -298,42 +300,6 @@ impl Conn {
             Err(_) => Err(slow("vencrypt", "handshake timed out inside TLS")),
         }
     }
-
-    async fn finish(
-        &self,
-        session: &SessionHandle,
-        (door, ended, backend): (Door, Ended, &'static str),
-        started: Instant,
-        hash: TokenHash,
-        viewer_auth: &str,
-    ) {
-        let (up, down) = session.bytes.snapshot();
-        let info = session.info();
-        let (instance, token_id, hypervisor) =
-            info.as_ref().map_or(("", "", ""), |i| (i.instance.as_str(), i.token_id.as_str(), i.hypervisor.as_str()));
-        self.app.counters.ended(door, backend, ended.cause(), (up, down));
-        self.app.timings.console.observe(started.elapsed().as_secs_f64());
-        // The token was in use until now: it lapses from here, not from its last redeem.
-        let _ = self.app.tokens.touch(hash, unix_now()).await;
-        info!(
-            target: AUDIT,
-            event = "session_end",
-            session = self.id,
-            instance = %instance,
-            token_id = %token_id,
-            door = %door,
-            client = %self.client,
-            viewer = %self.peer,
-            hypervisor = %hypervisor,
-            viewer_auth,
-            cause = ended.cause().name(),
-            reason = %ended,
-            relay = backend,
-            bytes_to_hypervisor = up,
-            bytes_to_viewer = down,
-            duration_ms = started.elapsed().as_millis() as u64,
-        );
-    }
 }
 
 /// Fresh random bytes for a VNC authentication challenge.
@@ -341,4 +307,59 @@ fn challenge() -> [u8; 16] {
     let mut c = [0u8; 16];
     rand::rng().fill_bytes(&mut c);
     c
+}
+
+/// What a live console's task keeps until the console ends: its place in the connection
+/// limits, its registration, and what its closing audit names. Every idle console holds
+/// one, so it holds no more.
+struct Live {
+    app: Arc<App>,
+    id: u64,
+    peer: SocketAddr,
+    client: IpAddr,
+    _permit: OwnedSemaphorePermit,
+    _source: Option<SourcePlace>,
+    session: SessionHandle,
+    door: Door,
+    with_password: bool,
+    started: Instant,
+}
+
+impl Live {
+    fn new(conn: Conn, session: SessionHandle, door: Door, with_password: bool) -> Live {
+        let Conn { app, id, peer, client, _permit, _source, .. } = conn;
+        Live { app, id, peer, client, _permit, _source, session, door, with_password, started: Instant::now() }
+    }
+
+    /// Counts the console's end and audits it.
+    async fn finish(self, ended: Ended, backend: &'static str) {
+        let (up, down) = self.session.bytes.snapshot();
+        let info = self.session.info();
+        let (instance, token_id, hypervisor) =
+            info.as_ref().map_or(("", "", ""), |(i, _)| (i.instance.as_str(), i.token_id.as_str(), i.hypervisor.as_str()));
+        self.app.counters.ended(self.door, backend, ended.cause(), (up, down));
+        self.app.timings.console.observe(self.started.elapsed().as_secs_f64());
+        // The token was in use until now: it lapses from here, not from its last redeem.
+        if let Some((_, token)) = &info {
+            let _ = self.app.tokens.touch(*token, unix_now()).await;
+        }
+        info!(
+            target: AUDIT,
+            event = "session_end",
+            session = self.id,
+            instance = %instance,
+            token_id = %token_id,
+            door = %self.door,
+            client = %self.client,
+            viewer = %self.peer,
+            hypervisor = %hypervisor,
+            viewer_auth = if self.with_password { "password" } else { "none" },
+            cause = ended.cause().name(),
+            reason = %ended,
+            relay = backend,
+            bytes_to_hypervisor = up,
+            bytes_to_viewer = down,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+        );
+    }
 }

@@ -128,8 +128,8 @@ pub struct Control {
 
 impl Control {
     /// Resolves, with the reason, when the session must end.
-    pub async fn stopped(&mut self) -> String {
-        self.stop.wait().await
+    pub fn stopped(&mut self) -> impl Future<Output = String> + Send + '_ {
+        self.stop.wait()
     }
 }
 
