@@ -4,7 +4,7 @@
 use futures_util::task::AtomicWaker;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
@@ -88,6 +88,10 @@ pub struct SessionInfo {
     pub token_id: String,
     pub door: Door,
     pub viewer: SocketAddr,
+    /// The viewer's IP address as relay trusts it: the viewer's, or the one a trusted
+    /// proxy forwarded (X-Forwarded-For) when `viewer` is the proxy.
+    #[serde(default = "unspecified")]
+    pub client: IpAddr,
     pub hypervisor: String,
     pub started: u64,
     /// The token source that opened it (`store`, `nova`, `jwt`, …).
@@ -96,6 +100,10 @@ pub struct SessionInfo {
     /// When the token that opened it expires (Unix seconds; 0: it does not).
     #[serde(default)]
     pub token_expires: u64,
+}
+
+fn unspecified() -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -347,6 +355,7 @@ mod tests {
             token_id: "t".into(),
             door: Door::Connect,
             viewer: "127.0.0.1:1".parse().unwrap(),
+            client: "127.0.0.1".parse().unwrap(),
             hypervisor: "h:5900".into(),
             started: 0,
             source: "store".into(),

@@ -39,6 +39,9 @@ async fn a_console_start_and_end_are_audited_with_their_own_fields() {
     s.write_all(b"twelve bytes").await.unwrap();
     let mut back = [0u8; 12];
     s.read_exact(&mut back).await.unwrap();
+    // The live console, as `relay ctl sessions` lists it, names its client too.
+    let listed: serde_json::Value = call(&relay.control, Request::Sessions { instance: None }).await.unwrap();
+    assert_eq!(listed["sessions"][0]["client"], "127.0.0.1", "{listed}");
     drop(s);
 
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -173,6 +173,7 @@ impl Conn {
             token_id: record.id.clone(),
             door: req.door,
             viewer: self.peer,
+            client: self.client,
             hypervisor: format!("{}:{}", record.target.host, record.target.port),
             started: unix_now(),
             source: record.source.to_string(),
