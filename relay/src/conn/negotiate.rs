@@ -161,12 +161,12 @@ impl Conn {
             handshake_ms = started.elapsed().as_millis() as u64,
         );
         let cfg = &self.config.limits;
-        let limits = relay::Limits {
-            buffer_bytes: cfg.relay_buffer_bytes,
-            idle_timeout: (cfg.session_idle_timeout_secs > 0).then(|| Duration::from_secs(cfg.session_idle_timeout_secs)),
-            half_close_timeout: Duration::from_secs(cfg.half_close_timeout_secs),
-            ws_ping: Some(self.config.keepalive.websocket_ping_secs).filter(|s| *s > 0).map(Duration::from_secs),
-        };
+        let limits = relay::Limits::new(
+            cfg.relay_buffer_bytes,
+            (cfg.session_idle_timeout_secs > 0).then(|| Duration::from_secs(cfg.session_idle_timeout_secs)),
+            Duration::from_secs(cfg.half_close_timeout_secs),
+            Some(self.config.keepalive.websocket_ping_secs).filter(|s| *s > 0).map(Duration::from_secs),
+        );
         let control = Control { session: session.id, bytes: session.bytes.clone(), stop: session.stop.clone() };
         let pair = Established { viewer, hypervisor };
         let with_password = viewer_done.security == crate::rfb::security::VNC;

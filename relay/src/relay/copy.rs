@@ -41,7 +41,7 @@ pub struct HandOver {
 /// (each such layer kept its own copy of the streams, and idle consoles paid for all).
 pub fn pumps<V: Peer, H: Peer>(pair: Established<V, H>, control: &Control, limits: &Limits, hand_over: Option<HandOver>) -> Pumps<V, H> {
     let Established { mut viewer, hypervisor } = pair;
-    if let Some(every) = limits.ws_ping {
+    if let Some(every) = limits.ws_ping() {
         viewer.io.heartbeat(every);
     }
     // A console that will move to the kernel starts with small buffers: they are freed at

@@ -276,7 +276,7 @@ impl<'a> Lifecycle<'a> {
             first: None,
             finished: [false; 2],
             half_close_at: None,
-            idle: limits.idle_timeout.map(|timeout| IdleClock::new(timeout, bytes)),
+            idle: limits.idle_timeout().map(|timeout| IdleClock::new(timeout, bytes)),
         }
     }
 
@@ -285,7 +285,7 @@ impl<'a> Lifecycle<'a> {
     pub fn finished(&mut self, dir: Direction) -> bool {
         self.finished[dir.index()] = true;
         self.first.get_or_insert(Ended::Closed(dir.from()));
-        self.half_close_at.get_or_insert_with(|| Instant::now() + self.limits.half_close_timeout);
+        self.half_close_at.get_or_insert_with(|| Instant::now() + self.limits.half_close_timeout());
         self.finished == [true; 2]
     }
 
@@ -313,7 +313,7 @@ impl<'a> Lifecycle<'a> {
             return Some(Ended::HalfCloseTimeout);
         }
         let clock = self.idle.as_mut().filter(|c| c.next_check <= now)?;
-        let timeout = self.limits.idle_timeout?;
+        let timeout = self.limits.idle_timeout()?;
         clock.idle(timeout, bytes, now).then_some(Ended::Idle)
     }
 
@@ -358,7 +358,7 @@ mod tests {
     use super::*;
 
     fn limits(idle: Option<Duration>) -> Limits {
-        Limits { buffer_bytes: 4096, idle_timeout: idle, half_close_timeout: Duration::from_secs(10), ws_ping: None }
+        Limits::new(4096, idle, Duration::from_secs(10), None)
     }
 
     fn reset(side: Side) -> Failure {

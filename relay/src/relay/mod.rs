@@ -166,14 +166,63 @@ pub(crate) async fn deadline(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// A console's limits. Every console's future holds them, so the times are kept as
+/// milliseconds in a u32 (up to 49 days; longer ones are cut to that): 24 bytes, not 56.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Bytes buffered per direction.
     pub buffer_bytes: usize,
+    /// 0: none.
+    idle_timeout_ms: u32,
+    half_close_timeout_ms: u32,
+    /// 0: none.
+    ws_ping_ms: u32,
+}
+
+impl Limits {
+    pub fn new(buffer_bytes: usize, idle_timeout: Option<Duration>, half_close_timeout: Duration, ws_ping: Option<Duration>) -> Limits {
+        // A time that is there is at least 1 ms, so that 0 can mean none.
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        let some_ms = |d: Option<Duration>| d.map_or(0, |d| ms(d).max(1));
+        Limits {
+            buffer_bytes,
+            idle_timeout_ms: some_ms(idle_timeout),
+            half_close_timeout_ms: ms(half_close_timeout),
+            ws_ping_ms: some_ms(ws_ping),
+        }
+    }
+
     /// End the session after this long with no byte either way.
-    pub idle_timeout: Option<Duration>,
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms.into()))
+    }
+
     /// After one side has finished sending, how long the other may go on.
-    pub half_close_timeout: Duration,
+    pub fn half_close_timeout(&self) -> Duration {
+        Duration::from_millis(self.half_close_timeout_ms.into())
+    }
+
     /// How often a WebSocket viewer gets a Ping (None: never).
-    pub ws_ping: Option<Duration>,
+    pub fn ws_ping(&self) -> Option<Duration> {
+        (self.ws_ping_ms > 0).then(|| Duration::from_millis(self.ws_ping_ms.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_keep_their_times_to_the_millisecond_and_none_stays_none() {
+        let second = Duration::from_secs(1);
+        let l = Limits::new(4096, Some(Duration::from_millis(1500)), second * 30, None);
+        assert_eq!((l.idle_timeout(), l.half_close_timeout(), l.ws_ping()), (Some(Duration::from_millis(1500)), second * 30, None));
+        // A time under a millisecond is still a time; a half-close of 0 is 0.
+        let l = Limits::new(4096, None, Duration::ZERO, Some(Duration::from_micros(10)));
+        assert_eq!((l.idle_timeout(), l.half_close_timeout(), l.ws_ping()), (None, Duration::ZERO, Some(Duration::from_millis(1))));
+        // Ten years is cut to 49 days, not wrapped.
+        let l = Limits::new(4096, Some(second * 315_360_000), second, None);
+        assert_eq!(l.idle_timeout(), Some(Duration::from_millis(u32::MAX.into())));
+        assert_eq!(size_of::<Limits>(), 24, "every console holds one");
+    }
 }

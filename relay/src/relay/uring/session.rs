@@ -49,7 +49,7 @@ pub async fn run(engine: &Uring, viewer: Leg, hypervisor: Leg, control: &mut Con
         events: events_tx,
     });
     // Only a framed console has a way to ping its viewer.
-    let heartbeat = limits.ws_ping.filter(|_| framed).map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    let heartbeat = limits.ws_ping().filter(|_| framed).map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
     let mut on_ring = OnRing { engine, id, events, bytes: control.bytes.clone(), heartbeat };
     drive(&mut on_ring, control, &limits).await.expect("a console on the ring is never released")
 }
