@@ -27,6 +27,7 @@ macro_rules! conformance {
                 a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order,
                 only_a_busy_console_moves_to_the_kernel,
                 uneven_reads_and_writes_keep_every_byte_in_order,
+                hundreds_of_fall_backs_and_resumes_keep_every_byte_in_order,
                 the_hypervisors_end_is_the_cause_even_when_the_viewer_then_resets,
                 tls_consoles_each_cipher_byte_exact_each_way,
                 tls_close_notify_arrives_after_the_data_both_ways,

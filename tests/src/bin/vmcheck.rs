@@ -24,7 +24,7 @@ macro_rules! checks {
 
 /// What each back-end must do on every kernel relay supports; the bulk check moves
 /// 32 MiB each way (an emulated machine runs several times slower than this one).
-const CHECKS: [(&str, Check); 9] = checks!(conformance:
+const CHECKS: [(&str, Check); 10] = checks!(conformance:
     several_mib_each_way_byte_exact,
     hypervisor_fin_arrives_after_its_data_and_the_other_way_stays_open,
     viewer_fin_arrives_after_its_data_and_the_other_way_stays_open,
@@ -34,6 +34,7 @@ const CHECKS: [(&str, Check); 9] = checks!(conformance:
     a_stalled_viewer_bounds_what_is_in_flight_then_gets_every_byte,
     a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order,
     uneven_reads_and_writes_keep_every_byte_in_order,
+    hundreds_of_fall_backs_and_resumes_keep_every_byte_in_order,
 );
 
 /// TLS consoles, whose TLS must move into these kernels (kTLS).

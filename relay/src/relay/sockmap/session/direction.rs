@@ -91,15 +91,38 @@ pub(super) async fn direction(
             // a cap counted from what the receiver has acknowledged. Only while the send
             // queue has room for all of it: redirected bytes that do not fit wait in the
             // kernel's backlog, where bytes passed on that socket queue behind them
-            // uncharged (see handoff). Otherwise the passed bytes keep coming this way.
-            let (acked, sent) = tcp::sent(to.fd.get_ref()).map_err(|e| Failure::writing(dir, e))?;
-            if sent - acked > 2 * engine.in_flight_cap {
+            // uncharged (see handoff). Until then the passed bytes keep coming this way.
+            let Some(acked) = Box::pin(room_to_resume(engine, dir, (from, to))).await? else {
                 continue;
-            }
+            };
             let acked_since = acked.saturating_sub(to.sent_at_handoff);
             let redirected_acked = acked_since.saturating_sub(user.written.load(Ordering::Relaxed));
             limit = limit.max(redirected_acked + engine.in_flight_cap);
             engine.grant(from.cookie, Grant { limit, resumed_at: read_total });
+        }
+    }
+}
+
+/// Waits until `to`'s send queue has room for twice the in-flight cap, and gives what it
+/// has acknowledged then; or gives None as soon as `from` has more for userspace (read it
+/// first). Waiting here, rather than for the next batch, lets a direction that fell back
+/// during a burst resume in the quiet after it: under bursts, the queue was seldom empty
+/// enough at the moment a batch had just been written, and a direction that fell back
+/// stayed in userspace for good.
+async fn room_to_resume(engine: &Sockmap, dir: Direction, (from, to): (&Socket, &Socket)) -> Result<Option<u64>, Failure> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let (acked, sent) = tcp::sent(to.fd.get_ref()).map_err(|e| Failure::writing(dir, e))?;
+        if sent - acked <= 2 * engine.in_flight_cap {
+            return Ok(Some(acked));
+        }
+        tokio::select! {
+            biased;
+            ready = from.fd.readable() => {
+                ready.map_err(|e| Failure::reading(dir, e))?.retain_ready();
+                return Ok(None);
+            }
+            () = sleep(pause) => pause = (pause * 2).min(Duration::from_millis(50)),
         }
     }
 }
