@@ -82,6 +82,8 @@ pub(super) async fn direction(
             user.written.fetch_add(n as u64, Ordering::Relaxed);
             user.counter.fetch_add(n as u64, Ordering::Relaxed);
         }
+        // Not held while waiting for room to resume: a stalled receiver can make that long.
+        drop(buf);
         if eof {
             to.fd.get_ref().shutdown(Shutdown::Write).map_err(|e| Failure::writing(dir, e))?;
             return Ok(());
@@ -122,7 +124,8 @@ async fn room_to_resume(engine: &Sockmap, dir: Direction, (from, to): (&Socket, 
                 ready.map_err(|e| Failure::reading(dir, e))?.retain_ready();
                 return Ok(None);
             }
-            () = sleep(pause) => pause = (pause * 2).min(Duration::from_millis(50)),
+            // Backing off to 4 looks a second: a receiver may stall for long.
+            () = sleep(pause) => pause = (pause * 2).min(Duration::from_millis(250)),
         }
     }
 }
