@@ -309,8 +309,8 @@ fn challenge() -> [u8; 16] {
 }
 
 /// What a live console's task keeps until the console ends: its place in the connection
-/// limits and its registration (which holds what its closing audit names). Every idle console holds
-/// one, so it holds no more.
+/// limits and its registration (which holds what its closing audit names). Every idle
+/// console holds one, so it holds no more.
 struct Live {
     app: Arc<App>,
     _permit: OwnedSemaphorePermit,
