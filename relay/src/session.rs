@@ -67,10 +67,7 @@ impl Stop {
     /// time: a second waiter takes the first one's place.
     pub fn wait(&self) -> impl Future<Output = String> + Send + '_ {
         std::future::poll_fn(|cx| {
-            if let Some(reason) = self.reason() {
-                return Poll::Ready(reason.to_string());
-            }
-            // Registered before the second look, so a `set` between the two still wakes it.
+            // Registered before the look, so a `set` in between still wakes it.
             self.waiter.register(cx.waker());
             match self.reason() {
                 Some(reason) => Poll::Ready(reason.to_string()),
