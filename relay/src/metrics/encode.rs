@@ -119,6 +119,12 @@ impl Collector for Snapshot {
         counter(&mut e, "kernel_hand_overs", "Consoles moved from the userspace relay to a kernel back-end", s.relay.hand_overs)?;
         counter(&mut e, "kernel_tls_legs", "TLS connections whose records the kernel took over (kTLS)", s.relay.kernel_tls_legs)?;
         gauge(&mut e, "sockmap_flows", "Consoles spliced in the kernel now", s.relay.sockmap_flows as i64)?;
+        counter(
+            &mut e,
+            "sockmap_resumes",
+            "Sockmap directions handed back to the kernel after falling back to userspace",
+            s.relay.sockmap_resumes,
+        )?;
         gauge(&mut e, "tokens", "Console tokens in the store", s.tokens as i64)?;
         Ok(())
     }

@@ -54,6 +54,10 @@ pub struct BackendsView {
     /// Live sockmap map entries: flows, and sockets in the verdict map (zero when idle).
     pub sockmap_flows: usize,
     pub sockmap_sockets: usize,
+    /// Times a sockmap direction that fell back to userspace (its receiver behind) was
+    /// handed back to the kernel.
+    #[serde(default)]
+    pub sockmap_resumes: u64,
     /// TLS legs (viewer or hypervisor side) whose records the kernel took over (kTLS).
     pub kernel_tls_legs: u64,
 }
@@ -179,6 +183,7 @@ impl Relays {
             hand_overs: self.hand_overs.load(Ordering::Relaxed),
             sockmap_flows,
             sockmap_sockets,
+            sockmap_resumes: self.sockmap.as_ref().map_or(0, |s| s.resumes.load(Ordering::Relaxed)),
             kernel_tls_legs: self.kernel_tls_legs.load(Ordering::Relaxed),
         }
     }

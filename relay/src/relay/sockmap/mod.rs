@@ -47,6 +47,8 @@ pub struct Sockmap {
     /// Bytes one direction may have in flight in the kernel towards a receiver that has
     /// not acknowledged them; past it TCP pushes back on the sender.
     pub in_flight_cap: u64,
+    /// Times a direction that fell back to userspace was handed back to the kernel.
+    pub resumes: std::sync::atomic::AtomicU64,
     /// Keeps the program loaded and attached to the verdict map.
     _ebpf: Ebpf,
 }
@@ -81,7 +83,7 @@ impl Sockmap {
             .map_err(|e| kernel(&e))?;
         program.load().map_err(|e| classify(&e))?;
         program.attach(maps.verdict.fd()).map_err(|e| classify(&e))?;
-        Ok(Sockmap { maps: RwLock::new(maps), in_flight_cap, _ebpf: ebpf })
+        Ok(Sockmap { maps: RwLock::new(maps), in_flight_cap, resumes: Default::default(), _ebpf: ebpf })
     }
 
     fn maps(&self) -> RwLockWriteGuard<'_, Maps> {

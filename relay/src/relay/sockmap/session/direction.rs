@@ -101,6 +101,7 @@ pub(super) async fn direction(
             let redirected_acked = acked_since.saturating_sub(user.written.load(Ordering::Relaxed));
             limit = limit.max(redirected_acked + engine.in_flight_cap);
             engine.grant(from.cookie, Grant { limit, resumed_at: read_total });
+            engine.resumes.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
