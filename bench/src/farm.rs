@@ -68,12 +68,26 @@ pub struct FarmResult {
 
 /// Runs the farm through every path, one after another, each on a proxy started for it,
 /// in `rounds` rounds over all paths (a burst of other work then spreads over the paths);
-/// each figure is the median round's.
-pub async fn run(relay_bin: &Path, dir: &Path, hv: &Hypervisor, shape: Shape, nofile: u64, rounds: usize) -> Vec<FarmResult> {
+/// each figure is the median round's. `only` (when not empty) names the paths to measure
+/// besides direct.
+pub async fn run(
+    relay_bin: &Path,
+    dir: &Path,
+    hv: &Hypervisor,
+    shape: Shape,
+    nofile: u64,
+    rounds: usize,
+    only: &[String],
+) -> Vec<FarmResult> {
+    let wanted = |key: &str| key == "direct" || only.is_empty() || only.iter().any(|o| o == key);
     let mut measured: Vec<Vec<FarmResult>> = vec![Vec::new(); PATHS.len()];
-    let mut errors: Vec<Option<String>> = vec![None; PATHS.len()];
+    let mut errors: Vec<Option<String>> =
+        PATHS.iter().map(|(key, _)| (!wanted(key)).then(|| "not selected (--farm-paths)".to_string())).collect();
     for round in 1..=rounds {
         for (i, (key, label)) in PATHS.into_iter().enumerate() {
+            if !wanted(key) {
+                continue;
+            }
             eprintln!("relay-bench: farm of {} consoles through {label}, round {round} of {rounds}", shape.consoles);
             let sub = dir.join(format!("farm-{key}-{round}"));
             let outcome = match std::fs::create_dir_all(&sub) {

@@ -87,6 +87,10 @@ pub struct Args {
     /// Seconds the farm is measured, per path.
     #[arg(long, default_value_t = 10.0)]
     farm_secs: f64,
+    /// Only these farm paths (keys as in the farm's table: haproxy, connect-copy,
+    /// connect-auto, connect-sockmap, connect-uring, ws-copy, ws-uring); direct always runs.
+    #[arg(long, value_delimiter = ',')]
+    farm_paths: Vec<String>,
     /// Write the report (Markdown) to this file as well.
     #[arg(long)]
     doc: Option<PathBuf>,
@@ -412,7 +416,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         for shape in [typing, screen].into_iter().filter(|s| s.consoles > 0) {
             let sub = dir.join(format!("farm-{:?}", shape.mix).to_lowercase());
             std::fs::create_dir_all(&sub)?;
-            runs.push((shape, farm::run(&relay_bin, &sub, &hv, shape, nofile, args.repeat).await));
+            runs.push((shape, farm::run(&relay_bin, &sub, &hv, shape, nofile, args.repeat, &args.farm_paths).await));
         }
         runs
     } else {

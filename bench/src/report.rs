@@ -419,7 +419,8 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
     let us = |v: f64| if v >= 1000.0 { format!("{:.1} ms", v / 1000.0) } else { format!("{v:.0} µs") };
     for r in results {
         if let Some(e) = &r.error {
-            let _ = writeln!(w, "| {} | failed: {e} | | | | | | | | |", r.label);
+            let what = if e.starts_with("not selected") { "skipped" } else { "failed" };
+            let _ = writeln!(w, "| {} | {what}: {e} | | | | | | | | |", r.label);
             continue;
         }
         let vs = direct.filter(|d| d.p99_us > 0.0).map_or("–".into(), |d| format!("{:.2}×", r.p99_us / d.p99_us));
