@@ -1,7 +1,8 @@
 //! One direction of a userspace relay: read into a buffer, write it all out, pass EOF on
 //! as a shutdown. Polled, so one task drives both directions without splitting the
-//! streams. The buffer is held only while bytes move: a pump waiting for its reader holds
-//! none, so a crowd of quiet consoles costs no buffers.
+//! streams. Reads go into a scratch buffer of the thread's and straight on to the writer;
+//! a pump holds a buffer of its own only while its writer is behind, so a crowd of quiet
+//! consoles costs no buffers and a wake-up allocates nothing.
 
 use super::lifecycle::{Direction, Failure, is_truncation};
 use std::io;
@@ -33,9 +34,9 @@ pub const BUFFER: usize = 4 << 10;
 pub const SMALL_BUFFER: usize = 512;
 
 pub struct Pump {
-    /// Empty (no allocation) while the pump waits for its reader with nothing held.
+    /// What the writer has not taken yet (empty, no allocation, otherwise).
     buf: Vec<u8>,
-    /// The size of the next buffer: doubled up to `max` while reads fill it, halved down
+    /// The size of the next read: doubled up to `max` while reads fill it, halved down
     /// to `min` while they use a quarter of it or less.
     size: u32,
     min: u32,
@@ -100,40 +101,22 @@ impl Pump {
                 self.unflushed = true;
                 counter.fetch_add(n as u64, Ordering::Relaxed);
             }
+            // Nothing held: the buffer goes (a quiet console holds none).
+            if self.buf.capacity() > 0 {
+                (self.buf, self.start, self.end) = (Vec::new(), 0, 0);
+            }
             if self.read_eof {
                 ready!(writer.as_mut().poll_flush(cx)).map_err(PumpError::Write)?;
                 ready!(writer.as_mut().poll_shutdown(cx)).map_err(PumpError::Write)?;
                 self.finished = true;
                 return Poll::Ready(Ok(()));
             }
-            if self.buf.len() != self.size as usize {
-                self.buf = vec![0; self.size as usize];
-            }
-            let mut rb = ReadBuf::new(&mut self.buf);
-            match reader.as_mut().poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    // At most the buffer's size, a u32.
-                    let n = rb.filled().len() as u32;
-                    (self.start, self.end) = (0, n);
-                    self.read_eof = n == 0;
-                    // A full read means the stream is busy: read more at a time. A small
-                    // one, less: a console that once streamed goes back to small buffers.
-                    if n == self.size {
-                        self.size = (self.size * 2).min(self.max);
-                    } else if n <= self.size / 4 {
-                        self.size = (self.size / 2).max(self.min);
-                    }
-                }
-                // A TLS peer that closed without close_notify ended its stream.
-                Poll::Ready(Err(e)) if is_truncation(&e) => {
-                    tracing::debug!("TLS peer closed without close_notify: taken as its end of stream");
-                    (self.start, self.end) = (0, 0);
-                    self.read_eof = true;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::Read(e))),
-                Poll::Pending => {
-                    // Nothing to read for now and nothing held: let the buffer go.
-                    self.buf = Vec::new();
+            match self.read_through(cx, reader.as_mut(), writer.as_mut(), counter)? {
+                Through::Moved => {}
+                Through::Ended => self.read_eof = true,
+                // Held until the writer can take it: nothing more is read meanwhile.
+                Through::WriterBehind => return Poll::Pending,
+                Through::NothingToRead => {
                     // Push out what the writer holds.
                     if self.unflushed {
                         ready!(writer.as_mut().poll_flush(cx)).map_err(PumpError::Write)?;
@@ -144,6 +127,88 @@ impl Pump {
             }
         }
     }
+
+    /// Reads once into the thread's scratch buffer and writes what came straight on; only
+    /// what the writer cannot take yet is copied into a buffer of the pump's own. A
+    /// console's wake-up thus allocates nothing when its writer keeps up (its other
+    /// direction, with nothing to read, never did need a buffer).
+    fn read_through<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+        counter: &AtomicU64,
+    ) -> Result<Through, PumpError>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let size = self.size as usize;
+            if scratch.len() < size {
+                scratch.resize(size, 0);
+            }
+            let mut rb = ReadBuf::new(&mut scratch[..size]);
+            match reader.as_mut().poll_read(cx, &mut rb) {
+                Poll::Pending => return Ok(Through::NothingToRead),
+                // A TLS peer that closed without close_notify ended its stream.
+                Poll::Ready(Err(e)) if is_truncation(&e) => {
+                    tracing::debug!("TLS peer closed without close_notify: taken as its end of stream");
+                    return Ok(Through::Ended);
+                }
+                Poll::Ready(Err(e)) => return Err(PumpError::Read(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            // At most the buffer's size, a u32.
+            let n = rb.filled().len();
+            if n == 0 {
+                return Ok(Through::Ended);
+            }
+            // A full read means the stream is busy: read more at a time. A small one,
+            // less: a console that once streamed goes back to small reads.
+            if n == size {
+                self.size = (self.size * 2).min(self.max);
+            } else if n <= size / 4 {
+                self.size = (self.size / 2).max(self.min);
+            }
+            let mut written = 0;
+            while written < n {
+                match writer.as_mut().poll_write(cx, &scratch[written..n]) {
+                    Poll::Ready(Ok(0)) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(w)) => {
+                        written += w;
+                        self.unflushed = true;
+                        counter.fetch_add(w as u64, Ordering::Relaxed);
+                    }
+                    Poll::Ready(Err(e)) => return Err(PumpError::Write(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if written == n {
+                return Ok(Through::Moved);
+            }
+            self.buf = scratch[written..n].to_vec();
+            (self.start, self.end) = (0, (n - written) as u32);
+            Ok(Through::WriterBehind)
+        })
+    }
+}
+
+/// What one read through the scratch buffer did.
+enum Through {
+    /// Read and written on whole.
+    Moved,
+    /// The reader ended its stream.
+    Ended,
+    /// Read, but the writer took only part: the rest is held.
+    WriterBehind,
+    /// The reader had nothing.
+    NothingToRead,
+}
+
+thread_local! {
+    /// Where every pump on this thread reads into; grown to the largest read asked for.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]
@@ -161,7 +226,7 @@ mod tests {
         std::future::poll_fn(|cx| pump.poll(cx, Pin::new(&mut reader), Pin::new(&mut out), &counter)).await.map_err(|_| ()).unwrap();
         assert_eq!(&out[..5], b"early", "bytes from the handshake go first");
         assert!(out[5..] == data[..], "then every byte in order");
-        assert_eq!(pump.buf.len(), 64 << 10, "a busy stream grew the buffer to its bound");
+        assert_eq!(pump.size, 64 << 10, "a busy stream grew its reads to their bound");
         assert_eq!(counter.load(Ordering::Relaxed), data.len() as u64 + 5);
     }
 
