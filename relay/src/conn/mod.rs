@@ -170,13 +170,14 @@ impl Conn {
         let info = SessionInfo {
             id: self.id,
             instance: record.instance.clone(),
-            token_id: record.id.clone(),
+            // The registry keeps it as the token's hash (`TokenHash::id`).
+            token_id: String::new(),
             door: req.door,
             viewer: self.peer,
             client: self.client,
             hypervisor: format!("{}:{}", record.target.host, record.target.port),
             started: unix_now(),
-            source: record.source.to_string(),
+            source: record.source.into(),
             token_expires: record.real_expiry(),
         };
         let password = match self.app.passwords.get(&record.instance).await {

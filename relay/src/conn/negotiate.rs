@@ -124,7 +124,7 @@ impl Conn {
         // A forced disconnect also ends a viewer still at the password prompt.
         let viewer_done = tokio::select! {
             done = timeout_at(deadline, drive(viewer_machine, &mut viewer)) => done,
-            _ = session.stop.wait() => {
+            _ = session.shared.stop.wait() => {
                 info!(target: AUDIT, event = "viewer_handshake_failed", error = "disconnected during the handshake");
                 return;
             }
@@ -167,7 +167,7 @@ impl Conn {
             Duration::from_secs(cfg.half_close_timeout_secs),
             Some(self.config.keepalive.websocket_ping_secs).filter(|s| *s > 0).map(Duration::from_secs),
         );
-        let control = Control { session: session.id, bytes: session.bytes.clone(), stop: session.stop.clone() };
+        let control = Control { session: session.id, shared: session.shared.clone() };
         let pair = Established { viewer, hypervisor };
         let with_password = viewer_done.security == crate::rfb::security::VNC;
         // The console gets a task of its own, holding only what the relay and the closing
@@ -337,7 +337,7 @@ impl Live {
 
     /// Counts the console's end and audits it.
     async fn finish(self, ended: Ended, backend: &'static str) {
-        let (up, down) = self.session.bytes.snapshot();
+        let (up, down) = self.session.shared.snapshot();
         self.app.counters.ended(self.door, backend, ended.cause(), (up, down));
         let lasted = millis().saturating_sub(self.started);
         self.app.timings.console.observe(lasted as f64 / 1000.0);

@@ -6,7 +6,7 @@ use super::duplex::{Carrier, Event, drive};
 use super::lifecycle::{Direction, Ended, Side};
 use super::pump::{BUFFER, Pump, SMALL_BUFFER};
 use super::{Control, Established, Limits, Peer};
-use crate::session::ByteCounters;
+use crate::session::Shared;
 use crate::wire::prefixed::Prefixed;
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -52,7 +52,7 @@ pub fn pumps<V: Peer, H: Peer>(pair: Established<V, H>, control: &Control, limit
         down: Pump::new(hypervisor.prefix, first, limits.buffer_bytes),
         viewer: viewer.io,
         hypervisor: hypervisor.io,
-        bytes: control.bytes.clone(),
+        bytes: control.shared.clone(),
         reported: [false; 2],
         hand_over: hand_over.map(|rule| Waiting {
             rule,
@@ -87,7 +87,7 @@ pub struct Pumps<V, H> {
     hypervisor: H,
     up: Pump,
     down: Pump,
-    bytes: Arc<ByteCounters>,
+    bytes: Arc<Shared>,
     /// Directions whose end has been reported.
     reported: [bool; 2],
     /// A hand-over still to come.

@@ -16,7 +16,7 @@ pub mod uring;
 
 pub use lifecycle::Ended;
 
-use crate::session::{ByteCounters, Stop};
+use crate::session::Shared;
 use crate::wire::prefixed::Prefixed;
 use crate::wire::ws_frame::Decoder;
 use crate::wire::ws_stream::WsByteStream;
@@ -121,15 +121,15 @@ pub struct Control {
     /// The session's id, for the few events a console logs while relayed (it runs
     /// without a tracing span: see `conn::negotiate`).
     pub session: u64,
-    pub bytes: Arc<ByteCounters>,
-    /// Set when the session must end (forced disconnect, shutdown).
-    pub stop: Arc<Stop>,
+    /// Its byte counters (what it derefs to), and its stop: set when the session must
+    /// end (forced disconnect, shutdown).
+    pub shared: Arc<Shared>,
 }
 
 impl Control {
     /// Resolves, with the reason, when the session must end.
     pub fn stopped(&mut self) -> impl Future<Output = String> + Send + '_ {
-        self.stop.wait()
+        self.shared.stop.wait()
     }
 }
 
@@ -151,7 +151,7 @@ pub(crate) async fn send_leftovers<V: Peer, H: Peer>(pair: &mut Established<V, H
         reason = control.stopped() => return Err(Ended::Stopped(reason)),
         sent = send => sent.map_err(Ended::Failed)?,
     }
-    let bytes = &control.bytes;
+    let bytes = &control.shared;
     bytes.to_hypervisor.fetch_add(std::mem::take(&mut viewer.prefix).len() as u64, Relaxed);
     bytes.to_viewer.fetch_add(std::mem::take(&mut hypervisor.prefix).len() as u64, Relaxed);
     Ok(())

@@ -73,7 +73,7 @@ pub async fn run(
     if let Err(ended) = send_leftovers(&mut pair, control).await {
         return Ok(ended);
     }
-    let bytes = control.bytes.clone();
+    let bytes = control.shared.clone();
     let (viewer, hypervisor) = match handoff(engine, pair.viewer.io, pair.hypervisor.io) {
         Ok(sockets) => sockets,
         Err(Handoff::Refused(viewer, hypervisor, why)) => {

@@ -10,7 +10,7 @@ mod session;
 pub use session::{Leg, run};
 
 use super::lifecycle::{Direction, Failure};
-use crate::session::ByteCounters;
+use crate::session::Shared;
 use io_uring::{IoUring, opcode};
 use std::fs::File;
 use std::io;
@@ -32,7 +32,7 @@ enum Command {
         hypervisor: TcpStream,
         /// Which sides' TLS the kernel carries (viewer, hypervisor).
         kernel_tls: [bool; 2],
-        bytes: Arc<ByteCounters>,
+        bytes: Arc<Shared>,
         events: UnboundedSender<RingEvent>,
     },
     Stop {

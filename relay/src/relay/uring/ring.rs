@@ -17,7 +17,7 @@ mod splice;
 
 use super::{Command, RingEvent};
 use crate::relay::lifecycle::{Direction, Failure, Op, Side};
-use crate::session::ByteCounters;
+use crate::session::Shared;
 pub(super) use buffered::Buffered;
 use io_uring::{IoUring, opcode, squeue, types};
 use std::collections::HashMap;
@@ -146,7 +146,7 @@ struct Console {
     /// The key of each direction's operation in flight, if any.
     inflight: [Option<u64>; 2],
     finished: [bool; 2],
-    bytes: Arc<ByteCounters>,
+    bytes: Arc<Shared>,
     events: UnboundedSender<RingEvent>,
     carry: Carry,
 }

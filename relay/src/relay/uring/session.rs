@@ -5,7 +5,7 @@ use super::{Command, RingEvent, Uring};
 use crate::relay::duplex::{Carrier, Event, drive};
 use crate::relay::lifecycle::{Ended, Failure, Op, Side};
 use crate::relay::{Control, Limits};
-use crate::session::ByteCounters;
+use crate::session::Shared;
 use crate::wire::ws_frame::Decoder;
 use std::io;
 use std::sync::Arc;
@@ -45,12 +45,12 @@ pub async fn run(engine: &Uring, viewer: Leg, hypervisor: Leg, control: &mut Con
         framing: framing.map(super::ring::Buffered::new),
         hypervisor,
         kernel_tls,
-        bytes: control.bytes.clone(),
+        bytes: control.shared.clone(),
         events: events_tx,
     });
     // Only a framed console has a way to ping its viewer.
     let heartbeat = limits.ws_ping().filter(|_| framed).map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
-    let mut on_ring = OnRing { engine, id, events, bytes: control.bytes.clone(), heartbeat };
+    let mut on_ring = OnRing { engine, id, events, bytes: control.shared.clone(), heartbeat };
     drive(&mut on_ring, control, &limits).await.expect("a console on the ring is never released")
 }
 
@@ -59,7 +59,7 @@ struct OnRing<'a> {
     engine: &'a Uring,
     id: u64,
     events: UnboundedReceiver<RingEvent>,
-    bytes: Arc<ByteCounters>,
+    bytes: Arc<Shared>,
     /// When the viewer's next heartbeat Ping is due.
     heartbeat: Option<tokio::time::Interval>,
 }
