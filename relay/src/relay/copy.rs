@@ -60,9 +60,9 @@ pub fn pumps<V: Peer, H: Peer>(pair: Established<V, H>, control: &Control, limit
             busy: rule.min_rate == 0,
             seen: 0,
             looked: Instant::now(),
-            every: rule.after,
+            every_ms: millis(rule.after),
+            retry_ms: millis(HAND_OVER_RETRY.0),
         }),
-        retry: HAND_OVER_RETRY.0,
     }
 }
 
@@ -92,7 +92,6 @@ pub struct Pumps<V, H> {
     reported: [bool; 2],
     /// A hand-over still to come.
     hand_over: Option<Waiting>,
-    retry: Duration,
 }
 
 /// A hand-over waiting for its time, for the console to be busy enough, then for a
@@ -107,8 +106,15 @@ struct Waiting {
     /// Bytes carried both ways at the last look, and when it was.
     seen: u64,
     looked: Instant,
-    /// How long until the next look while the console stays quiet.
-    every: Duration,
+    /// How long until the next look while the console stays quiet, and how soon a move
+    /// put off by bytes in the pumps is tried again, in milliseconds (every console
+    /// holds one of these).
+    every_ms: u32,
+    retry_ms: u32,
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
 impl<V: Peer, H: Peer> Pumps<V, H> {
@@ -142,6 +148,10 @@ impl<V: Peer, H: Peer> Pumps<V, H> {
 }
 
 impl Waiting {
+    fn every(&self) -> Duration {
+        Duration::from_millis(self.every_ms.into())
+    }
+
     /// Looks at what the console carried since the last look; true once it is busy
     /// enough to move. Typing and small screen updates stay in userspace: a farm of such
     /// consoles had a shorter tail on copy than moved to sockmap (docs/benchmarks.md).
@@ -152,7 +162,7 @@ impl Waiting {
         (self.seen, self.looked) = (up + down, now);
         self.busy = carried as f64 >= self.rule.min_rate as f64 * elapsed;
         if !self.busy {
-            self.every = (self.every * QUIET_LOOKS.0).min(self.rule.after * QUIET_LOOKS.1);
+            self.every_ms = millis((self.every() * QUIET_LOOKS.0).min(self.rule.after * QUIET_LOOKS.1));
         }
         self.busy
     }
@@ -194,13 +204,13 @@ impl<V: Peer, H: Peer> Carrier for Pumps<V, H> {
             return false;
         }
         let wait = if !pending.busy && !pending.look(self.bytes.snapshot()) {
-            pending.every
+            pending.every()
         } else if self.up.empty() && self.down.empty() {
             self.hand_over = None;
             return true;
         } else {
-            let wait = self.retry;
-            self.retry = (self.retry * 2).min(HAND_OVER_RETRY.1);
+            let wait = Duration::from_millis(pending.retry_ms.into());
+            pending.retry_ms = millis((wait * 2).min(HAND_OVER_RETRY.1));
             wait
         };
         pending.at = now + wait;
@@ -214,7 +224,8 @@ mod tests {
 
     fn waiting(after: Duration, min_rate: u64) -> Waiting {
         let rule = HandOver { after, min_rate };
-        Waiting { rule, at: Instant::now() + after, busy: false, seen: 0, looked: Instant::now(), every: after }
+        let (every_ms, retry_ms) = (millis(after), millis(HAND_OVER_RETRY.0));
+        Waiting { rule, at: Instant::now() + after, busy: false, seen: 0, looked: Instant::now(), every_ms, retry_ms }
     }
 
     #[tokio::test(start_paused = true)]
@@ -225,15 +236,15 @@ mod tests {
         // up to 8 seconds.
         let mut total = 0;
         for expected in [2, 4, 8, 8] {
-            tokio::time::advance(w.every).await;
-            total += 500 * w.every.as_secs();
+            tokio::time::advance(w.every()).await;
+            total += 500 * w.every().as_secs();
             assert!(!w.look((total, 0)), "quiet at {total} bytes");
-            assert_eq!(w.every, second * expected);
+            assert_eq!(w.every(), second * expected);
         }
         // 1000 bytes a second since the last look, both ways together: busy.
-        tokio::time::advance(w.every).await;
-        total += 500 * w.every.as_secs();
-        assert!(w.look((total, 500 * w.every.as_secs())));
+        tokio::time::advance(w.every()).await;
+        total += 500 * w.every().as_secs();
+        assert!(w.look((total, 500 * w.every().as_secs())));
         assert!(w.busy);
     }
 }

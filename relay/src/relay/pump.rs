@@ -34,8 +34,9 @@ pub const BUFFER: usize = 4 << 10;
 pub const SMALL_BUFFER: usize = 512;
 
 pub struct Pump {
-    /// What the writer has not taken yet (empty, no allocation, otherwise).
-    buf: Vec<u8>,
+    /// What the writer has not taken yet (empty, no allocation, otherwise). A boxed
+    /// slice, not a Vec: every console holds two pumps all its life.
+    buf: Box<[u8]>,
     /// The size of the next read: doubled up to `max` while reads fill it, halved down
     /// to `min` while they use a quarter of it or less.
     size: u32,
@@ -57,7 +58,7 @@ impl Pump {
         let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let (end, max) = (clamp(pending.len()), clamp(max));
         let size = clamp(first).min(max);
-        Pump { buf: pending, size, min: size, max, start: 0, end, read_eof: false, unflushed: false, finished: false }
+        Pump { buf: pending.into_boxed_slice(), size, min: size, max, start: 0, end, read_eof: false, unflushed: false, finished: false }
     }
 
     pub fn finished(&self) -> bool {
@@ -102,8 +103,8 @@ impl Pump {
                 counter.fetch_add(n as u64, Ordering::Relaxed);
             }
             // Nothing held: the buffer goes (a quiet console holds none).
-            if self.buf.capacity() > 0 {
-                (self.buf, self.start, self.end) = (Vec::new(), 0, 0);
+            if !self.buf.is_empty() {
+                (self.buf, self.start, self.end) = (Box::default(), 0, 0);
             }
             if self.read_eof {
                 ready!(writer.as_mut().poll_flush(cx)).map_err(PumpError::Write)?;
@@ -187,7 +188,7 @@ impl Pump {
             if written == n {
                 return Ok(Through::Moved);
             }
-            self.buf = scratch[written..n].to_vec();
+            self.buf = scratch[written..n].into();
             (self.start, self.end) = (0, (n - written) as u32);
             Ok(Through::WriterBehind)
         })
@@ -246,7 +247,7 @@ mod tests {
             let burst = vec![round; 3 * BUFFER + 7];
             viewer.write_all(&burst).await.unwrap();
             assert!(poll(&mut pump, &mut out), "waits for more");
-            assert_eq!(pump.buf.capacity(), 0, "round {round}: no buffer held while waiting");
+            assert!(pump.buf.is_empty(), "round {round}: no buffer held while waiting");
             assert!(out.ends_with(&burst), "round {round}: the burst went out whole");
         }
         assert_eq!(out.len(), 3 * (3 * BUFFER + 7));
