@@ -126,9 +126,6 @@ backend = "{backend}"
 kernel_after_ms = {kernel_after_ms}
 
 {store}
-
-[log]
-filter = "warn"
 "#,
             control.display(),
             kernel_after_ms = if backend == "auto" { AUTO_KERNEL_AFTER.as_millis() } else { 0 },

@@ -289,8 +289,9 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
          with subprotocol `binary`, RFB in binary messages, on copy or uring. **socat**: `socat TCP-LISTEN:p,fork,reuseaddr TCP:hypervisor`. \
          **HAProxy**: `mode tcp`, one frontend, one backend server, defaults otherwise. **websockify**: `websockify p hypervisor`, \
          the viewer speaks WebSocket to it, and it forwards raw TCP (no RFB termination: the viewer's handshake goes end to end). \
-         The viewer's RFB handshake is the same on every path. relay runs with `[log] filter = \"warn\"` and session limits \
-         raised for the idle-session runs; everything else is relay's default configuration (e.g. `relay_buffer_bytes` 32 KiB). \
+         The viewer's RFB handshake is the same on every path. relay runs with session limits raised for the idle-session runs \
+         and otherwise its default configuration (e.g. `relay_buffer_bytes` 32 KiB; its default log level, `info`, with an audit \
+         event at each console's start and end, written to a file). \
          One token serves every relay console."
             .to_string(),
         format!(
