@@ -170,7 +170,7 @@ impl Conn {
         let info = SessionInfo {
             id: self.id,
             instance: record.instance.clone(),
-            // The registry keeps it as the token's hash (`TokenHash::id`).
+            // The registry derives it from the token's hash (`TokenHash::id`).
             token_id: String::new(),
             door: req.door,
             viewer: self.peer,

@@ -327,7 +327,8 @@ impl<'a> Lifecycle<'a> {
 /// nothing per byte for it. A console idle for the timeout ends within an eighth of the
 /// timeout past it, plus one look (the last byte is noticed at the next look).
 struct IdleClock {
-    last_bytes: (u64, u64),
+    /// Bytes both ways together at the last change (they only grow, so the sum tells).
+    last_bytes: u64,
     last_change: Instant,
     next_check: Instant,
 }
@@ -335,7 +336,7 @@ struct IdleClock {
 impl IdleClock {
     fn new(timeout: Duration, bytes: (u64, u64)) -> IdleClock {
         let now = Instant::now();
-        IdleClock { last_bytes: bytes, last_change: now, next_check: now + Self::every(timeout) }
+        IdleClock { last_bytes: bytes.0 + bytes.1, last_change: now, next_check: now + Self::every(timeout) }
     }
 
     /// How often the clock looks.
@@ -343,8 +344,9 @@ impl IdleClock {
         (timeout / 8).max(Duration::from_millis(50))
     }
 
-    fn idle(&mut self, timeout: Duration, bytes: (u64, u64), now: Instant) -> bool {
+    fn idle(&mut self, timeout: Duration, (up, down): (u64, u64), now: Instant) -> bool {
         self.next_check = now + Self::every(timeout);
+        let bytes = up + down;
         if bytes != self.last_bytes {
             (self.last_bytes, self.last_change) = (bytes, now);
             return false;
