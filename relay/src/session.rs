@@ -134,7 +134,8 @@ pub struct SessionView {
 struct Entry {
     token: TokenHash,
     viewer: SocketAddr,
-    instance: Box<str>,
+    /// Shared with the registry's key for the instance: one copy per instance.
+    instance: Arc<str>,
     hypervisor: Box<str>,
     source: std::borrow::Cow<'static, str>,
     started: u64,
@@ -148,11 +149,11 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(info: SessionInfo, token: TokenHash, epoch: u64, shared: Arc<Shared>) -> Entry {
+    fn new(info: SessionInfo, instance: Arc<str>, token: TokenHash, epoch: u64, shared: Arc<Shared>) -> Entry {
         Entry {
             token,
             viewer: info.viewer,
-            instance: info.instance.into_boxed_str(),
+            instance,
             hypervisor: info.hypervisor.into_boxed_str(),
             source: info.source,
             started: info.started,
@@ -185,7 +186,11 @@ struct Inner {
     /// Boxed: a map's spare room (up to half its slots) then costs a pointer a slot,
     /// not a whole entry.
     sessions: HashMap<u64, Box<Entry>>,
-    by_instance: HashMap<String, HashSet<u64>>,
+    /// Live sessions by instance: a short list each (at most `max_sessions_per_instance`),
+    /// keyed by the name the entries share. With a hash set each and a second copy of
+    /// the name, a console with an instance of its own (the common case) cost ~60 bytes
+    /// more.
+    by_instance: HashMap<Arc<str>, Vec<u64>>,
     /// The newest fleet reset heard per instance (epoch, reason, when), kept a while: a
     /// console redeemed before a reset whose message arrives before the console is
     /// registered is ended as it registers.
@@ -261,18 +266,22 @@ impl Registry {
         if inner.sessions.len() >= max_sessions {
             return Err(RegisterError::TooManySessions(max_sessions));
         }
-        let ids = inner.by_instance.entry(info.instance.clone()).or_default();
+        let instance = match inner.by_instance.get_key_value(info.instance.as_str()) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(info.instance.as_str()),
+        };
+        let ids = inner.by_instance.entry(instance.clone()).or_default();
         if ids.len() >= max_per_instance {
             return Err(RegisterError::TooManyForInstance(max_per_instance));
         }
-        ids.insert(info.id);
+        ids.push(info.id);
         let shared = Arc::new(Shared::default());
         let id = info.id;
         if let Some((newer, reason, _)) = inner.resets.get(&info.instance).filter(|(e, _, _)| epoch < *e) {
             tracing::debug!(instance = %info.instance, reset = newer, epoch, "a console redeemed before a reset ends as it registers");
             shared.stop.set(reason);
         }
-        inner.sessions.insert(id, Box::new(Entry::new(info, token, epoch, shared.clone())));
+        inner.sessions.insert(id, Box::new(Entry::new(info, instance, token, epoch, shared.clone())));
         Ok(SessionHandle { registry: self.clone(), id, shared })
     }
 
@@ -281,7 +290,7 @@ impl Registry {
         if let Some(entry) = inner.sessions.remove(&id) {
             let instance = &*entry.instance;
             if let Some(ids) = inner.by_instance.get_mut(instance) {
-                ids.remove(&id);
+                ids.retain(|&i| i != id);
                 if ids.is_empty() {
                     inner.by_instance.remove(instance);
                 }
@@ -329,7 +338,7 @@ impl Registry {
 
     /// The instances with live sessions (bounded by `max_sessions`).
     pub fn live_instances(&self) -> Vec<String> {
-        self.lock().by_instance.keys().cloned().collect()
+        self.lock().by_instance.keys().map(|k| k.to_string()).collect()
     }
 
     /// Tells every live session to end (shutdown).
