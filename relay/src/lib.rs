@@ -8,6 +8,7 @@ pub mod app;
 pub mod auth;
 pub mod cidr;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod control;

@@ -5,11 +5,12 @@ use futures_util::task::AtomicWaker;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 
 use crate::auth::TokenHash;
+use crate::clock::{self, Alarm};
 use crate::front::Door;
 
 /// Bytes relayed so far, per direction; shared with the relay that counts them.
@@ -57,26 +58,28 @@ impl std::ops::Deref for Shared {
 }
 
 /// A session's end when relay imposes it (forced disconnect, expiry, shutdown): set once,
-/// the first reason kept, awaited by the console's own task. One waiter at a time (the
+/// the first reason kept, awaited by the console's own task; and the console's far
+/// wake-up on the coarse clock, which the same waiter awaits. One waiter at a time (the
 /// handshake, then the relay, in turn), so a single waker slot does: a watch channel, then
 /// a `Notify` whose wait future alone was 104 bytes, cost every idle console more.
 #[derive(Debug, Default)]
 pub struct Stop {
-    reason: OnceLock<String>,
+    reason: OnceLock<Box<str>>,
+    alarm: Alarm,
     waiter: AtomicWaker,
 }
 
 impl Stop {
     /// Ends the session for `reason`, unless it was already told to end.
     pub fn set(&self, reason: &str) {
-        if self.reason.set(reason.to_string()).is_ok() {
+        if self.reason.set(reason.into()).is_ok() {
             self.waiter.wake();
         }
     }
 
     /// Why the session must end, once it must.
     pub fn reason(&self) -> Option<&str> {
-        self.reason.get().map(String::as_str)
+        self.reason.get().map(|r| &**r)
     }
 
     /// Resolves, with the reason, when the session must end. Only one task may wait at a
@@ -90,6 +93,20 @@ impl Stop {
                 None => Poll::Pending,
             }
         })
+    }
+
+    /// Ready at `at`, a far deadline, on the coarse clock: the registry's sweep rings it
+    /// at most two ticks late ([`crate::clock`]). The same waiter as [`Stop::wait`].
+    pub fn poll_far_deadline(&self, at: tokio::time::Instant, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        self.waiter.register(cx.waker());
+        self.alarm.poll_until(at)
+    }
+
+    /// The sweep at tick `now`: wakes the waiter if its alarm is due.
+    fn ring(&self, now: u32) {
+        if self.alarm.ring(now) {
+            self.waiter.wake();
+        }
     }
 }
 
@@ -215,6 +232,8 @@ pub struct Registry {
     /// The caps (SIGHUP may change them; live sessions over a lowered cap go on).
     max_sessions: AtomicUsize,
     max_per_instance: AtomicUsize,
+    /// The coarse clock's sweep has been started.
+    clock: AtomicBool,
 }
 
 /// A registered session. Dropping it unregisters the session.
@@ -245,6 +264,7 @@ impl Registry {
             inner: Mutex::new(Inner::default()),
             max_sessions: max_sessions.into(),
             max_per_instance: max_per_instance.into(),
+            clock: AtomicBool::new(false),
         })
     }
 
@@ -261,6 +281,7 @@ impl Registry {
     }
 
     pub fn register(self: &Arc<Self>, info: SessionInfo, token: TokenHash, epoch: u64) -> Result<SessionHandle, RegisterError> {
+        self.start_clock();
         let mut inner = self.lock();
         let (max_sessions, max_per_instance) = (self.max_sessions.load(Ordering::Relaxed), self.max_per_instance.load(Ordering::Relaxed));
         if inner.sessions.len() >= max_sessions {
@@ -283,6 +304,31 @@ impl Registry {
         }
         inner.sessions.insert(id, Box::new(Entry::new(info, instance, token, epoch, shared.clone())));
         Ok(SessionHandle { registry: self.clone(), id, shared })
+    }
+
+    /// Starts the sweep that rings the consoles' far alarms ([`crate::clock`]), once, on
+    /// the runtime that registers the first console; it ends with the registry.
+    fn start_clock(self: &Arc<Self>) {
+        if self.clock.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if self.clock.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let registry = Arc::downgrade(self);
+        runtime.spawn(async move {
+            let mut every = tokio::time::interval(clock::TICK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(registry) = registry.upgrade() else { break };
+                let now = clock::now();
+                for entry in registry.lock().sessions.values() {
+                    entry.shared.stop.ring(now);
+                }
+            }
+        });
     }
 
     fn remove(&self, id: u64) {
@@ -429,6 +475,26 @@ mod tests {
             source: "store".into(),
             token_expires: 0,
         }
+    }
+
+    fn far(stop: &Stop, at: tokio::time::Instant) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| stop.poll_far_deadline(at, cx))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_far_deadline_is_rung_by_the_registrys_sweep_at_most_two_ticks_late() {
+        let reg = Registry::new(10, 5);
+        let console = reg.register(info(1, "a"), TokenHash::of("x"), 0).unwrap();
+        let start = tokio::time::Instant::now();
+        let at = start + clock::FAR * 3;
+        let rung = tokio::time::timeout(clock::FAR * 4, far(&console.shared.stop, at)).await;
+        assert!(rung.is_ok(), "no sweep rang the alarm");
+        let late = tokio::time::Instant::now() - at;
+        assert!(late <= clock::TICK * 2, "rung {late:?} after its deadline");
+        // A deadline already past resolves at once, sweep or not.
+        let unregistered = Shared::default();
+        let past = tokio::time::Instant::now();
+        assert!(tokio::time::timeout(clock::TICK / 10, far(&unregistered.stop, past)).await.is_ok());
     }
 
     #[test]

@@ -202,7 +202,7 @@ impl Relays {
     pub fn run<V: Peer + 'static, H: Peer + 'static>(
         self: &Arc<Self>,
         mut pair: Established<V, H>,
-        mut control: Control,
+        control: Control,
         limits: Limits,
     ) -> BoxFuture<'static, (Ended, Choice)> {
         if !matches!(self.ktls, Ktls::Available(_)) {

@@ -64,7 +64,7 @@ pub async fn drive(carrier: &mut impl Carrier, control: &mut Control, limits: &L
                     return Some(life.into_ended());
                 }
             },
-            () = deadline(wake_at) => {
+            () = deadline(&control.shared.stop, wake_at) => {
                 if let Some(ended) = life.wake(carrier.bytes()) {
                     break ended;
                 }
