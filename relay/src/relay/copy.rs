@@ -54,15 +54,7 @@ pub fn pumps<V: Peer, H: Peer>(pair: Established<V, H>, control: &Control, limit
         hypervisor: hypervisor.io,
         bytes: control.shared.clone(),
         reported: [false; 2],
-        hand_over: hand_over.map(|rule| Waiting {
-            rule,
-            at: Instant::now() + rule.after,
-            busy: rule.min_rate == 0,
-            seen: 0,
-            looked: Instant::now(),
-            every_ms: millis(rule.after),
-            retry_ms: millis(HAND_OVER_RETRY.0),
-        }),
+        hand_over: hand_over.map(Waiting::new),
     }
 }
 
@@ -95,22 +87,26 @@ pub struct Pumps<V, H> {
 }
 
 /// A hand-over waiting for its time, for the console to be busy enough, then for a
-/// quiet moment.
+/// quiet moment. Every console on `auto` holds one: times are u32 milliseconds after
+/// `looked` (80 bytes with the rule and two instants, 56 so).
 struct Waiting {
-    rule: HandOver,
-    /// When to look next (on the console's one clock: [`Carrier::next_wake`]).
-    at: Instant,
-    /// The console carried `rule.min_rate` over the last look: only a quiet moment is
-    /// still awaited.
-    busy: bool,
-    /// Bytes carried both ways at the last look, and when it was.
-    seen: u64,
+    /// When the console's traffic was last looked at (once it is busy: when a move was
+    /// last tried), and the bytes it had carried both ways then.
     looked: Instant,
-    /// How long until the next look while the console stays quiet, and how soon a move
-    /// put off by bytes in the pumps is tried again, in milliseconds (every console
-    /// holds one of these).
+    seen: u64,
+    /// The rate that makes it busy (the rule's `min_rate`).
+    min_rate: u64,
+    /// When to look next, after `looked` (on the console's one clock:
+    /// [`Carrier::next_wake`]).
+    at_ms: u32,
+    /// How long until the next look while the console stays quiet, the longest that
+    /// gets, and how soon a move put off by bytes in the pumps is tried again.
     every_ms: u32,
+    longest_ms: u32,
     retry_ms: u32,
+    /// The console carried `min_rate` over the last look: only a quiet moment is still
+    /// awaited.
+    busy: bool,
 }
 
 fn millis(d: Duration) -> u32 {
@@ -148,6 +144,23 @@ impl<V: Peer, H: Peer> Pumps<V, H> {
 }
 
 impl Waiting {
+    fn new(rule: HandOver) -> Waiting {
+        Waiting {
+            looked: Instant::now(),
+            seen: 0,
+            min_rate: rule.min_rate,
+            at_ms: millis(rule.after),
+            every_ms: millis(rule.after),
+            longest_ms: millis(rule.after * QUIET_LOOKS.1),
+            retry_ms: millis(HAND_OVER_RETRY.0),
+            busy: rule.min_rate == 0,
+        }
+    }
+
+    fn at(&self) -> Instant {
+        self.looked + Duration::from_millis(self.at_ms.into())
+    }
+
     fn every(&self) -> Duration {
         Duration::from_millis(self.every_ms.into())
     }
@@ -160,9 +173,9 @@ impl Waiting {
         let now = Instant::now();
         let elapsed = now.duration_since(self.looked).as_secs_f64();
         (self.seen, self.looked) = (up + down, now);
-        self.busy = carried as f64 >= self.rule.min_rate as f64 * elapsed;
+        self.busy = carried as f64 >= self.min_rate as f64 * elapsed;
         if !self.busy {
-            self.every_ms = millis((self.every() * QUIET_LOOKS.0).min(self.rule.after * QUIET_LOOKS.1));
+            self.every_ms = self.every_ms.saturating_mul(QUIET_LOOKS.0).min(self.longest_ms);
         }
         self.busy
     }
@@ -190,7 +203,7 @@ impl<V: Peer, H: Peer> Carrier for Pumps<V, H> {
     }
 
     fn next_wake(&self) -> Option<Instant> {
-        self.hand_over.as_ref().map(|w| w.at)
+        self.hand_over.as_ref().map(Waiting::at)
     }
 
     /// Only an open pair holding no byte moves: bytes a pump holds would have to be
@@ -198,7 +211,7 @@ impl<V: Peer, H: Peer> Carrier for Pumps<V, H> {
     /// hold up the other direction for good. A half-closed console finishes here.
     fn wake(&mut self) -> bool {
         let now = Instant::now();
-        let Some(pending) = self.hand_over.as_mut().filter(|w| w.at <= now) else { return false };
+        let Some(pending) = self.hand_over.as_mut().filter(|w| w.at() <= now) else { return false };
         if !(self.up.reading() && self.down.reading()) {
             self.hand_over = None;
             return false;
@@ -211,9 +224,11 @@ impl<V: Peer, H: Peer> Carrier for Pumps<V, H> {
         } else {
             let wait = Duration::from_millis(pending.retry_ms.into());
             pending.retry_ms = millis((wait * 2).min(HAND_OVER_RETRY.1));
+            // Busy for good now: `looked` only anchors the next try.
+            pending.looked = now;
             wait
         };
-        pending.at = now + wait;
+        pending.at_ms = millis(wait);
         false
     }
 }
@@ -223,9 +238,12 @@ mod tests {
     use super::*;
 
     fn waiting(after: Duration, min_rate: u64) -> Waiting {
-        let rule = HandOver { after, min_rate };
-        let (every_ms, retry_ms) = (millis(after), millis(HAND_OVER_RETRY.0));
-        Waiting { rule, at: Instant::now() + after, busy: false, seen: 0, looked: Instant::now(), every_ms, retry_ms }
+        Waiting::new(HandOver { after, min_rate })
+    }
+
+    #[test]
+    fn every_console_on_auto_holds_a_compact_hand_over() {
+        assert!(size_of::<Waiting>() <= 56, "Waiting grew to {} bytes", size_of::<Waiting>());
     }
 
     #[tokio::test(start_paused = true)]
