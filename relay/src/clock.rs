@@ -35,19 +35,31 @@ pub fn now() -> u32 {
     ticks_since_origin(Instant::now(), false)
 }
 
+/// The tick at which a wait until `at` is rung.
+pub fn tick_of(at: Instant) -> u32 {
+    ticks_since_origin(at, true)
+}
+
 /// A console's far wake-up: the tick it waits for (0: none), rung by the sweep.
 #[derive(Debug, Default)]
 pub struct Alarm(AtomicU32);
 
 impl Alarm {
-    /// Sets for `at` and says whether it is already past (then nothing is set).
-    /// The caller registers its waker first, so a ring in between still wakes it.
-    pub fn poll_until(&self, at: Instant) -> Poll<()> {
+    /// Polls a wait until `at`, whose tick is `tick`. While the alarm is set for that
+    /// tick it is pending at once: the console's task is polled at every message, and
+    /// this costs it no look at the clock. Once rung (or set for another wait), it is
+    /// ready if `at` has come, else set again; `register` (the waiter's waker) runs
+    /// before it is set, so a ring in between still wakes it.
+    pub fn poll_until(&self, at: Instant, tick: u32, register: impl FnOnce()) -> Poll<()> {
+        if self.0.load(Ordering::Acquire) == tick {
+            return Poll::Pending;
+        }
+        register();
         if Instant::now() >= at {
             self.0.store(0, Ordering::Relaxed);
             return Poll::Ready(());
         }
-        self.0.store(ticks_since_origin(at, true), Ordering::Release);
+        self.0.store(tick, Ordering::Release);
         Poll::Pending
     }
 

@@ -95,11 +95,11 @@ impl Stop {
         })
     }
 
-    /// Ready at `at`, a far deadline, on the coarse clock: the registry's sweep rings it
-    /// at most two ticks late ([`crate::clock`]). The same waiter as [`Stop::wait`].
-    pub fn poll_far_deadline(&self, at: tokio::time::Instant, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        self.waiter.register(cx.waker());
-        self.alarm.poll_until(at)
+    /// Ready at `at` (its tick: [`clock::tick_of`]), a far deadline, on the coarse clock:
+    /// the registry's sweep rings it at most two ticks late ([`crate::clock`]). The same
+    /// waiter as [`Stop::wait`].
+    pub fn poll_far_deadline(&self, at: tokio::time::Instant, tick: u32, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        self.alarm.poll_until(at, tick, || self.waiter.register(cx.waker()))
     }
 
     /// The sweep at tick `now`: wakes the waiter if its alarm is due.
@@ -478,7 +478,8 @@ mod tests {
     }
 
     fn far(stop: &Stop, at: tokio::time::Instant) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| stop.poll_far_deadline(at, cx))
+        let tick = clock::tick_of(at);
+        std::future::poll_fn(move |cx| stop.poll_far_deadline(at, tick, cx))
     }
 
     #[tokio::test(start_paused = true)]
@@ -489,6 +490,7 @@ mod tests {
         let at = start + clock::FAR * 3;
         let rung = tokio::time::timeout(clock::FAR * 4, far(&console.shared.stop, at)).await;
         assert!(rung.is_ok(), "no sweep rang the alarm");
+        assert!(tokio::time::Instant::now() >= at, "rung before its deadline");
         let late = tokio::time::Instant::now() - at;
         assert!(late <= clock::TICK * 2, "rung {late:?} after its deadline");
         // A deadline already past resolves at once, sweep or not.

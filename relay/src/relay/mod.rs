@@ -164,14 +164,17 @@ pub(crate) async fn send_leftovers<V: Peer, H: Peer>(pair: &mut Established<V, H
 /// `async fn`, which kept `at` and `stop` twice in every console's future.
 pub(crate) fn deadline(stop: &Stop, at: Option<tokio::time::Instant>) -> Deadline<'_> {
     match at {
-        Some(at) if at.saturating_duration_since(tokio::time::Instant::now()) >= crate::clock::FAR => Deadline::Far(stop, at),
+        Some(at) if at.saturating_duration_since(tokio::time::Instant::now()) >= crate::clock::FAR => {
+            Deadline::Far(stop, at, crate::clock::tick_of(at))
+        }
         Some(at) => Deadline::Near(Box::pin(tokio::time::sleep_until(at))),
         None => Deadline::Never,
     }
 }
 
 pub(crate) enum Deadline<'a> {
-    Far(&'a Stop, tokio::time::Instant),
+    /// The deadline, and its tick on the coarse clock.
+    Far(&'a Stop, tokio::time::Instant, u32),
     Near(std::pin::Pin<Box<tokio::time::Sleep>>),
     Never,
 }
@@ -180,7 +183,7 @@ impl Future for Deadline<'_> {
     type Output = ();
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         match self.get_mut() {
-            Deadline::Far(stop, at) => stop.poll_far_deadline(*at, cx),
+            Deadline::Far(stop, at, tick) => stop.poll_far_deadline(*at, *tick, cx),
             Deadline::Near(sleep) => sleep.as_mut().poll(cx),
             Deadline::Never => std::task::Poll::Pending,
         }
