@@ -1,27 +1,42 @@
 //! Giving memory back after a crowd of consoles has gone. glibc's allocator keeps freed
 //! memory in its per-thread arenas, so without a trim relay's resident memory stayed at
-//! its high-water mark (74 MB after 9,000 consoles had closed). Housekeeping trims when the
-//! live consoles have fallen to half of their peak since the last trim: never on a steady
-//! load, once after each wave.
+//! its high-water mark (74 MB after 9,000 consoles had closed). Housekeeping trims when
+//! the live consoles have fallen to half of their high since the last trim, or by a
+//! quarter and stayed there for a tick; and once more on the first steady tick after a
+//! trim made mid-fall, since consoles still closing then freed their memory after it.
+//! Never on a steady load; a few times per wave.
 #![allow(unsafe_code)] // malloc_trim through libc.
 
-/// Consoles below which a wave is too small to be worth a trim.
+/// A fall of fewer consoles than this is not worth a trim.
 const WORTH_IT: usize = 64;
 
 #[derive(Default)]
 pub struct Trimmer {
-    peak: usize,
+    /// The most consoles seen live since the last trim.
+    high: usize,
+    /// The live consoles at the last look.
+    last: usize,
+    /// The last trim came while consoles were still closing: trim again once they stop.
+    again: bool,
 }
 
 impl Trimmer {
-    /// Looks at the live consoles now; trims once they have fallen to half of the peak.
-    /// True when it trimmed.
-    pub fn look(&mut self, live: usize) -> bool {
-        self.peak = self.peak.max(live);
-        if self.peak < WORTH_IT || live > self.peak / 2 {
+    /// Looks at the consoles live now and the most live since the last look (once per
+    /// housekeeping tick). True when it trimmed.
+    pub fn look(&mut self, live: usize, high_since: usize) -> bool {
+        let settled = live == self.last && high_since == live;
+        self.last = live;
+        self.high = self.high.max(high_since);
+        let fell = self.high - live;
+        let due = fell >= WORTH_IT && (live <= self.high / 2 || settled && fell >= self.high / 4);
+        if due {
+            self.high = live;
+            self.again = !settled;
+        } else if self.again && settled {
+            self.again = false;
+        } else {
             return false;
         }
-        self.peak = live;
         trim();
         true
     }
@@ -41,13 +56,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn trims_once_per_wave_and_never_on_a_steady_load() {
+    fn trims_when_halved_and_never_on_a_steady_load() {
         let mut t = Trimmer::default();
-        assert!(!t.look(1000));
-        assert!(!t.look(900), "a steady load");
-        assert!(t.look(400), "half gone: trim");
-        assert!(!t.look(390), "not again until it halves again");
-        assert!(t.look(30), "halved again");
-        assert!(!t.look(10), "small numbers are not worth it");
+        assert!(!t.look(1000, 1000));
+        assert!(!t.look(900, 900), "falling");
+        assert!(!t.look(900, 900), "settled, but a tenth is a steady load's wander");
+        assert!(t.look(400, 400), "half gone: trim");
+        assert!(!t.look(390, 390), "not again until it falls again, or settles");
+        assert!(t.look(30, 30), "halved again");
+        assert!(!t.look(10, 10), "small numbers are not worth it");
+        assert!(t.look(10, 10), "but the fall has stopped: once more, for what closed after the last trim");
+        assert!(!t.look(10, 10));
+    }
+
+    #[test]
+    fn trims_the_tail_of_a_wave_once_it_has_settled() {
+        let mut t = Trimmer::default();
+        t.look(1000, 1000);
+        assert!(t.look(499, 499), "half gone mid-wave");
+        assert!(!t.look(300, 300), "still falling");
+        assert!(t.look(300, 300), "the wave has settled a quarter lower");
+        assert!(!t.look(300, 300), "once");
+    }
+
+    #[test]
+    fn a_wave_gone_within_a_tick_is_trimmed_again_once_it_is_over() {
+        let mut t = Trimmer::default();
+        t.look(1000, 1000);
+        t.look(1000, 1000);
+        assert!(t.look(0, 0), "all gone");
+        assert!(t.look(0, 0), "again: consoles still closing at the first trim freed their memory after it");
+        assert!(!t.look(0, 0));
+        assert!(!t.look(0, 0));
+    }
+
+    #[test]
+    fn a_wave_that_came_and_went_between_two_looks_is_trimmed() {
+        let mut t = Trimmer::default();
+        assert!(!t.look(0, 0));
+        assert!(t.look(0, 1000), "a thousand came and went within the tick");
+        assert!(t.look(0, 0), "and once more when nothing has moved for a tick");
+        assert!(!t.look(0, 0));
+    }
+
+    #[test]
+    fn a_large_steady_load_that_wanders_is_never_trimmed() {
+        let mut t = Trimmer::default();
+        for i in 0..100 {
+            let live = 10_000 + (i % 7) * 150 - 500;
+            assert!(!t.look(live, live), "look {i}: {live} live");
+            assert!(!t.look(live, live), "look {i}: {live} live, settled");
+        }
     }
 }

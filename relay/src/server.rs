@@ -233,8 +233,9 @@ async fn housekeeping(app: Arc<App>) {
     let mut trimmer = crate::heap::Trimmer::default();
     loop {
         tick.tick().await;
-        if trimmer.look(app.sessions.len()) {
-            debug!(live = app.sessions.len(), "most consoles have gone: returned free memory to the kernel");
+        let (live, high) = app.sessions.live_and_high();
+        if trimmer.look(live, high) {
+            debug!(live, "most consoles have gone: returned free memory to the kernel");
         }
         let now = unix_now();
         for (source, live) in app.sessions.live_tokens() {

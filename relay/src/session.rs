@@ -212,6 +212,9 @@ struct Inner {
     /// console redeemed before a reset whose message arrives before the console is
     /// registered is ended as it registers.
     resets: HashMap<String, (u64, String, std::time::Instant)>,
+    /// The most sessions live at once since [`Registry::live_and_high`] last looked: a
+    /// wave that comes and goes between two looks still counts.
+    high: usize,
 }
 
 /// How long a reset is remembered for consoles still being registered, and for how many
@@ -303,6 +306,7 @@ impl Registry {
             shared.stop.set(reason);
         }
         inner.sessions.insert(id, Box::new(Entry::new(info, instance, token, epoch, shared.clone())));
+        inner.high = inner.high.max(inner.sessions.len());
         Ok(SessionHandle { registry: self.clone(), id, shared })
     }
 
@@ -446,6 +450,14 @@ impl Registry {
 
     pub fn len(&self) -> usize {
         self.lock().sessions.len()
+    }
+
+    /// The sessions live now, and the most live at once since the last call.
+    pub fn live_and_high(&self) -> (usize, usize) {
+        let mut inner = self.lock();
+        let live = inner.sessions.len();
+        let high = std::mem::replace(&mut inner.high, live).max(live);
+        (live, high)
     }
 
     pub fn is_empty(&self) -> bool {
