@@ -512,6 +512,18 @@ mod tests {
     }
 
     #[test]
+    fn the_most_live_at_once_counts_consoles_gone_before_the_look() {
+        let reg = Registry::new(10, 5);
+        let kept = reg.register(info(1, "a"), TokenHash::of("x"), 0).unwrap();
+        let gone: Vec<_> = (2..5).map(|id| reg.register(info(id, "a"), TokenHash::of("x"), 0).unwrap()).collect();
+        drop(gone);
+        assert_eq!(reg.live_and_high(), (1, 4), "four were live at once, three gone by the look");
+        assert_eq!(reg.live_and_high(), (1, 1), "the high starts again from the live at each look");
+        drop(kept);
+        assert_eq!(reg.live_and_high(), (0, 1), "a fall since the last look is no new high");
+    }
+
+    #[test]
     fn live_tokens_by_source_and_ending_one_token() {
         let reg = Registry::new(10, 5);
         let nova = SessionInfo { source: "nova".into(), ..info(2, "b") };

@@ -92,7 +92,7 @@ async fn memory_goes_back_down_after_a_wave_of_consoles() {
     let peak = settled_peak().await;
     close_wave(&relay, consoles).await;
     let mib = |b: u64| b >> 20;
-    let bound = before + (peak.saturating_sub(before)) / 3;
+    let bound = before + peak.saturating_sub(before) / 3;
     let mut after = resident_bytes();
     for _ in 0..20 {
         if after < bound {
