@@ -190,9 +190,16 @@ async fn farm(target: &Target, pid: Option<u32>, shape: Shape) -> Result<FarmRes
     tokio::time::sleep_until(end).await;
     let (machine1, proxy1) = (procs::machine_busy_secs(), pid.map_or(0.0, procs::tree_cpu_secs));
     let mut samples: Vec<u32> = Vec::with_capacity(shape.consoles * 64);
+    // Every console stays open until the last one's round trips are in: consoles closing
+    // would put a teardown wave (thousands of ends within one interval) into the last
+    // round trips' times, which are the steady state's.
+    let mut open = Vec::with_capacity(shape.consoles);
     while let Some(done) = tasks.join_next().await {
-        samples.extend(done.context("a console task")??);
+        let (conn, console_samples) = done.context("a console task")??;
+        samples.extend(console_samples);
+        open.push(conn);
     }
+    drop(open);
     if samples.is_empty() {
         bail!("no round trip completed in the window");
     }
@@ -246,9 +253,10 @@ struct Ticks {
 }
 
 /// One console: a message at each tick, its answer awaited; the round trips that start
-/// in the measured window are returned, in microseconds. A console that falls behind
-/// skips ticks rather than bursting to catch up, as a person at a keyboard would.
-async fn console(mut conn: Conn, message: Bytes, mix: Mix, index: usize, ticks: Ticks) -> Result<Vec<u32>> {
+/// in the measured window are returned, in microseconds, with the console, still open. A
+/// console that falls behind skips ticks rather than bursting to catch up, as a person at
+/// a keyboard would.
+async fn console(mut conn: Conn, message: Bytes, mix: Mix, index: usize, ticks: Ticks) -> Result<(Conn, Vec<u32>)> {
     let Ticks { first, every, from, end } = ticks;
     let mut samples = Vec::new();
     let mut back = vec![0u8; message.len().max(if mix == Mix::Screen { hv::MAX_UPDATE } else { 0 })];
@@ -282,5 +290,5 @@ async fn console(mut conn: Conn, message: Bytes, mix: Mix, index: usize, ticks: 
     if mix == Mix::Typing && back != message {
         bail!("an echo came back changed");
     }
-    Ok(samples)
+    Ok((conn, samples))
 }

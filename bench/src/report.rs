@@ -403,8 +403,8 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
     let _ = writeln!(
         w,
         "{} consoles at once, each sending a {}-byte message every {} ms (random phases) {answer}; \
-         each path measured for {:.0} s on a proxy started for it, after a warm-up, in rounds over the paths; each \
-         figure is the median round's, and the last column lists every round's p99. Machine CPU is every core's busy time \
+         each path measured for {:.0} s on a proxy started for it, after a warm-up, in rounds over the paths (the \
+         consoles stay open until the last round trip is in: their closing is not in the window); each figure is the median round's, and the last column lists every round's p99. Machine CPU is every core's busy time \
          (the bench's own client and hypervisor, and kernel work outside any process, included), so compare it with \
          direct's; per 1,000 consoles, the proxy's cost over direct.\n",
         shape.consoles,
