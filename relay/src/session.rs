@@ -198,16 +198,60 @@ impl Entry {
     }
 }
 
+/// The live sessions of one instance. Most instances have one console, held inline: a
+/// vector each cost such a console a 48-byte allocation.
+enum Ids {
+    One(u64),
+    Many(Vec<u64>),
+}
+
+impl Ids {
+    fn as_slice(&self) -> &[u64] {
+        match self {
+            Ids::One(id) => std::slice::from_ref(id),
+            Ids::Many(ids) => ids,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn push(&mut self, id: u64) {
+        match self {
+            Ids::One(first) => *self = Ids::Many(vec![*first, id]),
+            Ids::Many(ids) => ids.push(id),
+        }
+    }
+
+    /// Takes `id` out; true when none is left.
+    fn remove(&mut self, id: u64) -> bool {
+        match self {
+            Ids::One(only) => *only == id,
+            Ids::Many(ids) => {
+                ids.retain(|&i| i != id);
+                match ids[..] {
+                    [] => true,
+                    [last] => {
+                        *self = Ids::One(last);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     /// Boxed: a map's spare room (up to half its slots) then costs a pointer a slot,
     /// not a whole entry.
     sessions: HashMap<u64, Box<Entry>>,
-    /// Live sessions by instance: a short list each (at most `max_sessions_per_instance`),
-    /// keyed by the name the entries share. With a hash set each and a second copy of
-    /// the name, a console with an instance of its own (the common case) cost ~60 bytes
-    /// more.
-    by_instance: HashMap<Arc<str>, Vec<u64>>,
+    /// Live sessions by instance (at most `max_sessions_per_instance` each), keyed by the
+    /// name the entries share. With a hash set each and a second copy of the name, a
+    /// console with an instance of its own (the common case) cost ~60 bytes more.
+    by_instance: HashMap<Arc<str>, Ids>,
     /// The newest fleet reset heard per instance (epoch, reason, when), kept a while: a
     /// console redeemed before a reset whose message arrives before the console is
     /// registered is ended as it registers.
@@ -294,11 +338,14 @@ impl Registry {
             Some((key, _)) => key.clone(),
             None => Arc::from(info.instance.as_str()),
         };
-        let ids = inner.by_instance.entry(instance.clone()).or_default();
-        if ids.len() >= max_per_instance {
+        let held = inner.by_instance.get(&*instance).map_or(0, Ids::len);
+        if held >= max_per_instance {
             return Err(RegisterError::TooManyForInstance(max_per_instance));
         }
-        ids.push(info.id);
+        match inner.by_instance.get_mut(&*instance) {
+            Some(ids) => ids.push(info.id),
+            None => drop(inner.by_instance.insert(instance.clone(), Ids::One(info.id))),
+        }
         let shared = Arc::new(Shared::default());
         let id = info.id;
         if let Some((newer, reason, _)) = inner.resets.get(&info.instance).filter(|(e, _, _)| epoch < *e) {
@@ -339,11 +386,8 @@ impl Registry {
         let mut inner = self.lock();
         if let Some(entry) = inner.sessions.remove(&id) {
             let instance = &*entry.instance;
-            if let Some(ids) = inner.by_instance.get_mut(instance) {
-                ids.retain(|&i| i != id);
-                if ids.is_empty() {
-                    inner.by_instance.remove(instance);
-                }
+            if inner.by_instance.get_mut(instance).is_some_and(|ids| ids.remove(id)) {
+                inner.by_instance.remove(instance);
             }
         }
     }
@@ -353,7 +397,7 @@ impl Registry {
         let inner = self.lock();
         let Some(ids) = inner.by_instance.get(instance) else { return 0 };
         let mut told = 0;
-        for entry in ids.iter().filter_map(|id| inner.sessions.get(id)) {
+        for entry in ids.as_slice().iter().filter_map(|id| inner.sessions.get(id)) {
             entry.shared.stop.set(reason);
             told += 1;
         }
@@ -379,7 +423,7 @@ impl Registry {
         }
         let Some(ids) = inner.by_instance.get(instance) else { return 0 };
         let mut told = 0;
-        for entry in ids.iter().filter_map(|id| inner.sessions.get(id)).filter(|e| e.epoch < epoch) {
+        for entry in ids.as_slice().iter().filter_map(|id| inner.sessions.get(id)).filter(|e| e.epoch < epoch) {
             entry.shared.stop.set(reason);
             told += 1;
         }
@@ -472,6 +516,7 @@ mod tests {
     #[test]
     fn every_console_holds_a_compact_entry() {
         assert!(size_of::<Entry>() <= 176, "Entry grew to {} bytes", size_of::<Entry>());
+        assert_eq!(size_of::<Ids>(), size_of::<Vec<u64>>(), "an instance's list takes a vector's room");
     }
 
     fn info(id: u64, instance: &str) -> SessionInfo {
@@ -558,6 +603,27 @@ mod tests {
         assert_eq!(reg.disconnect_instance("a", "reset"), 0);
         drop(b);
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn an_instances_list_grows_from_one_console_and_shrinks_back() {
+        let reg = Registry::new(10, 3);
+        let x = TokenHash::of("x");
+        let first = reg.register(info(1, "a"), x, 0).unwrap();
+        let more: Vec<_> = (2..4).map(|id| reg.register(info(id, "a"), x, 0).unwrap()).collect();
+        assert_eq!(reg.register(info(4, "a"), x, 0).err(), Some(RegisterError::TooManyForInstance(3)));
+        drop(first);
+        assert_eq!(reg.disconnect_instance("a", "reset"), 2, "the two left, out of a list of three");
+        let third = reg.register(info(5, "a"), x, 0).unwrap();
+        drop(more);
+        assert_eq!(reg.live_instances(), vec!["a".to_string()], "one console left: the instance stays");
+        assert_eq!(reg.disconnect_instance("a", "again"), 1);
+        assert_eq!(third.shared.stop.reason(), Some("again"));
+        drop(third);
+        assert!(reg.live_instances().is_empty(), "its last console gone, the instance is gone");
+        let alone = Registry::new(10, 0);
+        assert_eq!(alone.register(info(6, "b"), x, 0).err(), Some(RegisterError::TooManyForInstance(0)));
+        assert!(alone.live_instances().is_empty(), "a refused console leaves no trace of its instance");
     }
 
     #[test]
