@@ -332,7 +332,8 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
     if let (false, Some((pid, target))) = (steps.is_empty(), &haproxy) {
         let label = "HAProxy (mode tcp)";
         eprintln!("relay-bench: idle sessions through {label}: {steps:?}");
-        let outcome = measure::idle_memory(target, *pid, &steps, async || None, IDLE_CAP).await.map_err(|e| format!("{e:#}"));
+        let outcome =
+            measure::idle_memory(std::slice::from_ref(target), *pid, &steps, async || None, IDLE_CAP).await.map_err(|e| format!("{e:#}"));
         if let Err(e) = &outcome {
             eprintln!("relay-bench: {label}: {e}");
         }
@@ -495,13 +496,19 @@ async fn relay_idle_memory(
         std::fs::create_dir_all(dir)?;
         let backend = backend_of(door);
         let relay = procs::start_relay(relay_bin, dir, backend)?;
-        let token = relay.token(hv.addr).await?;
-        let target = match door {
-            door if door.starts_with("connect") => Target { addr: relay.connect, door: Door::Connect { token } },
-            _ => Target { addr: relay.ws, door: Door::Ws { token: Some(token) } },
-        };
+        // A console per instance (UUID-shaped names, as nova's), as in a region: what relay
+        // keeps per instance counts.
+        let most = steps.iter().copied().max().unwrap_or(0);
+        let mut targets = Vec::with_capacity(most);
+        for i in 0..most {
+            let token = relay.token_for(&format!("{i:08}-0000-4000-8000-000000000000"), hv.addr).await?;
+            targets.push(match door {
+                door if door.starts_with("connect") => Target { addr: relay.connect, door: Door::Connect { token } },
+                _ => Target { addr: relay.ws, door: Door::Ws { token: Some(token) } },
+            });
+        }
         let live = async || relay.sessions_active().await.ok();
-        measure::idle_memory(&target, relay.proc.pid(), steps, live, IDLE_CAP).await
+        measure::idle_memory(&targets, relay.proc.pid(), steps, live, IDLE_CAP).await
     };
     go.await.map_err(|e: anyhow::Error| format!("{e:#}"))
 }

@@ -226,7 +226,7 @@ pub struct IdleMemory {
 
 /// Opens idle consoles up to each step and reads the proxy's resident memory.
 pub async fn idle_memory(
-    target: &Target,
+    targets: &[Target],
     pid: u32,
     steps: &[usize],
     live: impl AsyncFn() -> Option<u64>,
@@ -234,14 +234,16 @@ pub async fn idle_memory(
 ) -> Result<IdleMemory> {
     let start = Instant::now();
     // One console first, so one-time set-up is in the baseline.
-    drop(target.open(Buffers::Small).await?);
+    drop(targets[0].open(Buffers::Small).await?);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let baseline = procs::rss_bytes(pid)?;
     let mut conns: Vec<Conn> = Vec::new();
     let mut points = Vec::new();
     for &step in steps {
         let more = step.saturating_sub(conns.len());
-        let mut opening = futures_util::stream::iter(0..more).map(|_| target.open(Buffers::Small)).buffer_unordered(64);
+        let first = conns.len();
+        let mut opening =
+            futures_util::stream::iter(first..first + more).map(|i| targets[i % targets.len()].open(Buffers::Small)).buffer_unordered(64);
         while let Some(conn) = opening.next().await {
             conns.push(conn.with_context(|| format!("opening idle console {}", conns.len() + 1))?);
             if start.elapsed() > cap {
@@ -250,7 +252,9 @@ pub async fn idle_memory(
         }
         drop(opening);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        points.push(IdlePoint { sessions: conns.len(), rss: procs::rss_bytes(pid)?, live: live().await });
+        let point = IdlePoint { sessions: conns.len(), rss: procs::rss_bytes(pid)?, live: live().await };
+        eprintln!("relay-bench:   {} idle consoles: resident {} KiB", point.sessions, point.rss >> 10);
+        points.push(point);
     }
     drop(conns);
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -177,8 +177,15 @@ impl Relay {
     }
 
     pub async fn token(&self, hv: SocketAddr) -> Result<String> {
+        self.token_for("bench", hv).await
+    }
+
+    /// A token for a console of `instance`.
+    pub async fn token_for(&self, instance: &str, hv: SocketAddr) -> Result<String> {
         let result = self
-            .control(serde_json::json!({"v": 1, "op": "token_create", "instance": "bench", "host": hv.ip().to_string(), "port": hv.port()}))
+            .control(
+                serde_json::json!({"v": 1, "op": "token_create", "instance": instance, "host": hv.ip().to_string(), "port": hv.port()}),
+            )
             .await?;
         result["token"].as_str().map(str::to_string).context("token_create gave no token")
     }
