@@ -292,7 +292,7 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
          The viewer's RFB handshake is the same on every path. relay runs with session limits raised for the idle-session runs \
          and otherwise its default configuration (e.g. `relay_buffer_bytes` 32 KiB; its default log level, `info`, with an audit \
          event at each console's start and end, written to a file). \
-         One token serves every relay console."
+         One token serves every relay console, except in the idle-session runs (below)."
             .to_string(),
         format!(
             "Throughput: {} per direction on 1 connection, then {} per direction spread over {} connections at once; every \
@@ -326,7 +326,9 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
             "Memory: run first, on proxies started fresh (relay once per path, in a process serving nothing else) \
              with one console opened and closed before the baseline reading, then opening idle consoles \
              {} at a time with a one-second settle before reading `VmRSS` from `/proc/PID/status` (user-space memory: \
-             the kernel's socket buffers are not in it). Before starting the proxies, which inherit it, the bench raises \
+             the kernel's socket buffers are not in it). Each idle relay console is of an instance of its own (a token \
+             each, made before the baseline, for an instance with a UUID-shaped name), as in a region's proxy, so what relay \
+             keeps per instance is in the figure. Before starting the proxies, which inherit it, the bench raises \
              RLIMIT_NOFILE as far as it may (here to {}).",
             64, run.nofile
         ),
