@@ -314,8 +314,9 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
         ),
         format!(
             "Handshakes/s: {} console openings, {} in flight: TCP connect, the door (CONNECT request or WebSocket upgrade), \
-             the RFB handshake through ServerInit, close. relay's token exists beforehand.",
-            a.handshakes, a.inflight
+             the RFB handshake through ServerInit, close. relay's token exists beforehand. {} rounds over all paths in turn; \
+             each figure is the median round (a round with failures, if any).",
+            a.handshakes, a.inflight, a.repeat
         ),
         "Proxy CPU: utime + stime from `/proc/PID/stat` of the proxy and all its descendants (live ones, plus `cutime`/`cstime` \
          of exited ones, since socat and websockify fork per connection), taken before and after each round of the four throughput runs, \
@@ -356,6 +357,15 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
              for the fast paths), so compare ratios rather than the last digit.",
             spread.join("; ")
         ));
+    }
+    let handshake_rounds: Vec<String> = run
+        .paths
+        .iter()
+        .filter(|p| p.handshake_rounds.len() > 1)
+        .map(|p| format!("{}: {}", p.label, p.handshake_rounds.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")))
+        .collect();
+    if !handshake_rounds.is_empty() {
+        notes.push(format!("Handshakes/s in each round: {}.", handshake_rounds.join("; ")));
     }
     let available = run.elapsed.as_secs_f64() * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     if run.others_cpu > 0.05 * available {
