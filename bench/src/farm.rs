@@ -61,8 +61,10 @@ pub struct FarmResult {
     /// Cores busy on average in the window: the proxy's process tree, and the machine.
     pub proxy_cores: f64,
     pub machine_cores: f64,
-    /// Each round's p99, in µs (the other figures are the rounds' medians).
+    /// Each round's p99, in µs, and machine cores (the other figures are the rounds'
+    /// medians).
     pub p99_rounds: Vec<f64>,
+    pub machine_rounds: Vec<f64>,
     pub error: Option<String>,
 }
 
@@ -133,6 +135,7 @@ fn median_of(rounds: &[FarmResult]) -> Option<FarmResult> {
         proxy_cores: m(|r| r.proxy_cores),
         machine_cores: m(|r| r.machine_cores),
         p99_rounds: rounds.iter().map(|r| r.p99_us).collect(),
+        machine_rounds: rounds.iter().map(|r| r.machine_cores).collect(),
         ..Default::default()
     })
 }

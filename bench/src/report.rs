@@ -416,9 +416,10 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
         w,
         "{} consoles at once, each sending a {}-byte message every {} ms (random phases) {answer}; \
          each path measured for {:.0} s on a proxy started for it, after a warm-up, in rounds over the paths (the \
-         consoles stay open until the last round trip is in: their closing is not in the window); each figure is the median round's, and the last column lists every round's p99. Machine CPU is every core's busy time \
-         (the bench's own client and hypervisor, and kernel work outside any process, included), so compare it with \
-         direct's; per 1,000 consoles, the proxy's cost over direct.\n",
+         consoles stay open until the last round trip is in: their closing is not in the window); each figure is the median round's, and the last two columns list every round's p99 and machine cost. Machine CPU is \
+         every core's busy time (the bench's own client and hypervisor, and kernel work outside any process, included), \
+         so compare it with direct's; per 1,000 consoles, the proxy's cost over direct (per round: over direct's in the \
+         same round).\n",
         shape.consoles,
         shape.message,
         shape.interval.as_millis(),
@@ -426,21 +427,25 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
     );
     let _ = writeln!(
         w,
-        "| path | round trips/s (offered) | p50 | p99 | p99.9 | p99 vs direct | proxy cores | machine cores | machine over direct, per 1,000 consoles | p99 per round |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| path | round trips/s (offered) | p50 | p99 | p99.9 | p99 vs direct | proxy cores | machine cores | machine over direct, per 1,000 consoles | p99 per round | machine over direct per round |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     let direct = results.iter().find(|r| r.key == "direct" && r.error.is_none());
     let us = |v: f64| if v >= 1000.0 { format!("{:.1} ms", v / 1000.0) } else { format!("{v:.0} µs") };
     for r in results {
         if let Some(e) = &r.error {
             let what = if e.starts_with("not selected") { "skipped" } else { "failed" };
-            let _ = writeln!(w, "| {} | {what}: {e} | | | | | | | | |", r.label);
+            let _ = writeln!(w, "| {} | {what}: {e} | | | | | | | | | |", r.label);
             continue;
         }
         let vs = direct.filter(|d| d.p99_us > 0.0).map_or("–".into(), |d| format!("{:.2}×", r.p99_us / d.p99_us));
-        let over = direct.map_or("–".into(), |d| format!("{:.2}", (r.machine_cores - d.machine_cores) * 1000.0 / shape.consoles as f64));
+        let per_1000 = |cores: f64| cores * 1000.0 / shape.consoles as f64;
+        let over = direct.map_or("–".into(), |d| format!("{:.2}", per_1000(r.machine_cores - d.machine_cores)));
+        let over_rounds = direct.map_or("–".into(), |d| {
+            r.machine_rounds.iter().zip(&d.machine_rounds).map(|(m, dm)| format!("{:.2}", per_1000(m - dm))).collect::<Vec<_>>().join(", ")
+        });
         let _ = writeln!(
             w,
-            "| {} | {:.0} ({:.0}) | {} | {} | {} | {vs} | {:.2} | {:.2} | {over} | {} |",
+            "| {} | {:.0} ({:.0}) | {} | {} | {} | {vs} | {:.2} | {:.2} | {over} | {} | {over_rounds} |",
             r.label,
             r.achieved,
             r.offered,
