@@ -164,9 +164,7 @@ impl PathResult {
             self.handshakes = Some(runs.swap_remove((runs.len() - 1) / 2));
         }
     }
-}
 
-impl PathResult {
     /// The median round of a throughput run (the faster middle one for an even count).
     pub fn rate(&self, slot: usize) -> Option<measure::Rate> {
         let mut rates = self.throughput[slot].clone();

@@ -338,13 +338,14 @@ impl Registry {
             Some((key, _)) => key.clone(),
             None => Arc::from(info.instance.as_str()),
         };
-        let held = inner.by_instance.get(&*instance).map_or(0, Ids::len);
-        if held >= max_per_instance {
-            return Err(RegisterError::TooManyForInstance(max_per_instance));
-        }
+        let too_many = RegisterError::TooManyForInstance(max_per_instance);
         match inner.by_instance.get_mut(&*instance) {
+            Some(ids) if ids.len() >= max_per_instance => return Err(too_many),
             Some(ids) => ids.push(info.id),
-            None => drop(inner.by_instance.insert(instance.clone(), Ids::One(info.id))),
+            None if max_per_instance == 0 => return Err(too_many),
+            None => {
+                inner.by_instance.insert(instance.clone(), Ids::One(info.id));
+            }
         }
         let shared = Arc::new(Shared::default());
         let id = info.id;
