@@ -7,6 +7,7 @@
 mod client;
 mod farm;
 mod hv;
+mod idle;
 mod measure;
 mod procs;
 mod report;
@@ -157,6 +158,7 @@ impl PathResult {
     /// not hidden behind clean rounds.
     fn pick_handshakes(&mut self) {
         let mut runs = std::mem::take(&mut self.handshake_runs);
+        self.handshake_rounds = runs.iter().map(measure::Handshakes::per_sec).collect();
         if let Some(failed) = runs.iter().position(|h| h.failed > 0) {
             self.handshakes = Some(runs.swap_remove(failed));
         } else if !runs.is_empty() {
@@ -244,7 +246,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
     // its own that serves nothing else.
     let mut notes = Vec::new();
     let mut memory = Vec::new();
-    let steps = idle_steps(&args, nofile, &mut notes);
+    let steps = idle::steps(&args, nofile, &mut notes);
     if !steps.is_empty() {
         for (key, label) in [
             ("connect", "relay CONNECT, copy"),
@@ -258,7 +260,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
                 continue;
             }
             eprintln!("relay-bench: idle sessions through {label}: {steps:?}");
-            let outcome = relay_idle_memory(&relay_bin, &dir.join(format!("memory-{key}")), &hv, key, &steps).await;
+            let outcome = idle::relay_idle_memory(&relay_bin, &dir.join(format!("memory-{key}")), &hv, key, &steps).await;
             if let Err(e) = &outcome {
                 eprintln!("relay-bench: {label}: {e}");
             }
@@ -349,7 +351,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         let label = "HAProxy (mode tcp)";
         eprintln!("relay-bench: idle sessions through {label}: {steps:?}");
         let outcome =
-            measure::idle_memory(std::slice::from_ref(target), *pid, &steps, async || None, IDLE_CAP).await.map_err(|e| format!("{e:#}"));
+            measure::idle_memory(std::slice::from_ref(target), *pid, &steps, async || None, idle::CAP).await.map_err(|e| format!("{e:#}"));
         if let Err(e) = &outcome {
             eprintln!("relay-bench: {label}: {e}");
         }
@@ -475,65 +477,9 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
     Ok(())
 }
 
-const IDLE_CAP: Duration = Duration::from_secs(120);
-
-/// The idle-session counts to measure at. Each relayed session holds two descriptors in
-/// the proxy (and two in this process: viewer and fake hypervisor), so the descriptor
-/// limit caps the count.
-fn idle_steps(args: &Args, nofile: u64, notes: &mut Vec<String>) -> Vec<usize> {
-    if args.no_memory {
-        return Vec::new();
-    }
-    // relay keeps 256 descriptors aside and answers 503 past what the rest hold
-    // (relay/src/rlimit.rs): the largest step stays inside that.
-    let most = (nofile.saturating_sub(256) / 2 / 100 * 100) as usize;
-    let mut steps: Vec<usize> = args.idle.iter().map(|&n| n.min(most)).filter(|&n| n > 0).collect();
-    steps.sort_unstable();
-    steps.dedup();
-    if let Some(&asked) = args.idle.iter().max()
-        && asked > most
-    {
-        notes.push(format!(
-            "{asked} idle sessions were asked for, but the descriptor limit here is {nofile} and could not be raised \
-             (RLIMIT_NOFILE's hard limit needs CAP_SYS_RESOURCE), and a relayed session holds two descriptors in the \
-             proxy: the largest step is {most}."
-        ));
-    }
-    steps
-}
-
 /// The relay back-end a path runs on: `connect-uring` and `ws-uring` on uring, and so on.
-fn backend_of(path: &str) -> &str {
+pub(crate) fn backend_of(path: &str) -> &str {
     path.strip_prefix("connect-").or_else(|| path.strip_prefix("ws-")).unwrap_or("copy")
-}
-
-/// Idle-session memory of a relay process started for this alone.
-async fn relay_idle_memory(
-    relay_bin: &std::path::Path,
-    dir: &std::path::Path,
-    hv: &hv::Hypervisor,
-    door: &str,
-    steps: &[usize],
-) -> Result<measure::IdleMemory, String> {
-    let go = async {
-        std::fs::create_dir_all(dir)?;
-        let backend = backend_of(door);
-        let relay = procs::start_relay(relay_bin, dir, backend)?;
-        // A console per instance (UUID-shaped names, as nova's), as in a region: what relay
-        // keeps per instance counts.
-        let most = steps.iter().copied().max().unwrap_or(0);
-        let mut targets = Vec::with_capacity(most);
-        for i in 0..most {
-            let token = relay.token_for(&format!("{i:08}-0000-4000-8000-000000000000"), hv.addr).await?;
-            targets.push(match door {
-                door if door.starts_with("connect") => Target { addr: relay.connect, door: Door::Connect { token } },
-                _ => Target { addr: relay.ws, door: Door::Ws { token: Some(token) } },
-            });
-        }
-        let live = async || relay.sessions_active().await.ok();
-        measure::idle_memory(&targets, relay.proc.pid(), steps, live, IDLE_CAP).await
-    };
-    go.await.map_err(|e: anyhow::Error| format!("{e:#}"))
 }
 
 /// One round of the four throughput runs on one path; the proxy's CPU time over them
@@ -587,7 +533,6 @@ async fn latency_and_handshakes(p: &mut PathResult, target: &Target, args: &Args
     }
     let hs = measure::handshakes(target, args.handshakes, args.inflight, Duration::from_secs(10)).await.context("handshakes")?;
     eprintln!("relay-bench:   {}: handshakes {:.0}/s ({} ok, {} failed in {:.2} s)", p.key, hs.per_sec(), hs.ok, hs.failed, hs.secs);
-    p.handshake_rounds.push(hs.per_sec());
     p.handshake_runs.push(hs);
     Ok(())
 }
