@@ -88,6 +88,10 @@ pub struct Args {
     /// Seconds the farm is measured, per path.
     #[arg(long, default_value_t = 10.0)]
     farm_secs: f64,
+    /// Rounds of the farm runs (each figure is the median round): more than --repeat,
+    /// as a farm round's p99 varies more than a throughput run.
+    #[arg(long, default_value_t = 5)]
+    farm_rounds: usize,
     /// Only these farm paths (keys as in the farm's table: haproxy, connect-copy,
     /// connect-auto, connect-sockmap, connect-uring, ws-copy, ws-uring); direct always runs.
     #[arg(long, value_delimiter = ',')]
@@ -202,8 +206,8 @@ pub struct Run {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.conns == 0 || args.chunk == 0 || args.inflight == 0 || args.pings == 0 || args.repeat == 0 {
-        bail!("--conns, --chunk, --inflight, --pings and --repeat must be at least 1");
+    if args.conns == 0 || args.chunk == 0 || args.inflight == 0 || args.pings == 0 || args.repeat == 0 || args.farm_rounds == 0 {
+        bail!("--conns, --chunk, --inflight, --pings, --repeat and --farm-rounds must be at least 1");
     }
     // Before any thread or child: the proxies inherit the limit.
     let nofile = procs::raise_nofile(65_536);
@@ -442,7 +446,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         for shape in [typing, screen].into_iter().filter(|s| s.consoles > 0) {
             let sub = dir.join(format!("farm-{:?}", shape.mix).to_lowercase());
             std::fs::create_dir_all(&sub)?;
-            runs.push((shape, farm::run(&relay_bin, &sub, &hv, shape, nofile, args.repeat, &args.farm_paths).await));
+            runs.push((shape, farm::run(&relay_bin, &sub, &hv, shape, nofile, args.farm_rounds, &args.farm_paths).await));
         }
         runs
     } else {

@@ -404,7 +404,6 @@ fn median(v: &[f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Openings per second per token source, beside relay's own store.
 /// The console farm: round trips and CPU per path, beside direct and HAProxy.
 fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::farm::FarmResult]) {
     let (title, answer) = match shape.mix {
@@ -415,15 +414,16 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
     let _ = writeln!(
         w,
         "{} consoles at once, each sending a {}-byte message every {} ms (random phases) {answer}; \
-         each path measured for {:.0} s on a proxy started for it, after a warm-up, in rounds over the paths (the \
-         consoles stay open until the last round trip is in: their closing is not in the window); each figure is the median round's, and the last two columns list every round's p99 and machine cost. Machine CPU is \
+         each path measured for {:.0} s on a proxy started for it, after a warm-up, in {rounds} rounds over the paths (the \
+         consoles stay open until the last round trip is in: their closing is not in the window); each figure is its median over the rounds, and the last two columns list every round's p99 and machine cost. Machine CPU is \
          every core's busy time (the bench's own client and hypervisor, and kernel work outside any process, included), \
          so compare it with direct's; per 1,000 consoles, the proxy's cost over direct (per round: over direct's in the \
          same round).\n",
         shape.consoles,
         shape.message,
         shape.interval.as_millis(),
-        shape.window.as_secs_f64()
+        shape.window.as_secs_f64(),
+        rounds = results.iter().map(|r| r.p99_rounds.len()).max().unwrap_or(0),
     );
     let _ = writeln!(
         w,
@@ -459,6 +459,7 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
     }
 }
 
+/// Openings per second per token source, beside relay's own store.
 fn sources_section(w: &mut String, sources: &Result<crate::sources::SourceRates, String>) {
     let _ = writeln!(w, "\n## Token sources\n");
     let r = match sources {
