@@ -5,7 +5,7 @@ use relay::cli::{Cli, Command};
 /// 128-byte-aligned ones (a task, two socket registrations), and glibc's aligned
 /// allocation leaves scraps around each. Measured at 9,800 idle consoles: 1.8 KiB a
 /// console against glibc's 2.2 KiB, with handshakes/s and the farm's latency unchanged
-/// (docs/architecture.md, "Memory per idle console").
+/// (docs/architecture.md, "Limits": what an idle console holds).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
