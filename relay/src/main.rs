@@ -1,13 +1,10 @@
 use clap::Parser;
 use relay::cli::{Cli, Command};
 
-/// jemalloc, not glibc's malloc: an idle console's allocations include tokio's
-/// 128-byte-aligned ones (a task, two socket registrations), and glibc's aligned
-/// allocation leaves scraps around each. Measured at 9,800 idle consoles: 1.8 KiB a
-/// console against glibc's 2.2 KiB, with handshakes/s and the farm's latency unchanged
-/// (docs/architecture.md, "Limits": what an idle console holds).
+/// jemalloc (see `relay::heap`): an idle console costs 1.8 KiB where glibc's malloc left
+/// 2.2 (scraps around tokio's 128-byte-aligned blocks).
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: relay::heap::Allocator = relay::heap::Allocator;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -1,6 +1,7 @@
 //! Memory after a wave of consoles: once they have gone, relay gives back what they held
-//! (glibc kept it in its arenas, at the high-water mark). Its own test binary, so that no
-//! other test's allocations move the process's resident memory meanwhile.
+//! (the allocator kept it for reuse, at the high-water mark). Its own test binary, so that
+//! no other test's allocations move the process's resident memory meanwhile, on the
+//! allocator relay's binary uses.
 
 use relay::config::Backend;
 use relay_tests::fake_hypervisor::{FakeVnc, Script};
@@ -12,6 +13,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 
 const CONSOLES: usize = 1000;
+
+#[global_allocator]
+static ALLOCATOR: relay::heap::Allocator = relay::heap::Allocator;
 
 fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
