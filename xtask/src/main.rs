@@ -19,6 +19,10 @@ use std::process::Command;
 const APT_PACKAGES: &[&str] =
     &["qemu-system-x86", "chromium", "novnc", "redis-server", "haproxy", "mariadb-server", "systemd", "man-db", "busybox-static"];
 
+/// What building relay needs beyond Rust and a C compiler: jemalloc, its allocator, is
+/// built from source with `make`.
+const BUILD_PACKAGES: &[&str] = &["make"];
+
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
     let root = root();
@@ -30,6 +34,7 @@ fn main() -> Result<()> {
             run(Command::new("cargo").args(["check", "--locked", "-p", "relay"]).env("RELAY_EBPF", "require").current_dir(&root))
         }
         "run" => {
+            apt_install(BUILD_PACKAGES)?;
             if let Err(e) = ebpf_toolchain() {
                 eprintln!("xtask: the eBPF toolchain could not be set up ({e:#}); relay runs without its kernel fast path");
             }
@@ -85,6 +90,7 @@ fn installed(package: &str) -> bool {
 }
 
 fn deps(root: &Path) -> Result<()> {
+    apt_install(BUILD_PACKAGES)?;
     apt_install(APT_PACKAGES)?;
     let browser = root.join("tests/browser");
     let marker = browser.join("node_modules/.package-lock.json");
@@ -200,7 +206,7 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 
 /// Debian packages of the proxies relay is compared with. The bench skips (visibly) any
 /// that is missing, so installing them is best effort.
-const BENCH_APT_PACKAGES: &[&str] = &["socat", "haproxy", "websockify", "mariadb-server"];
+const BENCH_APT_PACKAGES: &[&str] = &["make", "socat", "haproxy", "websockify", "mariadb-server"];
 
 fn bench(root: &Path) -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(2).collect();
