@@ -216,7 +216,7 @@ fn main() -> Result<()> {
     // parent-death signal is tied to the process's main thread.
     runtime.block_on(async move {
         tokio::select! {
-            r = tokio::time::timeout(Duration::from_secs(20 * 60), bench(args, nofile)) => r.context("the bench took over 20 minutes")?,
+            r = tokio::time::timeout(Duration::from_secs(45 * 60), bench(args, nofile)) => r.context("the bench took over 45 minutes")?,
             _ = tokio::signal::ctrl_c() => bail!("interrupted"),
         }
     })?;
