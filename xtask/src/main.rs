@@ -19,9 +19,14 @@ use std::process::Command;
 const APT_PACKAGES: &[&str] =
     &["qemu-system-x86", "chromium", "novnc", "redis-server", "haproxy", "mariadb-server", "systemd", "man-db", "busybox-static"];
 
-/// What building relay needs beyond Rust and a C compiler: jemalloc, its allocator, is
-/// built from source with `make`.
-const BUILD_PACKAGES: &[&str] = &["make"];
+/// What building relay needs beyond Rust and a C compiler: `make`, for jemalloc, its
+/// allocator, which is built from source. Installed from Debian's packages when missing.
+fn build_tools() -> Result<()> {
+    if Command::new("make").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    apt_install(&["make"])
+}
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
@@ -34,7 +39,7 @@ fn main() -> Result<()> {
             run(Command::new("cargo").args(["check", "--locked", "-p", "relay"]).env("RELAY_EBPF", "require").current_dir(&root))
         }
         "run" => {
-            apt_install(BUILD_PACKAGES)?;
+            build_tools()?;
             if let Err(e) = ebpf_toolchain() {
                 eprintln!("xtask: the eBPF toolchain could not be set up ({e:#}); relay runs without its kernel fast path");
             }
@@ -90,7 +95,7 @@ fn installed(package: &str) -> bool {
 }
 
 fn deps(root: &Path) -> Result<()> {
-    apt_install(BUILD_PACKAGES)?;
+    build_tools()?;
     apt_install(APT_PACKAGES)?;
     let browser = root.join("tests/browser");
     let marker = browser.join("node_modules/.package-lock.json");
