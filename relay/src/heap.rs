@@ -16,6 +16,7 @@
 
 /// The allocator of relay's binary (its `#[global_allocator]`), and of the tests that
 /// measure its memory.
+#[cfg(feature = "jemalloc")]
 pub use tikv_jemallocator::Jemalloc as Allocator;
 
 /// A fall of fewer consoles than this is not worth a trim.
@@ -56,13 +57,16 @@ impl Trimmer {
 /// Returns the allocators' free memory to the kernel: jemalloc's, and glibc's (what C code
 /// holds, or everything in a process that kept the default allocator).
 pub fn trim() {
-    // "arena.<MALLCTL_ARENAS_ALL>.purge" is a command: it reads and writes no value.
-    const PURGE_ALL: &std::ffi::CStr = c"arena.4096.purge";
-    let none = std::ptr::null_mut();
-    // SAFETY: a NUL-terminated name, and null pointers with a zero length, which is what
-    // a mallctl that takes and returns nothing expects.
-    unsafe {
-        tikv_jemalloc_sys::mallctl(PURGE_ALL.as_ptr(), none, none.cast(), none, 0);
+    #[cfg(feature = "jemalloc")]
+    {
+        // "arena.<MALLCTL_ARENAS_ALL>.purge" is a command: it reads and writes no value.
+        const PURGE_ALL: &std::ffi::CStr = c"arena.4096.purge";
+        let none = std::ptr::null_mut();
+        // SAFETY: a NUL-terminated name, and null pointers with a zero length, which is
+        // what a mallctl that takes and returns nothing expects.
+        unsafe {
+            tikv_jemalloc_sys::mallctl(PURGE_ALL.as_ptr(), none, none.cast(), none, 0);
+        }
     }
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks the allocator's own free lists; 0 keeps no padding.
