@@ -1,8 +1,7 @@
 use clap::Parser;
 use relay::cli::{Cli, Command};
 
-/// jemalloc (see `relay::heap`): an idle console costs 1.8 KiB where glibc's malloc left
-/// 2.2 (scraps around tokio's 128-byte-aligned blocks).
+/// jemalloc: why, in `relay::heap`.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: relay::heap::Allocator = relay::heap::Allocator;
