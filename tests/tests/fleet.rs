@@ -162,6 +162,37 @@ async fn a_reset_on_one_appliance_ends_the_consoles_on_all_of_them() {
 
 #[tokio::test]
 #[cfg_attr(relay_no_redis, ignore = "redis-server is not installed: cargo xtask deps")]
+async fn the_shared_store_keeps_the_tokens_of_hundreds_of_live_consoles_from_lapsing() {
+    // More live consoles than one touch call carries (256), each on a token of its own.
+    const CONSOLES: usize = 300;
+    let hv = FakeVnc::start(Script::echo()).await;
+    let fleet = fleet(|c| c.tokens.touch_interval_secs = 1).await;
+    let [a, b] = [&fleet.relays[0], &fleet.relays[1]];
+    let lapsing = |instance: String| {
+        let mut req = new_token(&instance, hv.addr());
+        req.idle_timeout = Some(3);
+        req
+    };
+    let mut tokens = Vec::new();
+    let mut consoles = Vec::new();
+    for i in 0..CONSOLES {
+        let token = a.token_with(lapsing(format!("vm-live-{i}"))).await;
+        consoles.push(live(a, &token).await);
+        tokens.push(token);
+    }
+    let unused = a.token_with(lapsing("vm-unused".into())).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    for (i, token) in tokens.iter().enumerate() {
+        let check = b.ctl(Request::TokenCheck { token: token.clone() }).await.unwrap();
+        assert_eq!(check["valid"], true, "console {i}'s token, touched by a, as b sees it: {check}");
+    }
+    let check = b.ctl(Request::TokenCheck { token: unused }).await.unwrap();
+    assert_eq!(check["valid"], false, "an unused token lapses: {check}");
+    assert!(alive(&mut consoles[CONSOLES - 1]).await, "the last console still relays");
+}
+
+#[tokio::test]
+#[cfg_attr(relay_no_redis, ignore = "redis-server is not installed: cargo xtask deps")]
 async fn a_single_use_token_raced_from_three_appliances_opens_one_console() {
     let hv = FakeVnc::start(Script::echo()).await;
     let fleet = fleet(|_| {}).await;

@@ -59,8 +59,17 @@ impl MemoryStore {
     }
 
     pub fn touch_now(&self, hash: TokenHash, now: u64) -> Result<bool, StoreError> {
+        Ok(self.touch_from(hash, now)?.is_some())
+    }
+
+    /// Touches `hash` at `now`; its last touch before, or `None` when it is unknown.
+    pub fn touch_from(&self, hash: TokenHash, now: u64) -> Result<Option<u64>, StoreError> {
         let mut map = self.map();
-        Ok(map.get_mut(&hash).map(|r| r.last_touched = r.last_touched.max(now)).is_some())
+        Ok(map.get_mut(&hash).map(|r| {
+            let before = r.last_touched;
+            r.last_touched = before.max(now);
+            before
+        }))
     }
 
     pub fn delete_now(&self, hash: TokenHash) -> Result<bool, StoreError> {

@@ -1,5 +1,5 @@
-//! The storage interface behind console tokens. The embedded store is
-//! [`super::memory::MemoryStore`], the only one so far.
+//! The storage interface behind console tokens: the in-memory map
+//! ([`super::memory::MemoryStore`]), the local store on disk, and Redis for a fleet.
 
 use super::token::{TokenHash, TokenRecord};
 use std::future::Future;
@@ -50,6 +50,17 @@ pub trait TokenStore: Send + Sync + 'static {
     fn check(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, Result<TokenRecord, TokenRejection>>;
     /// Marks the token as in use at `now` (live sessions do this); false if unknown.
     fn touch(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, bool>;
+    /// Touches every token of the live consoles at once (each touch interval); returns how
+    /// many were known. A store that can do it in one write or round trip does.
+    fn touch_many<'a>(&'a self, hashes: &'a [TokenHash], now: u64) -> StoreFuture<'a, usize> {
+        Box::pin(async move {
+            let mut known = 0;
+            for hash in hashes {
+                known += usize::from(self.touch(*hash, now).await?);
+            }
+            Ok(known)
+        })
+    }
     fn delete(&self, hash: TokenHash) -> StoreFuture<'_, bool>;
     /// Deletes every token of an instance; returns how many.
     fn delete_instance(&self, instance: &str) -> StoreFuture<'_, usize>;

@@ -49,9 +49,7 @@ impl TokenSource for StoreSource {
     /// A live console's token lapses from its last use, not from its redeem.
     fn keep<'a>(&'a self, live: &'a [TokenHash], now: u64) -> StoreFuture<'a, Vec<TokenHash>> {
         Box::pin(async move {
-            for hash in live {
-                self.0.touch(*hash, now).await?;
-            }
+            self.0.touch_many(live, now).await?;
             Ok(Vec::new())
         })
     }

@@ -63,15 +63,25 @@ pub(super) struct Journal {
 impl Journal {
     /// Appends one line with a single write, so that a crash leaves at most a torn last line.
     pub(super) fn append(&mut self, line: &Line) -> std::io::Result<()> {
-        let mut buf = Vec::with_capacity(512);
+        self.append_all(std::slice::from_ref(line))
+    }
+
+    /// Appends `lines` with a single write (a crash tears at most the last of them).
+    pub(super) fn append_all(&mut self, lines: &[Line]) -> std::io::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(lines.len() * 512);
         if self.torn {
             buf.push(b'\n');
         }
-        serde_json::to_writer(&mut buf, line)?;
-        buf.push(b'\n');
+        for line in lines {
+            serde_json::to_writer(&mut buf, line)?;
+            buf.push(b'\n');
+        }
         match (&*self.file).write_all(&buf) {
             Ok(()) => {
-                self.lines += 1;
+                self.lines += lines.len();
                 self.torn = false;
                 Ok(())
             }

@@ -336,17 +336,30 @@ impl LocalStore {
     }
 
     fn touch_now(&self, hash: TokenHash, now: u64) -> Result<bool, StoreError> {
+        Ok(self.touch_many_now(&[hash], now)? == 1)
+    }
+
+    /// One lock and one write for all the live consoles' tokens; no line for a token
+    /// touched this second already (a wave of consoles of one token ending at once).
+    /// Returns how many of `hashes` are known.
+    fn touch_many_now(&self, hashes: &[TokenHash], now: u64) -> Result<usize, StoreError> {
         let mut journal = self.journal();
-        if !self.tokens.touch_now(hash, now)? {
-            return Ok(false);
+        let (mut known, mut lines) = (0, Vec::new());
+        for &hash in hashes {
+            let Some(before) = self.tokens.touch_from(hash, now)? else { continue };
+            known += 1;
+            if before >= now {
+                continue;
+            }
+            if let Some(Some(record)) = journal.tokens.get_mut(&hash) {
+                record.last_touched = record.last_touched.max(now);
+            }
+            lines.push(Line::Touch { hash, at: now });
         }
-        if let Some(Some(record)) = journal.tokens.get_mut(&hash) {
-            record.last_touched = record.last_touched.max(now);
+        if let Err(e) = journal.append_all(&lines) {
+            warn!(path = %self.path.display(), error = %e, touched = lines.len(), "store file: touches were not written; the next sweep rewrites the file");
         }
-        if let Err(e) = journal.append(&Line::Touch { hash, at: now }) {
-            warn!(path = %self.path.display(), error = %e, "store file: a touch was not written; the next sweep rewrites the file");
-        }
-        Ok(true)
+        Ok(known)
     }
 
     /// Deletions are fsynced like creations: a revoked token must not come back.
@@ -442,6 +455,10 @@ impl TokenStore for LocalStore {
 
     fn touch(&self, hash: TokenHash, now: u64) -> StoreFuture<'_, bool> {
         ready(self.touch_now(hash, now))
+    }
+
+    fn touch_many<'a>(&'a self, hashes: &'a [TokenHash], now: u64) -> StoreFuture<'a, usize> {
+        ready(self.touch_many_now(hashes, now))
     }
 
     fn delete(&self, hash: TokenHash) -> StoreFuture<'_, bool> {

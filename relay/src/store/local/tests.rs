@@ -149,15 +149,19 @@ async fn compaction_keeps_live_records_and_shrinks_the_file() {
     let once = add(&store, new_token("vm1", true, None), now).await;
     assert!(store.redeem(once, now).await.unwrap().is_ok());
     store.set("vm1", Secret("pw1".into())).await.unwrap();
-    for _ in 0..10 {
-        let gone = add(&store, new_token("vm2", false, None), now).await;
-        assert!(store.delete(gone).await.unwrap());
+    let mut touched = vec![kept];
+    for _ in 0..8 {
+        touched.push(add(&store, new_token("vm2", false, None), now).await);
     }
-    for i in 0..1100 {
-        assert!(store.touch(kept, now + i % 60).await.unwrap());
+    // A line per token and second: 1,071 of them.
+    for at in now + 1..=now + 119 {
+        assert_eq!(store.touch_many(&touched, at).await.unwrap(), 9);
+    }
+    for gone in &touched[1..] {
+        assert!(store.delete(*gone).await.unwrap());
     }
     let before = std::fs::metadata(&path).unwrap().len();
-    assert_eq!(store.sweep(now + 60).await.unwrap(), 0);
+    assert_eq!(store.sweep(now + 119).await.unwrap(), 0);
     let after = std::fs::metadata(&path).unwrap().len();
     assert!(after < before / 10, "{before} bytes, then {after}");
     assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3, "two tokens and a password");
@@ -166,12 +170,42 @@ async fn compaction_keeps_live_records_and_shrinks_the_file() {
     drop(store);
 
     let store = LocalStore::open(&path, sealer(), 10, 10).unwrap();
-    let record = store.check(kept, now + 60).await.unwrap().unwrap();
-    assert_eq!((record.last_touched, record.hypervisor_password), (now + 59, Some(Secret("hvpw1".into()))));
-    assert_eq!(store.redeem(once, now + 60).await.unwrap().unwrap_err(), TokenRejection::AlreadyUsed);
+    let record = store.check(kept, now + 119).await.unwrap().unwrap();
+    assert_eq!((record.last_touched, record.hypervisor_password), (now + 119, Some(Secret("hvpw1".into()))));
+    assert_eq!(store.redeem(once, now + 119).await.unwrap().unwrap_err(), TokenRejection::AlreadyUsed);
     assert_eq!(store.get("vm1").await.unwrap(), Some(Secret("pw1".into())));
     assert_eq!(store.get("vm2").await.unwrap(), Some(Secret("pw2".into())), "appended after the compaction");
     assert_eq!(store.count().await.unwrap(), 2);
+    drop(store);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn the_live_consoles_tokens_are_touched_together_and_the_touches_survive_a_restart() {
+    let dir = scratch("touch-many");
+    let path = dir.join("store.jsonl");
+    let now = unix_now();
+    let store = LocalStore::open(&path, sealer(), 3000, 10).unwrap();
+    let mut live = Vec::new();
+    for i in 0..2000 {
+        live.push(add(&store, new_token(&format!("vm{i}"), false, None), now).await);
+    }
+    let idle = add(&store, new_token("vm-idle", false, None), now).await;
+    live.push(TokenHash::of("not a token of this store"));
+    let lines = |path: &PathBuf| std::fs::read_to_string(path).unwrap().lines().count();
+    let before = lines(&path);
+    assert_eq!(store.touch_many(&live, now + 30).await.unwrap(), 2000, "the unknown one is not counted");
+    assert_eq!(lines(&path), before + 2000, "a line per known token");
+    assert_eq!(store.touch_many(&live, now + 30).await.unwrap(), 2000);
+    assert!(store.touch(live[0], now + 30).await.unwrap());
+    assert_eq!(lines(&path), before + 2000, "no line for a token touched this second already");
+    drop(store);
+
+    let store = LocalStore::open(&path, sealer(), 3000, 10).unwrap();
+    for hash in &live[..2000] {
+        assert_eq!(store.check(*hash, now + 31).await.unwrap().unwrap().last_touched, now + 30);
+    }
+    assert_eq!(store.check(idle, now + 31).await.unwrap().unwrap().last_touched, now, "not live: not touched");
     drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
 }

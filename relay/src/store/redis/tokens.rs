@@ -45,20 +45,30 @@ return {'ok', f[1], f[2] or '', tostring(last), used and '1' or '0', t[1], t[2]}
 });
 
 /// Marks a token in use at ARGV[1]; 0 when there is no such token.
+/// Touches each key given; returns how many exist. One call carries a batch of the live
+/// consoles' tokens (`TOUCH_BATCH`), so a touch interval costs a round trip per batch.
 static TOUCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local f = redis.call('HMGET', KEYS[1], 'expires', 'last', 'idle', 'single', 'used')
-if not f[1] then return 0 end
-local now, expires, last, idle = tonumber(ARGV[1]), tonumber(f[1]), tonumber(f[2]), tonumber(f[3])
-if now > last then last = now; redis.call('HSET', KEYS[1], 'last', last) end
-local ends = expires
-if not (f[4] == '1' and f[5] == '1') and idle > 0 and last + idle < expires then ends = last + idle end
-redis.call('EXPIREAT', KEYS[1], ends)
-return 1
+local now, touched = tonumber(ARGV[1]), 0
+for _, key in ipairs(KEYS) do
+  local f = redis.call('HMGET', key, 'expires', 'last', 'idle', 'single', 'used')
+  if f[1] then
+    local expires, last, idle = tonumber(f[1]), tonumber(f[2]), tonumber(f[3])
+    if now > last then last = now; redis.call('HSET', key, 'last', last) end
+    local ends = expires
+    if not (f[4] == '1' and f[5] == '1') and idle > 0 and last + idle < expires then ends = last + idle end
+    redis.call('EXPIREAT', key, ends)
+    touched = touched + 1
+  end
+end
+return touched
 "#,
     )
 });
+
+/// Keys per touch call: short enough that the script holds Redis well under a millisecond.
+const TOUCH_BATCH: usize = 256;
 
 pub struct RedisTokens {
     redis: Arc<Redis>,
@@ -234,6 +244,25 @@ impl TokenStore for RedisTokens {
         Box::pin(async move {
             let n: i64 = self.redis.run(|mut c| async move { TOUCH.key(key).arg(now).invoke_async(&mut c).await }).await?;
             Ok(n == 1)
+        })
+    }
+
+    fn touch_many<'a>(&'a self, hashes: &'a [TokenHash], now: u64) -> StoreFuture<'a, usize> {
+        Box::pin(async move {
+            let mut touched = 0;
+            for batch in hashes.chunks(TOUCH_BATCH) {
+                let keys: Vec<String> = batch.iter().map(|h| self.key(h)).collect();
+                let n: i64 = self
+                    .redis
+                    .run(|mut c| async move {
+                        let mut call = TOUCH.prepare_invoke();
+                        call.key(keys).arg(now);
+                        call.invoke_async(&mut c).await
+                    })
+                    .await?;
+                touched += usize::try_from(n).unwrap_or(0);
+            }
+            Ok(touched)
         })
     }
 
