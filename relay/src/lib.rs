@@ -17,6 +17,7 @@ pub mod dial;
 pub mod fleet;
 pub mod front;
 pub mod heap;
+pub mod logsink;
 pub mod metrics;
 pub mod relay;
 pub mod reload;

@@ -14,8 +14,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let fitted = config.limits.max_connections;
     // Taken before any thread starts, and before anything else opens a descriptor.
     let activated = systemd::activated()?;
+    crate::logsink::start();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let signal = server::shutdown_signal()?;
         let shutdown = async {
             signal.await;
@@ -46,7 +47,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
             shutdown,
         )
         .await
-    })?;
+    });
+    crate::logsink::flush();
+    served?;
     Ok(0)
 }
 

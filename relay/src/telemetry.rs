@@ -19,7 +19,7 @@ pub fn init(log: &Log) {
     let from_env = EnvFilter::try_from_default_env().ok();
     let configured = from_env.is_none();
     let (filter, handle) = reload::Layer::new(from_env.unwrap_or_else(|| EnvFilter::new(&log.filter)));
-    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(crate::logsink::LineWriter);
     let logs = tracing_subscriber::registry().with(filter);
     let installed = match log.format {
         LogFormat::Text => logs.with(fmt.fmt_fields(text_fields())).try_init(),

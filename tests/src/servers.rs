@@ -220,6 +220,11 @@ impl RelayProcess {
         Self::spawn(config, &[], std::fs::File::create(log)?.into()).await
     }
 
+    /// As [`RelayProcess::start`], its logs (standard error) going to `stderr`.
+    pub async fn start_with_stderr(config: &std::path::Path, stderr: Stdio) -> anyhow::Result<RelayProcess> {
+        Self::spawn(config, &[], stderr).await
+    }
+
     async fn spawn(config: &std::path::Path, env: &[(&str, &str)], stderr: Stdio) -> anyhow::Result<RelayProcess> {
         use std::io::BufRead as _;
         let mut child = Command::new(relay_binary())

@@ -57,6 +57,9 @@ pub struct CountersView {
     pub store_errors: u64,
     pub bytes_to_hypervisor: u64,
     pub bytes_to_viewer: u64,
+    /// Log lines dropped because the log's reader fell behind (`logsink`).
+    #[serde(default)]
+    pub log_lines_dropped: u64,
 }
 
 /// The counts by label, as `stats` reports them and `/metrics` labels them.
@@ -166,6 +169,7 @@ impl Counters {
             store_errors: g(&self.store_errors),
             bytes_to_hypervisor: ended.clone().map(|t| t.bytes_to_hypervisor).sum(),
             bytes_to_viewer: ended.map(|t| t.bytes_to_viewer).sum(),
+            log_lines_dropped: crate::logsink::dropped_lines(),
         }
     }
 }

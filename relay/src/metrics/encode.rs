@@ -70,6 +70,7 @@ impl Collector for Snapshot {
         let (c, l) = (&s.counters, &s.labelled);
         counter(&mut e, "connections_accepted", "TCP connections accepted, both doors", c.connections_accepted)?;
         counter(&mut e, "web_requests", "Web client and other plain HTTP requests served", c.web_requests)?;
+        counter(&mut e, "log_lines_dropped", "Log lines dropped because the log's reader fell behind", c.log_lines_dropped)?;
         counters(&mut e, "refused", "Connections refused, by kind", l.refused.iter().map(|(k, n)| ([("reason", k.clone())], *n)))?;
         counters(
             &mut e,
