@@ -21,16 +21,22 @@ fn audit_events(log: &std::path::Path) -> Vec<Value> {
     lines.filter(|v| v["target"] == "relay::audit").collect()
 }
 
-#[tokio::test]
-async fn a_console_start_and_end_are_audited_with_their_own_fields() {
-    let dir = scratch_dir("audit");
-    let (config, log) = (dir.join("relay.toml"), dir.join("relay.log"));
+/// A configuration in `dir`: both doors on free ports, the memory store, a JSON log.
+fn json_logging_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let config = dir.join("relay.toml");
     let text = format!(
         "[listen]\nwebsocket = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:0\"\ncontrol = \"{}\"\n\n\
          [hypervisor]\nauth_schemes = [\"none\"]\n\n[store]\nbackend = \"memory\"\n\n[log]\nformat = \"json\"\n",
         dir.join("control.sock").display()
     );
     std::fs::write(&config, text).unwrap();
+    config
+}
+
+#[tokio::test]
+async fn a_console_start_and_end_are_audited_with_their_own_fields() {
+    let dir = scratch_dir("audit");
+    let (config, log) = (json_logging_config(&dir), dir.join("relay.log"));
     let relay = RelayProcess::start_logging_to(&config, &log).await.unwrap();
     let hv = FakeVnc::start(Script::echo()).await;
     let created: TokenCreated = call(&relay.control, Request::TokenCreate(new_token("vm-audit", hv.addr()))).await.unwrap();
@@ -78,13 +84,7 @@ async fn a_console_start_and_end_are_audited_with_their_own_fields() {
 async fn a_log_reader_that_stalls_does_not_stall_the_consoles_and_loses_no_line_once_it_reads() {
     const CONSOLES: usize = 300;
     let dir = scratch_dir("audit-stalled");
-    let config = dir.join("relay.toml");
-    let text = format!(
-        "[listen]\nwebsocket = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:0\"\ncontrol = \"{}\"\n\n\
-         [hypervisor]\nauth_schemes = [\"none\"]\n\n[store]\nbackend = \"memory\"\n\n[log]\nformat = \"json\"\n",
-        dir.join("control.sock").display()
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = json_logging_config(&dir);
     // Nobody reads the pipe for now: it holds 64 KiB, about 70 consoles' start and end.
     let (reader, writer) = std::io::pipe().unwrap();
     let relay = RelayProcess::start_with_stderr(&config, writer.into()).await.unwrap();
