@@ -18,6 +18,14 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=RELAY_EBPF");
+    // Where `cargo xtask build-ebpf` installs bpf-linker: a relay built before it came
+    // (say, the release build) must not stay without its program. While the file is
+    // missing, Cargo runs this script at every build, which costs a failed spawn.
+    let cargo_home =
+        std::env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    if let Some(home) = cargo_home {
+        println!("cargo:rerun-if-changed={}", home.join("bin").join("bpf-linker").display());
+    }
     // The CLI test that runs relay as an unprivileged user needs root and setpriv to drop
     // to one; elsewhere it is compiled as ignored, with that reason (see tests/build.rs).
     println!("cargo::rustc-check-cfg=cfg(relay_no_setpriv)");
