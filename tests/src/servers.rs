@@ -217,7 +217,7 @@ impl RelayProcess {
 
     /// As [`RelayProcess::start`], its logs (standard error) written to `log`.
     pub async fn start_logging_to(config: &std::path::Path, log: &std::path::Path) -> anyhow::Result<RelayProcess> {
-        Self::spawn(config, &[], std::fs::File::create(log)?.into()).await
+        Self::start_with_stderr(config, std::fs::File::create(log)?.into()).await
     }
 
     /// As [`RelayProcess::start`], its logs (standard error) going to `stderr`.
