@@ -97,20 +97,22 @@ impl Uring {
 
 impl RingHandle {
     fn start(entries: u32, index: usize) -> io::Result<RingHandle> {
-        let ring = IoUring::new(entries)?;
-        let mut probe = io_uring::Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        for (name, code) in
-            [("SPLICE", opcode::Splice::CODE), ("POLL_ADD", opcode::PollAdd::CODE), ("ASYNC_CANCEL", opcode::AsyncCancel::CODE)]
-        {
-            if !probe.is_supported(code) {
-                return Err(io::Error::other(format!("the kernel's io_uring lacks {name}")));
-            }
-        }
         let wake = eventfd()?;
         let (tx, rx) = mpsc::channel();
         let thread_wake = OwnedFd::from(wake.try_clone()?);
-        std::thread::Builder::new().name(format!("relay-uring-{index}")).spawn(move || ring::Ring::new(ring, rx, thread_wake).run())?;
+        // The ring is made on its thread: a single-issuer ring belongs to the thread that
+        // creates it. The thread reports whether the kernel gave it one.
+        let (made_tx, made_rx) = mpsc::sync_channel(1);
+        std::thread::Builder::new().name(format!("relay-uring-{index}")).spawn(move || match new_ring(entries) {
+            Ok(ring) => {
+                let _ = made_tx.send(Ok(()));
+                ring::Ring::new(ring, rx, thread_wake).run();
+            }
+            Err(e) => {
+                let _ = made_tx.send(Err(e));
+            }
+        })?;
+        made_rx.recv().map_err(|_| io::Error::other("the io_uring thread ended before making its ring"))??;
         Ok(RingHandle { commands: Mutex::new(Some(tx)), wake })
     }
 
@@ -132,6 +134,30 @@ impl Drop for RingHandle {
         self.commands.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.wake();
     }
+}
+
+/// A ring with the operations the back-end needs. Completion work is deferred until the
+/// ring's thread asks for completions (single issuer, deferred task run), so a wave of
+/// messages costs the thread no interruption per message and is reaped in one batch;
+/// kernels before 6.1 lack the flags and get a plain ring.
+fn new_ring(entries: u32) -> io::Result<IoUring> {
+    let ring = match IoUring::builder().setup_coop_taskrun().setup_single_issuer().setup_defer_taskrun().build(entries) {
+        Ok(ring) => ring,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::debug!("the kernel's io_uring has no deferred task run: a plain ring");
+            IoUring::new(entries)?
+        }
+        Err(e) => return Err(e),
+    };
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for (name, code) in [("SPLICE", opcode::Splice::CODE), ("POLL_ADD", opcode::PollAdd::CODE), ("ASYNC_CANCEL", opcode::AsyncCancel::CODE)]
+    {
+        if !probe.is_supported(code) {
+            return Err(io::Error::other(format!("the kernel's io_uring lacks {name}")));
+        }
+    }
+    Ok(ring)
 }
 
 /// A new eventfd, for waking the ring thread.
