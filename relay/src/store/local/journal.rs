@@ -68,20 +68,26 @@ impl Journal {
 
     /// Appends `lines` with a single write (a crash tears at most the last of them).
     pub(super) fn append_all(&mut self, lines: &[Line]) -> std::io::Result<()> {
-        if lines.is_empty() {
+        self.append_encoded(&encode(lines)?, lines.len())
+    }
+
+    /// Appends `count` lines made by [`encode`] (perhaps before this journal's lock was
+    /// taken), with a single write.
+    pub(super) fn append_encoded(&mut self, encoded: &[u8], count: usize) -> std::io::Result<()> {
+        if count == 0 {
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(lines.len() * 512);
-        if self.torn {
-            buf.push(b'\n');
-        }
-        for line in lines {
-            serde_json::to_writer(&mut buf, line)?;
-            buf.push(b'\n');
-        }
-        match (&*self.file).write_all(&buf) {
+        // After a torn write, a newline first, so the fragment stays a line of its own.
+        let mended;
+        let buf = if self.torn {
+            mended = [b"\n", encoded].concat();
+            &mended[..]
+        } else {
+            encoded
+        };
+        match (&*self.file).write_all(buf) {
             Ok(()) => {
-                self.lines += lines.len();
+                self.lines += count;
                 self.torn = false;
                 Ok(())
             }
@@ -92,6 +98,17 @@ impl Journal {
             }
         }
     }
+}
+
+/// `lines` as the journal's text, one JSON object and a newline each.
+pub(super) fn encode(lines: &[Line]) -> std::io::Result<Vec<u8>> {
+    // A touch line, the commonest in a batch, is about 100 bytes.
+    let mut buf = Vec::with_capacity(lines.len() * 128);
+    for line in lines {
+        serde_json::to_writer(&mut buf, line)?;
+        buf.push(b'\n');
+    }
+    Ok(buf)
 }
 
 /// A token hash as 64 hex digits.

@@ -339,24 +339,32 @@ impl LocalStore {
         Ok(self.touch_many_now(&[hash], now)? == 1)
     }
 
-    /// One lock and one write for all the live consoles' tokens; no line for a token
-    /// touched this second already (a wave of consoles of one token ending at once).
-    /// Returns how many of `hashes` are known.
+    /// One write for all the live consoles' tokens; no line for a token touched this
+    /// second already (a wave of consoles of one token ending at once). The lines are
+    /// made before the journal's lock is taken: at 10,000 tokens, making them takes
+    /// milliseconds that consoles opening meanwhile would wait for. A touch line that
+    /// lands after a deletion's is harmless (replay touches no unknown token). Returns
+    /// how many of `hashes` are known.
     fn touch_many_now(&self, hashes: &[TokenHash], now: u64) -> Result<usize, StoreError> {
-        let mut journal = self.journal();
-        let (mut known, mut lines) = (0, Vec::new());
+        let (mut known, mut touched) = (0, Vec::new());
         for &hash in hashes {
             let Some(before) = self.tokens.touch_from(hash, now)? else { continue };
             known += 1;
-            if before >= now {
-                continue;
+            if before < now {
+                touched.push(hash);
             }
-            if let Some(Some(record)) = journal.tokens.get_mut(&hash) {
-                record.last_touched = record.last_touched.max(now);
-            }
-            lines.push(Line::Touch { hash, at: now });
         }
-        if let Err(e) = journal.append_all(&lines) {
+        let lines: Vec<Line> = touched.iter().map(|&hash| Line::Touch { hash, at: now }).collect();
+        let written = journal::encode(&lines).and_then(|encoded| {
+            let mut journal = self.journal();
+            for hash in &touched {
+                if let Some(Some(record)) = journal.tokens.get_mut(hash) {
+                    record.last_touched = record.last_touched.max(now);
+                }
+            }
+            journal.append_encoded(&encoded, lines.len())
+        });
+        if let Err(e) = written {
             warn!(path = %self.path.display(), error = %e, touched = lines.len(), "store file: touches were not written; the next sweep rewrites the file");
         }
         Ok(known)
