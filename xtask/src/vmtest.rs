@@ -27,47 +27,65 @@ const VALUE_FLAGS: &[&str] = &["--kernel", "--backends", "--only", "--repeat", "
 const USAGE: &str = "usage: cargo xtask vmtest [--kernel PACKAGE]... [--backends copy,uring,sockmap|none] \
 [--only CHECK] [--repeat N] [--log FILTER] [--bench]";
 
-pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
-    // A mistyped option must not start a run of many minutes that ignores it.
+/// What a vmtest run was asked for, read once from its arguments.
+#[derive(Default)]
+struct Options {
+    kernels: Vec<String>,
+    backends: Option<String>,
+    /// (the guest's parameter, its value) for --only, --repeat and --log.
+    checks: Vec<(&'static str, String)>,
+    bench: bool,
+}
+
+/// Reads the arguments; None for --help. A mistyped option must not start a run of many
+/// minutes that ignores it.
+fn parse(args: &[String]) -> Result<Option<Options>> {
+    let mut options = Options::default();
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
-            "--help" | "-h" => {
-                println!("{USAGE}");
-                return Ok(());
+            "--help" | "-h" => return Ok(None),
+            "--bench" => options.bench = true,
+            flag if VALUE_FLAGS.contains(&flag) => {
+                let Some(v) = rest.next() else { bail!("{flag} needs a value\n{USAGE}") };
+                match flag {
+                    "--kernel" => options.kernels.push(v.clone()),
+                    "--repeat" if v.parse::<usize>().map_or(true, |n| n == 0) => bail!("--repeat takes a positive number, not {v:?}"),
+                    "--backends" if v != "none" && v.split(',').any(|b| !["copy", "uring", "sockmap"].contains(&b)) => {
+                        bail!("--backends takes copy, uring and sockmap, comma-separated, or none; not {v:?}")
+                    }
+                    "--backends" => options.backends = Some(v.clone()),
+                    // The kernel command line splits on spaces; the guest's /init reads each back.
+                    _ if v.contains(char::is_whitespace) => bail!("{flag} takes one word"),
+                    _ => {
+                        let param = match flag {
+                            "--only" => "only",
+                            "--repeat" => "repeat",
+                            _ => "log",
+                        };
+                        options.checks.retain(|(p, _)| *p != param);
+                        options.checks.push((param, v.clone()));
+                    }
+                }
             }
-            "--bench" => {}
-            flag if VALUE_FLAGS.contains(&flag) => match (flag, rest.next()) {
-                (_, None) => bail!("{flag} needs a value\n{USAGE}"),
-                ("--repeat", Some(n)) if n.parse::<usize>().map_or(true, |n| n == 0) => {
-                    bail!("--repeat takes a positive number, not {n:?}")
-                }
-                ("--backends", Some(list)) if list != "none" && list.split(',').any(|b| !["copy", "uring", "sockmap"].contains(&b)) => {
-                    bail!("--backends takes copy, uring and sockmap, comma-separated, or none; not {list:?}")
-                }
-                _ => {}
-            },
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
-    let value =
-        |flag: &str| args.iter().enumerate().filter(|(_, a)| *a == flag).filter_map(|(i, _)| args.get(i + 1).cloned()).collect::<Vec<_>>();
-    let backends = value("--backends").pop().unwrap_or_else(|| "copy,uring,sockmap".into());
-    let bench = args.iter().any(|a| a == "--bench");
+    Ok(Some(options))
+}
+
+pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
+    let Some(asked) = parse(args)? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let backends = asked.backends.unwrap_or_else(|| "copy,uring,sockmap".into());
     let mut options = vec![format!("vmcheck.backends={backends}")];
-    for (flag, param) in [("--only", "only"), ("--repeat", "repeat"), ("--log", "log")] {
-        if let Some(v) = value(flag).pop() {
-            // The kernel command line splits on spaces; the guest's /init reads each back.
-            if v.contains(char::is_whitespace) {
-                bail!("{flag} takes one word");
-            }
-            options.push(format!("vmcheck.{param}={v}"));
-        }
-    }
-    if bench {
+    options.extend(asked.checks.iter().map(|(param, v)| format!("vmcheck.{param}={v}")));
+    if asked.bench {
         options.push("vmcheck.bench=bench".into());
     }
-    let kernels = match value("--kernel") {
+    let kernels = match asked.kernels {
         k if k.is_empty() => match DEFAULT_KERNELS.iter().map(|m| image_of(m)).collect::<Result<Vec<_>>>() {
             Ok(images) => images,
             // A machine whose package lists are missing or old: read them, then ask again.
@@ -319,4 +337,26 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, options: &str) -> Result<std:
         .stderr(console)
         .spawn()
         .context("starting qemu-system-x86_64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    fn args(text: &str) -> Vec<String> {
+        text.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn options_are_read_once_and_mistakes_refused_before_a_run() {
+        let asked = parse(&args("--kernel a --only x --kernel b --only y --backends uring --bench")).unwrap().unwrap();
+        assert_eq!(asked.kernels, ["a", "b"], "kernels add up");
+        assert_eq!(asked.checks, [("only", "y".to_string())], "the last --only counts");
+        assert_eq!(asked.backends.as_deref(), Some("uring"));
+        assert!(asked.bench);
+        assert!(parse(&args("--help")).unwrap().is_none());
+        for wrong in ["--repeat 0", "--repeat", "--backends tcp", "--frobnicate", "--only"] {
+            assert!(parse(&args(wrong)).is_err(), "{wrong:?} is refused");
+        }
+    }
 }
