@@ -32,8 +32,9 @@ const USAGE: &str = "usage: cargo xtask vmtest [--kernel PACKAGE]... [--backends
 struct Options {
     kernels: Vec<String>,
     backends: Option<String>,
-    /// (the guest's parameter, its value) for --only, --repeat and --log.
-    checks: Vec<(&'static str, String)>,
+    only: Option<String>,
+    repeat: Option<String>,
+    log: Option<String>,
     bench: bool,
 }
 
@@ -57,15 +58,9 @@ fn parse(args: &[String]) -> Result<Option<Options>> {
                     "--backends" => options.backends = Some(v.clone()),
                     // The kernel command line splits on spaces; the guest's /init reads each back.
                     _ if v.contains(char::is_whitespace) => bail!("{flag} takes one word"),
-                    _ => {
-                        let param = match flag {
-                            "--only" => "only",
-                            "--repeat" => "repeat",
-                            _ => "log",
-                        };
-                        options.checks.retain(|(p, _)| *p != param);
-                        options.checks.push((param, v.clone()));
-                    }
+                    "--only" => options.only = Some(v.clone()),
+                    "--repeat" => options.repeat = Some(v.clone()),
+                    _ => options.log = Some(v.clone()),
                 }
             }
             other => bail!("unknown option {other:?}\n{USAGE}"),
@@ -81,7 +76,9 @@ pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
     };
     let backends = asked.backends.unwrap_or_else(|| "copy,uring,sockmap".into());
     let mut options = vec![format!("vmcheck.backends={backends}")];
-    options.extend(asked.checks.iter().map(|(param, v)| format!("vmcheck.{param}={v}")));
+    for (param, v) in [("only", &asked.only), ("repeat", &asked.repeat), ("log", &asked.log)] {
+        options.extend(v.as_ref().map(|v| format!("vmcheck.{param}={v}")));
+    }
     if asked.bench {
         options.push("vmcheck.bench=bench".into());
     }
@@ -351,7 +348,8 @@ mod tests {
     fn options_are_read_once_and_mistakes_refused_before_a_run() {
         let asked = parse(&args("--kernel a --only x --kernel b --only y --backends uring --bench")).unwrap().unwrap();
         assert_eq!(asked.kernels, ["a", "b"], "kernels add up");
-        assert_eq!(asked.checks, [("only", "y".to_string())], "the last --only counts");
+        assert_eq!(asked.only.as_deref(), Some("y"), "the last --only counts");
+        assert_eq!((asked.repeat, asked.log), (None, None));
         assert_eq!(asked.backends.as_deref(), Some("uring"));
         assert!(asked.bench);
         assert!(parse(&args("--help")).unwrap().is_none());
