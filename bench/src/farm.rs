@@ -6,13 +6,16 @@
 //! softirqs, kworkers) while the farm runs.
 
 use crate::client::{Buffers, Conn, Door, Target};
-use crate::hv::{self, Hypervisor};
+use crate::hv;
 use crate::measure::command;
+use crate::pacer;
 use crate::procs::{self, Proc};
 use anyhow::{Context, Result, bail};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Bytes;
 
@@ -44,6 +47,8 @@ pub struct Shape {
     /// Between one console's messages.
     pub interval: Duration,
     pub message: usize,
+    /// How close together consoles' messages are sent at once, at most (see [`pacer`]).
+    pub slot: Duration,
     /// The measured window, after a warm-up of one interval plus a second.
     pub window: Duration,
 }
@@ -75,7 +80,7 @@ pub struct FarmResult {
 pub async fn run(
     relay_bin: &Path,
     dir: &Path,
-    hv: &Hypervisor,
+    hv: SocketAddr,
     shape: Shape,
     nofile: u64,
     rounds: usize,
@@ -140,14 +145,14 @@ fn median_of(rounds: &[FarmResult]) -> Option<FarmResult> {
     })
 }
 
-async fn one_path(relay_bin: &Path, dir: &Path, hv: &Hypervisor, key: &str, shape: Shape, nofile: u64) -> Result<FarmResult> {
+async fn one_path(relay_bin: &Path, dir: &Path, hv: SocketAddr, key: &str, shape: Shape, nofile: u64) -> Result<FarmResult> {
     // The proxy (None: direct), kept alive for the run.
     let mut relay = None;
     let mut peer: Option<Proc> = None;
     let (target, pid) = match key {
-        "direct" => (Target { addr: hv.addr, door: Door::Raw }, None),
+        "direct" => (Target { addr: hv, door: Door::Raw }, None),
         "haproxy" => {
-            let (mut proc, addr) = procs::start_haproxy(hv.addr, dir, nofile)?;
+            let (mut proc, addr) = procs::start_haproxy(hv, dir, nofile)?;
             procs::wait_listening(&mut proc, addr).await?;
             let pid = proc.pid();
             peer = Some(proc);
@@ -156,7 +161,7 @@ async fn one_path(relay_bin: &Path, dir: &Path, hv: &Hypervisor, key: &str, shap
         _ => {
             let (door, backend) = key.split_once('-').context("a relay path")?;
             let r = procs::start_relay(relay_bin, dir, backend)?;
-            let token = r.token(hv.addr).await?;
+            let token = r.token(hv).await?;
             let target = match door {
                 "ws" => Target { addr: r.ws, door: Door::Ws { token: Some(token) } },
                 _ => Target { addr: r.connect, door: Door::Connect { token } },
@@ -179,12 +184,20 @@ async fn farm(target: &Target, pid: Option<u32>, shape: Shape) -> Result<FarmRes
     let measure_from = start + warm_up;
     let end = measure_from + shape.window;
     let message: Bytes = (0..shape.message).map(|i| (i * 31 + 7) as u8).collect::<Vec<u8>>().into();
+    // Spread evenly over the interval, in a scrambled order: random phases without two
+    // consoles on the same instant.
+    let firsts: Vec<Instant> =
+        (0..conns.len()).map(|i| start + shape.interval.mul_f64(((i * 7919) % shape.consoles) as f64 / shape.consoles as f64)).collect();
+    let schedule = pacer::Schedule {
+        firsts: firsts.iter().map(|f| f.into_std()).collect(),
+        every: shape.interval,
+        end: end.into_std(),
+        slot: shape.slot,
+    };
+    let wakers = pacer::start(schedule).context("starting the farm's pacer")?;
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, conn) in conns.into_iter().enumerate() {
-        // Spread evenly over the interval, in a scrambled order: random phases without
-        // two consoles on the same instant.
-        let phase = shape.interval.mul_f64(((i * 7919) % shape.consoles) as f64 / shape.consoles as f64);
-        let ticks = Ticks { first: start + phase, every: shape.interval, from: measure_from, end };
+    for (i, ((conn, first), tick)) in conns.into_iter().zip(firsts).zip(wakers).enumerate() {
+        let ticks = Ticks { first, every: shape.interval, from: measure_from, end, tick };
         tasks.spawn(console(conn, message.clone(), shape.mix, i, ticks));
     }
     // CPU over the window only.
@@ -248,11 +261,13 @@ async fn open_all(target: &Target, shape: Shape) -> Result<Vec<Conn>> {
 }
 
 /// When one console sends: from `first` every `every`; measured from `from` until `end`.
+/// `tick` wakes it at each of its instants (see [`pacer`]).
 struct Ticks {
     first: Instant,
     every: Duration,
     from: Instant,
     end: Instant,
+    tick: Arc<Notify>,
 }
 
 /// One console: a message at each tick, its answer awaited; the round trips that start
@@ -260,13 +275,17 @@ struct Ticks {
 /// console that falls behind skips ticks rather than bursting to catch up, as a person at
 /// a keyboard would.
 async fn console(mut conn: Conn, message: Bytes, mix: Mix, index: usize, ticks: Ticks) -> Result<(Conn, Vec<u32>)> {
-    let Ticks { first, every, from, end } = ticks;
+    let Ticks { first, every, from, end, tick } = ticks;
     let mut samples = Vec::new();
     let mut back = vec![0u8; message.len().max(if mix == Mix::Screen { hv::MAX_UPDATE } else { 0 })];
     let mut next = first;
     let mut n = index;
     while next < end {
-        tokio::time::sleep_until(next).await;
+        // A wake-up before `next` is the one stored for a tick this console missed.
+        tick.notified().await;
+        if Instant::now() < next {
+            continue;
+        }
         // A screen update's size, 4 to 64 KiB, scrambled per console and message.
         n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let (message, answer) = match mix {

@@ -42,8 +42,9 @@ pub struct Hypervisor {
     pub sunk: Arc<AtomicU64>,
 }
 
-pub async fn start(chunk: usize) -> anyhow::Result<Hypervisor> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+/// Serves on `addr` (port 0: any free one) until the runtime ends.
+pub async fn start(addr: SocketAddr, chunk: usize) -> anyhow::Result<Hypervisor> {
+    let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let sunk = Arc::new(AtomicU64::new(0));
     let payload: Arc<[u8]> = (0..chunk).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>().into();

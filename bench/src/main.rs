@@ -9,6 +9,7 @@ mod farm;
 mod hv;
 mod idle;
 mod measure;
+mod pacer;
 mod procs;
 mod report;
 mod sources;
@@ -19,6 +20,7 @@ use clap::Parser;
 use client::{Door, Target};
 use measure::Dir;
 use procs::Proc;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Bytes;
@@ -75,6 +77,11 @@ pub struct Args {
     /// Milliseconds between one farm console's messages.
     #[arg(long, default_value_t = 100)]
     farm_interval_ms: u64,
+    /// The farm's consoles whose instants fall within this many microseconds send
+    /// together: 1 sends each at its own instant, at the cost of a timer per message for
+    /// the bench's pacer thread.
+    #[arg(long, default_value_t = 250)]
+    farm_slot_us: u64,
     /// Bytes per farm message.
     #[arg(long, default_value_t = 256)]
     farm_message: usize,
@@ -96,6 +103,10 @@ pub struct Args {
     /// connect-auto, connect-sockmap, connect-uring, ws-copy, ws-uring); direct always runs.
     #[arg(long, value_delimiter = ',')]
     farm_paths: Vec<String>,
+    /// Be only the fake hypervisor, on this port of 127.0.0.1, until killed (the farm's
+    /// hypervisor runs so, in a process of its own).
+    #[arg(long, hide = true)]
+    serve_hypervisor: Option<u16>,
     /// Write the report (Markdown) to this file as well.
     #[arg(long)]
     doc: Option<PathBuf>,
@@ -212,6 +223,12 @@ fn main() -> Result<()> {
     // Before any thread or child: the proxies inherit the limit.
     let nofile = procs::raise_nofile(65_536);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if let Some(port) = args.serve_hypervisor {
+        return runtime.block_on(async move {
+            hv::start(SocketAddr::from(([127, 0, 0, 1], port)), args.chunk as usize).await?;
+            std::future::pending().await
+        });
+    }
     // The main future runs on this thread, so children are spawned from it and their
     // parent-death signal is tied to the process's main thread.
     runtime.block_on(async move {
@@ -242,7 +259,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
     let _cleanup = RemoveDir(dir.clone());
 
     let chunk = args.chunk as usize;
-    let hv = hv::start(chunk).await?;
+    let hv = hv::start(SocketAddr::from(([127, 0, 0, 1], 0)), chunk).await?;
     let payload: Bytes = (0..chunk).map(|i| (i * 13 + 5) as u8).collect::<Vec<u8>>().into();
     eprintln!("relay-bench: fake hypervisor on {}, descriptor limit {nofile}", hv.addr);
 
@@ -434,6 +451,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             consoles: args.consoles,
             interval: Duration::from_millis(args.farm_interval_ms.max(1)),
             message: args.farm_message.max(4),
+            slot: Duration::from_micros(args.farm_slot_us),
             window,
         };
         let screen = farm::Shape {
@@ -442,11 +460,16 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             interval: Duration::from_millis(args.screen_interval_ms.max(1)),
             ..typing
         };
+        // The consoles' hypervisor is a process of its own, as a hypervisor is never the
+        // viewer's: in one process, a direct round trip would run on one thread without
+        // a single wake-up, a baseline no deployment has.
+        let (mut farm_hv, farm_hv_addr) = procs::start_hypervisor(&dir, args.chunk)?;
+        procs::wait_listening(&mut farm_hv, farm_hv_addr).await?;
         let mut runs = Vec::new();
         for shape in [typing, screen].into_iter().filter(|s| s.consoles > 0) {
             let sub = dir.join(format!("farm-{:?}", shape.mix).to_lowercase());
             std::fs::create_dir_all(&sub)?;
-            runs.push((shape, farm::run(&relay_bin, &sub, &hv, shape, nofile, args.farm_rounds, &args.farm_paths).await));
+            runs.push((shape, farm::run(&relay_bin, &sub, farm_hv_addr, shape, nofile, args.farm_rounds, &args.farm_paths).await));
         }
         runs
     } else {

@@ -220,6 +220,14 @@ pub async fn wait_listening(proc: &mut Proc, addr: SocketAddr) -> Result<()> {
     }
 }
 
+/// The fake hypervisor in a process of its own: this binary with `--serve-hypervisor`.
+pub fn start_hypervisor(dir: &Path, chunk: u64) -> Result<(Proc, SocketAddr)> {
+    let port = free_port()?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("--serve-hypervisor").arg(port.to_string()).arg("--chunk").arg(chunk.to_string()).stdout(Stdio::null());
+    Ok((Proc::spawn("hypervisor", &mut cmd, dir)?, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
 pub fn start_socat(hv: SocketAddr, dir: &Path) -> Result<(Proc, SocketAddr)> {
     let port = free_port()?;
     let mut cmd = Command::new("socat");

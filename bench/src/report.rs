@@ -277,7 +277,8 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
     let how = [
         "Everything runs on this machine over 127.0.0.1. One process, `relay-bench` (tokio, one worker thread per core), \
          holds both ends: a fake hypervisor (an RFB 3.8 server offering security type None, then ServerInit for a 64×48 \
-         desktop, then a small command protocol: echo, send N bytes, or read N bytes and acknowledge) and the viewers. The \
+         desktop, then a small command protocol: echo, send N bytes, or read N bytes and acknowledge) and the viewers; \
+         the console farm's hypervisor alone is the same program in a process of its own. The \
          proxies run as child processes beside it and compete with it for the same cores, as they would in a real deployment."
             .to_string(),
         "Paths: **direct**: the viewer connects to the fake hypervisor itself. **relay CONNECT door**: `CONNECT /console?token=…`, \
@@ -413,8 +414,11 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
     let _ = writeln!(w, "\n## {title}\n");
     let _ = writeln!(
         w,
-        "{} consoles at once, each sending a {}-byte message every {} ms (random phases) {answer}; \
-         each path measured for {:.0} s on a proxy started for it, after a warm-up, in {rounds} rounds over the paths (the \
+        "{} consoles at once, each sending a {}-byte message every {} ms (random phases) {answer}. \
+         A thread of the bench wakes each console at its own instant on the kernel's high-resolution timers, grouping \
+         at most {} µs of instants per wake-up (tokio's own timers fire on whole milliseconds and would send every \
+         millisecond's consoles at once), and the consoles' hypervisor runs in a process of its own, as a real one is \
+         never the viewer's process. Each path measured for {:.0} s on a proxy started for it, after a warm-up, in {rounds} rounds over the paths (the \
          consoles stay open until the last round trip is in: their closing is not in the window); each figure is its median over the rounds, and the last two columns list every round's p99 and machine cost. Machine CPU is \
          every core's busy time (the bench's own client and hypervisor, and kernel work outside any process, included), \
          so compare it with direct's; per 1,000 consoles, the proxy's cost over direct (per round: over direct's in the \
@@ -422,6 +426,7 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
         shape.consoles,
         shape.message,
         shape.interval.as_millis(),
+        shape.slot.as_micros(),
         shape.window.as_secs_f64(),
         rounds = results.iter().map(|r| r.p99_rounds.len()).max().unwrap_or(0),
     );
