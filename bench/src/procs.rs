@@ -300,15 +300,23 @@ fn proc_stat(pid: u32) -> Option<(u32, u64)> {
     Some((num(4)? as u32, num(14)? + num(15)? + num(16)? + num(17)?))
 }
 
-/// CPU seconds all cores have spent busy since boot (from /proc/stat).
+/// CPU seconds all cores have spent busy since boot: every online core's time since boot
+/// less the time the kernel counted idle. A tickless kernel measures idle time exactly,
+/// while /proc/stat's busy fields are sampled at the tick and miss short bursts of work
+/// between idle periods: a light farm (500 consoles, 2,500 messages/s) read 0.02 cores
+/// busy from them while its two processes alone used 0.2.
 pub fn machine_busy_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
     let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else { return 0.0 };
     let f: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
-    // user nice system idle iowait irq softirq steal (guest time is inside user).
-    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    // user nice system idle iowait ...: idle and iowait are the time no task ran.
+    let idle: u64 = [3, 4].iter().filter_map(|&i| f.get(i)).sum();
+    let cores = stat.lines().filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)).count();
+    let since_boot: f64 = uptime.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
-    busy as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    cores as f64 * since_boot - idle as f64 / tick
 }
 
 /// Resident memory of one process, in bytes.
