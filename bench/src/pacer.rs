@@ -2,7 +2,9 @@
 //! so 2,000 consoles sending every 100 ms with phases 50 µs apart would send in bursts of
 //! 20 at each millisecond, and those bursts (not the steady rate the farm offers) would
 //! set every path's tail. One thread sleeps on the kernel's high-resolution timers, with
-//! a timer slack of 1 µs, to each console's next instant in turn and wakes its task.
+//! a timer slack of 1 µs, to the next console's instant and wakes the task of every
+//! console whose instant has come; it sleeps at least a slot (250 µs by default) between
+//! wake-ups, since a timer wake-up per message took this thread 45% of a core.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
