@@ -145,7 +145,7 @@ pub enum TokenCommand {
         password_file: Option<PathBuf>,
         /// The same on the command line, where `ps` shows it to every user: prefer
         /// --password-file.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         password: Option<String>,
     },
     /// Is the token valid, and what does it open?
@@ -201,6 +201,9 @@ pub enum TokenCommand {
 pub struct TokenArg {
     /// The token; `-` or nothing reads it from stdin. On the command line, `ps` shows it
     /// to every user of the machine while the command runs.
+    // A token may begin with `-` (one in 64 of relay's own does): it is the token, not an
+    // option.
+    #[arg(allow_hyphen_values = true)]
     pub token: Option<String>,
 }
 
@@ -228,7 +231,7 @@ pub enum PasswordCommand {
         password_file: Option<PathBuf>,
         /// The password on the command line, where `ps` shows it to every user: prefer
         /// --password-file.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         password: Option<String>,
         /// End the instance's live consoles, so everyone must give the new password.
         #[arg(long)]
@@ -240,4 +243,40 @@ pub enum PasswordCommand {
         #[arg(long)]
         disconnect: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token_of(args: &[&str]) -> (Option<String>, bool) {
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let Command::Ctl(ctl) = cli.command else { panic!("not ctl") };
+        let CtlCommand::Token(TokenCommand::Check { token }) = ctl.command else { panic!("not token check") };
+        (token.token, ctl.json)
+    }
+
+    #[test]
+    fn a_token_that_begins_with_a_hyphen_is_the_token() {
+        let t = "-3AZec1mVB3wmgjJA9ffceGADMrwI72FYE0dUiU3KAY";
+        assert_eq!(token_of(&["relay", "ctl", "token", "check", t, "--json"]), (Some(t.to_string()), true));
+        assert_eq!(token_of(&["relay", "ctl", "token", "check", "--json", t]), (Some(t.to_string()), true));
+        // Options still are options, and no token still means stdin.
+        assert_eq!(token_of(&["relay", "ctl", "token", "check", "--json"]), (None, true));
+        assert_eq!(token_of(&["relay", "ctl", "token", "check", "-"]), (Some("-".to_string()), false));
+    }
+
+    #[test]
+    fn a_password_that_begins_with_a_hyphen_is_the_password() {
+        let args = ["relay", "ctl", "instance", "password", "set", "i-1", "--password", "-x1", "--disconnect"];
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{e}"));
+        let Command::Ctl(CtlArgs {
+            command: CtlCommand::Instance(InstanceCommand::Password(PasswordCommand::Set { password, disconnect, .. })),
+            ..
+        }) = cli.command
+        else {
+            panic!("not password set")
+        };
+        assert_eq!((password.as_deref(), disconnect), (Some("-x1"), true));
+    }
 }
