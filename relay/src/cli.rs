@@ -137,7 +137,7 @@ pub enum TokenCommand {
         hypervisor_password_file: Option<PathBuf>,
         /// The same on the command line, where `ps` shows it to every user: prefer
         /// --hypervisor-password-file.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         hypervisor_password: Option<String>,
         /// Also set the instance's console password, which viewers must give, read from a
         /// file (`-`: stdin).
@@ -278,5 +278,15 @@ mod tests {
             panic!("not password set")
         };
         assert_eq!((password.as_deref(), disconnect), (Some("-x1"), true));
+        // The same for the passwords a token is created with.
+        let args = ["relay", "ctl", "token", "create", "--instance", "i-1", "--host", "h", "--port", "5900"];
+        let cli = Cli::try_parse_from(args.iter().chain(&["--password", "-x2", "--hypervisor-password", "-x3"]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Ctl(CtlArgs { command: CtlCommand::Token(TokenCommand::Create { password, hypervisor_password, .. }), .. }) =
+            cli.command
+        else {
+            panic!("not token create")
+        };
+        assert_eq!((password.as_deref(), hypervisor_password.as_deref()), (Some("-x2"), Some("-x3")));
     }
 }
