@@ -9,7 +9,7 @@ use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
 use aya_ebpf::cty::c_void;
 use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_loop, bpf_skb_adjust_room};
 use aya_ebpf::macros::{map, stream_verdict};
-use aya_ebpf::maps::{HashMap, SockHash};
+use aya_ebpf::maps::{Array, HashMap, RingBuf, SockHash};
 use aya_ebpf::programs::SkBuffContext;
 use relay_common::{Flow, Grant, MODE_PASS, MODE_REDIRECT};
 
@@ -29,6 +29,15 @@ static FLOWS: HashMap<u64, Flow> = HashMap::with_max_entries(1024, BPF_F_NO_PREA
 
 #[map(name = "GRANTS")]
 static GRANTS: HashMap<u64, Grant> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// Cookies of sockets the program passed bytes to (see `relay_common::MAP_PASSED`).
+/// 256 KiB holds 16,384 records of 16 bytes (header and cookie).
+#[map(name = "PASSED")]
+static PASSED: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Index 0: cookies [`PASSED`] had no room for.
+#[map(name = "UNSIGNALLED")]
+static UNSIGNALLED: Array<u64> = Array::with_max_entries(1, 0);
 
 #[stream_verdict]
 pub fn relay_verdict(ctx: SkBuffContext) -> u32 {
@@ -62,16 +71,17 @@ pub fn relay_verdict(ctx: SkBuffContext) -> u32 {
     };
     if flow.mode == MODE_PASS && !(resumed_at == flow.passed && flow.redirected + len <= limit) {
         flow.passed += len;
+        signal(cookie);
         return SK_PASS;
     }
     if flow.redirected + len > limit {
-        return pass(flow, len);
+        return pass(flow, cookie, len);
     }
     let mut peer = flow.peer;
     if TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32 != SK_PASS {
         // The peer is gone (reset, closing): keep the bytes rather than drop what TCP
         // has already acknowledged.
-        return pass(flow, len);
+        return pass(flow, cookie, len);
     }
     flow.mode = MODE_REDIRECT;
     flow.redirected += len;
@@ -150,11 +160,28 @@ extern "C" fn cut_step(_index: u64, data: *mut c_void) -> i64 {
     0
 }
 
-fn pass(flow: &mut Flow, len: u64) -> u32 {
+fn pass(flow: &mut Flow, cookie: u64, len: u64) -> u32 {
     flow.mode = MODE_PASS;
     flow.fallbacks += 1;
     flow.passed += len;
+    signal(cookie);
     SK_PASS
+}
+
+/// Tells userspace that the socket has passed bytes to relay. The kernel wakes its
+/// readers too, but userspace does not listen for that: the same wake-up comes for every
+/// redirected skb.
+fn signal(cookie: u64) {
+    if PASSED.output::<u64>(&cookie, 0).is_ok() {
+        return;
+    }
+    if let Some(unsignalled) = UNSIGNALLED.get_ptr_mut(0) {
+        // Not atomic (Rust's core has no atomic add for the BPF target), and need not
+        // be: userspace only looks for a change, and a racing verdict's lost increment
+        // still leaves a value written after both failures.
+        // SAFETY: the map's value lives as long as the map.
+        unsafe { *unsignalled = (*unsignalled).wrapping_add(1) };
+    }
 }
 
 #[cfg(not(test))]

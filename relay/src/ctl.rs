@@ -290,7 +290,10 @@ fn print_stats(s: Stats) {
     println!("relay: raw consoles on {}, framed on {}, kernel-TLS on {}", r.raw.name(), r.framed.name(), r.kernel_tls.name());
     println!("relay: kernel_after_ms {}, hand_overs {}, kernel_tls_legs {}", r.kernel_after_ms, r.hand_overs, r.kernel_tls_legs);
     if r.raw.name() == "sockmap" {
-        println!("relay: sockmap flows {}, sockets {}, resumes {}", r.sockmap_flows, r.sockmap_sockets, r.sockmap_resumes);
+        println!(
+            "relay: sockmap flows {}, sockets {}, resumes {}, wake-ups {}",
+            r.sockmap_flows, r.sockmap_sockets, r.sockmap_resumes, r.sockmap_wakeups
+        );
     }
     // The counters as the JSON reply names them.
     if let Ok(Value::Object(counters)) = serde_json::to_value(&s.counters) {

@@ -126,6 +126,12 @@ impl Collector for Snapshot {
             "Sockmap directions handed back to the kernel after falling back to userspace",
             s.relay.sockmap_resumes,
         )?;
+        counter(
+            &mut e,
+            "sockmap_wakeups",
+            "Times a sockmap console's userspace side was woken (an end, an error, bytes passed back)",
+            s.relay.sockmap_wakeups,
+        )?;
         gauge(&mut e, "tokens", "Console tokens in the store", s.tokens as i64)?;
         Ok(())
     }

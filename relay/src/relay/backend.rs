@@ -58,6 +58,10 @@ pub struct BackendsView {
     /// handed back to the kernel.
     #[serde(default)]
     pub sockmap_resumes: u64,
+    /// Times a sockmap console's userspace side was woken with news for it (an end, an
+    /// error, bytes passed back); not once per message.
+    #[serde(default)]
+    pub sockmap_wakeups: u64,
     /// TLS legs (viewer or hypervisor side) whose records the kernel took over (kTLS).
     pub kernel_tls_legs: u64,
 }
@@ -184,6 +188,7 @@ impl Relays {
             sockmap_flows,
             sockmap_sockets,
             sockmap_resumes: self.sockmap.as_ref().map_or(0, |s| s.resumes.load(Ordering::Relaxed)),
+            sockmap_wakeups: self.sockmap.as_ref().map_or(0, Sockmap::wakeups),
             kernel_tls_legs: self.kernel_tls_legs.load(Ordering::Relaxed),
         }
     }

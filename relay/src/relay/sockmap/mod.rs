@@ -2,16 +2,18 @@
 //! raw session's bytes between its two sockets inside the kernel; userspace only watches
 //! for the ends and relays what the program hands back when a receiver falls behind.
 //!
-//! This module owns the loaded program and its four maps; [`session`] runs one session.
+//! This module owns the loaded program and its maps; [`session`] runs one session, and
+//! [`watch`] wakes it when it has work.
 
 mod session;
+mod watch;
 
 pub use session::run;
 
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{Array, HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
-use relay_common::{Flow, Grant, MAP_FLOWS, MAP_GRANTS, MAP_TARGETS, MAP_VERDICT, PROGRAM};
+use relay_common::{Flow, Grant, MAP_FLOWS, MAP_GRANTS, MAP_PASSED, MAP_TARGETS, MAP_UNSIGNALLED, MAP_VERDICT, PROGRAM};
 use std::os::fd::AsRawFd;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -49,6 +51,7 @@ pub struct Sockmap {
     pub in_flight_cap: u64,
     /// Times a direction that fell back to userspace was handed back to the kernel.
     pub resumes: std::sync::atomic::AtomicU64,
+    watcher: watch::Watcher,
     /// Keeps the program loaded and attached to the verdict map.
     _ebpf: Ebpf,
 }
@@ -69,6 +72,7 @@ impl Sockmap {
             .map_err(|e| classify(&e))?;
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| Unavailable::Kernel(format!("the program has no map {name}")));
         let (targets, verdict, flows, grants) = (take(MAP_TARGETS)?, take(MAP_VERDICT)?, take(MAP_FLOWS)?, take(MAP_GRANTS)?);
+        let (passed, unsignalled) = (take(MAP_PASSED)?, take(MAP_UNSIGNALLED)?);
         let kernel = |e: &dyn std::fmt::Display| Unavailable::Kernel(e.to_string());
         let maps = Maps {
             targets: SockHash::try_from(targets).map_err(|e| kernel(&e))?,
@@ -83,7 +87,10 @@ impl Sockmap {
             .map_err(|e| kernel(&e))?;
         program.load().map_err(|e| classify(&e))?;
         program.attach(maps.verdict.fd()).map_err(|e| classify(&e))?;
-        Ok(Sockmap { maps: RwLock::new(maps), in_flight_cap, resumes: Default::default(), _ebpf: ebpf })
+        let passed = RingBuf::try_from(passed).map_err(|e| kernel(&e))?;
+        let unsignalled = Array::try_from(unsignalled).map_err(|e| kernel(&e))?;
+        let watcher = watch::Watcher::start(passed, unsignalled).map_err(|e| kernel(&e))?;
+        Ok(Sockmap { maps: RwLock::new(maps), in_flight_cap, resumes: Default::default(), watcher, _ebpf: ebpf })
     }
 
     fn maps(&self) -> RwLockWriteGuard<'_, Maps> {
@@ -138,6 +145,11 @@ impl Sockmap {
         let _ = maps.targets.remove(&cookie);
         let _ = maps.flows.remove(&cookie);
         let _ = maps.grants.remove(&cookie);
+    }
+
+    /// Times a session was woken with news for one of its sockets.
+    pub fn wakeups(&self) -> u64 {
+        self.watcher.wakeups()
     }
 
     pub(crate) fn flow(&self, cookie: u64) -> Option<Flow> {

@@ -15,6 +15,7 @@ mod handoff;
 pub use handoff::Refused;
 
 use super::Sockmap;
+use super::watch::Watched;
 use crate::relay::duplex::{Carrier, Event, drive};
 use crate::relay::lifecycle::{Direction, Ended, Side};
 use crate::relay::{Control, Established, Limits, send_leftovers};
@@ -28,16 +29,18 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
-use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 
 pub(super) type Std = std::net::TcpStream;
 
 /// One socket of the session, as the kernel relay sees it.
 pub(super) struct Socket {
-    /// Registered for readability only: with the verdict program in place, that fires for
-    /// bytes passed back, end of stream and errors, not for every redirected skb.
-    fd: AsyncFd<Std>,
+    /// News of bytes passed back, end of stream and errors (not of every redirected skb).
+    /// Declared before `io`: it leaves the watcher's set before the socket closes.
+    watch: Watched,
+    /// Non-blocking, in no reactor: the watcher wakes the session, and writes that must
+    /// wait register a duplicate for writability.
+    io: Std,
     cookie: u64,
     /// Bytes that had entered this socket's send queue at hand-off.
     sent_at_handoff: u64,
@@ -147,7 +150,7 @@ where
 
     fn reset(&mut self, side: Side) {
         let socket = if side == Side::Viewer { self.viewer } else { self.hypervisor };
-        let _ = socket2::SockRef::from(socket.fd.get_ref()).set_linger(Some(Duration::ZERO));
+        let _ = socket2::SockRef::from(&socket.io).set_linger(Some(Duration::ZERO));
     }
 
     async fn close(&mut self) {
@@ -156,8 +159,8 @@ where
         settle(self.engine, self.session, self.bytes, self.viewer, self.hypervisor);
         self.engine.release(self.viewer.cookie);
         self.engine.release(self.hypervisor.cookie);
-        let _ = self.viewer.fd.get_ref().shutdown(Shutdown::Both);
-        let _ = self.hypervisor.fd.get_ref().shutdown(Shutdown::Both);
+        let _ = self.viewer.io.shutdown(Shutdown::Both);
+        let _ = self.hypervisor.io.shutdown(Shutdown::Both);
     }
 }
 

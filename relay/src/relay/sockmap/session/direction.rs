@@ -2,8 +2,7 @@
 //! program passes bytes back (a receiver fell behind) or the stream ends.
 
 use super::super::Sockmap;
-use super::handoff::register;
-use super::{Socket, Std, Userspace};
+use super::{Socket, Userspace};
 use crate::relay::Limits;
 use crate::relay::lifecycle::{Direction, Failure};
 use crate::sockopt as tcp;
@@ -25,21 +24,24 @@ pub(super) async fn direction(
     limits: &Limits,
 ) -> Result<(), Failure> {
     let mut read_total = 0u64;
+    // `read_total` when the kernel was last given the direction back.
+    let mut resumed_at = 0u64;
     let mut limit = engine.in_flight_cap;
+    // Set when the last turn left work for the next, whose news it has already spent.
+    let mut look_again = false;
+    let mut poll_pause = Duration::from_millis(1);
     loop {
-        let mut guard = from.fd.readable().await.map_err(|e| Failure::reading(dir, e))?;
-        // Readability also fires for every batch the program redirects. Reading then would
-        // race the verdict for the same queue, so read only for an end, an error, or bytes
-        // the program passed back and userspace has not read yet.
-        let ready = guard.ready();
-        let ending = ready.is_read_closed() || ready.is_error();
+        if !look_again {
+            from.watch.news().await;
+        }
+        look_again = false;
+        let ending = from.watch.ended();
         let flow = engine.flow(from.cookie);
         if let Some(hole) = flow.and_then(hole) {
             // End the console rather than relay a stream with a hole in it.
             return Err(Failure::reading(dir, io::Error::other(hole)));
         }
-        if !ending && flow.is_some_and(|f| f.passed == read_total) {
-            guard.clear_ready();
+        if !ending && flow.is_some_and(|f| f.passed == read_total) && read_total == resumed_at {
             continue;
         }
         // Allocated only while there is something to relay: idle sessions hold no buffer.
@@ -48,12 +50,13 @@ pub(super) async fn direction(
         let mut eof = false;
         let mut pause = Duration::from_millis(1);
         let mut waited = Duration::ZERO;
+        let read_before = read_total;
         loop {
-            let n = match guard.try_io(|fd| fd.get_ref().read(&mut buf)) {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => continue,
-                Ok(Err(e)) => return Err(Failure::reading(dir, e)),
-                Err(_would_block) => break,
+            let n = match (&from.io).read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(Failure::reading(dir, e)),
             };
             if !drained {
                 // Whatever the kernel redirected before must reach `to` first.
@@ -85,22 +88,38 @@ pub(super) async fn direction(
         // Not held while waiting for room to resume: a stalled receiver can make that long.
         drop(buf);
         if eof {
-            to.fd.get_ref().shutdown(Shutdown::Write).map_err(|e| Failure::writing(dir, e))?;
+            to.io.shutdown(Shutdown::Write).map_err(|e| Failure::writing(dir, e))?;
             return Ok(());
         }
-        if drained {
+        // The program counts a passed skb, and announces it, before the kernel queues it
+        // for reading, and behind redirected ones still waiting to go out on this socket it
+        // may wait long; its announcement is spent. So while some are not read yet, look
+        // again, more slowly while the reads find nothing.
+        if engine.flow(from.cookie).is_some_and(|f| f.passed > read_total) {
+            if read_total == read_before {
+                sleep(poll_pause).await;
+                poll_pause = (poll_pause * 2).min(PASSED_BYTES_POLL);
+            } else {
+                poll_pause = Duration::from_millis(1);
+            }
+            look_again = true;
+            continue;
+        }
+        if read_total > resumed_at {
             // Everything passed so far is written: let the kernel take over again, with
             // a cap counted from what the receiver has acknowledged. Only while the send
             // queue has room for all of it: redirected bytes that do not fit wait in the
             // kernel's backlog, where bytes passed on that socket queue behind them
             // uncharged (see handoff). Until then the passed bytes keep coming this way.
             let Some(acked) = Box::pin(room_to_resume(engine, dir, (from, to))).await? else {
+                look_again = true;
                 continue;
             };
             let acked_since = acked.saturating_sub(to.sent_at_handoff);
             let redirected_acked = acked_since.saturating_sub(user.written.load(Ordering::Relaxed));
             limit = limit.max(redirected_acked + engine.in_flight_cap);
             engine.grant(from.cookie, Grant { limit, resumed_at: read_total });
+            resumed_at = read_total;
             engine.resumes.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -115,16 +134,13 @@ pub(super) async fn direction(
 async fn room_to_resume(engine: &Sockmap, dir: Direction, (from, to): (&Socket, &Socket)) -> Result<Option<u64>, Failure> {
     let mut pause = Duration::from_millis(1);
     loop {
-        let (acked, sent) = tcp::sent(to.fd.get_ref()).map_err(|e| Failure::writing(dir, e))?;
+        let (acked, sent) = tcp::sent(&to.io).map_err(|e| Failure::writing(dir, e))?;
         if sent - acked <= 2 * engine.in_flight_cap {
             return Ok(Some(acked));
         }
         tokio::select! {
             biased;
-            ready = from.fd.readable() => {
-                ready.map_err(|e| Failure::reading(dir, e))?.retain_ready();
-                return Ok(None);
-            }
+            () = from.watch.news() => return Ok(None),
             // Backing off to 4 looks a second: a receiver may stall for long.
             () = sleep(pause) => pause = (pause * 2).min(Duration::from_millis(250)),
         }
@@ -146,6 +162,10 @@ fn hole(flow: relay_common::Flow) -> Option<String> {
 /// and the kernel has not yet queued for reading.
 const PASSED_BYTES_WAIT: Duration = Duration::from_secs(5);
 
+/// The longest a direction waits between looks for passed bytes the kernel has not yet
+/// queued for reading (their queue gives no news relay listens for).
+const PASSED_BYTES_POLL: Duration = Duration::from_millis(20);
+
 /// Waits until every byte the kernel redirected from `from` has entered `to`'s send queue
 /// (left the kernel's backlog), so a userspace write or a FIN cannot overtake it. A stalled
 /// receiver makes this wait long: meanwhile `from`'s receive queue fills and TCP closes its
@@ -155,7 +175,7 @@ async fn wait_drained(engine: &Sockmap, dir: Direction, (from, to): (&Socket, &S
     loop {
         let Some(flow) = engine.flow(from.cookie) else { return Ok(()) };
         let want = flow.redirected + user.written.load(Ordering::Relaxed);
-        let (_, sent) = tcp::sent(to.fd.get_ref()).map_err(|e| Failure::writing(dir, e))?;
+        let (_, sent) = tcp::sent(&to.io).map_err(|e| Failure::writing(dir, e))?;
         if sent.saturating_sub(to.sent_at_handoff) >= want {
             return Ok(());
         }
@@ -164,19 +184,19 @@ async fn wait_drained(engine: &Sockmap, dir: Direction, (from, to): (&Socket, &S
     }
 }
 
-/// Writes all of `data` to a socket registered for readability only, waiting for room on
-/// a duplicate descriptor registered for writability while this write lasts.
+/// Writes all of `data` to a socket in no reactor, waiting for room on a duplicate
+/// descriptor registered for writability while this write lasts.
 async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
-    let mut writable: Option<AsyncFd<Std>> = None;
+    let mut writable: Option<AsyncFd<std::net::TcpStream>> = None;
     while !data.is_empty() {
-        match to.fd.get_ref().write(data) {
+        match (&to.io).write(data) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 let fd = match &writable {
                     Some(fd) => fd,
-                    None => writable.insert(register(to.fd.get_ref().try_clone()?, Interest::WRITABLE).map_err(|e| e.into_parts().1)?),
+                    None => writable.insert(register_writable(to.io.try_clone()?).map_err(|e| e.into_parts().1)?),
                 };
                 fd.writable().await?.clear_ready();
             }
@@ -184,4 +204,13 @@ async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[allow(unsafe_code)] // tokio's registration of a raw descriptor
+fn register_writable(
+    socket: std::net::TcpStream,
+) -> Result<AsyncFd<std::net::TcpStream>, tokio::io::unix::AsyncFdRegisterError<std::net::TcpStream>> {
+    // SAFETY: a std TcpStream owns its descriptor until dropped and always reports the
+    // same one; the AsyncFd owns the stream, so the descriptor outlives the registration.
+    unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }
 }

@@ -8,8 +8,6 @@ use crate::relay::Established;
 use crate::relay::lifecycle::{Ended, Failure, Op, Side};
 use crate::sockopt as tcp;
 use std::io::{self, ErrorKind};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 
 /// What [`super::run`] gives back when the kernel cannot take the session: both sockets,
@@ -55,7 +53,7 @@ pub(super) enum Handoff {
 }
 
 pub(super) fn handoff(engine: &Sockmap, viewer: TcpStream, hypervisor: TcpStream) -> Result<(Socket, Socket), Handoff> {
-    // Out of tokio's reactor, and back in for readability alone.
+    // Out of tokio's reactor: the watcher wakes the session (see `watch`).
     let lost = |e: io::Error| Handoff::Lost(Ended::Failed(Failure::new(Side::Viewer, Op::HandOff, e)));
     let (viewer, hypervisor) = (viewer.into_std().map_err(lost)?, hypervisor.into_std().map_err(lost)?);
     let giveback = |v: Std, h: Std, why: String| match (TcpStream::from_std(v), TcpStream::from_std(h)) {
@@ -79,33 +77,22 @@ pub(super) fn handoff(engine: &Sockmap, viewer: TcpStream, hypervisor: TcpStream
         (Ok(v), Ok(h)) => (v, h),
         (Err(e), _) | (_, Err(e)) => return giveback(viewer, hypervisor, e.to_string()),
     };
-    let viewer = match register(viewer, Interest::READABLE) {
-        Ok(fd) => fd,
-        Err(e) => {
-            let (v, e) = e.into_parts();
-            return giveback(v, hypervisor, e.to_string());
-        }
+    // Watched before the kernel takes the bytes, so no end goes unseen.
+    let watched = engine.watcher.watch(&viewer, vc).and_then(|v| Ok((v, engine.watcher.watch(&hypervisor, hc)?)));
+    let (vwatch, hwatch) = match watched {
+        Ok(watches) => watches,
+        Err(e) => return giveback(viewer, hypervisor, e.to_string()),
     };
-    let hypervisor = match register(hypervisor, Interest::READABLE) {
-        Ok(fd) => fd,
-        Err(e) => {
-            let (h, e) = e.into_parts();
-            return giveback(viewer.into_inner(), h, e.to_string());
-        }
-    };
-    if let Err(e) = engine.attach((viewer.get_ref(), vc), (hypervisor.get_ref(), hc)) {
-        return giveback(viewer.into_inner(), hypervisor.into_inner(), e.to_string());
+    if let Err(e) = engine.attach((&viewer, vc), (&hypervisor, hc)) {
+        drop((vwatch, hwatch));
+        return giveback(viewer, hypervisor, e.to_string());
     }
     // From here the kernel owns the byte stream. Bytes queued before the sockets entered
     // the verdict map run through it now, in order.
-    let _ = tcp::kick(viewer.get_ref());
-    let _ = tcp::kick(hypervisor.get_ref());
-    Ok((Socket { fd: viewer, cookie: vc, sent_at_handoff: vsent }, Socket { fd: hypervisor, cookie: hc, sent_at_handoff: hsent }))
-}
-
-#[allow(unsafe_code)] // tokio's registration of a raw descriptor
-pub(super) fn register(socket: Std, interest: Interest) -> Result<AsyncFd<Std>, tokio::io::unix::AsyncFdRegisterError<Std>> {
-    // SAFETY: a std TcpStream owns its descriptor until dropped and always reports the
-    // same one; the AsyncFd owns the stream, so the descriptor outlives the registration.
-    unsafe { AsyncFd::register_with_interest(socket, interest) }
+    let _ = tcp::kick(&viewer);
+    let _ = tcp::kick(&hypervisor);
+    Ok((
+        Socket { watch: vwatch, io: viewer, cookie: vc, sent_at_handoff: vsent },
+        Socket { watch: hwatch, io: hypervisor, cookie: hc, sent_at_handoff: hsent },
+    ))
 }
