@@ -166,8 +166,9 @@ impl Waiting {
     }
 
     /// Looks at what the console carried since the last look; true once it is busy
-    /// enough to move. Typing and small screen updates stay in userspace: a farm of such
-    /// consoles had a shorter tail on copy than moved to sockmap (docs/benchmarks.md).
+    /// enough to move. Typing and small screen updates stay in userspace: the ring does
+    /// about as well as copy for them, and sockmap, which does, has a rare loss on Debian's
+    /// kernels (README.md).
     fn look(&mut self, (up, down): (u64, u64)) -> bool {
         let carried = (up + down).saturating_sub(self.seen);
         let now = Instant::now();
