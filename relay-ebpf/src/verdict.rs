@@ -70,12 +70,8 @@ pub fn relay_verdict(ctx: SkBuffContext) -> u32 {
         }
     };
     if flow.mode == MODE_PASS && !(resumed_at == flow.passed && flow.redirected + len <= limit) {
-        // Userspace, still relaying what was passed before, listens for input; once it
-        // has caught up (and granted), it listens for ends only and must be told.
-        if resumed_at == flow.passed {
-            signal(cookie);
-        }
         flow.passed += len;
+        signal(cookie);
         return SK_PASS;
     }
     if flow.redirected + len > limit {

@@ -9,18 +9,16 @@
 //! the machine more than the userspace copy. So the sockets sit in an epoll set of their
 //! own, registered for the peer's half-close (`EPOLLRDHUP`; errors and hang-ups always
 //! report) and not for input, a wake-up the kernel then filters out before waking anyone.
-//! Bytes passed back are announced by the program in a ring buffer. One tokio task waits
-//! on both (the set's descriptor sits in tokio's reactor, which the filtered wake-ups
-//! never reach) and wakes the session concerned.
+//! Bytes passed back are announced by the program in a ring buffer. One thread waits on
+//! both and wakes the session concerned.
 
 use aya::maps::{Array, MapData, RingBuf};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
+use std::thread::JoinHandle;
 use tokio::sync::Notify;
 
 /// epoll keys that are not socket cookies (the kernel hands cookies out from 1 upwards).
@@ -30,7 +28,7 @@ const RING: u64 = u64::MAX - 1;
 /// What a socket reports besides input: the peer's FIN, an error, a hang-up.
 const ENDS: u32 = (libc::EPOLLRDHUP | libc::EPOLLERR | libc::EPOLLHUP) as u32;
 
-/// One socket's news, from the watching task to its session.
+/// One socket's news, from the watcher thread to its session.
 #[derive(Default)]
 struct Flag {
     /// epoll events seen so far (only ever added to).
@@ -43,8 +41,6 @@ struct Shared {
     watched: Mutex<HashMap<u64, Arc<Flag>>>,
     /// News delivered to a watched socket, for the stats.
     wakeups: AtomicU64,
-    /// Times the task was woken to look at the set and the ring.
-    turns: AtomicU64,
 }
 
 impl Shared {
@@ -61,17 +57,11 @@ impl Shared {
     }
 }
 
-/// Watches every sockmap session's sockets, from a task started with the first.
+/// The thread that watches every sockmap session's sockets.
 pub(super) struct Watcher {
     shared: Arc<Shared>,
     stop: OwnedFd,
-    /// The ring and its count of missed cookies, until the task takes them.
-    feed: Mutex<Option<Feed>>,
-}
-
-struct Feed {
-    passed: RingBuf<MapData>,
-    unsignalled: Array<MapData, u64>,
+    thread: Option<JoinHandle<()>>,
 }
 
 /// A socket in the watcher's set, until dropped (before the socket closes).
@@ -80,8 +70,6 @@ pub(super) struct Watched {
     cookie: u64,
     fd: RawFd,
     shared: Arc<Shared>,
-    /// Registered for input too (see [`Watched::listen_for_input`]).
-    input: AtomicBool,
 }
 
 impl Watched {
@@ -90,19 +78,6 @@ impl Watched {
     /// everyone), so callers look and wait again.
     pub(super) async fn news(&self) {
         self.flag.wake.notified().await;
-    }
-
-    /// Also wakes the session for input while `on`. A direction relaying bytes the program
-    /// passed back wants the kernel's wake-up when more are queued for reading: a passed
-    /// skb can wait behind redirected ones in the socket's backlog, long after the
-    /// program announced it. While a direction passes, the program redirects none of its
-    /// skbs, so no wake-up is for nothing. Turning it on reports input already there.
-    pub(super) fn listen_for_input(&self, on: bool) -> io::Result<()> {
-        if self.input.swap(on, Ordering::Relaxed) == on {
-            return Ok(());
-        }
-        let input = if on { libc::EPOLLIN as u32 } else { 0 };
-        ctl(&self.shared.epoll, libc::EPOLL_CTL_MOD, self.fd, ENDS | libc::EPOLLET as u32 | input, self.cookie)
     }
 
     /// Whether the socket has seen its peer's FIN, an error or a hang-up.
@@ -121,10 +96,9 @@ impl Drop for Watched {
 }
 
 impl Watcher {
-    /// Makes the set; the task that waits on it, the program's ring of passed-back
-    /// cookies and its count of cookies the ring had no room for starts with the first
-    /// watched socket (inside the runtime that runs the sessions).
-    pub(super) fn new(passed: RingBuf<MapData>, unsignalled: Array<MapData, u64>) -> io::Result<Self> {
+    /// Starts the thread, which owns the program's ring of passed-back cookies and reads
+    /// its count of cookies the ring had no room for.
+    pub(super) fn start(mut passed: RingBuf<MapData>, unsignalled: Array<MapData, u64>) -> io::Result<Self> {
         // SAFETY: plain system calls that return a new descriptor or -1.
         #[allow(unsafe_code)]
         let (epoll, stop) = unsafe { (libc::epoll_create1(libc::EPOLL_CLOEXEC), libc::eventfd(0, libc::EFD_CLOEXEC)) };
@@ -136,13 +110,10 @@ impl Watcher {
         let (epoll, stop) = (owned(epoll)?, owned(stop)?);
         ctl(&epoll, libc::EPOLL_CTL_ADD, stop.as_raw_fd(), libc::EPOLLIN as u32, STOP)?;
         ctl(&epoll, libc::EPOLL_CTL_ADD, passed.as_raw_fd(), libc::EPOLLIN as u32, RING)?;
-        let shared = Arc::new(Shared { epoll, watched: Mutex::new(HashMap::new()), wakeups: AtomicU64::new(0), turns: AtomicU64::new(0) });
-        Ok(Watcher { shared, stop, feed: Mutex::new(Some(Feed { passed, unsignalled })) })
-    }
-
-    /// Times the watching task woke (for tests: never once per redirected message).
-    pub(super) fn turns(&self) -> u64 {
-        self.shared.turns.load(Ordering::Relaxed)
+        let shared = Arc::new(Shared { epoll, watched: Mutex::new(HashMap::new()), wakeups: AtomicU64::new(0) });
+        let run = shared.clone();
+        let thread = std::thread::Builder::new().name("relay-sockmap".into()).spawn(move || watch(&run, &mut passed, &unsignalled))?;
+        Ok(Watcher { shared, stop, thread: Some(thread) })
     }
 
     pub(super) fn wakeups(&self) -> u64 {
@@ -151,10 +122,6 @@ impl Watcher {
 
     /// Adds a socket to the set; its session hears of its ends and passed bytes.
     pub(super) fn watch(&self, socket: &impl AsRawFd, cookie: u64) -> io::Result<Watched> {
-        if let Some(feed) = self.feed.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let set = register(self.shared.epoll.try_clone()?)?;
-            tokio::spawn(run(self.shared.clone(), set, feed));
-        }
         let flag = Arc::new(Flag::default());
         self.shared.watched().insert(cookie, flag.clone());
         let fd = socket.as_raw_fd();
@@ -163,67 +130,58 @@ impl Watcher {
             self.shared.watched().remove(&cookie);
             return Err(e);
         }
-        Ok(Watched { flag, cookie, fd, shared: self.shared.clone(), input: AtomicBool::new(false) })
+        Ok(Watched { flag, cookie, fd, shared: self.shared.clone() })
     }
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        // Ends the task, if it started; it holds the set and the ring.
         let one = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a live buffer to an eventfd this struct owns.
         #[allow(unsafe_code)]
         let _ = unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
-/// The watching task: until told to stop, passes each event to the session concerned.
-async fn run(shared: Arc<Shared>, set: AsyncFd<OwnedFd>, mut feed: Feed) {
-    let missed = |feed: &Feed| feed.unsignalled.get(&0, 0).unwrap_or(0);
-    let mut missed_before = missed(&feed);
-    // Covers a cookie the ring had no room for, counted after the ring was last drained.
-    let mut backstop = tokio::time::interval(std::time::Duration::from_secs(1));
-    backstop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// The watcher thread: until told to stop, passes each event to the session concerned.
+fn watch(shared: &Shared, passed: &mut RingBuf<MapData>, unsignalled: &Array<MapData, u64>) {
+    let missed = || unsignalled.get(&0, 0).unwrap_or(0);
+    let mut missed_before = missed();
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
     loop {
-        tokio::select! {
-            ready = set.readable() => match ready {
-                // Cleared before the set is emptied: what comes after is a new edge.
-                Ok(mut ready) => ready.clear_ready(),
-                Err(e) => {
-                    // Sessions would then wait for news that never comes: say so loudly.
-                    tracing::error!(error = %e, "sockmap: the watch set failed; kernel-relayed consoles no longer see their ends");
-                    return;
-                }
-            },
-            _ = backstop.tick() => {}
-        }
-        shared.turns.fetch_add(1, Ordering::Relaxed);
-        loop {
-            // SAFETY: the kernel writes at most `events.len()` entries into the live array;
-            // a timeout of 0 never blocks.
-            #[allow(unsafe_code)]
-            let n = unsafe { libc::epoll_wait(shared.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, 0) };
-            if n <= 0 {
-                break;
+        // The second's timeout covers a cookie the ring had no room for, counted after
+        // the ring was last drained.
+        // SAFETY: the kernel writes at most `events.len()` entries into the live array.
+        #[allow(unsafe_code)]
+        let n = unsafe { libc::epoll_wait(shared.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, 1000) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
             }
-            for event in &events[..n as usize] {
-                let (key, bits) = (event.u64, event.events);
-                match key {
-                    STOP => return,
-                    RING => {
-                        while let Some(record) = feed.passed.next() {
-                            if let Some(cookie) = record.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_ne_bytes) {
-                                shared.wake(cookie, 0);
-                            }
+            // Sessions would then wait for news that never comes: say so loudly.
+            tracing::error!(error = %e, "sockmap: the watcher's epoll failed; kernel-relayed consoles no longer see their ends");
+            return;
+        }
+        for event in &events[..n as usize] {
+            let (key, bits) = (event.u64, event.events);
+            match key {
+                STOP => return,
+                RING => {
+                    while let Some(record) = passed.next() {
+                        if let Some(cookie) = record.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_ne_bytes) {
+                            shared.wake(cookie, 0);
                         }
                     }
-                    cookie => shared.wake(cookie, bits),
                 }
+                cookie => shared.wake(cookie, bits),
             }
         }
         // A cookie the ring had no room for left a session waiting: wake them all.
-        let now = missed(&feed);
+        let now = missed();
         if now != missed_before {
             missed_before = now;
             let flags: Vec<_> = shared.watched().values().cloned().collect();
@@ -231,13 +189,6 @@ async fn run(shared: Arc<Shared>, set: AsyncFd<OwnedFd>, mut feed: Feed) {
             flags.iter().for_each(|flag| flag.wake.notify_one());
         }
     }
-}
-
-#[allow(unsafe_code)] // tokio's registration of a raw descriptor
-fn register(set: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the AsyncFd owns the descriptor, which stays open (and the same) until the
-    // registration is dropped with it.
-    unsafe { AsyncFd::register_with_interest(set, Interest::READABLE) }.map_err(|e| e.into_parts().1)
 }
 
 fn ctl(epoll: &OwnedFd, op: i32, fd: RawFd, events: u32, key: u64) -> io::Result<()> {

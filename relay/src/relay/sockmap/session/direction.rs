@@ -29,6 +29,7 @@ pub(super) async fn direction(
     let mut limit = engine.in_flight_cap;
     // Set when the last turn left work for the next, whose news it has already spent.
     let mut look_again = false;
+    let mut poll_pause = Duration::from_millis(1);
     loop {
         if !look_again {
             from.watch.news().await;
@@ -43,15 +44,13 @@ pub(super) async fn direction(
         if !ending && flow.is_some_and(|f| f.passed == read_total) && read_total == resumed_at {
             continue;
         }
-        if flow.is_some_and(|f| f.passed > read_total) {
-            from.watch.listen_for_input(true).map_err(|e| Failure::reading(dir, e))?;
-        }
         // Allocated only while there is something to relay: idle sessions hold no buffer.
         let mut buf = vec![0u8; limits.buffer_bytes];
         let mut drained = false;
         let mut eof = false;
         let mut pause = Duration::from_millis(1);
         let mut waited = Duration::ZERO;
+        let read_before = read_total;
         loop {
             let n = match (&from.io).read(&mut buf) {
                 Ok(n) => n,
@@ -94,12 +93,14 @@ pub(super) async fn direction(
         }
         // The program counts a passed skb, and announces it, before the kernel queues it
         // for reading, and behind redirected ones still waiting to go out on this socket it
-        // may wait long. The kernel's wake-up when it is queued is news now (the direction
-        // listens for input); looking again after a while anyway costs little.
+        // may wait long; its announcement is spent. So while some are not read yet, look
+        // again, more slowly while the reads find nothing.
         if engine.flow(from.cookie).is_some_and(|f| f.passed > read_total) {
-            tokio::select! {
-                () = from.watch.news() => {}
-                () = sleep(PASSED_BYTES_POLL) => {}
+            if read_total == read_before {
+                sleep(poll_pause).await;
+                poll_pause = (poll_pause * 2).min(PASSED_BYTES_POLL);
+            } else {
+                poll_pause = Duration::from_millis(1);
             }
             look_again = true;
             continue;
@@ -119,10 +120,6 @@ pub(super) async fn direction(
             limit = limit.max(redirected_acked + engine.in_flight_cap);
             engine.grant(from.cookie, Grant { limit, resumed_at: read_total });
             resumed_at = read_total;
-            // Back to redirects, whose wake-ups are for nothing; bytes passed before the
-            // grant took effect are read at once.
-            from.watch.listen_for_input(false).map_err(|e| Failure::reading(dir, e))?;
-            look_again = engine.flow(from.cookie).is_some_and(|f| f.passed > read_total);
             engine.resumes.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -166,7 +163,7 @@ fn hole(flow: relay_common::Flow) -> Option<String> {
 const PASSED_BYTES_WAIT: Duration = Duration::from_secs(5);
 
 /// The longest a direction waits between looks for passed bytes the kernel has not yet
-/// queued for reading (it should hear when they are; this is a backstop).
+/// queued for reading (their queue gives no news relay listens for).
 const PASSED_BYTES_POLL: Duration = Duration::from_millis(20);
 
 /// Waits until every byte the kernel redirected from `from` has entered `to`'s send queue
