@@ -62,6 +62,9 @@ pub struct BackendsView {
     /// error, bytes passed back); not once per message.
     #[serde(default)]
     pub sockmap_wakeups: u64,
+    /// Times the task watching sockmap consoles' sockets woke (also never per message).
+    #[serde(default)]
+    pub sockmap_watcher_turns: u64,
     /// TLS legs (viewer or hypervisor side) whose records the kernel took over (kTLS).
     pub kernel_tls_legs: u64,
 }
@@ -189,6 +192,7 @@ impl Relays {
             sockmap_sockets,
             sockmap_resumes: self.sockmap.as_ref().map_or(0, |s| s.resumes.load(Ordering::Relaxed)),
             sockmap_wakeups: self.sockmap.as_ref().map_or(0, Sockmap::wakeups),
+            sockmap_watcher_turns: self.sockmap.as_ref().map_or(0, Sockmap::watcher_turns),
             kernel_tls_legs: self.kernel_tls_legs.load(Ordering::Relaxed),
         }
     }

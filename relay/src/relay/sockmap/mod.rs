@@ -89,7 +89,7 @@ impl Sockmap {
         program.attach(maps.verdict.fd()).map_err(|e| classify(&e))?;
         let passed = RingBuf::try_from(passed).map_err(|e| kernel(&e))?;
         let unsignalled = Array::try_from(unsignalled).map_err(|e| kernel(&e))?;
-        let watcher = watch::Watcher::start(passed, unsignalled).map_err(|e| kernel(&e))?;
+        let watcher = watch::Watcher::new(passed, unsignalled).map_err(|e| kernel(&e))?;
         Ok(Sockmap { maps: RwLock::new(maps), in_flight_cap, resumes: Default::default(), watcher, _ebpf: ebpf })
     }
 
@@ -150,6 +150,11 @@ impl Sockmap {
     /// Times a session was woken with news for one of its sockets.
     pub fn wakeups(&self) -> u64 {
         self.watcher.wakeups()
+    }
+
+    /// Times the task that watches the sessions' sockets woke.
+    pub fn watcher_turns(&self) -> u64 {
+        self.watcher.turns()
     }
 
     pub(crate) fn flow(&self, cookie: u64) -> Option<Flow> {
