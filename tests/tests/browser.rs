@@ -67,7 +67,10 @@ async fn novnc_shows_the_qemu_console(backend: Backend) {
     }
     assert_eq!(stats["counters"]["sessions_started"], 1);
     assert_eq!(stats["counters"]["sessions_ended"], 1, "closing the browser ended the console");
-    assert_eq!(stats["ended"]["viewer_closed"], 1, "the browser's close is the viewer's end: {}", stats["ended"]);
+    // A clean close, or a reset when the browser exits with bytes unread (QEMU keeps
+    // sending updates): either way the viewer's end, never the hypervisor's.
+    let by_viewer = ["viewer_closed", "viewer_reset"].iter().map(|c| stats["ended"][c].as_u64().unwrap_or(0)).sum::<u64>();
+    assert_eq!(by_viewer, 1, "the browser's close is the viewer's end: {}", stats["ended"]);
     // noVNC asks for compressed encodings, so less than a raw frame, but a screenful.
     assert!(stats["counters"]["bytes_to_viewer"].as_u64().unwrap() > 1000, "{stats}");
 }
