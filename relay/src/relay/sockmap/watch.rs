@@ -191,16 +191,12 @@ async fn run(shared: Arc<Shared>, set: AsyncFd<OwnedFd>, mut feed: Feed) {
             tokio::task::yield_now().await;
         } else {
             tokio::select! {
-            ready = set.readable() => match ready {
-                // Cleared before the set is emptied: what comes after is a new edge.
-                Ok(mut ready) => ready.clear_ready(),
-                Err(e) => {
-                    // Sessions would then wait for news that never comes: say so loudly.
-                    tracing::error!(error = %e, "sockmap: the watch set failed; kernel-relayed consoles no longer see their ends");
-                    return;
-                }
-            },
-            _ = backstop.tick() => look_for_missed = true,
+                ready = set.readable() => match ready {
+                    // Cleared before the set is emptied: what comes after is a new edge.
+                    Ok(mut ready) => ready.clear_ready(),
+                    Err(e) => return set_failed(&e),
+                },
+                _ = backstop.tick() => look_for_missed = true,
             }
         }
         shared.turns.fetch_add(1, Ordering::Relaxed);
@@ -219,8 +215,7 @@ async fn run(shared: Arc<Shared>, set: AsyncFd<OwnedFd>, mut feed: Feed) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                tracing::error!(error = %e, "sockmap: the watch set failed; kernel-relayed consoles no longer see their ends");
-                return;
+                return set_failed(&e);
             }
             if n == 0 {
                 break false;
@@ -250,6 +245,12 @@ async fn run(shared: Arc<Shared>, set: AsyncFd<OwnedFd>, mut feed: Feed) {
             flags.iter().for_each(|flag| flag.wake.notify_one());
         }
     }
+}
+
+/// Sessions would then wait for news that never comes (a forced disconnect or the idle
+/// timeout still ends them): say so loudly.
+fn set_failed(e: &io::Error) {
+    tracing::error!(error = %e, "sockmap: the watch set failed; kernel-relayed consoles no longer see their ends");
 }
 
 #[allow(unsafe_code)] // tokio's registration of a raw descriptor
