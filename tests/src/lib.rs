@@ -7,6 +7,7 @@ pub mod fake_hypervisor;
 pub mod hypervisor;
 pub mod pki;
 pub mod relay_server;
+pub mod seccomp;
 pub mod servers;
 pub mod tls_client;
 pub mod viewer;

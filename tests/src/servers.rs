@@ -212,7 +212,7 @@ impl RelayProcess {
 
     /// As [`RelayProcess::start`], with more environment variables.
     pub async fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> anyhow::Result<RelayProcess> {
-        Self::spawn(config, env, Stdio::inherit()).await
+        Self::spawn(config, env, Stdio::inherit(), &[]).await
     }
 
     /// As [`RelayProcess::start`], its logs (standard error) written to `log`.
@@ -222,21 +222,23 @@ impl RelayProcess {
 
     /// As [`RelayProcess::start`], its logs (standard error) going to `stderr`.
     pub async fn start_with_stderr(config: &std::path::Path, stderr: Stdio) -> anyhow::Result<RelayProcess> {
-        Self::spawn(config, &[], stderr).await
+        Self::spawn(config, &[], stderr, &[]).await
     }
 
-    async fn spawn(config: &std::path::Path, env: &[(&str, &str)], stderr: Stdio) -> anyhow::Result<RelayProcess> {
+    /// As [`RelayProcess::start_logging_to`], with the system calls `denied` failing with
+    /// EPERM, as in a container ([`crate::seccomp`]).
+    pub async fn start_denied(config: &std::path::Path, log: &std::path::Path, denied: &[libc::c_long]) -> anyhow::Result<RelayProcess> {
+        Self::spawn(config, &[], std::fs::File::create(log)?.into(), denied).await
+    }
+
+    async fn spawn(config: &std::path::Path, env: &[(&str, &str)], stderr: Stdio, denied: &[libc::c_long]) -> anyhow::Result<RelayProcess> {
         use std::io::BufRead as _;
-        let mut child = Command::new(relay_binary())
-            .envs(env.iter().copied())
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .context("starting relay")?;
+        let mut command = Command::new(relay_binary());
+        command.envs(env.iter().copied()).arg("run").arg("--config").arg(config).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
+        if !denied.is_empty() {
+            crate::seccomp::deny(&mut command, denied);
+        }
+        let mut child = command.spawn().context("starting relay")?;
         let stdout = child.stdout.take().expect("piped");
         let line = tokio::task::spawn_blocking(move || {
             let mut lines = std::io::BufReader::new(stdout).lines();
