@@ -231,9 +231,36 @@ impl RelayProcess {
         Self::spawn(config, &[], std::fs::File::create(log)?.into(), denied).await
     }
 
+    /// As [`RelayProcess::start_logging_to`], `binary` run as the user `uid` with only the
+    /// capabilities `caps` (setpriv's names: `["bpf", "net_admin"]`), ambient as systemd
+    /// gives them to the unit's `User=`.
+    pub async fn start_as(
+        binary: &std::path::Path,
+        config: &std::path::Path,
+        log: &std::path::Path,
+        uid: u32,
+        caps: &[&str],
+    ) -> anyhow::Result<RelayProcess> {
+        let caps: String = std::iter::once("-all".to_string()).chain(caps.iter().map(|c| format!("+{c}"))).collect::<Vec<_>>().join(",");
+        let mut command = Command::new("setpriv");
+        command.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()]);
+        command.args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")]).arg(binary);
+        Self::launch(command, config, &[], std::fs::File::create(log)?.into(), &[]).await
+    }
+
     async fn spawn(config: &std::path::Path, env: &[(&str, &str)], stderr: Stdio, denied: &[libc::c_long]) -> anyhow::Result<RelayProcess> {
+        Self::launch(Command::new(relay_binary()), config, env, stderr, denied).await
+    }
+
+    /// Runs `command` (relay's binary, or a program that runs it) with `run --config`.
+    async fn launch(
+        mut command: Command,
+        config: &std::path::Path,
+        env: &[(&str, &str)],
+        stderr: Stdio,
+        denied: &[libc::c_long],
+    ) -> anyhow::Result<RelayProcess> {
         use std::io::BufRead as _;
-        let mut command = Command::new(relay_binary());
         command.envs(env.iter().copied()).arg("run").arg("--config").arg(config).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
         if !denied.is_empty() {
             crate::seccomp::deny(&mut command, denied);

@@ -1,8 +1,9 @@
-//! relay in a container: Docker's default seccomp profile (Kolla runs OpenStack's console
-//! proxies under it) denies io_uring and `bpf`. On `auto` relay then carries consoles on
-//! copy and says why at start-up; asked for a kernel back-end by name, it refuses to start
-//! and says why, rather than run another. relay runs as a process of its own under the
-//! filter.
+//! relay with less than root, as it is deployed. In a container, Docker's default seccomp
+//! profile (Kolla runs OpenStack's console proxies under it) denies io_uring and `bpf`: on
+//! `auto` relay then carries consoles on copy and says why at start-up; asked for a kernel
+//! back-end by name, it refuses to start and says why, rather than run another. As the
+//! packaged unit's unprivileged user, CAP_BPF and CAP_NET_ADMIN are enough for sockmap.
+//! relay runs as a process of its own here.
 
 use relay::control::client::call;
 use relay::control::proto::Request;
@@ -93,4 +94,60 @@ async fn denied_io_uring_and_bpf_a_kernel_back_end_asked_for_by_name_refuses_to_
         assert!(!String::from_utf8_lossy(&ran.stdout).contains("relay listening"), "and never listened");
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The packaged unit runs relay as `User=relay` with CAP_BPF and CAP_NET_ADMIN only
+/// (packaging/relay.service): that is enough for sockmap, byte for byte; without
+/// CAP_NET_ADMIN, relay asked for sockmap refuses to start and says what it needs.
+#[tokio::test]
+#[cfg_attr(relay_no_sockmap, ignore = "loading the eBPF program needs root and the eBPF toolchain (cargo xtask build-ebpf)")]
+async fn as_an_unprivileged_user_with_cap_bpf_and_cap_net_admin_sockmap_carries_a_console() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    const NOBODY: u32 = 65534;
+    let base = scratch_dir("unprivileged");
+    // The binary where the user may run it (a clone may sit in a directory only root
+    // enters); the control socket's directory the user's own inside one of root's, as
+    // systemd's RuntimeDirectory=, so that root's `relay ctl` trusts it.
+    let binary = base.join("relay");
+    std::fs::copy(relay_binary(), &binary).unwrap();
+    let (run, state) = (base.join("run"), base.join("state"));
+    for dir in [&run, &state] {
+        std::fs::create_dir(dir).unwrap();
+        chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let config = base.join("relay.toml");
+    let text = format!(
+        "[listen]\nwebsocket = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:0\"\ncontrol = \"{}\"\n\n\
+         [store]\nbackend = \"local\"\npath = \"{}\"\n\n[relay]\nbackend = \"sockmap\"\nkernel_after_ms = 0\n\n\
+         [log]\nformat = \"json\"\n",
+        run.join("control.sock").display(),
+        state.join("relay.db").display()
+    );
+    std::fs::write(&config, text).unwrap();
+
+    let log = base.join("relay.log");
+    let relay = RelayProcess::start_as(&binary, &config, &log, NOBODY, &["bpf", "net_admin"]).await.unwrap();
+    assert!(backends_line(&log).contains("\"raw\":\"sockmap\""), "{}", backends_line(&log));
+    let hv = FakeVnc::start(Script::echo()).await;
+    let created: TokenCreated = call(&relay.control, Request::TokenCreate(new_token("vm-unprivileged", hv.addr()))).await.unwrap();
+    let mut s = connect_door_at(relay.connect, &created.token).await.unwrap();
+    handshake(&mut s, RFB38, None).await.unwrap();
+    let block: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let mut back = vec![0u8; block.len()];
+    let (mut r, mut w) = s.split();
+    let (wrote, read) = tokio::join!(w.write_all(&block), r.read_exact(&mut back));
+    wrote.unwrap();
+    read.unwrap();
+    assert!(back == block, "4 MiB echoed byte for byte");
+    let stats: serde_json::Value = call(&relay.control, Request::Stats).await.unwrap();
+    assert_eq!(stats["relay"]["sockmap_sockets"], 2, "the console is in the kernel: {stats}");
+    drop(relay);
+
+    let without = base.join("relay-no-net-admin.log");
+    let refused = RelayProcess::start_as(&binary, &config, &without, NOBODY, &["bpf"]).await;
+    let said = std::fs::read_to_string(&without).unwrap_or_default();
+    assert!(refused.is_err(), "sockmap without CAP_NET_ADMIN: {said}");
+    assert!(said.contains("CAP_NET_ADMIN"), "says what it needs: {said}");
+    let _ = std::fs::remove_dir_all(base);
 }
