@@ -102,13 +102,13 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// What the benchmark shows best for consoles on this machine kind (see README):
-    /// sockmap for raw sessions where it loads, copy for the rest.
+    /// What the benchmark shows best on this machine kind (README): copy, then uring for
+    /// consoles busy past kernel_after_ms (sockmap where io_uring is unavailable).
     #[default]
     Auto,
-    /// eBPF sockmap: raw sessions moved in the kernel (root or CAP_BPF + CAP_NET_ADMIN).
+    /// eBPF sockmap: raw sessions relayed in the kernel (root or CAP_BPF + CAP_NET_ADMIN).
     Sockmap,
-    /// io_uring: raw sessions spliced through pipes by one ring thread.
+    /// io_uring, a ring thread per core: raw and ws:// consoles.
     Uring,
     /// The portable userspace relay.
     Copy,
