@@ -182,7 +182,11 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Unavailable {
     let mut source = e.source();
     while let Some(s) = source {
         denied |= is_denied(s);
-        text = format!("{text}: {s}");
+        // Some of aya's errors already print their source.
+        let said = s.to_string();
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
         source = s.source();
     }
     let verified = matches!(
