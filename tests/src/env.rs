@@ -32,7 +32,7 @@ pub fn sockmap() {
 
 /// This kernel's io_uring has what relay's uring back-end needs.
 pub fn uring() {
-    let started = relay::relay::uring::Uring::start(8);
+    let started = relay::relay::uring::Uring::start(8, true);
     require(&format!("the io_uring back-end ({:?})", started.as_ref().err().map(ToString::to_string)), started.is_ok());
 }
 

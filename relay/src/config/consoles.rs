@@ -134,6 +134,11 @@ pub struct Relay {
     /// After both handshakes, move TLS legs' records into the kernel (kTLS) where it
     /// offers the negotiated version and cipher.
     pub kernel_tls: bool,
+    /// io_uring: rings defer their completion work to their own thread (single issuer,
+    /// deferred task run; Linux 6.1 and later, else a plain ring anyway). false makes
+    /// plain rings: interrupted by every completion, for a kernel whose deferred task run
+    /// misbehaves.
+    pub uring_defer_taskrun: bool,
 }
 
 impl Default for Relay {
@@ -144,6 +149,7 @@ impl Default for Relay {
             kernel_after_ms: 1000,
             kernel_min_bytes_per_sec: 1_000_000,
             kernel_tls: true,
+            uring_defer_taskrun: true,
         }
     }
 }

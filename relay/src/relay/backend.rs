@@ -100,11 +100,12 @@ impl Relays {
         // on copy (the hand-over rule). Sockmap is loaded only where it would be used:
         // loading its program and maps left 3.7 MiB more resident for nothing.
         let has_ktls = matches!(ktls, Ktls::Available(_));
-        let (uring, uring_off) = match matches!(config.backend, Backend::Auto | Backend::Uring).then(|| Uring::start(4096)) {
-            Some(Ok(u)) => (Some(u), None),
-            Some(Err(e)) => (None, Some(e.to_string())),
-            None => (None, None),
-        };
+        let (uring, uring_off) =
+            match matches!(config.backend, Backend::Auto | Backend::Uring).then(|| Uring::start(4096, config.uring_defer_taskrun)) {
+                Some(Ok(u)) => (Some(u), None),
+                Some(Err(e)) => (None, Some(e.to_string())),
+                None => (None, None),
+            };
         let wants_sockmap = match config.backend {
             Backend::Sockmap => true,
             Backend::Auto => uring.is_none(),
@@ -158,7 +159,8 @@ impl Relays {
             notes.push("sockmap not loaded: auto uses io_uring where it has it (see README)".into());
         }
         if let Some(uring) = &relays.uring {
-            notes.push(format!("io_uring: {} rings, one per core", uring.rings()));
+            let plain = if config.uring_defer_taskrun { "" } else { ", plain (uring_defer_taskrun = false)" };
+            notes.push(format!("io_uring: {} rings, one per core{plain}", uring.rings()));
         }
         if relays.raw != Choice::Copy || relays.framed != Choice::Copy || relays.kernel_tls != Choice::Copy {
             notes.push(match relays.hand_over {

@@ -71,10 +71,11 @@ struct RingHandle {
 
 impl Uring {
     /// Sets up one ring per core (as the process may use them), each with the operations
-    /// the back-end needs and `entries` submission slots, and starts their threads.
-    pub fn start(entries: u32) -> io::Result<Uring> {
+    /// the back-end needs and `entries` submission slots, and starts their threads;
+    /// `defer`: deferred task run where the kernel has it.
+    pub fn start(entries: u32, defer: bool) -> io::Result<Uring> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let rings = (0..cores).map(|i| RingHandle::start(entries, i)).collect::<io::Result<Vec<_>>>()?;
+        let rings = (0..cores).map(|i| RingHandle::start(entries, defer, i)).collect::<io::Result<Vec<_>>>()?;
         Ok(Uring { rings, next_id: AtomicU64::new(1) })
     }
 
@@ -96,14 +97,14 @@ impl Uring {
 }
 
 impl RingHandle {
-    fn start(entries: u32, index: usize) -> io::Result<RingHandle> {
+    fn start(entries: u32, defer: bool, index: usize) -> io::Result<RingHandle> {
         let wake = eventfd()?;
         let (tx, rx) = mpsc::channel();
         let thread_wake = OwnedFd::from(wake.try_clone()?);
         // The ring is made on its thread: a single-issuer ring belongs to the thread that
         // creates it. The thread reports whether the kernel gave it one.
         let (made_tx, made_rx) = mpsc::sync_channel(1);
-        std::thread::Builder::new().name(format!("relay-uring-{index}")).spawn(move || match new_ring(entries) {
+        std::thread::Builder::new().name(format!("relay-uring-{index}")).spawn(move || match new_ring(entries, defer) {
             Ok(ring) => {
                 let _ = made_tx.send(Ok(()));
                 ring::Ring::new(ring, rx, thread_wake).run();
@@ -139,15 +140,17 @@ impl Drop for RingHandle {
 /// A ring with the operations the back-end needs. Completion work is deferred until the
 /// ring's thread asks for completions (single issuer, deferred task run), so a wave of
 /// messages costs the thread no interruption per message and is reaped in one batch;
-/// kernels before 6.1 lack the flags and get a plain ring.
-fn new_ring(entries: u32) -> io::Result<IoUring> {
-    let ring = match IoUring::builder().setup_coop_taskrun().setup_single_issuer().setup_defer_taskrun().build(entries) {
-        Ok(ring) => ring,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+/// kernels before 6.1 lack the flags and get a plain ring, as does `defer` false.
+fn new_ring(entries: u32, defer: bool) -> io::Result<IoUring> {
+    let deferred = defer.then(|| IoUring::builder().setup_coop_taskrun().setup_single_issuer().setup_defer_taskrun().build(entries));
+    let ring = match deferred {
+        None => IoUring::new(entries)?,
+        Some(Ok(ring)) => ring,
+        Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
             tracing::debug!("the kernel's io_uring has no deferred task run: a plain ring");
             IoUring::new(entries)?
         }
-        Err(e) => return Err(e),
+        Some(Err(e)) => return Err(e),
     };
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;
@@ -171,4 +174,22 @@ fn eventfd() -> io::Result<File> {
     // SAFETY: a fresh descriptor, owned by nothing else.
     #[allow(unsafe_code)]
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(efd) }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rings_defer_their_completion_work_unless_configured_not_to() {
+        let plain = match super::new_ring(8, false) {
+            Ok(ring) => ring,
+            Err(e) => return eprintln!("skipped: no io_uring here ({e})"),
+        };
+        assert!(!plain.params().is_setup_single_issuer(), "uring_defer_taskrun = false: a plain ring");
+        // Single issuer comes with deferred task run, from Linux 6.1 on.
+        let deferred = super::new_ring(8, true).unwrap();
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        assert_eq!(deferred.params().is_setup_single_issuer(), (major, minor) >= (6, 1), "on Linux {major}.{minor}");
+    }
 }
