@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const RFB38: &[u8; 12] = b"RFB 003.008\n";
 
@@ -37,6 +38,25 @@ fn backends_line(log: &Path) -> String {
     text.lines().find(|l| l.contains("relay back-ends")).map(str::to_string).unwrap_or_else(|| panic!("no back-ends line in:\n{text}"))
 }
 
+/// A console of `instance` through the CONNECT door, past the RFB handshake.
+async fn open_console(relay: &RelayProcess, instance: &str, hv: &FakeVnc) -> TcpStream {
+    let created: TokenCreated = call(&relay.control, Request::TokenCreate(new_token(instance, hv.addr()))).await.unwrap();
+    let mut s = connect_door_at(relay.connect, &created.token).await.unwrap();
+    handshake(&mut s, RFB38, None).await.unwrap();
+    s
+}
+
+/// Sends `len` bytes through an echoing console while reading them back; they must match.
+async fn echo_byte_exact(s: &mut TcpStream, len: u32) {
+    let block: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut back = vec![0u8; block.len()];
+    let (mut r, mut w) = s.split();
+    let (wrote, read) = tokio::join!(w.write_all(&block), r.read_exact(&mut back));
+    wrote.unwrap();
+    read.unwrap();
+    assert!(back == block, "{len} bytes echoed byte for byte");
+}
+
 #[tokio::test]
 async fn denied_io_uring_and_bpf_auto_carries_consoles_on_copy_and_says_why() {
     let dir = scratch_dir("confined-auto");
@@ -51,17 +71,9 @@ async fn denied_io_uring_and_bpf_auto_carries_consoles_on_copy_and_says_why() {
 
     // A console works, past the hand-over time a kernel back-end would have taken it at.
     let hv = FakeVnc::start(Script::echo()).await;
-    let created: TokenCreated = call(&relay.control, Request::TokenCreate(new_token("vm-confined", hv.addr()))).await.unwrap();
-    let mut s = connect_door_at(relay.connect, &created.token).await.unwrap();
-    handshake(&mut s, RFB38, None).await.unwrap();
-    let block: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 253) as u8).collect();
-    let mut back = vec![0u8; block.len()];
+    let mut s = open_console(&relay, "vm-confined", &hv).await;
     for _ in 0..3 {
-        let (mut r, mut w) = s.split();
-        let (wrote, read) = tokio::join!(w.write_all(&block), r.read_exact(&mut back));
-        wrote.unwrap();
-        read.unwrap();
-        assert!(back == block, "1 MiB echoed byte for byte");
+        echo_byte_exact(&mut s, 1 << 20).await;
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
     let stats: serde_json::Value = call(&relay.control, Request::Stats).await.unwrap();
@@ -130,16 +142,8 @@ async fn as_an_unprivileged_user_with_cap_bpf_and_cap_net_admin_sockmap_carries_
     let relay = RelayProcess::start_as(&binary, &config, &log, NOBODY, &["bpf", "net_admin"]).await.unwrap();
     assert!(backends_line(&log).contains("\"raw\":\"sockmap\""), "{}", backends_line(&log));
     let hv = FakeVnc::start(Script::echo()).await;
-    let created: TokenCreated = call(&relay.control, Request::TokenCreate(new_token("vm-unprivileged", hv.addr()))).await.unwrap();
-    let mut s = connect_door_at(relay.connect, &created.token).await.unwrap();
-    handshake(&mut s, RFB38, None).await.unwrap();
-    let block: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
-    let mut back = vec![0u8; block.len()];
-    let (mut r, mut w) = s.split();
-    let (wrote, read) = tokio::join!(w.write_all(&block), r.read_exact(&mut back));
-    wrote.unwrap();
-    read.unwrap();
-    assert!(back == block, "4 MiB echoed byte for byte");
+    let mut s = open_console(&relay, "vm-unprivileged", &hv).await;
+    echo_byte_exact(&mut s, 4 << 20).await;
     let stats: serde_json::Value = call(&relay.control, Request::Stats).await.unwrap();
     assert_eq!(stats["relay"]["sockmap_sockets"], 2, "the console is in the kernel: {stats}");
     drop(relay);
