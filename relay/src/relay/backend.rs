@@ -159,7 +159,11 @@ impl Relays {
             notes.push("sockmap not loaded: auto uses io_uring where it has it (see README)".into());
         }
         if let Some(uring) = &relays.uring {
-            let plain = if config.uring_defer_taskrun { "" } else { ", plain (uring_defer_taskrun = false)" };
+            let plain = match (uring.deferred(), config.uring_defer_taskrun) {
+                (true, _) => "",
+                (false, true) => ", plain: the kernel has no deferred task run (Linux 6.1)",
+                (false, false) => ", plain (uring_defer_taskrun = false)",
+            };
             notes.push(format!("io_uring: {} rings, one per core{plain}", uring.rings()));
         }
         if relays.raw != Choice::Copy || relays.framed != Choice::Copy || relays.kernel_tls != Choice::Copy {

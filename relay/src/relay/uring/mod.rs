@@ -60,6 +60,8 @@ enum RingEvent {
 pub struct Uring {
     rings: Vec<RingHandle>,
     next_id: AtomicU64,
+    /// The rings defer their completion work to their threads (not plain rings).
+    deferred: bool,
 }
 
 /// One ring thread's command queue and wake-up.
@@ -67,6 +69,7 @@ struct RingHandle {
     /// None once dropping: the ring thread then ends with its last session.
     commands: Mutex<Option<mpsc::Sender<Command>>>,
     wake: File,
+    deferred: bool,
 }
 
 impl Uring {
@@ -76,7 +79,8 @@ impl Uring {
     pub fn start(entries: u32, defer: bool) -> io::Result<Uring> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let rings = (0..cores).map(|i| RingHandle::start(entries, defer, i)).collect::<io::Result<Vec<_>>>()?;
-        Ok(Uring { rings, next_id: AtomicU64::new(1) })
+        let deferred = rings.iter().all(|r| r.deferred);
+        Ok(Uring { rings, next_id: AtomicU64::new(1), deferred })
     }
 
     fn send(&self, command: Command) {
@@ -94,6 +98,12 @@ impl Uring {
     pub fn rings(&self) -> usize {
         self.rings.len()
     }
+
+    /// Whether the rings defer their completion work to their threads: false for plain
+    /// rings (a kernel before 6.1, or `uring_defer_taskrun = false`).
+    pub fn deferred(&self) -> bool {
+        self.deferred
+    }
 }
 
 impl RingHandle {
@@ -106,15 +116,15 @@ impl RingHandle {
         let (made_tx, made_rx) = mpsc::sync_channel(1);
         std::thread::Builder::new().name(format!("relay-uring-{index}")).spawn(move || match new_ring(entries, defer) {
             Ok(ring) => {
-                let _ = made_tx.send(Ok(()));
+                let _ = made_tx.send(Ok(ring.params().is_setup_single_issuer()));
                 ring::Ring::new(ring, rx, thread_wake).run();
             }
             Err(e) => {
                 let _ = made_tx.send(Err(e));
             }
         })?;
-        made_rx.recv().map_err(|_| io::Error::other("the io_uring thread ended before making its ring"))??;
-        Ok(RingHandle { commands: Mutex::new(Some(tx)), wake })
+        let deferred = made_rx.recv().map_err(|_| io::Error::other("the io_uring thread ended before making its ring"))??;
+        Ok(RingHandle { commands: Mutex::new(Some(tx)), wake, deferred })
     }
 
     fn send(&self, command: Command) {
@@ -191,5 +201,8 @@ mod tests {
         let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
         let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
         assert_eq!(deferred.params().is_setup_single_issuer(), (major, minor) >= (6, 1), "on Linux {major}.{minor}");
+        // What the start-up line reports.
+        assert!(!super::Uring::start(8, false).unwrap().deferred());
+        assert_eq!(super::Uring::start(8, true).unwrap().deferred(), (major, minor) >= (6, 1));
     }
 }
