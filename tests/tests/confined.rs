@@ -25,8 +25,10 @@ fn write_config(dir: &Path, backend: &str) -> PathBuf {
     let path = dir.join(format!("relay-{backend}.toml"));
     let text = format!(
         "[listen]\nwebsocket = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:0\"\ncontrol = \"{}\"\n\n\
+         [store]\nbackend = \"local\"\npath = \"{}\"\n\n\
          [relay]\nbackend = \"{backend}\"\n\n[log]\nformat = \"json\"\n",
-        dir.join(format!("control-{backend}.sock")).display()
+        dir.join(format!("control-{backend}.sock")).display(),
+        dir.join(format!("store-{backend}.db")).display()
     );
     std::fs::write(&path, text).unwrap();
     path
