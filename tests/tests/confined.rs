@@ -67,6 +67,7 @@ async fn denied_io_uring_and_bpf_auto_carries_consoles_on_copy_and_says_why() {
     let line = backends_line(&log);
     assert!(line.contains("\"raw\":\"copy\"") && line.contains("\"framed\":\"copy\""), "{line}");
     assert!(line.contains("io_uring unavailable") && line.contains("Operation not permitted"), "says why: {line}");
+    assert!(line.contains("sockmap unavailable"), "and why not sockmap, auto's other choice: {line}");
     assert!(line.contains("\"level\":\"WARN\""), "a warning, not news: {line}");
     let stats: serde_json::Value = call(&relay.control, Request::Stats).await.unwrap();
     assert_eq!(stats["relay"]["raw"], "copy");
