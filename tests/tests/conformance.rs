@@ -54,3 +54,16 @@ conformance! {
     uring_plain => Backend::Uring, |c| c.relay.uring_defer_taskrun = false, relay_no_uring, "io_uring is disabled on this machine";
     sockmap => Backend::Sockmap, |_| {}, relay_no_sockmap, "loading the eBPF program needs root and the eBPF toolchain (cargo xtask build-ebpf)";
 }
+
+/// `uring_plain` above runs on plain rings: the setting reaches the kernel's ring, and the
+/// default is a deferred one wherever the kernel has it (Linux 6.1 and later).
+#[test]
+#[cfg_attr(relay_no_uring, ignore = "io_uring is disabled on this machine")]
+fn uring_defer_taskrun_false_makes_plain_rings() {
+    use relay::relay::uring::Uring;
+    assert!(!Uring::start(8, false).unwrap().deferred(), "uring_defer_taskrun = false: plain rings");
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    assert_eq!(Uring::start(8, true).unwrap().deferred(), (major, minor) >= (6, 1), "the default on Linux {major}.{minor}");
+}

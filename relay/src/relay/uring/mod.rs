@@ -69,7 +69,6 @@ struct RingHandle {
     /// None once dropping: the ring thread then ends with its last session.
     commands: Mutex<Option<mpsc::Sender<Command>>>,
     wake: File,
-    deferred: bool,
 }
 
 impl Uring {
@@ -78,8 +77,9 @@ impl Uring {
     /// `defer`: deferred task run where the kernel has it.
     pub fn start(entries: u32, defer: bool) -> io::Result<Uring> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let rings = (0..cores).map(|i| RingHandle::start(entries, defer, i)).collect::<io::Result<Vec<_>>>()?;
-        let deferred = rings.iter().all(|r| r.deferred);
+        let started = (0..cores).map(|i| RingHandle::start(entries, defer, i)).collect::<io::Result<Vec<_>>>()?;
+        let deferred = started.iter().all(|(_, deferred)| *deferred);
+        let rings = started.into_iter().map(|(ring, _)| ring).collect();
         Ok(Uring { rings, next_id: AtomicU64::new(1), deferred })
     }
 
@@ -107,7 +107,8 @@ impl Uring {
 }
 
 impl RingHandle {
-    fn start(entries: u32, defer: bool, index: usize) -> io::Result<RingHandle> {
+    /// The handle, and whether the kernel gave the thread a deferred ring.
+    fn start(entries: u32, defer: bool, index: usize) -> io::Result<(RingHandle, bool)> {
         let wake = eventfd()?;
         let (tx, rx) = mpsc::channel();
         let thread_wake = OwnedFd::from(wake.try_clone()?);
@@ -124,7 +125,7 @@ impl RingHandle {
             }
         })?;
         let deferred = made_rx.recv().map_err(|_| io::Error::other("the io_uring thread ended before making its ring"))??;
-        Ok(RingHandle { commands: Mutex::new(Some(tx)), wake, deferred })
+        Ok((RingHandle { commands: Mutex::new(Some(tx)), wake }, deferred))
     }
 
     fn send(&self, command: Command) {
@@ -184,25 +185,4 @@ fn eventfd() -> io::Result<File> {
     // SAFETY: a fresh descriptor, owned by nothing else.
     #[allow(unsafe_code)]
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(efd) }))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rings_defer_their_completion_work_unless_configured_not_to() {
-        let plain = match super::new_ring(8, false) {
-            Ok(ring) => ring,
-            Err(e) => return eprintln!("skipped: no io_uring here ({e})"),
-        };
-        assert!(!plain.params().is_setup_single_issuer(), "uring_defer_taskrun = false: a plain ring");
-        // Single issuer comes with deferred task run, from Linux 6.1 on.
-        let deferred = super::new_ring(8, true).unwrap();
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-        let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
-        let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-        assert_eq!(deferred.params().is_setup_single_issuer(), (major, minor) >= (6, 1), "on Linux {major}.{minor}");
-        // What the start-up line reports.
-        assert!(!super::Uring::start(8, false).unwrap().deferred());
-        assert_eq!(super::Uring::start(8, true).unwrap().deferred(), (major, minor) >= (6, 1));
-    }
 }
