@@ -8,10 +8,16 @@
 //! - `K`: read that many bytes, then send one byte as acknowledgement (throughput up),
 //! - `U`: screen updates: read messages of that many bytes, and answer each with as many
 //!   bytes as its first four say (big-endian), as a framebuffer update answers input.
+//! - `C`: send the count of bytes received in `K` mode so far, over all connections, as a
+//!   u64 (big-endian): a throughput run cut short by its time limit still knows how much
+//!   arrived.
 //!
 //! A connection that ends before sending a command (handshake and idle-session runs)
-//! just ends. Bytes received in `K` mode are added to a shared counter, so a run cut
-//! short by its time limit still knows how much arrived.
+//! just ends.
+//!
+//! It runs in a process of its own (`relay-bench --serve-hypervisor`), as a hypervisor is
+//! never the viewer's: in one process, a direct round trip can run on one thread without
+//! a single wake-up, a baseline no deployment has.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,30 +39,24 @@ pub const MODE_ECHO: u8 = b'E';
 pub const MODE_SOURCE: u8 = b'S';
 pub const MODE_SINK: u8 = b'K';
 pub const MODE_UPDATES: u8 = b'U';
+pub const MODE_COUNT: u8 = b'C';
 /// The largest update `U` sends.
 pub const MAX_UPDATE: usize = 64 << 10;
 
-pub struct Hypervisor {
-    pub addr: SocketAddr,
-    /// Bytes received in sink mode, over all connections, ever.
-    pub sunk: Arc<AtomicU64>,
-}
-
-/// Serves on `addr` (port 0: any free one) until the runtime ends.
-pub async fn start(addr: SocketAddr, chunk: usize) -> anyhow::Result<Hypervisor> {
+/// Serves on `addr` until the runtime ends.
+pub async fn serve_on(addr: SocketAddr, chunk: usize) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    let addr = listener.local_addr()?;
+    // Bytes received in sink mode, over all connections, ever.
     let sunk = Arc::new(AtomicU64::new(0));
     let payload: Arc<[u8]> = (0..chunk).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>().into();
-    let counter = sunk.clone();
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let counter = counter.clone();
+                    let sunk = sunk.clone();
                     let payload = payload.clone();
                     tokio::spawn(async move {
-                        let _ = serve(stream, &counter, &payload).await;
+                        let _ = serve(stream, &sunk, &payload).await;
                     });
                 }
                 // Out of descriptors or similar: back off instead of spinning.
@@ -64,7 +64,7 @@ pub async fn start(addr: SocketAddr, chunk: usize) -> anyhow::Result<Hypervisor>
             }
         }
     });
-    Ok(Hypervisor { addr, sunk })
+    Ok(())
 }
 
 async fn serve(mut s: TcpStream, sunk: &AtomicU64, payload: &[u8]) -> std::io::Result<()> {
@@ -116,6 +116,7 @@ async fn serve(mut s: TcpStream, sunk: &AtomicU64, payload: &[u8]) -> std::io::R
                 left -= n as u64;
             }
         }
+        MODE_COUNT => s.write_all(&sunk.load(Ordering::Relaxed).to_be_bytes()).await?,
         MODE_SINK => {
             let mut left = count;
             while left > 0 {

@@ -2,7 +2,7 @@
 //! them open.
 
 use crate::client::{Door, Target};
-use crate::{Args, hv, measure, procs};
+use crate::{Args, measure, procs};
 use std::time::Duration;
 
 /// How long opening every idle console may take.
@@ -37,7 +37,7 @@ pub fn steps(args: &Args, nofile: u64, notes: &mut Vec<String>) -> Vec<usize> {
 pub async fn relay_idle_memory(
     relay_bin: &std::path::Path,
     dir: &std::path::Path,
-    hv: &hv::Hypervisor,
+    hv: std::net::SocketAddr,
     door: &str,
     steps: &[usize],
 ) -> Result<measure::IdleMemory, String> {
@@ -50,7 +50,7 @@ pub async fn relay_idle_memory(
         let most = steps.iter().copied().max().unwrap_or(0);
         let mut targets = Vec::with_capacity(most);
         for i in 0..most {
-            let token = relay.token_for(&format!("{i:08}-0000-4000-8000-000000000000"), hv.addr).await?;
+            let token = relay.token_for(&format!("{i:08}-0000-4000-8000-000000000000"), hv).await?;
             targets.push(match door {
                 door if door.starts_with("connect") => Target { addr: relay.connect, door: Door::Connect { token } },
                 _ => Target { addr: relay.ws, door: Door::Ws { token: Some(token) } },

@@ -1,8 +1,9 @@
 //! relay-bench: relay's doors against a direct connection and against socat, HAProxy
 //! and websockify, all in one run on this machine's loopback. `cargo xtask bench` runs it.
 //!
-//! Everything runs here: a fake RFB hypervisor and the viewers in this process, the
-//! proxies as child processes (ended when the bench ends). See docs/benchmarks.md.
+//! Everything runs here: the viewers in this process; a fake RFB hypervisor (this binary
+//! again) and the proxies as child processes, ended when the bench ends. See
+//! docs/benchmarks.md.
 
 mod client;
 mod farm;
@@ -103,8 +104,8 @@ pub struct Args {
     /// connect-auto, connect-sockmap, connect-uring, ws-copy, ws-uring); direct always runs.
     #[arg(long, value_delimiter = ',')]
     farm_paths: Vec<String>,
-    /// Be only the fake hypervisor, on this port of 127.0.0.1, until killed (the farm's
-    /// hypervisor runs so, in a process of its own).
+    /// Be only the fake hypervisor, on this port of 127.0.0.1, until killed (the bench
+    /// starts its hypervisor so, in a process of its own).
     #[arg(long, hide = true)]
     serve_hypervisor: Option<u16>,
     /// Write the report (Markdown) to this file as well.
@@ -225,7 +226,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if let Some(port) = args.serve_hypervisor {
         return runtime.block_on(async move {
-            hv::start(SocketAddr::from(([127, 0, 0, 1], port)), args.chunk as usize).await?;
+            hv::serve_on(SocketAddr::from(([127, 0, 0, 1], port)), args.chunk as usize).await?;
             std::future::pending().await
         });
     }
@@ -259,9 +260,10 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
     let _cleanup = RemoveDir(dir.clone());
 
     let chunk = args.chunk as usize;
-    let hv = hv::start(SocketAddr::from(([127, 0, 0, 1], 0)), chunk).await?;
+    let (mut hv_proc, hv) = procs::start_hypervisor(&dir, args.chunk)?;
+    procs::wait_listening(&mut hv_proc, hv).await?;
     let payload: Bytes = (0..chunk).map(|i| (i * 13 + 5) as u8).collect::<Vec<u8>>().into();
-    eprintln!("relay-bench: fake hypervisor on {}, descriptor limit {nofile}", hv.addr);
+    eprintln!("relay-bench: fake hypervisor on {hv} (pid {}), descriptor limit {nofile}", hv_proc.pid());
 
     // Memory first, each proxy freshly started: relay once per door, in a process of
     // its own that serves nothing else.
@@ -281,7 +283,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
                 continue;
             }
             eprintln!("relay-bench: idle sessions through {label}: {steps:?}");
-            let outcome = idle::relay_idle_memory(&relay_bin, &dir.join(format!("memory-{key}")), &hv, key, &steps).await;
+            let outcome = idle::relay_idle_memory(&relay_bin, &dir.join(format!("memory-{key}")), hv, key, &steps).await;
             if let Err(e) = &outcome {
                 eprintln!("relay-bench: {label}: {e}");
             }
@@ -290,7 +292,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
     }
 
     let mut relay = procs::start_relay(&relay_bin, &dir, "copy")?;
-    let token = relay.token(hv.addr).await?;
+    let token = relay.token(hv).await?;
     eprintln!("relay-bench: relay pid {} websocket={} connect={}", relay.proc.pid(), relay.ws, relay.connect);
 
     let mut paths: Vec<PathResult> = PATHS.iter().map(|&(key, label)| PathResult { key, label, ..Default::default() }).collect();
@@ -306,7 +308,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             continue;
         }
         let target = match p.key {
-            "direct" => Ok((Target { addr: hv.addr, door: Door::Raw }, None)),
+            "direct" => Ok((Target { addr: hv, door: Door::Raw }, None)),
             "connect" => Ok((Target { addr: relay.connect, door: Door::Connect { token: token.clone() } }, Some(relay.proc.pid()))),
             "ws" => Ok((Target { addr: relay.ws, door: Door::Ws { token: Some(token.clone()) } }, Some(relay.proc.pid()))),
             kernel @ ("connect-sockmap" | "connect-uring" | "connect-auto" | "ws-uring") => {
@@ -315,7 +317,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
                 let started =
                     std::fs::create_dir_all(&sub).map_err(anyhow::Error::from).and_then(|()| procs::start_relay(&relay_bin, &sub, backend));
                 match started {
-                    Ok(other) => match other.token(hv.addr).await {
+                    Ok(other) => match other.token(hv).await {
                         Ok(t) => {
                             let target = if kernel.starts_with("ws") {
                                 (Target { addr: other.ws, door: Door::Ws { token: Some(t) } }, Some(other.proc.pid()))
@@ -337,9 +339,9 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
                     continue;
                 }
                 let started = match key {
-                    "socat" => procs::start_socat(hv.addr, &dir),
-                    "haproxy" => procs::start_haproxy(hv.addr, &dir, nofile),
-                    _ => procs::start_websockify(hv.addr, &dir),
+                    "socat" => procs::start_socat(hv, &dir),
+                    "haproxy" => procs::start_haproxy(hv, &dir, nofile),
+                    _ => procs::start_websockify(hv, &dir),
                 };
                 match started {
                     Ok((mut proc, addr)) => match procs::wait_listening(&mut proc, addr).await {
@@ -391,11 +393,12 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             if p.error.is_some() {
                 continue;
             }
-            if let Err(e) = throughput_round(p, target, *pid, &hv, &args, cap, bytes_multi, &payload).await {
+            if let Err(e) = throughput_round(p, target, *pid, hv, &args, cap, bytes_multi, &payload).await {
                 eprintln!("relay-bench: {}: {e:#}", p.key);
                 p.error = Some(format!("{e:#}"));
             }
             relay.proc.check_alive()?;
+            hv_proc.check_alive()?;
         }
     }
     // Handshakes in rounds over all paths too: one round of a fast path is a fraction of a
@@ -412,6 +415,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
                 p.error = Some(format!("{e:#}"));
             }
             relay.proc.check_alive()?;
+            hv_proc.check_alive()?;
         }
     }
     for p in &mut paths {
@@ -422,7 +426,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         eprintln!("relay-bench: store back-ends (memory, local, redis) and the reset fan-out");
         let sub = dir.join("stores");
         std::fs::create_dir_all(&sub)?;
-        let outcome = stores::run(&relay_bin, &sub, hv.addr, args.handshakes, args.inflight, args.repeat).await;
+        let outcome = stores::run(&relay_bin, &sub, hv, args.handshakes, args.inflight, args.repeat).await;
         if let Err(e) = &outcome {
             eprintln!("relay-bench: stores: {e:#}");
         }
@@ -435,7 +439,7 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
         eprintln!("relay-bench: token sources (store, jwt, nova)");
         let sub = dir.join("sources");
         std::fs::create_dir_all(&sub)?;
-        let outcome = sources::run(&relay_bin, &sub, hv.addr, args.handshakes, args.inflight, args.repeat).await;
+        let outcome = sources::run(&relay_bin, &sub, hv, args.handshakes, args.inflight, args.repeat).await;
         if let Err(e) = &outcome {
             eprintln!("relay-bench: sources: {e:#}");
         }
@@ -460,16 +464,11 @@ async fn bench(args: Args, nofile: u64) -> Result<()> {
             interval: Duration::from_millis(args.screen_interval_ms.max(1)),
             ..typing
         };
-        // The consoles' hypervisor is a process of its own, as a hypervisor is never the
-        // viewer's: in one process, a direct round trip would run on one thread without
-        // a single wake-up, a baseline no deployment has.
-        let (mut farm_hv, farm_hv_addr) = procs::start_hypervisor(&dir, args.chunk)?;
-        procs::wait_listening(&mut farm_hv, farm_hv_addr).await?;
         let mut runs = Vec::new();
         for shape in [typing, screen].into_iter().filter(|s| s.consoles > 0) {
             let sub = dir.join(format!("farm-{:?}", shape.mix).to_lowercase());
             std::fs::create_dir_all(&sub)?;
-            runs.push((shape, farm::run(&relay_bin, &sub, farm_hv_addr, shape, nofile, args.farm_rounds, &args.farm_paths).await));
+            runs.push((shape, farm::run(&relay_bin, &sub, hv, shape, nofile, args.farm_rounds, &args.farm_paths).await));
         }
         runs
     } else {
@@ -516,7 +515,7 @@ async fn throughput_round(
     p: &mut PathResult,
     target: &Target,
     pid: Option<u32>,
-    hv: &hv::Hypervisor,
+    hv: SocketAddr,
     args: &Args,
     cap: Duration,
     bytes_multi: u64,

@@ -1,10 +1,12 @@
 //! The measurements: throughput, ping-pong latency, handshake rate, idle-session memory.
 
+use crate::client::Door;
 use crate::client::{Buffers, Conn, Target};
-use crate::hv::{self, Hypervisor};
+use crate::hv;
 use crate::procs;
 use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,7 +46,7 @@ impl Rate {
 /// (for up: the hypervisor's acknowledgement of the last byte is back at the viewer).
 pub async fn throughput(
     target: &Target,
-    hv: &Hypervisor,
+    hv: SocketAddr,
     dir: Dir,
     conns: usize,
     total: u64,
@@ -54,7 +56,7 @@ pub async fn throughput(
     let per = (total / conns as u64).max(1);
     let opened = futures_util::future::try_join_all((0..conns).map(|_| target.open(Buffers::Bulk))).await?;
     let received = Arc::new(AtomicU64::new(0));
-    let sunk_before = hv.sunk.load(Ordering::Relaxed);
+    let sunk_before = if dir == Dir::Up { hv_sunk(hv).await? } else { 0 };
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     for mut conn in opened {
@@ -108,12 +110,21 @@ pub async fn throughput(
     }
     let secs = start.elapsed().as_secs_f64();
     let bytes = match dir {
-        Dir::Up => hv.sunk.load(Ordering::Relaxed) - sunk_before,
+        Dir::Up => hv_sunk(hv).await? - sunk_before,
         Dir::Down => received.load(Ordering::Relaxed),
     };
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     Ok(Rate { bytes, secs, capped })
+}
+
+/// The bytes the hypervisor at `hv` has received in sink mode, ever.
+async fn hv_sunk(hv: SocketAddr) -> Result<u64> {
+    let mut conn = Target { addr: hv, door: Door::Raw }.open(Buffers::Small).await.context("asking the hypervisor its count")?;
+    conn.write_all(&command(hv::MODE_COUNT, 0)).await?;
+    let mut count = [0u8; 8];
+    conn.read_exact(&mut count).await?;
+    Ok(u64::from_be_bytes(count))
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -275,11 +275,13 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
     let bytes_multi = a.bytes_multi.unwrap_or(a.bytes);
     let _ = writeln!(w, "\n## How measured\n");
     let how = [
-        "Everything runs on this machine over 127.0.0.1. One process, `relay-bench` (tokio, one worker thread per core), \
-         holds both ends: a fake hypervisor (an RFB 3.8 server offering security type None, then ServerInit for a 64×48 \
-         desktop, then a small command protocol: echo, send N bytes, or read N bytes and acknowledge) and the viewers; \
-         the console farm's hypervisor alone is the same program in a process of its own. The \
-         proxies run as child processes beside it and compete with it for the same cores, as they would in a real deployment."
+        "Everything runs on this machine over 127.0.0.1. `relay-bench` (tokio, one worker thread per core) is the viewers; \
+         a second `relay-bench` process is the fake hypervisor (an RFB 3.8 server offering security type None, then \
+         ServerInit for a 64×48 desktop, then a small command protocol: echo, send N bytes, or read N bytes and \
+         acknowledge). The hypervisor is never the viewer's process, as in a deployment: in one process, a direct \
+         round trip can run on one thread without a single wake-up, and direct's ping-pong then read 6 µs in one run and \
+         86 µs in another (before 2026-12-05). The proxies run as child processes beside them and compete with them for \
+         the same cores, as they would in a real deployment."
             .to_string(),
         "Paths: **direct**: the viewer connects to the fake hypervisor itself. **relay CONNECT door**: `CONNECT /console?token=…`, \
          then RFB; relay terminates RFB security on both sides and relays the rest, on the back-end named (`[relay] backend`: \
@@ -417,8 +419,7 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
         "{} consoles at once, each sending a {}-byte message every {} ms (random phases) {answer}. \
          A thread of the bench wakes each console at its own instant on the kernel's high-resolution timers, grouping \
          at most {} µs of instants per wake-up (tokio's own timers fire on whole milliseconds and would send every \
-         millisecond's consoles at once), and the consoles' hypervisor runs in a process of its own, as a real one is \
-         never the viewer's process. Each path measured for {:.0} s on a proxy started for it, after a warm-up, in {rounds} rounds over the paths (the \
+         millisecond's consoles at once). Each path measured for {:.0} s on a proxy started for it, after a warm-up, in {rounds} rounds over the paths (the \
          consoles stay open until the last round trip is in: their closing is not in the window); each figure is its median over the rounds, and the last two columns list every round's p99 and machine cost. Machine CPU is \
          every core's busy time (the bench's own client and hypervisor, and kernel work outside any process, included), \
          so compare it with direct's; per 1,000 consoles, the proxy's cost over direct (per round: over direct's in the \
