@@ -54,9 +54,10 @@ pub const MAP_TARGETS: &str = "TARGETS";
 pub const MAP_VERDICT: &str = "VERDICT";
 pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_GRANTS: &str = "GRANTS";
-/// A ring buffer of socket cookies: the program writes one each time it passes bytes to a
-/// socket's own queue, so that userspace, which does not watch the sockets for
-/// readability (that would wake it for every redirected skb), knows to relay them.
+/// A ring buffer of socket cookies: the program writes one each time a socket falls back
+/// (it passes bytes to the socket's own queue after redirecting), so that userspace, which
+/// does not watch a redirecting socket for readability (that would wake it for every
+/// redirected skb), knows to relay them. It watches a passing socket's input itself.
 pub const MAP_PASSED: &str = "PASSED";
 /// One u64 at index 0: times [`MAP_PASSED`] had no room for a cookie. Userspace, seeing
 /// it change, looks at every session (a cookie missed is a session left waiting).

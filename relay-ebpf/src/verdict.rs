@@ -70,8 +70,10 @@ pub fn relay_verdict(ctx: SkBuffContext) -> u32 {
         }
     };
     if flow.mode == MODE_PASS && !(resumed_at == flow.passed && flow.redirected + len <= limit) {
+        // Not announced: userspace is relaying this direction, and listens for its input
+        // until it sees the direction redirected again. Only a fall-back is news (each
+        // announcement costs an interrupt to wake the watcher, a VM exit under a hypervisor).
         flow.passed += len;
-        signal(cookie);
         return SK_PASS;
     }
     if flow.redirected + len > limit {
@@ -168,9 +170,9 @@ fn pass(flow: &mut Flow, cookie: u64, len: u64) -> u32 {
     SK_PASS
 }
 
-/// Tells userspace that the socket has passed bytes to relay. The kernel wakes its
-/// readers too, but userspace does not listen for that: the same wake-up comes for every
-/// redirected skb.
+/// Tells userspace that the socket fell back: it has passed bytes to relay. The kernel
+/// wakes its readers too, but userspace listens for that only while the direction is
+/// passing: the same wake-up comes for every redirected skb.
 fn signal(cookie: u64) {
     if PASSED.output::<u64>(&cookie, 0).is_ok() {
         return;

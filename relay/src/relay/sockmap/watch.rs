@@ -9,8 +9,9 @@
 //! the machine more than the userspace copy. So the sockets sit in an epoll set of their
 //! own, registered for the peer's half-close (`EPOLLRDHUP`; errors and hang-ups always
 //! report) and not for input, a wake-up the kernel then filters out before waking anyone.
-//! Bytes passed back are announced by the program in a ring buffer. One tokio task waits
-//! on both (the set's descriptor sits in tokio's reactor, which the filtered wake-ups
+//! A fall-back (the first skb the program passes back after redirecting) is announced by
+//! the program in a ring buffer; the direction then listens for input itself until the
+//! program redirects again (session/direction.rs). One tokio task waits on both (the set's descriptor sits in tokio's reactor, which the filtered wake-ups
 //! never reach) and wakes the session concerned.
 
 use aya::maps::{Array, MapData, RingBuf};

@@ -2,11 +2,11 @@
 //! program passes bytes back (a receiver fell behind) or the stream ends.
 
 use super::super::Sockmap;
-use super::{Socket, Userspace};
+use super::{Socket, Std, Userspace};
 use crate::relay::Limits;
 use crate::relay::lifecycle::{Direction, Failure};
 use crate::sockopt as tcp;
-use relay_common::Grant;
+use relay_common::{Grant, MODE_PASS};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
@@ -30,18 +30,37 @@ pub(super) async fn direction(
     // Set when the last turn left work for the next, whose news it has already spent.
     let mut look_again = false;
     let mut poll_pause = Duration::from_millis(1);
+    // While the program passes this direction's bytes back: `from` registered for input.
+    // The program announces only a fall-back, not each skb it passes after it, so their
+    // arrival is what wakes the direction. Dropped once the program redirects again, when
+    // every redirected skb would wake it for nothing; a fall-back after that is announced.
+    let mut readable: Option<AsyncFd<Std>> = None;
     loop {
         if !look_again {
-            from.watch.news().await;
+            if engine.flow(from.cookie).is_some_and(|f| f.mode == MODE_PASS) {
+                let input = listen(&mut readable, from).map_err(|e| Failure::reading(dir, e))?;
+                tokio::select! {
+                    () = from.watch.news() => {}
+                    // Read, not just looked at: a peer's FIN leaves tokio's readiness set
+                    // for good, and only the read that finds the end settles it.
+                    ready = input.readable() => {
+                        ready.map_err(|e| Failure::reading(dir, e))?.clear_ready();
+                        look_again = true;
+                    }
+                }
+            } else {
+                readable = None;
+                from.watch.news().await;
+            }
         }
-        look_again = false;
-        let ending = from.watch.ended();
+        // Read even with nothing passed: at an end, or after input (see above).
+        let read_anyway = std::mem::take(&mut look_again) || from.watch.ended();
         let flow = engine.flow(from.cookie);
         if let Some(hole) = flow.and_then(hole) {
             // End the console rather than relay a stream with a hole in it.
             return Err(Failure::reading(dir, io::Error::other(hole)));
         }
-        if !ending && flow.is_some_and(|f| f.passed == read_total) && read_total == resumed_at {
+        if !read_anyway && flow.is_some_and(|f| f.passed == read_total) && read_total == resumed_at {
             continue;
         }
         // Allocated only while there is something to relay: idle sessions hold no buffer.
@@ -94,11 +113,16 @@ pub(super) async fn direction(
         // The program counts a passed skb, and announces it, before the kernel queues it
         // for reading, and behind redirected ones still waiting to go out on this socket it
         // may wait long; its announcement is spent. So while some are not read yet, look
-        // again, more slowly while the reads find nothing.
+        // again when input comes, or after a pause that grows while the reads find nothing
+        // (input that comes for a skb the program redirects finds nothing too).
         if engine.flow(from.cookie).is_some_and(|f| f.passed > read_total) {
             if read_total == read_before {
-                sleep(poll_pause).await;
-                poll_pause = (poll_pause * 2).min(PASSED_BYTES_POLL);
+                let input = listen(&mut readable, from).map_err(|e| Failure::reading(dir, e))?;
+                tokio::select! {
+                    // Cleared before the next read, so input after it is a new edge.
+                    ready = input.readable() => ready.map_err(|e| Failure::reading(dir, e))?.clear_ready(),
+                    () = sleep(poll_pause) => poll_pause = (poll_pause * 2).min(PASSED_BYTES_POLL),
+                }
             } else {
                 poll_pause = Duration::from_millis(1);
             }
@@ -111,7 +135,8 @@ pub(super) async fn direction(
             // queue has room for all of it: redirected bytes that do not fit wait in the
             // kernel's backlog, where bytes passed on that socket queue behind them
             // uncharged (see handoff). Until then the passed bytes keep coming this way.
-            let Some(acked) = Box::pin(room_to_resume(engine, dir, (from, to))).await? else {
+            let input = listen(&mut readable, from).map_err(|e| Failure::reading(dir, e))?;
+            let Some(acked) = Box::pin(room_to_resume(engine, dir, (from, to), input)).await? else {
                 look_again = true;
                 continue;
             };
@@ -127,11 +152,16 @@ pub(super) async fn direction(
 
 /// Waits until `to`'s send queue has room for twice the in-flight cap, and gives what it
 /// has acknowledged then; or gives None as soon as `from` has more for userspace (read it
-/// first). Waiting here, rather than for the next batch, lets a direction that fell back
+/// first: news, or `input`). Waiting here, rather than for the next batch, lets a direction that fell back
 /// during a burst resume in the quiet after it: under bursts, the queue was seldom empty
 /// enough at the moment a batch had just been written, and a direction that fell back
 /// stayed in userspace for good.
-async fn room_to_resume(engine: &Sockmap, dir: Direction, (from, to): (&Socket, &Socket)) -> Result<Option<u64>, Failure> {
+async fn room_to_resume(
+    engine: &Sockmap,
+    dir: Direction,
+    (from, to): (&Socket, &Socket),
+    input: &AsyncFd<Std>,
+) -> Result<Option<u64>, Failure> {
     let mut pause = Duration::from_millis(1);
     loop {
         let (acked, sent) = tcp::sent(&to.io).map_err(|e| Failure::writing(dir, e))?;
@@ -141,6 +171,10 @@ async fn room_to_resume(engine: &Sockmap, dir: Direction, (from, to): (&Socket, 
         tokio::select! {
             biased;
             () = from.watch.news() => return Ok(None),
+            ready = input.readable() => {
+                ready.map_err(|e| Failure::reading(dir, e))?.clear_ready();
+                return Ok(None);
+            }
             // Backing off to 4 looks a second: a receiver may stall for long.
             () = sleep(pause) => pause = (pause * 2).min(Duration::from_millis(250)),
         }
@@ -187,7 +221,7 @@ async fn wait_drained(engine: &Sockmap, dir: Direction, (from, to): (&Socket, &S
 /// Writes all of `data` to a socket in no reactor, waiting for room on a duplicate
 /// descriptor registered for writability while this write lasts.
 async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
-    let mut writable: Option<AsyncFd<std::net::TcpStream>> = None;
+    let mut writable: Option<AsyncFd<Std>> = None;
     while !data.is_empty() {
         match (&to.io).write(data) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
@@ -196,7 +230,7 @@ async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 let fd = match &writable {
                     Some(fd) => fd,
-                    None => writable.insert(register_writable(to.io.try_clone()?).map_err(|e| e.into_parts().1)?),
+                    None => writable.insert(register(&to.io, Interest::WRITABLE)?),
                 };
                 fd.writable().await?.clear_ready();
             }
@@ -206,11 +240,19 @@ async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// `from` registered for input in `readable`, registering it if it is not yet.
+fn listen<'r>(readable: &'r mut Option<AsyncFd<Std>>, from: &Socket) -> io::Result<&'r AsyncFd<Std>> {
+    match readable {
+        Some(fd) => Ok(fd),
+        None => Ok(readable.insert(register(&from.io, Interest::READABLE)?)),
+    }
+}
+
+/// A duplicate of `socket`'s descriptor in tokio's reactor, for `interest`, until dropped.
 #[allow(unsafe_code)] // tokio's registration of a raw descriptor
-fn register_writable(
-    socket: std::net::TcpStream,
-) -> Result<AsyncFd<std::net::TcpStream>, tokio::io::unix::AsyncFdRegisterError<std::net::TcpStream>> {
+fn register(socket: &Std, interest: Interest) -> io::Result<AsyncFd<Std>> {
+    let socket = socket.try_clone()?;
     // SAFETY: a std TcpStream owns its descriptor until dropped and always reports the
     // same one; the AsyncFd owns the stream, so the descriptor outlives the registration.
-    unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }
+    unsafe { AsyncFd::register_with_interest(socket, interest) }.map_err(|e| e.into_parts().1)
 }
