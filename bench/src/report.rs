@@ -33,6 +33,8 @@ fn machine(run: &Run, relay_bin: &Path) -> Vec<(String, String)> {
         output("git", &["-C", &root.to_string_lossy(), "status", "--porcelain", "--", "relay"]).is_some_and(|s| !s.trim().is_empty());
     let relay_version = crate::procs::first_line(&relay_bin.to_string_lossy(), &["--version"]).unwrap_or_else(|| "?".into());
     let relay = match rev {
+        // Another build (`--relay`): this checkout's commit says nothing of it.
+        _ if run.args.relay.is_some() => format!("{relay_version}, the binary at {}", relay_bin.display()),
         Some(rev) => format!("{relay_version}, commit {rev}{}, release build", if dirty { " + uncommitted changes in relay/" } else { "" }),
         None => format!("{relay_version}, release build"),
     };
