@@ -38,13 +38,12 @@ pub(super) async fn direction(
     loop {
         if !look_again {
             if engine.flow(from.cookie).is_some_and(|f| f.mode == MODE_PASS) {
-                let input = listen(&mut readable, from).map_err(|e| Failure::reading(dir, e))?;
                 tokio::select! {
                     () = from.watch.news() => {}
                     // Read, not just looked at: a peer's FIN leaves tokio's readiness set
                     // for good, and only the read that finds the end settles it.
-                    ready = input.readable() => {
-                        ready.map_err(|e| Failure::reading(dir, e))?.clear_ready();
+                    ready = input(listen(&mut readable, from), PASSED_BYTES_POLL) => {
+                        ready.map_err(|e| Failure::reading(dir, e))?;
                         look_again = true;
                     }
                 }
@@ -110,17 +109,15 @@ pub(super) async fn direction(
             to.io.shutdown(Shutdown::Write).map_err(|e| Failure::writing(dir, e))?;
             return Ok(());
         }
-        // The program counts a passed skb, and announces it, before the kernel queues it
-        // for reading, and behind redirected ones still waiting to go out on this socket it
-        // may wait long; its announcement is spent. So while some are not read yet, look
+        // The program counts a passed skb (and announces a fall-back) before the kernel
+        // queues it for reading, and behind redirected ones still waiting to go out on this
+        // socket it may wait long. So while some are not read yet, look
         // again when input comes, or after a pause that grows while the reads find nothing
         // (input that comes for a skb the program redirects finds nothing too).
         if engine.flow(from.cookie).is_some_and(|f| f.passed > read_total) {
             if read_total == read_before {
-                let input = listen(&mut readable, from).map_err(|e| Failure::reading(dir, e))?;
                 tokio::select! {
-                    // Cleared before the next read, so input after it is a new edge.
-                    ready = input.readable() => ready.map_err(|e| Failure::reading(dir, e))?.clear_ready(),
+                    ready = input(listen(&mut readable, from), poll_pause) => ready.map_err(|e| Failure::reading(dir, e))?,
                     () = sleep(poll_pause) => poll_pause = (poll_pause * 2).min(PASSED_BYTES_POLL),
                 }
             } else {
@@ -135,7 +132,7 @@ pub(super) async fn direction(
             // queue has room for all of it: redirected bytes that do not fit wait in the
             // kernel's backlog, where bytes passed on that socket queue behind them
             // uncharged (see handoff). Until then the passed bytes keep coming this way.
-            let input = listen(&mut readable, from).map_err(|e| Failure::reading(dir, e))?;
+            let input = listen(&mut readable, from);
             let Some(acked) = Box::pin(room_to_resume(engine, dir, (from, to), input)).await? else {
                 look_again = true;
                 continue;
@@ -152,15 +149,15 @@ pub(super) async fn direction(
 
 /// Waits until `to`'s send queue has room for twice the in-flight cap, and gives what it
 /// has acknowledged then; or gives None as soon as `from` has more for userspace (read it
-/// first: news, or `input`). Waiting here, rather than for the next batch, lets a direction that fell back
-/// during a burst resume in the quiet after it: under bursts, the queue was seldom empty
-/// enough at the moment a batch had just been written, and a direction that fell back
-/// stayed in userspace for good.
+/// first: news, or `input`). Waiting here, rather than for the next batch, lets a
+/// direction that fell back during a burst resume in the quiet after it: under bursts, the
+/// queue was seldom empty enough at the moment a batch had just been written, and a
+/// direction that fell back stayed in userspace for good.
 async fn room_to_resume(
     engine: &Sockmap,
     dir: Direction,
     (from, to): (&Socket, &Socket),
-    input: &AsyncFd<Std>,
+    input: Option<&AsyncFd<Std>>,
 ) -> Result<Option<u64>, Failure> {
     let mut pause = Duration::from_millis(1);
     loop {
@@ -171,8 +168,8 @@ async fn room_to_resume(
         tokio::select! {
             biased;
             () = from.watch.news() => return Ok(None),
-            ready = input.readable() => {
-                ready.map_err(|e| Failure::reading(dir, e))?.clear_ready();
+            ready = self::input(input, Duration::from_millis(250)) => {
+                ready.map_err(|e| Failure::reading(dir, e))?;
                 return Ok(None);
             }
             // Backing off to 4 looks a second: a receiver may stall for long.
@@ -240,11 +237,27 @@ async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// `from` registered for input in `readable`, registering it if it is not yet.
-fn listen<'r>(readable: &'r mut Option<AsyncFd<Std>>, from: &Socket) -> io::Result<&'r AsyncFd<Std>> {
-    match readable {
-        Some(fd) => Ok(fd),
-        None => Ok(readable.insert(register(&from.io, Interest::READABLE)?)),
+/// `from` registered for input in `readable`, registering it if it is not yet; None when
+/// it cannot be (out of descriptors), and the direction then polls.
+fn listen<'r>(readable: &'r mut Option<AsyncFd<Std>>, from: &Socket) -> Option<&'r AsyncFd<Std>> {
+    if readable.is_none() {
+        match register(&from.io, Interest::READABLE) {
+            Ok(fd) => *readable = Some(fd),
+            Err(e) => tracing::debug!(error = %e, "sockmap: a passing direction polls its input instead"),
+        }
+    }
+    readable.as_ref()
+}
+
+/// Until `from` has input, as far as its registration `fd` tells; without one, until
+/// `pause` has passed. Readiness is cleared, so input after the next read is a new edge.
+async fn input(fd: Option<&AsyncFd<Std>>, pause: Duration) -> io::Result<()> {
+    match fd {
+        Some(fd) => fd.readable().await.map(|mut ready| ready.clear_ready()),
+        None => {
+            sleep(pause).await;
+            Ok(())
+        }
     }
 }
 
