@@ -1,7 +1,6 @@
 //! The measurements: throughput, ping-pong latency, handshake rate, idle-session memory.
 
-use crate::client::Door;
-use crate::client::{Buffers, Conn, Target};
+use crate::client::{Buffers, Conn, Door, Target};
 use crate::hv;
 use crate::procs;
 use anyhow::{Context, Result, bail};

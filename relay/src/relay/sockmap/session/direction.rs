@@ -35,9 +35,13 @@ pub(super) async fn direction(
     // arrival is what wakes the direction. Dropped once the program redirects again, when
     // every redirected skb would wake it for nothing; a fall-back after that is announced.
     let mut readable: Option<AsyncFd<Std>> = None;
+    // Whether the program was passing at the last look at the flow. A stale "redirecting"
+    // is safe to wait on (the next fall-back is announced), a stale "passing" costs one
+    // wake-up for nothing; so each wait reuses the last look rather than make another.
+    let mut passing = false;
     loop {
         if !look_again {
-            if engine.flow(from.cookie).is_some_and(|f| f.mode == MODE_PASS) {
+            if passing {
                 tokio::select! {
                     () = from.watch.news() => {}
                     // Read, not just looked at: a peer's FIN leaves tokio's readiness set
@@ -55,6 +59,7 @@ pub(super) async fn direction(
         // Read even with nothing passed: at an end, or after input (see above).
         let read_anyway = std::mem::take(&mut look_again) || from.watch.ended();
         let flow = engine.flow(from.cookie);
+        passing = flow.is_some_and(|f| f.mode == MODE_PASS);
         if let Some(hole) = flow.and_then(hole) {
             // End the console rather than relay a stream with a hole in it.
             return Err(Failure::reading(dir, io::Error::other(hole)));
