@@ -45,6 +45,9 @@ enum Step {
     PollOut,
     /// Move bytes to the destination (from the pipe, or the buffer).
     Drain,
+    /// Wait a moment, then try again to take a pipe (none could be made: out of
+    /// descriptors).
+    Retry,
 }
 
 /// A console's two sockets, shared by the console and its operations in flight.
@@ -186,6 +189,8 @@ pub struct Ring {
     spare_pipes: Vec<Pipe>,
     /// Small and big buffers of buffered consoles, kept for the next console that wakes.
     spare_bufs: [Vec<Box<[u8]>>; 2],
+    /// A direction has waited for a pipe for want of descriptors (said once).
+    pipes_short: bool,
 }
 
 impl Ring {
@@ -200,6 +205,7 @@ impl Ring {
             completed: Vec::new(),
             spare_pipes: Vec::new(),
             spare_bufs: [Vec::new(), Vec::new()],
+            pipes_short: false,
         }
     }
 
@@ -323,7 +329,7 @@ impl Ring {
     fn failure(dir: Direction, step: Step, result: i32) -> Failure {
         let e = io::Error::from_raw_os_error(-result);
         match step {
-            Step::PollIn | Step::Fill => Failure::reading(dir, e),
+            Step::PollIn | Step::Fill | Step::Retry => Failure::reading(dir, e),
             Step::PollOut | Step::Drain => Failure::writing(dir, e),
         }
     }

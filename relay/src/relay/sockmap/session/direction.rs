@@ -221,20 +221,31 @@ async fn wait_drained(engine: &Sockmap, dir: Direction, (from, to): (&Socket, &S
 }
 
 /// Writes all of `data` to a socket in no reactor, waiting for room on a duplicate
-/// descriptor registered for writability while this write lasts.
+/// descriptor registered for writability while this write lasts; out of descriptors, it
+/// tries again every 1-20 ms instead.
 async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
-    let mut writable: Option<AsyncFd<Std>> = None;
+    let (mut writable, mut tried): (Option<AsyncFd<Std>>, bool) = (None, false);
+    let mut pause = Duration::from_millis(1);
     while !data.is_empty() {
         match (&to.io).write(data) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                let fd = match &writable {
-                    Some(fd) => fd,
-                    None => writable.insert(register(&to.io, Interest::WRITABLE)?),
-                };
-                fd.writable().await?.clear_ready();
+                if !tried {
+                    tried = true;
+                    match register(&to.io, Interest::WRITABLE) {
+                        Ok(fd) => writable = Some(fd),
+                        Err(e) => tracing::debug!(error = %e, "sockmap: a write waits for room by polling"),
+                    }
+                }
+                match &writable {
+                    Some(fd) => fd.writable().await?.clear_ready(),
+                    None => {
+                        sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(20));
+                    }
+                }
             }
             Err(e) => return Err(e),
         }

@@ -114,6 +114,8 @@ impl Ring {
             Step::Fill => self.received(id, dir, result as usize),
             Step::Drain if eagain => self.poll_out(id, dir),
             Step::Drain => self.sent(id, dir, result as usize),
+            // (Buffered consoles take no pipe.)
+            Step::Retry => {}
         }
     }
 

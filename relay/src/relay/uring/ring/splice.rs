@@ -17,6 +17,10 @@ use std::sync::atomic::Ordering;
 /// operations (each splice runs on an io-wq worker) per byte.
 const CHUNK: u32 = 1 << 20;
 
+/// How long a direction that could not make a pipe waits before it tries again. A static:
+/// the kernel reads the time when the timer is submitted, at the ring's next enter.
+static PIPE_RETRY: types::Timespec = types::Timespec::new().nsec(20_000_000);
+
 /// A raw console's pipes, one per direction while its bytes move.
 #[derive(Default)]
 pub(super) struct Pipes([Piped; 2]);
@@ -42,6 +46,9 @@ impl Ring {
         match step {
             // kTLS will not splice a record that is not application data: it is next.
             Step::Fill if result == -libc::EINVAL && kernel_tls_source => self.control_record(id, dir),
+            // The wait for descriptors is over (or cancelled, as the console ended).
+            Step::Retry if result == -libc::ETIME => self.fill(id, dir),
+            Step::Retry => {}
             Step::PollIn | Step::PollOut | Step::Fill | Step::Drain if result < 0 && !eagain => {
                 self.end(id, Err(Ring::failure(dir, step, result)))
             }
@@ -94,6 +101,13 @@ impl Ring {
             None => {
                 let pipe = match self.spare_pipes.pop().map_or_else(new_pipe, Ok) {
                     Ok(pipe) => Rc::new(pipe),
+                    // Out of descriptors: the bytes wait in the source socket (TCP pushes
+                    // back on the sender) until a pipe can be made, rather than the
+                    // console end. Each try is a timer on the ring.
+                    Err(e) if crate::reserve::out_of_descriptors(&e) => {
+                        self.pipe_shortage(&e);
+                        return self.submit(id, dir, Step::Retry, (None, None), |_, _, _| opcode::Timeout::new(&PIPE_RETRY).build());
+                    }
                     Err(e) => {
                         let e = io::Error::new(e.kind(), format!("relay could not make a pipe: {e}"));
                         return self.end(id, Err(Failure::writing(dir, e)));
@@ -124,6 +138,15 @@ impl Ring {
                 .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
                 .build()
         });
+    }
+
+    /// Says once per ring that spliced consoles wait for descriptors (the limit is shared
+    /// with every console's sockets: see `limits.max_connections`).
+    fn pipe_shortage(&mut self, e: &io::Error) {
+        if !self.pipes_short {
+            self.pipes_short = true;
+            tracing::warn!(error = %e, "io_uring: out of descriptors for pipes; spliced consoles wait for one (this is said once)");
+        }
     }
 
     /// An empty pipe that no operation holds is given back (kept as a spare, or closed):
