@@ -10,7 +10,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let mut config = load(&args)?;
     telemetry::init(&config.log);
     let asked = config.limits.max_connections;
-    config.limits.max_connections = fit_open_files(asked);
+    config.limits.max_connections = fit_open_files(asked, &config.relay);
     let fitted = config.limits.max_connections;
     // Taken before any thread starts, and before anything else opens a descriptor.
     let activated = systemd::activated()?;
@@ -80,19 +80,36 @@ fn load(args: &RunArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// Fits the open-file limit to `max_connections`, and says so in the log; returns the
-/// connections relay can hold: fewer than asked when the limit is short, so that relay
-/// refuses connections (503) before it runs out of descriptors.
-fn fit_open_files(max_connections: usize) -> usize {
-    use crate::rlimit::{Fitted, fit, fits};
-    match fit(max_connections) {
-        Ok(Fitted::Enough { .. }) => max_connections,
-        Ok(Fitted::Raised { from, to }) => {
+/// Fits the open-file limit to `max_connections` on the configured back-ends, and says so
+/// in the log; returns the connections relay can hold: fewer than asked when the limit is
+/// short of their sockets, so that relay refuses connections (503) before it runs out of
+/// descriptors.
+fn fit_open_files(max_connections: usize, relay: &crate::config::Relay) -> usize {
+    use crate::rlimit::{Fitted, Needs, fit};
+    let needs = Needs::of(max_connections, relay, crate::relay::uring::descriptors());
+    let short_of_extras = |soft: u64| {
+        tracing::warn!(
+            soft,
+            max_connections,
+            "the open-file limit holds max_connections' sockets, but not every pipe or duplicate descriptor the kernel back-ends may take: a console short of one waits for it; raise the hard limit (LimitNOFILE=, ulimit -Hn) to avoid that"
+        );
+    };
+    match fit(&needs) {
+        Ok(Fitted::Enough { all, soft }) => {
+            if !all {
+                short_of_extras(soft);
+            }
+            max_connections
+        }
+        Ok(Fitted::Raised { from, to, all }) => {
             tracing::info!(from, to, max_connections, "raised the open-file limit to fit max_connections");
+            if !all {
+                short_of_extras(to);
+            }
             max_connections
         }
         Ok(Fitted::Short { soft, hard, needed }) => {
-            let connections = fits(soft);
+            let connections = needs.fits(soft);
             tracing::warn!(
                 soft,
                 hard,

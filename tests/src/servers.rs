@@ -248,6 +248,18 @@ impl RelayProcess {
         Self::launch(command, config, &[], std::fs::File::create(log)?.into(), &[]).await
     }
 
+    /// As [`RelayProcess::start_logging_to`], with the open-file limit (soft, hard) relay
+    /// starts under (set by util-linux's prlimit, which then runs relay in its place).
+    pub async fn start_with_open_files(
+        config: &std::path::Path,
+        log: &std::path::Path,
+        (soft, hard): (u64, u64),
+    ) -> anyhow::Result<RelayProcess> {
+        let mut command = Command::new("prlimit");
+        command.arg(format!("--nofile={soft}:{hard}")).arg(relay_binary());
+        Self::launch(command, config, &[], std::fs::File::create(log)?.into(), &[]).await
+    }
+
     async fn spawn(config: &std::path::Path, env: &[(&str, &str)], stderr: Stdio, denied: &[libc::c_long]) -> anyhow::Result<RelayProcess> {
         Self::launch(Command::new(relay_binary()), config, env, stderr, denied).await
     }

@@ -148,6 +148,13 @@ impl Drop for RingHandle {
     }
 }
 
+/// The most descriptors the rings keep for themselves (their spare pipes and eventfds),
+/// for the open-file limit ([`crate::rlimit`]).
+pub fn descriptors() -> u64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    cores * (ring::PIPE_SPARES as u64 * 2 + 2)
+}
+
 /// A ring with the operations the back-end needs. Completion work is deferred until the
 /// ring's thread asks for completions (single issuer, deferred task run), so a wave of
 /// messages costs the thread no interruption per message and is reaped in one batch;

@@ -169,7 +169,7 @@ impl Console {
 /// spent a quarter of its time making, sizing and closing pipes (perf). An empty pipe
 /// holds two descriptors and its slot array (about 10 KiB of kernel memory), no pages.
 /// None are kept once no console is left.
-const PIPE_SPARES: usize = 64;
+pub(super) const PIPE_SPARES: usize = 64;
 /// The same for buffered consoles' buffers (user memory), by size: a direction receives
 /// into a small one until a receive fills it, so a console of keystrokes and small
 /// updates does not zero 256 KiB at every wake-up.

@@ -1,0 +1,93 @@
+//! The open-file limit relay runs under: raised at start to hold every console it is
+//! configured for (on a kernel back-end, with the pipes and duplicate descriptors a
+//! console may take there); where the hard limit is too low even for the consoles'
+//! sockets, relay holds fewer connections and refuses the rest with 503 rather than run
+//! out of descriptors.
+
+use relay_tests::relay_server::scratch_dir;
+use relay_tests::servers::RelayProcess;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// The (soft, hard) limits on open files of process `pid` (or "self").
+fn open_files(pid: &str) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("a line for open files");
+    let n = |i: usize| line.split_whitespace().nth(i).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+    (n(3), n(4))
+}
+
+fn soft_open_files(pid: u32) -> u64 {
+    open_files(&pid.to_string()).0
+}
+
+fn hard_open_files() -> u64 {
+    open_files("self").1
+}
+
+fn write_config(dir: &Path, max_connections: usize, backend: &str) -> PathBuf {
+    let path = dir.join(format!("relay-{backend}-{max_connections}.toml"));
+    let text = format!(
+        "[listen]\nwebsocket = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:0\"\ncontrol = \"{}\"\n\n\
+         [store]\nbackend = \"memory\"\n\n[limits]\nmax_connections = {max_connections}\nmax_connections_per_source = 0\n\n\
+         [relay]\nbackend = \"{backend}\"\n",
+        dir.join(format!("control-{backend}-{max_connections}.sock")).display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_low_soft_limit_is_raised_for_every_console_and_what_its_back_end_may_take() {
+    let dir = scratch_dir("open-files-raised");
+    // Copy: a console's two sockets. Auto: up to four more (the ring's pipes for TLS the
+    // kernel carries, or sockmap's duplicates), and the rings' spare pipes.
+    // The hard limit stays this process's (raising it needs CAP_SYS_RESOURCE).
+    let hard = hard_open_files();
+    for (backend, per_console, most_beyond) in [("copy", 2, 256), ("auto", 6, 256 + 130 * 64)] {
+        let consoles = 1500;
+        assert!(hard >= consoles * per_console + most_beyond, "this test needs a hard limit of 20,000 open files or so; here {hard}");
+        let config = write_config(&dir, consoles as usize, backend);
+        let log = dir.join(format!("{backend}.log"));
+        let relay = RelayProcess::start_with_open_files(&config, &log, (1024, hard)).await.unwrap();
+        let soft = soft_open_files(relay.pid().unwrap());
+        assert!(soft >= consoles * per_console && soft <= consoles * per_console + most_beyond, "{backend}: soft limit {soft}");
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(logged.contains("raised the open-file limit"), "{backend}: {logged}");
+    }
+}
+
+#[tokio::test]
+async fn a_short_hard_limit_holds_fewer_connections_and_refuses_the_rest_with_503() {
+    let dir = scratch_dir("open-files-short");
+    let config = write_config(&dir, 1000, "copy");
+    let log = dir.join("relay.log");
+    // 300 descriptors: relay keeps 256 for itself, so 22 connections of two sockets fit.
+    let relay = RelayProcess::start_with_open_files(&config, &log, (300, 300)).await.unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("open-file limit is below what max_connections needs") && logged.contains("connections=22"), "{logged}");
+    let mut held = Vec::new();
+    for _ in 0..22 {
+        held.push(TcpStream::connect(relay.connect).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = answer(relay.connect).await;
+    assert!(refused.starts_with("HTTP/1.1 503 "), "the 23rd: {refused:?}");
+    // A place given back is taken again.
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut next = TcpStream::connect(relay.connect).await.unwrap();
+    let mut byte = [0u8; 1];
+    let silent = tokio::time::timeout(Duration::from_millis(500), next.read(&mut byte)).await;
+    assert!(silent.is_err(), "the next connection is held, waiting for its request: {silent:?}");
+}
+
+/// What relay answers a connection that sends nothing (up to 2 s).
+async fn answer(addr: std::net::SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut reply)).await;
+    String::from_utf8_lossy(&reply).into_owned()
+}
