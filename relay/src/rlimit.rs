@@ -74,22 +74,23 @@ pub enum Fitted {
 /// Raises the soft open-file limit towards the hard one, as far as `needs` asks.
 pub fn fit(needs: &Needs) -> io::Result<Fitted> {
     let (soft, hard) = get()?;
-    fitted(needs, soft, hard, set)
+    Ok(fitted(needs, soft, hard, set))
 }
 
 /// The decision, with the limits read and a way to set them.
-fn fitted(needs: &Needs, soft: u64, hard: u64, set: impl FnOnce(u64, u64) -> io::Result<()>) -> io::Result<Fitted> {
+fn fitted(needs: &Needs, soft: u64, hard: u64, set: impl FnOnce(u64, u64) -> io::Result<()>) -> Fitted {
     let (sockets, all) = (needs.sockets(), needs.all());
-    let to = all.min(hard);
-    if to > soft {
-        set(to, hard)?;
+    let mut to = all.min(hard);
+    // Refused (a hard limit lowered meanwhile): what there is decides.
+    if to > soft && set(to, hard).is_err() {
+        to = soft;
     }
     let to = to.max(soft);
-    Ok(match to {
+    match to {
         _ if to < sockets => Fitted::Short { soft: to, hard, needed: sockets },
         _ if to == soft => Fitted::Enough { soft, all: soft >= all },
         _ => Fitted::Raised { from: soft, to, all: to >= all },
-    })
+    }
 }
 
 fn get() -> io::Result<(u64, u64)> {
@@ -123,8 +124,7 @@ mod tests {
         let fitted = fitted(needs, soft, hard, |to, _| {
             set_to = Some(to);
             Ok(())
-        })
-        .unwrap();
+        });
         (fitted, set_to)
     }
 
@@ -158,5 +158,13 @@ mod tests {
         // A soft limit already at the hard one stays.
         assert_eq!(fit_with(&auto, 3000, 3000), (Fitted::Enough { soft: 3000, all: false }, None));
         assert_eq!(fit_with(&auto, 1256, 1256), (Fitted::Short { soft: 1256, hard: 1256, needed: 2256 }, None));
+    }
+
+    #[test]
+    fn a_limit_that_cannot_be_raised_is_taken_as_it_is() {
+        let refused = |_, _| Err(io::Error::from_raw_os_error(libc::EPERM));
+        let auto = needs(Backend::Auto, true);
+        assert_eq!(fitted(&auto, 3000, 1 << 20, refused), Fitted::Enough { soft: 3000, all: false });
+        assert_eq!(fitted(&auto, 1256, 1 << 20, refused), Fitted::Short { soft: 1256, hard: 1 << 20, needed: 2256 });
     }
 }

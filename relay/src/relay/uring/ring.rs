@@ -241,7 +241,7 @@ impl Ring {
         loop {
             // SAFETY: every descriptor and buffer an entry names is owned by the InFlight
             // stored under its user_data until the completion is reaped (`submit`), or
-            // by the ring itself (the wake-up read).
+            // by the ring itself (the wake-up read); a timer's time is a static.
             #[allow(unsafe_code)]
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {

@@ -229,14 +229,20 @@ async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         match (&to.io).write(data) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                data = &data[n..];
+                pause = Duration::from_millis(1);
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 if !tried {
                     tried = true;
                     match register(&to.io, Interest::WRITABLE) {
                         Ok(fd) => writable = Some(fd),
-                        Err(e) => tracing::debug!(error = %e, "sockmap: a write waits for room by polling"),
+                        Err(e) if crate::reserve::out_of_descriptors(&e) => {
+                            tracing::debug!(error = %e, "sockmap: a write waits for room by polling")
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
                 match &writable {

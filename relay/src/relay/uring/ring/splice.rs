@@ -11,7 +11,7 @@ use io_uring::{opcode, types};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A direction's pipe capacity, and the most one splice moves: larger pipes mean fewer
 /// operations (each splice runs on an io-wq worker) per byte.
@@ -20,6 +20,11 @@ const CHUNK: u32 = 1 << 20;
 /// How long a direction that could not make a pipe waits before it tries again. A static:
 /// the kernel reads the time when the timer is submitted, at the ring's next enter.
 static PIPE_RETRY: types::Timespec = types::Timespec::new().nsec(20_000_000);
+
+/// Some ring could not make a pipe for want of descriptors: until one can again, every
+/// ring closes the pipes it would keep as spares, so that they do not hold descriptors
+/// another ring's directions wait for.
+static SHORT_OF_PIPES: AtomicBool = AtomicBool::new(false);
 
 /// A raw console's pipes, one per direction while its bytes move.
 #[derive(Default)]
@@ -46,9 +51,9 @@ impl Ring {
         match step {
             // kTLS will not splice a record that is not application data: it is next.
             Step::Fill if result == -libc::EINVAL && kernel_tls_source => self.control_record(id, dir),
-            // The wait for descriptors is over (or cancelled, as the console ended).
-            Step::Retry if result == -libc::ETIME => self.fill(id, dir),
-            Step::Retry => {}
+            // The wait for descriptors is over: try again. (A console that ended had
+            // its timer cancelled, and its completion never gets here.)
+            Step::Retry => self.fill(id, dir),
             Step::PollIn | Step::PollOut | Step::Fill | Step::Drain if result < 0 && !eagain => {
                 self.end(id, Err(Ring::failure(dir, step, result)))
             }
@@ -100,7 +105,10 @@ impl Ring {
             Some(pipe) => pipe,
             None => {
                 let pipe = match self.spare_pipes.pop().map_or_else(new_pipe, Ok) {
-                    Ok(pipe) => Rc::new(pipe),
+                    Ok(pipe) => {
+                        SHORT_OF_PIPES.store(false, Ordering::Relaxed);
+                        Rc::new(pipe)
+                    }
                     // Out of descriptors: the bytes wait in the source socket (TCP pushes
                     // back on the sender) until a pipe can be made, rather than the
                     // console end. Each try is a timer on the ring.
@@ -143,21 +151,27 @@ impl Ring {
     /// Says once per ring that spliced consoles wait for descriptors (the limit is shared
     /// with every console's sockets: see `limits.max_connections`).
     fn pipe_shortage(&mut self, e: &io::Error) {
+        SHORT_OF_PIPES.store(true, Ordering::Relaxed);
         if !self.pipes_short {
             self.pipes_short = true;
             tracing::warn!(error = %e, "io_uring: out of descriptors for pipes; spliced consoles wait for one (this is said once)");
         }
     }
 
-    /// An empty pipe that no operation holds is given back (kept as a spare, or closed):
-    /// idle consoles hold none.
+    /// An empty pipe that no operation holds is given back (kept as a spare, or closed
+    /// while descriptors are short): idle consoles hold none.
     fn release_pipe(&mut self, id: u64, dir: Direction) {
         let Some(pipes) = self.pipes(id) else { return };
         let piped = &mut pipes.0[dir.index()];
         if piped.held > 0 {
             return;
         }
-        if let Some(pipe) = piped.pipe.take().and_then(|p| Rc::try_unwrap(p).ok())
+        let pipe = piped.pipe.take().and_then(|p| Rc::try_unwrap(p).ok());
+        if SHORT_OF_PIPES.load(Ordering::Relaxed) {
+            self.spare_pipes.clear();
+            return;
+        }
+        if let Some(pipe) = pipe
             && self.spare_pipes.len() < PIPE_SPARES
         {
             self.spare_pipes.push(pipe);
