@@ -15,7 +15,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     // Taken before any thread starts, and before anything else opens a descriptor.
     let activated = systemd::activated()?;
     crate::logsink::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.relay.worker_threads > 0 {
+        runtime.worker_threads(config.relay.worker_threads);
+    }
+    let runtime = runtime.enable_all().build()?;
     let served = runtime.block_on(async {
         let signal = server::shutdown_signal()?;
         let shutdown = async {

@@ -210,3 +210,25 @@ async fn with_end_consoles_at_expiry_a_console_ends_with_its_token() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     still_works(consoles.get_mut("lasting").unwrap()).await;
 }
+
+/// `[relay] worker_threads` sets the threads relay runs its tasks on; 0 is one per core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_sets_the_threads_that_run_consoles() {
+    let dir = scratch_dir("workers");
+    let workers = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "tokio-rt-worker")
+            .count()
+    };
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for (setting, expected) in [(1, 1), (0, cores)] {
+        let path = dir.join(format!("relay-{setting}.toml"));
+        write_config(&path, &dir, &format!("[relay]\nworker_threads = {setting}\n"));
+        let relay = RelayProcess::start(&path).await.unwrap();
+        // Every worker has started once relay listens (tokio starts them with the runtime).
+        assert_eq!(workers(relay.pid().unwrap()), expected, "worker_threads = {setting}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -139,6 +139,13 @@ pub struct Relay {
     /// plain rings: interrupted by every completion, for a kernel whose deferred task run
     /// misbehaves.
     pub uring_defer_taskrun: bool,
+    /// Threads that run handshakes, the control socket and the userspace relay (`copy`);
+    /// 0: one per core. On 2 cores, a farm of 2,000 quiet consoles on `copy` cost the
+    /// machine 0.19 cores per 1,000 consoles over direct on one thread, against 0.25 on
+    /// two (the threads wake each other to share each burst of wake-ups; HAProxy: 0.25),
+    /// for a similar p99 (docs/architecture.md). One thread also caps handshakes and bulk
+    /// consoles on `copy` at one core.
+    pub worker_threads: usize,
 }
 
 impl Default for Relay {
@@ -150,6 +157,7 @@ impl Default for Relay {
             kernel_min_bytes_per_sec: 1_000_000,
             kernel_tls: true,
             uring_defer_taskrun: true,
+            worker_threads: 0,
         }
     }
 }
