@@ -20,10 +20,11 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Bytes;
 
 /// The paths of the farm, in report order: (key, label, relay back-end or a peer).
-pub const PATHS: [(&str, &str); 8] = [
+pub const PATHS: [(&str, &str); 9] = [
     ("direct", "direct (no proxy)"),
     ("haproxy", "HAProxy (mode tcp)"),
     ("connect-copy", "relay CONNECT, copy"),
+    ("connect-copy-1t", "relay CONNECT, copy, worker_threads = 1"),
     ("connect-auto", "relay CONNECT, auto"),
     ("connect-sockmap", "relay CONNECT, sockmap"),
     ("connect-uring", "relay CONNECT, uring"),
@@ -160,7 +161,12 @@ async fn one_path(relay_bin: &Path, dir: &Path, hv: SocketAddr, key: &str, shape
         }
         _ => {
             let (door, backend) = key.split_once('-').context("a relay path")?;
-            let r = procs::start_relay(relay_bin, dir, backend)?;
+            // `-1t`: relay's tasks on one thread, which a farm of quiet consoles favours.
+            let (backend, extra) = match backend.strip_suffix("-1t") {
+                Some(backend) => (backend, "worker_threads = 1\n"),
+                None => (backend, ""),
+            };
+            let r = procs::start_relay_tuned(relay_bin, dir, backend, extra)?;
             let token = r.token(hv).await?;
             let target = match door {
                 "ws" => Target { addr: r.ws, door: Door::Ws { token: Some(token) } },

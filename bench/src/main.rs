@@ -100,7 +100,7 @@ pub struct Args {
     /// as a farm round's p99 varies more than a throughput run.
     #[arg(long, default_value_t = 5)]
     farm_rounds: usize,
-    /// Only these farm paths (keys as in the farm's table: haproxy, connect-copy,
+    /// Only these farm paths (keys as in the farm's table: haproxy, connect-copy, connect-copy-1t,
     /// connect-auto, connect-sockmap, connect-uring, ws-copy, ws-uring); direct always runs.
     #[arg(long, value_delimiter = ',')]
     farm_paths: Vec<String>,

@@ -93,6 +93,15 @@ pub fn start_relay_with(binary: &Path, dir: &Path, backend: &str, store: &str) -
 
 /// As [`start_relay_with`], with `tokens` added to the `[tokens]` section (its sources).
 pub fn start_relay_sourced(binary: &Path, dir: &Path, backend: &str, tokens: &str, store: &str) -> Result<Relay> {
+    launch_relay(binary, dir, backend, "", tokens, store)
+}
+
+/// As [`start_relay`], with `relay_extra` (lines of settings) added to the `[relay]` section.
+pub fn start_relay_tuned(binary: &Path, dir: &Path, backend: &str, relay_extra: &str) -> Result<Relay> {
+    launch_relay(binary, dir, backend, relay_extra, "", "[store]\nbackend = \"memory\"\n")
+}
+
+fn launch_relay(binary: &Path, dir: &Path, backend: &str, relay_extra: &str, tokens: &str, store: &str) -> Result<Relay> {
     let control = dir.join("control.sock");
     let config = dir.join("relay.toml");
     std::fs::write(
@@ -124,6 +133,7 @@ shutdown_grace_secs = 1
 [relay]
 backend = "{backend}"
 kernel_after_ms = {kernel_after_ms}
+{relay_extra}
 
 {store}
 "#,

@@ -141,10 +141,10 @@ pub struct Relay {
     pub uring_defer_taskrun: bool,
     /// Threads that run handshakes, the control socket and the userspace relay (`copy`);
     /// 0: one per core. On 2 cores, a farm of 2,000 quiet consoles on `copy` cost the
-    /// machine 0.19 cores per 1,000 consoles over direct on one thread, against 0.25 on
-    /// two (the threads wake each other to share each burst of wake-ups; HAProxy: 0.25),
-    /// for a similar p99 (docs/architecture.md). One thread also caps handshakes and bulk
-    /// consoles on `copy` at one core.
+    /// machine 0.18-0.19 cores per 1,000 consoles over direct on one thread, against
+    /// 0.24-0.25 on two (the threads wake each other to share each burst of wake-ups;
+    /// HAProxy: 0.25), but its p99 was no better and at times worse (docs/architecture.md).
+    /// One thread also caps handshakes and bulk consoles on `copy` at one core.
     pub worker_threads: usize,
 }
 
