@@ -314,53 +314,6 @@ fn ctl_sends_nothing_to_a_socket_served_by_another_user() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// relay started with a soft open-file limit of 1024 raises it to fit its connections
-/// (5,000 here, on `auto`: their sockets and what the kernel back-ends may take), as far
-/// as the hard limit allows, and says when that is short of the back-ends' share; under a
-/// hard limit of 1024 it says, with the numbers, how many connections fit.
-#[test]
-fn a_low_open_file_limit_is_raised_or_reported() {
-    let dir = scratch("nofile");
-    let config = dir.join("relay.toml");
-    std::fs::write(&config, "[limits]\nmax_connections = 5000\n").unwrap();
-    let run = |limit: &str, log: &Path| {
-        let mut child = Command::new("prlimit")
-            .arg(format!("--nofile={limit}"))
-            .args([RELAY, "run", "--ws-listen", "127.0.0.1:0", "--connect-listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .arg("--control")
-            .arg(dir.join("control.sock"))
-            .env("RELAY_STATE_DIR", &dir)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
-        let _ = child.kill();
-        let _ = child.wait();
-        let soft = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().nth(3).unwrap().to_string();
-        (soft, std::fs::read_to_string(log).unwrap())
-    };
-    // The hard limit this process has (raising a hard limit needs CAP_SYS_RESOURCE).
-    let hard = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let hard: u64 = hard.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().nth(4).unwrap().parse().unwrap();
-    assert!(hard >= 10256, "this test needs a hard open-file limit of at least 10256, not {hard}");
-    // Up to 6 descriptors a console on auto (relay/src/rlimit.rs), 256 of relay's own, and
-    // 130 a core for the io_uring rings' spare pipes and eventfds.
-    let cores = std::thread::available_parallelism().unwrap().get() as u64;
-    let all = 5000 * 6 + 256 + cores * 130;
-    let (soft, log) = run(&format!("1024:{hard}"), &dir.join("raised.log"));
-    assert_eq!(soft, all.min(hard).to_string(), "the sockets of 5,000 connections and what the back-ends may take");
-    assert!(log.contains("raised the open-file limit") && log.contains("from=1024"), "{log}");
-    assert_eq!(log.contains("not every pipe or duplicate descriptor"), hard < all, "{log}");
-    let (soft, log) = run("1024:1024", &dir.join("short.log"));
-    assert_eq!(soft, "1024");
-    assert!(log.contains("WARN") && log.contains("needed=10256") && log.contains("connections=384"), "{log}");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
 /// Secrets need not be on the command line, where `ps` shows them: passwords come from a
 /// file or stdin, tokens from stdin; the old flags still work and their help says why not.
 #[test]

@@ -62,6 +62,25 @@ async fn a_low_soft_limit_is_raised_for_every_console_and_what_its_back_end_may_
     }
 }
 
+/// A hard limit that holds the consoles' sockets but not all a kernel back-end may take
+/// beside them: relay keeps every connection it was configured for, raises the soft limit
+/// as far as it goes, and says at start that a console may then wait for a descriptor.
+#[tokio::test]
+async fn a_hard_limit_short_of_the_back_ends_share_is_taken_whole_and_reported() {
+    let dir = scratch_dir("open-files-extras");
+    // 1,500 consoles on auto: 3,256 descriptors for their sockets and relay's own, up to
+    // 9,256 more with what the back-ends may take.
+    let hard = 5000;
+    assert!(hard_open_files() >= hard, "this test needs a hard limit of {hard} open files");
+    let config = write_config(&dir, 1500, "auto");
+    let log = dir.join("relay.log");
+    let relay = RelayProcess::start_with_open_files(&config, &log, (1024, hard)).await.unwrap();
+    assert_eq!(soft_open_files(relay.pid().unwrap()), hard);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("raised the open-file limit") && logged.contains("not every pipe or duplicate descriptor"), "{logged}");
+    assert!(!logged.contains("below what max_connections needs"), "every connection fits: {logged}");
+}
+
 #[tokio::test]
 async fn a_short_hard_limit_holds_fewer_connections_and_refuses_the_rest_with_503() {
     let dir = scratch_dir("open-files-short");
