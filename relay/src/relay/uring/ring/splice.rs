@@ -105,10 +105,7 @@ impl Ring {
             Some(pipe) => pipe,
             None => {
                 let pipe = match self.spare_pipes.pop().map_or_else(new_pipe, Ok) {
-                    Ok(pipe) => {
-                        SHORT_OF_PIPES.store(false, Ordering::Relaxed);
-                        Rc::new(pipe)
-                    }
+                    Ok(pipe) => Rc::new(pipe),
                     // Out of descriptors: the bytes wait in the source socket (TCP pushes
                     // back on the sender) until a pipe can be made, rather than the
                     // console end. Each try is a timer on the ring.
@@ -191,6 +188,11 @@ fn new_pipe() -> io::Result<Pipe> {
     let pipe = unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } };
     // Best effort: an unprivileged process may be limited to smaller pipes (fs.pipe-max-size).
     let _ = set_pipe_size(&pipe.write, CHUNK);
+    // A new pipe, not a spare, shows descriptors are there again. Read first: the flag is
+    // shared by every ring, and a store at every pipe would bounce its cache line.
+    if SHORT_OF_PIPES.load(Ordering::Relaxed) {
+        SHORT_OF_PIPES.store(false, Ordering::Relaxed);
+    }
     Ok(pipe)
 }
 
