@@ -1,5 +1,6 @@
 pub mod browser;
 pub mod conformance;
+pub mod conformance_descriptors;
 pub mod conformance_order;
 pub mod conformance_tls;
 pub mod env;

@@ -119,6 +119,12 @@ impl Collector for Snapshot {
         counter(&mut e, "store_errors", "Consoles refused because a store or token source did not answer", c.store_errors)?;
         counter(&mut e, "kernel_hand_overs", "Consoles moved from the userspace relay to a kernel back-end", s.relay.hand_overs)?;
         counter(&mut e, "kernel_tls_legs", "TLS connections whose records the kernel took over (kTLS)", s.relay.kernel_tls_legs)?;
+        counter(
+            &mut e,
+            "kernel_descriptor_waits",
+            "Times a kernel back-end's console found no descriptor free (a pipe, a duplicate to wait on) and waited",
+            s.relay.descriptor_waits,
+        )?;
         gauge(&mut e, "sockmap_flows", "Consoles spliced in the kernel now", s.relay.sockmap_flows as i64)?;
         counter(
             &mut e,

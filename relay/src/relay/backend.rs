@@ -67,6 +67,11 @@ pub struct BackendsView {
     pub sockmap_watcher_turns: u64,
     /// TLS legs (viewer or hypervisor side) whose records the kernel took over (kTLS).
     pub kernel_tls_legs: u64,
+    /// Times a kernel back-end's console found no descriptor free for what it needed
+    /// beside its sockets (a pipe, a duplicate to wait on) and waited or polled instead of
+    /// ending: the open-file limit is short (see `limits.max_connections`).
+    #[serde(default)]
+    pub descriptor_waits: u64,
 }
 
 /// The back-ends this process runs, chosen at start-up.
@@ -200,6 +205,8 @@ impl Relays {
             sockmap_wakeups: self.sockmap.as_ref().map_or(0, Sockmap::wakeups),
             sockmap_watcher_turns: self.sockmap.as_ref().map_or(0, Sockmap::watcher_turns),
             kernel_tls_legs: self.kernel_tls_legs.load(Ordering::Relaxed),
+            descriptor_waits: self.sockmap.as_ref().map_or(0, |s| s.descriptor_waits.load(Ordering::Relaxed))
+                + self.uring.as_ref().map_or(0, Uring::descriptor_waits),
         }
     }
 

@@ -8,6 +8,7 @@
 
 use relay::config::Backend;
 use relay_tests::conformance::{self, start};
+use relay_tests::conformance_descriptors;
 use relay_tests::conformance_tls;
 use relay_tests::relay_server::TestRelay;
 use std::future::Future;
@@ -37,6 +38,13 @@ const CHECKS: [(&str, Check); 10] = checks!(conformance:
     hundreds_of_fall_backs_and_resumes_keep_every_byte_in_order,
 );
 
+/// Consoles while relay is out of descriptors (each takes the whole process's away for a
+/// while: the checks run one at a time).
+const DESCRIPTOR_CHECKS: [(&str, Check); 2] = checks!(conformance_descriptors:
+    a_console_short_of_descriptors_keeps_every_byte,
+    a_tls_console_short_of_descriptors_keeps_every_byte,
+);
+
 /// TLS consoles, whose TLS must move into these kernels (kTLS).
 const TLS_CHECKS: [(&str, Check); 5] = checks!(conformance_tls:
     tls_consoles_each_cipher_byte_exact_each_way,
@@ -57,7 +65,7 @@ fn main() -> std::process::ExitCode {
     let only = option("VMCHECK_ONLY");
     let repeat: usize = option("VMCHECK_REPEAT").and_then(|n| n.parse().ok()).unwrap_or(1);
     // A check name that matches none must fail the run, not pass it with nothing run.
-    let unknown = only.as_ref().filter(|o| !CHECKS.iter().chain(&TLS_CHECKS).any(|(check, _)| check == o));
+    let unknown = only.as_ref().filter(|o| !CHECKS.iter().chain(&TLS_CHECKS).chain(&DESCRIPTOR_CHECKS).any(|(check, _)| check == o));
     if let Some(name) = unknown {
         println!("vmcheck: {kernel}: FAIL: no check named {name:?}");
     }
@@ -72,7 +80,8 @@ fn main() -> std::process::ExitCode {
             if wanted.as_ref().is_some_and(|w| !w.split(',').any(|b| b == name)) {
                 continue;
             }
-            let checks = CHECKS.into_iter().chain(TLS_CHECKS).filter(|(check, _)| only.as_ref().is_none_or(|o| o == check));
+            let checks =
+                CHECKS.into_iter().chain(TLS_CHECKS).chain(DESCRIPTOR_CHECKS).filter(|(check, _)| only.as_ref().is_none_or(|o| o == check));
             for (check, run) in checks.flat_map(|c| std::iter::repeat_n(c, repeat)) {
                 let started = Instant::now();
                 let task = tokio::spawn(async move { run(start(backend, |_| {}).await, backend).await });

@@ -51,6 +51,9 @@ pub struct Sockmap {
     pub in_flight_cap: u64,
     /// Times a direction that fell back to userspace was handed back to the kernel.
     pub resumes: std::sync::atomic::AtomicU64,
+    /// Times a direction found no descriptor free to wait on (for room to write, or for
+    /// input while the program passes) and polled instead.
+    pub descriptor_waits: std::sync::atomic::AtomicU64,
     watcher: watch::Watcher,
     /// Keeps the program loaded and attached to the verdict map.
     _ebpf: Ebpf,
@@ -90,7 +93,14 @@ impl Sockmap {
         let passed = RingBuf::try_from(passed).map_err(|e| kernel(&e))?;
         let unsignalled = Array::try_from(unsignalled).map_err(|e| kernel(&e))?;
         let watcher = watch::Watcher::new(passed, unsignalled).map_err(|e| kernel(&e))?;
-        Ok(Sockmap { maps: RwLock::new(maps), in_flight_cap, resumes: Default::default(), watcher, _ebpf: ebpf })
+        Ok(Sockmap {
+            maps: RwLock::new(maps),
+            in_flight_cap,
+            resumes: Default::default(),
+            descriptor_waits: Default::default(),
+            watcher,
+            _ebpf: ebpf,
+        })
     }
 
     fn maps(&self) -> RwLockWriteGuard<'_, Maps> {

@@ -99,6 +99,12 @@ impl Uring {
         self.rings.len()
     }
 
+    /// Times a spliced direction found no descriptor for a pipe and waited to try again
+    /// (counted by every ring of the process).
+    pub fn descriptor_waits(&self) -> u64 {
+        ring::pipe_waits()
+    }
+
     /// Whether the rings defer their completion work to their threads: false for plain
     /// rings (a kernel before 6.1, or `uring_defer_taskrun = false`).
     pub fn deferred(&self) -> bool {

@@ -20,6 +20,7 @@ use crate::relay::lifecycle::{Direction, Failure, Op, Side};
 use crate::session::Shared;
 pub(super) use buffered::Buffered;
 use io_uring::{IoUring, opcode, squeue, types};
+pub(super) use splice::pipe_waits;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, TcpStream};

@@ -46,7 +46,7 @@ pub(super) async fn direction(
                     () = from.watch.news() => {}
                     // Read, not just looked at: a peer's FIN leaves tokio's readiness set
                     // for good, and only the read that finds the end settles it.
-                    ready = input(listen(&mut readable, from), PASSED_BYTES_POLL) => {
+                    ready = input(listen(engine, &mut readable, from), PASSED_BYTES_POLL) => {
                         ready.map_err(|e| Failure::reading(dir, e))?;
                         look_again = true;
                     }
@@ -104,7 +104,7 @@ pub(super) async fn direction(
                 break;
             }
             read_total += n as u64;
-            Box::pin(write_all(to, &buf[..n])).await.map_err(|e| Failure::writing(dir, e))?;
+            Box::pin(write_all(engine, to, &buf[..n])).await.map_err(|e| Failure::writing(dir, e))?;
             user.written.fetch_add(n as u64, Ordering::Relaxed);
             user.counter.fetch_add(n as u64, Ordering::Relaxed);
         }
@@ -122,7 +122,7 @@ pub(super) async fn direction(
         if engine.flow(from.cookie).is_some_and(|f| f.passed > read_total) {
             if read_total == read_before {
                 tokio::select! {
-                    ready = input(listen(&mut readable, from), poll_pause) => ready.map_err(|e| Failure::reading(dir, e))?,
+                    ready = input(listen(engine, &mut readable, from), poll_pause) => ready.map_err(|e| Failure::reading(dir, e))?,
                     () = sleep(poll_pause) => poll_pause = (poll_pause * 2).min(PASSED_BYTES_POLL),
                 }
             } else {
@@ -137,7 +137,7 @@ pub(super) async fn direction(
             // queue has room for all of it: redirected bytes that do not fit wait in the
             // kernel's backlog, where bytes passed on that socket queue behind them
             // uncharged (see handoff). Until then the passed bytes keep coming this way.
-            let input = listen(&mut readable, from);
+            let input = listen(engine, &mut readable, from);
             let Some(acked) = Box::pin(room_to_resume(engine, dir, (from, to), input)).await? else {
                 look_again = true;
                 continue;
@@ -223,7 +223,7 @@ async fn wait_drained(engine: &Sockmap, dir: Direction, (from, to): (&Socket, &S
 /// Writes all of `data` to a socket in no reactor, waiting for room on a duplicate
 /// descriptor registered for writability while this write lasts; out of descriptors, it
 /// tries again every 1-20 ms instead.
-async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
+async fn write_all(engine: &Sockmap, to: &Socket, mut data: &[u8]) -> io::Result<()> {
     let (mut writable, mut tried): (Option<AsyncFd<Std>>, bool) = (None, false);
     let mut pause = Duration::from_millis(1);
     while !data.is_empty() {
@@ -240,6 +240,7 @@ async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
                     match register(&to.io, Interest::WRITABLE) {
                         Ok(fd) => writable = Some(fd),
                         Err(e) if crate::reserve::out_of_descriptors(&e) => {
+                            engine.descriptor_waits.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(error = %e, "sockmap: a write waits for room by polling")
                         }
                         Err(e) => return Err(e),
@@ -261,11 +262,14 @@ async fn write_all(to: &Socket, mut data: &[u8]) -> io::Result<()> {
 
 /// `from` registered for input in `readable`, registering it if it is not yet; None when
 /// it cannot be (out of descriptors), and the direction then polls.
-fn listen<'r>(readable: &'r mut Option<AsyncFd<Std>>, from: &Socket) -> Option<&'r AsyncFd<Std>> {
+fn listen<'r>(engine: &Sockmap, readable: &'r mut Option<AsyncFd<Std>>, from: &Socket) -> Option<&'r AsyncFd<Std>> {
     if readable.is_none() {
         match register(&from.io, Interest::READABLE) {
             Ok(fd) => *readable = Some(fd),
-            Err(e) => tracing::debug!(error = %e, "sockmap: a passing direction polls its input instead"),
+            Err(e) => {
+                engine.descriptor_waits.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "sockmap: a passing direction polls its input instead")
+            }
         }
     }
     readable.as_ref()

@@ -11,7 +11,7 @@ use io_uring::{opcode, types};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// A direction's pipe capacity, and the most one splice moves: larger pipes mean fewer
 /// operations (each splice runs on an io-wq worker) per byte.
@@ -25,6 +25,14 @@ static PIPE_RETRY: types::Timespec = types::Timespec::new().nsec(20_000_000);
 /// ring closes the pipes it would keep as spares, so that they do not hold descriptors
 /// another ring's directions wait for.
 static SHORT_OF_PIPES: AtomicBool = AtomicBool::new(false);
+
+/// Times a direction could not make a pipe for want of descriptors (each try counts).
+static PIPE_WAITS: AtomicU64 = AtomicU64::new(0);
+
+/// Times, in this process, a spliced direction found no descriptor for a pipe and waited.
+pub(in crate::relay::uring) fn pipe_waits() -> u64 {
+    PIPE_WAITS.load(Ordering::Relaxed)
+}
 
 /// A raw console's pipes, one per direction while its bytes move.
 #[derive(Default)]
@@ -149,6 +157,7 @@ impl Ring {
     /// with every console's sockets: see `limits.max_connections`).
     fn pipe_shortage(&mut self, e: &io::Error) {
         SHORT_OF_PIPES.store(true, Ordering::Relaxed);
+        PIPE_WAITS.fetch_add(1, Ordering::Relaxed);
         if !self.pipes_short {
             self.pipes_short = true;
             tracing::warn!(error = %e, "io_uring: out of descriptors for pipes; spliced consoles wait for one (this is said once)");
