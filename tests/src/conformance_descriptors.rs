@@ -74,7 +74,7 @@ async fn on_its_back_end(relay: &TestRelay, there: impl Fn(&relay::control::repl
 /// descriptors back, and checks every byte came back in order, then the end.
 async fn echo_short_of_descriptors(stream: impl AsyncRead + AsyncWrite + Send + 'static, size: usize) {
     let (mut r, mut w) = tokio::io::split(stream);
-    let short = NoNewDescriptors::start();
+    let short = NoNewDescriptors::start().await;
     let writer = tokio::spawn(async move {
         for chunk in numbered_block()[..size].chunks(1 << 20) {
             w.write_all(chunk).await.unwrap();
@@ -102,8 +102,31 @@ struct NoNewDescriptors {
 }
 
 impl NoNewDescriptors {
+    /// Takes them all, once the count of open ones has held still for 300 ms (a relay of
+    /// an earlier check may still be closing its own: they would come back mid-check), and
+    /// again a moment later, for those relay was still closing (the server's side of the
+    /// last control request, say).
+    async fn start() -> NoNewDescriptors {
+        let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let (mut last, mut still) = (open(), 0);
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = open();
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+            if still == 3 {
+                break;
+            }
+        }
+        let mut short = NoNewDescriptors::lower();
+        short.fill();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        short.fill();
+        short
+    }
+
     #[allow(unsafe_code)] // getrlimit/setrlimit
-    fn start() -> NoNewDescriptors {
+    fn lower() -> NoNewDescriptors {
         let highest =
             std::fs::read_dir("/proc/self/fd").unwrap().filter_map(|fd| fd.ok()?.file_name().to_str()?.parse::<u64>().ok()).max().unwrap();
         let mut saved = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -112,11 +135,15 @@ impl NoNewDescriptors {
             assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut saved), 0);
             assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &libc::rlimit { rlim_cur: highest + 1, rlim_max: saved.rlim_max }), 0);
         }
-        let mut short = NoNewDescriptors { saved, fillers: Vec::new() };
+        NoNewDescriptors { saved, fillers: Vec::new() }
+    }
+
+    /// Opens descriptors until none is left.
+    fn fill(&mut self) {
         loop {
             match std::fs::File::open("/dev/null") {
-                Ok(filler) => short.fillers.push(filler),
-                Err(e) if relay::reserve::out_of_descriptors(&e) => return short,
+                Ok(filler) => self.fillers.push(filler),
+                Err(e) if relay::reserve::out_of_descriptors(&e) => return,
                 Err(e) => panic!("filling the free descriptors: {e}"),
             }
         }
