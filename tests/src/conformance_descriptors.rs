@@ -6,8 +6,9 @@
 //! ring splices TLS the kernel carries through a pipe per direction.
 //!
 //! These checks take this whole process's descriptors away for a while, relay's and the
-//! test's alike: they must run alone in their process (`tests/short_of_descriptors.rs`
-//! runs them one at a time; `vmcheck` runs every check in turn).
+//! test's alike: they must run alone in their process. `tests/short_of_descriptors.rs`
+//! runs the raw check on each back-end here, one at a time (this machine has no kTLS, so
+//! nothing is spliced); `vmcheck` runs both in Debian's kernels, every check in turn.
 
 use crate::conformance::console;
 use crate::conformance_order::{numbered_block, read_numbered_words};
