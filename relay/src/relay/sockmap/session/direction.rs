@@ -267,7 +267,9 @@ fn listen<'r>(engine: &Sockmap, readable: &'r mut Option<AsyncFd<Std>>, from: &S
         match register(&from.io, Interest::READABLE) {
             Ok(fd) => *readable = Some(fd),
             Err(e) => {
-                engine.descriptor_waits.fetch_add(1, Ordering::Relaxed);
+                if crate::reserve::out_of_descriptors(&e) {
+                    engine.descriptor_waits.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::debug!(error = %e, "sockmap: a passing direction polls its input instead")
             }
         }
