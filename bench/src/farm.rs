@@ -19,6 +19,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Bytes;
 
+/// How long the consoles run before the window, past their first interval: relay's `auto`
+/// moves a console that keeps carrying a little at its second look, 3 s after it opened
+/// (`kernel_after_ms`, then twice that), so the window sees every console where it stays.
+pub const SETTLE: Duration = Duration::from_secs(4);
+
 /// The paths of the farm, in report order: (key, label, relay back-end or a peer).
 pub const PATHS: [(&str, &str); 9] = [
     ("direct", "direct (no proxy)"),
@@ -50,7 +55,7 @@ pub struct Shape {
     pub message: usize,
     /// How close together consoles' messages are sent at once, at most (see [`pacer`]).
     pub slot: Duration,
-    /// The measured window, after a warm-up of one interval plus a second.
+    /// The measured window, after a warm-up of one interval plus [`SETTLE`].
     pub window: Duration,
 }
 
@@ -185,7 +190,7 @@ async fn one_path(relay_bin: &Path, dir: &Path, hv: SocketAddr, key: &str, shape
 /// Opens the consoles, lets them run, and measures the window.
 async fn farm(target: &Target, pid: Option<u32>, shape: Shape) -> Result<FarmResult> {
     let conns = open_all(target, shape).await?;
-    let warm_up = shape.interval + Duration::from_secs(1);
+    let warm_up = shape.interval + SETTLE;
     let start = Instant::now();
     let measure_from = start + warm_up;
     let end = measure_from + shape.window;

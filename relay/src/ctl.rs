@@ -287,12 +287,18 @@ fn print_stats(s: Stats) {
     println!("sessions_active: {}", s.sessions_active);
     println!("live bytes: {} to hypervisors, {} to viewers", s.live_bytes_to_hypervisor, s.live_bytes_to_viewer);
     println!("tokens: {}", s.tokens);
-    println!("relay: raw consoles on {}, framed on {}, kernel-TLS on {}", r.raw.name(), r.framed.name(), r.kernel_tls.name());
+    println!(
+        "relay: raw consoles on {} (quiet ones on {}), framed on {}, kernel-TLS on {}",
+        r.raw.name(),
+        r.raw_quiet.name(),
+        r.framed.name(),
+        r.kernel_tls.name()
+    );
     println!(
         "relay: kernel_after_ms {}, hand_overs {}, kernel_tls_legs {}, descriptor_waits {}",
         r.kernel_after_ms, r.hand_overs, r.kernel_tls_legs, r.descriptor_waits
     );
-    if r.raw.name() == "sockmap" {
+    if r.raw.name() == "sockmap" || r.raw_quiet.name() == "sockmap" {
         println!(
             "relay: sockmap flows {}, sockets {}, resumes {}, wake-ups {}",
             r.sockmap_flows, r.sockmap_sockets, r.sockmap_resumes, r.sockmap_wakeups

@@ -1,5 +1,6 @@
 //! Streams of numbered words, checked byte by byte on their way back: a console moved
-//! from copy to the kernel mid-stream, only a busy one moved at all, and uneven reads and
+//! from copy to the kernel mid-stream, only a busy one moved at all (and, on `auto`, each
+//! to the back-end its traffic picks), and uneven reads and
 //! writes (on sockmap, a direction falling back to userspace and resuming again and
 //! again). A misplaced byte says which word arrived where which was due.
 
@@ -65,6 +66,59 @@ pub async fn only_a_busy_console_moves_to_the_kernel(default: TestRelay, backend
         s.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"still there");
     }
+}
+
+/// `auto` with both kernel back-ends: a streaming console moves to the ring, a typing one
+/// to sockmap (at a look after its first), and one silent after its opening screen stays
+/// on copy; each keeps every byte on its back-end.
+pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, _: Backend) {
+    drop(default);
+    let relay = start(Backend::Auto, |c| c.relay.kernel_after_ms = 200).await;
+    let hv = FakeVnc::start(Script::echo()).await;
+    let backends = async || relay.stats().await.relay;
+    let until_moved = async |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while backends().await.hand_overs < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        backends().await
+    };
+    // An opening screen (8 KiB each way: under the busy bar), then silence.
+    let mut silent = console(&relay, "vm-silent", &hv).await;
+    echo_exact(&mut silent, &pattern(0, 4096)).await;
+    // Keystrokes, 256 bytes each way every 20 ms, for 1.2 s: past the second look.
+    let mut typing = console(&relay, "vm-typing", &hv).await;
+    for i in 0..60u8 {
+        echo_exact(&mut typing, &[i; 256]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = until_moved(1).await;
+    assert_eq!((seen.hand_overs, seen.sockmap_sockets), (1, 2), "the typing console moved to sockmap: {seen:?}");
+    // 64 KiB blocks, several MB/s, for 1.2 s: to the ring, between blocks.
+    let mut streaming = console(&relay, "vm-streaming", &hv).await;
+    let started = Instant::now();
+    let mut offset = 0;
+    while started.elapsed() < Duration::from_millis(1200) {
+        echo_exact(&mut streaming, &pattern(offset, 64 << 10)).await;
+        offset += 64 << 10;
+    }
+    let seen = until_moved(2).await;
+    assert_eq!((seen.hand_overs, seen.sockmap_sockets), (2, 2), "the streaming console moved to the ring: {seen:?}");
+    // The silent console has been looked at four times by now, and stays.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(backends().await.hand_overs, 2, "the silent console stays on copy");
+    for s in [&mut silent, &mut typing, &mut streaming] {
+        echo_exact(s, &pattern(7, 100_000)).await;
+    }
+}
+
+async fn echo_exact(s: &mut TcpStream, block: &[u8]) {
+    let (mut r, mut w) = s.split();
+    let mut back = vec![0u8; block.len()];
+    let (wrote, read) = tokio::join!(w.write_all(block), r.read_exact(&mut back));
+    wrote.unwrap();
+    read.unwrap();
+    assert!(back == block, "{} bytes echoed byte for byte", block.len());
 }
 
 /// A console bound for a kernel back-end starts on copy and moves between bursts of a

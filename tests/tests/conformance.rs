@@ -67,3 +67,15 @@ fn uring_defer_taskrun_false_makes_plain_rings() {
     let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
     assert_eq!(Uring::start(8, true).unwrap().deferred(), (major, minor) >= (6, 1), "the default on Linux {major}.{minor}");
 }
+
+/// `auto` picks a raw console's back-end by what it carries: the ring when busy, sockmap
+/// when it keeps carrying a little, copy when silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    any(relay_no_uring, relay_no_sockmap),
+    ignore = "auto's choice needs both kernel back-ends (root, io_uring, cargo xtask build-ebpf)"
+)]
+async fn auto_moves_each_raw_console_by_what_it_carries() {
+    let relay = start(Backend::Auto, |_| {}).await;
+    relay_tests::conformance::auto_moves_each_raw_console_by_what_it_carries(relay, Backend::Auto).await
+}

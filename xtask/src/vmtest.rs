@@ -5,7 +5,8 @@
 //!
 //! Options: `--kernel PACKAGE` (repeatable; default: the images `linux-image-amd64` and
 //! `linux-image-6.12-amd64` depend on, Debian 12's 6.1 and 6.12) and `--backends
-//! copy,uring,sockmap` (default: all three; `none` runs no check), and `--bench`: also
+//! copy,uring,sockmap,auto` (default: all four, auto's one check choosing between the
+//! kernel back-ends; `none` runs no check), and `--bench`: also
 //! measure a TLS console's cost with TLS in rustls, in the kernel relayed by copy, and
 //! spliced by the ring. For chasing a rare failure: `--only CHECK` (one check by name),
 //! `--repeat N` (each check N times) and `--log FILTER` (relay's log filter, default `warn`).
@@ -24,7 +25,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(1500);
 /// Options that take a value; `--bench` takes none.
 const VALUE_FLAGS: &[&str] = &["--kernel", "--backends", "--only", "--repeat", "--log"];
 
-const USAGE: &str = "usage: cargo xtask vmtest [--kernel PACKAGE]... [--backends copy,uring,sockmap|none] \
+const USAGE: &str = "usage: cargo xtask vmtest [--kernel PACKAGE]... [--backends copy,uring,sockmap,auto|none] \
 [--only CHECK] [--repeat N] [--log FILTER] [--bench]";
 
 /// What a vmtest run was asked for, read once from its arguments.
@@ -52,8 +53,8 @@ fn parse(args: &[String]) -> Result<Option<Options>> {
                 match flag {
                     "--kernel" => options.kernels.push(v.clone()),
                     "--repeat" if v.parse::<usize>().map_or(true, |n| n == 0) => bail!("--repeat takes a positive number, not {v:?}"),
-                    "--backends" if v != "none" && v.split(',').any(|b| !["copy", "uring", "sockmap"].contains(&b)) => {
-                        bail!("--backends takes copy, uring and sockmap, comma-separated, or none; not {v:?}")
+                    "--backends" if v != "none" && v.split(',').any(|b| !["copy", "uring", "sockmap", "auto"].contains(&b)) => {
+                        bail!("--backends takes copy, uring, sockmap and auto, comma-separated, or none; not {v:?}")
                     }
                     "--backends" => options.backends = Some(v.clone()),
                     // The kernel command line splits on spaces; the guest's /init reads each back.
@@ -74,7 +75,7 @@ pub fn vmtest(root: &Path, args: &[String]) -> Result<()> {
         println!("{USAGE}");
         return Ok(());
     };
-    let backends = asked.backends.unwrap_or_else(|| "copy,uring,sockmap".into());
+    let backends = asked.backends.unwrap_or_else(|| "copy,uring,sockmap,auto".into());
     let mut options = vec![format!("vmcheck.backends={backends}")];
     for (param, v) in [("only", &asked.only), ("repeat", &asked.repeat), ("log", &asked.log)] {
         options.extend(v.as_ref().map(|v| format!("vmcheck.{param}={v}")));

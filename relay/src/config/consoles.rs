@@ -103,7 +103,8 @@ impl Default for Limits {
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// What the benchmark shows best on this machine kind (README): copy, then uring for
-    /// consoles busy past kernel_after_ms (sockmap where io_uring is unavailable).
+    /// consoles busy past kernel_after_ms (sockmap where io_uring is unavailable), and
+    /// sockmap for raw consoles that keep carrying a little (`quiet_backend`).
     #[default]
     Auto,
     /// eBPF sockmap: raw sessions relayed in the kernel (root or CAP_BPF + CAP_NET_ADMIN).
@@ -111,6 +112,19 @@ pub enum Backend {
     /// io_uring, a ring thread per core: raw and ws:// consoles.
     Uring,
     /// The portable userspace relay.
+    Copy,
+}
+
+/// Under `auto`, where a raw console goes that still carries bytes at its second look but
+/// under `kernel_min_bytes_per_sec` (typing, small screen updates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QuietBackend {
+    /// The eBPF sockmap, where relay may load its program: in a farm of such consoles it
+    /// cost the machine the least CPU, and relay itself none (README.md).
+    #[default]
+    Sockmap,
+    /// Stay in userspace.
     Copy,
 }
 
@@ -131,6 +145,10 @@ pub struct Relay {
     /// then twice as long each time, up to 8×): typing and small screen updates stay on
     /// copy, where a farm of them had the shortest tail. 0 moves every console.
     pub kernel_min_bytes_per_sec: u64,
+    /// `auto`: where raw consoles under `kernel_min_bytes_per_sec` go once they are seen
+    /// carrying bytes at a look after their first (the first one's traffic is mostly the
+    /// opening screen); a console silent at its looks stays on copy, which holds least.
+    pub quiet_backend: QuietBackend,
     /// After both handshakes, move TLS legs' records into the kernel (kTLS) where it
     /// offers the negotiated version and cipher.
     pub kernel_tls: bool,
@@ -155,6 +173,7 @@ impl Default for Relay {
             in_flight_bytes: 1 << 20,
             kernel_after_ms: 1000,
             kernel_min_bytes_per_sec: 1_000_000,
+            quiet_backend: QuietBackend::Sockmap,
             kernel_tls: true,
             uring_defer_taskrun: true,
             worker_threads: 0,

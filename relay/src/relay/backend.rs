@@ -6,7 +6,7 @@ use super::lifecycle::{Failure, Op, Side};
 use super::sockmap::{self, Sockmap};
 use super::uring::{self, Uring};
 use super::{Control, Ended, Established, Limits, Peer, copy, send_leftovers};
-use crate::config::{Backend, Relay};
+use crate::config::{Backend, QuietBackend, Relay};
 use crate::tls::kernel::Ktls;
 use crate::transport::KernelMove;
 use futures_util::future::BoxFuture;
@@ -29,6 +29,10 @@ pub enum Choice {
 }
 
 impl Choice {
+    fn copy() -> Choice {
+        Choice::Copy
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Choice::Sockmap => "sockmap",
@@ -43,6 +47,10 @@ impl Choice {
 pub struct BackendsView {
     /// The back-end of raw consoles (CONNECT door, plain TCP to the hypervisor).
     pub raw: Choice,
+    /// Where raw consoles go that keep carrying bytes under the busy bar (`auto`'s
+    /// `quiet_backend`; copy: they stay).
+    #[serde(default = "Choice::copy")]
+    pub raw_quiet: Choice,
     /// The back-end of the rest (WebSocket framing or TLS on either side).
     pub framed: Choice,
     /// The back-end of raw consoles with TLS on a side that the kernel carries (kTLS).
@@ -80,6 +88,8 @@ pub struct Relays {
     uring: Option<Uring>,
     /// Sessions that are plain TCP on both sides after the handshakes (CONNECT door).
     pub raw: Choice,
+    /// Raw sessions that keep carrying bytes, under the hand-over rule's rate.
+    pub raw_quiet: Choice,
     /// Everything else: WebSocket framing or TLS on either side.
     pub framed: Choice,
     /// Raw consoles with TLS on a side, once the kernel carries it (kTLS).
@@ -100,10 +110,11 @@ impl Relays {
     /// not silently get another); `auto` takes what the benchmark shows best here.
     pub fn start(config: &Relay, max_sessions: usize, ktls: Ktls) -> anyhow::Result<Relays> {
         // `auto` moves busy consoles to the ring: for bulk bytes the benchmark shows it
-        // ahead of sockmap in throughput and machine CPU, and sockmap has a rare
-        // mid-stream loss on Debian's 6.1 and 6.12 kernels (README.md); quiet consoles stay
-        // on copy (the hand-over rule). Sockmap is loaded only where it would be used:
-        // loading its program and maps left 3.7 MiB more resident for nothing.
+        // ahead of sockmap in throughput and machine CPU. Raw consoles that keep carrying a
+        // little (typing, small screen updates) go to sockmap, which carried a farm of them
+        // for the least machine CPU (`quiet_backend`); silent ones stay on copy, which holds
+        // least. Sockmap is loaded only where it would be used: its program and maps are
+        // 3.7 MiB more resident.
         let has_ktls = matches!(ktls, Ktls::Available(_));
         let (uring, uring_off) =
             match matches!(config.backend, Backend::Auto | Backend::Uring).then(|| Uring::start(4096, config.uring_defer_taskrun)) {
@@ -113,7 +124,7 @@ impl Relays {
             };
         let wants_sockmap = match config.backend {
             Backend::Sockmap => true,
-            Backend::Auto => uring.is_none(),
+            Backend::Auto => uring.is_none() || config.quiet_backend == QuietBackend::Sockmap,
             _ => false,
         };
         let (sockmap, sockmap_off) = match wants_sockmap.then(|| Sockmap::load(max_sessions, config.in_flight_bytes)) {
@@ -140,17 +151,23 @@ impl Relays {
             Backend::Uring | Backend::Auto if has_ktls && uring.is_some() => Choice::Uring,
             _ => Choice::Copy,
         };
+        let raw_quiet = match config.backend {
+            Backend::Auto if sockmap.is_some() && config.quiet_backend == QuietBackend::Sockmap => Choice::Sockmap,
+            _ => Choice::Copy,
+        };
         // Only the back-ends in use stay loaded.
         let relays = Relays {
-            sockmap: sockmap.filter(|_| raw == Choice::Sockmap),
+            sockmap: sockmap.filter(|_| raw == Choice::Sockmap || raw_quiet == Choice::Sockmap),
             uring: uring.filter(|_| raw == Choice::Uring || kernel_tls == Choice::Uring),
             raw,
+            raw_quiet,
             kernel_tls,
             // WebSocket over bare TCP can be framed on the ring; TLS stays in userspace.
             framed: if raw == Choice::Uring { Choice::Uring } else { Choice::Copy },
             hand_over: (config.kernel_after_ms > 0).then(|| copy::HandOver {
                 after: Duration::from_millis(config.kernel_after_ms),
                 min_rate: config.kernel_min_bytes_per_sec,
+                quiet: raw_quiet != Choice::Copy,
             }),
             hand_overs: AtomicU64::new(0),
             ktls,
@@ -161,7 +178,7 @@ impl Relays {
             .filter_map(|(name, why)| why.as_ref().map(|w| format!("{name} unavailable: {w}")))
             .collect();
         if config.backend == Backend::Auto && !wants_sockmap {
-            notes.push("sockmap not loaded: auto uses io_uring where it has it (see README)".into());
+            notes.push("sockmap not loaded: auto uses io_uring where it has it, and quiet_backend = copy".into());
         }
         if let Some(uring) = &relays.uring {
             let plain = match (uring.deferred(), config.uring_defer_taskrun) {
@@ -173,6 +190,12 @@ impl Relays {
         }
         if relays.raw != Choice::Copy || relays.framed != Choice::Copy || relays.kernel_tls != Choice::Copy {
             notes.push(match relays.hand_over {
+                Some(h) if h.min_rate > 0 && h.quiet => format!(
+                    "consoles move to the kernel after {:?} on copy, once they carry {} bytes/s; raw ones that keep carrying less, to {}",
+                    h.after,
+                    h.min_rate,
+                    relays.raw_quiet.name()
+                ),
                 Some(h) if h.min_rate > 0 => {
                     format!("consoles move to the kernel after {:?} on copy, once they carry {} bytes/s", h.after, h.min_rate)
                 }
@@ -180,11 +203,13 @@ impl Relays {
                 None => "consoles move to the kernel at once".into(),
             });
         }
-        let (raw_name, framed_name, tls_name) = (relays.raw.name(), relays.framed.name(), relays.kernel_tls.name());
-        if sockmap_off.is_some() || uring_off.is_some() {
-            warn!(requested = ?config.backend, raw = raw_name, framed = framed_name, kernel_tls = tls_name, "relay back-ends: {}", notes.join("; "));
+        let (raw_name, quiet_name, framed_name, tls_name) =
+            (relays.raw.name(), relays.raw_quiet.name(), relays.framed.name(), relays.kernel_tls.name());
+        // Without sockmap, `auto` still has the ring for busy consoles: a note, not a warning.
+        if uring_off.is_some() || (sockmap_off.is_some() && relays.raw != Choice::Uring) {
+            warn!(requested = ?config.backend, raw = raw_name, raw_quiet = quiet_name, framed = framed_name, kernel_tls = tls_name, "relay back-ends: {}", notes.join("; "));
         } else {
-            info!(requested = ?config.backend, raw = raw_name, framed = framed_name, kernel_tls = tls_name, in_flight_bytes = config.in_flight_bytes, "relay back-ends: {}", notes.join("; "));
+            info!(requested = ?config.backend, raw = raw_name, raw_quiet = quiet_name, framed = framed_name, kernel_tls = tls_name, in_flight_bytes = config.in_flight_bytes, "relay back-ends: {}", notes.join("; "));
         }
         Ok(relays)
     }
@@ -195,6 +220,7 @@ impl Relays {
         let (sockmap_flows, sockmap_sockets) = self.sockmap.as_ref().map_or((0, 0), Sockmap::entries);
         BackendsView {
             raw: self.raw,
+            raw_quiet: self.raw_quiet,
             framed: self.framed,
             kernel_tls: self.kernel_tls,
             kernel_after_ms: self.hand_over.map_or(0, |h| h.after.as_millis() as u64),
@@ -304,12 +330,18 @@ impl Relays {
         let Some(rule) = self.hand_over else {
             return Box::pin(self.on_kernel(kernel, pair, control, limits, spliced));
         };
-        let mut pumps = copy::pumps(pair, &control, &limits, Some(rule));
+        // A raw console that keeps carrying a little has a back-end of its own.
+        let quiet = (raw && self.raw_quiet == Choice::Sockmap && self.sockmap.is_some()).then_some(Choice::Sockmap);
+        let mut pumps = copy::pumps(pair, &control, &limits, Some(copy::HandOver { quiet: quiet.is_some(), ..rule }));
         Box::pin(async move {
             if let Some(ended) = copy::run(&mut pumps, &mut control, &limits).await {
                 return (ended, Choice::Copy);
             }
-            Box::pin(self.on_kernel(kernel, pumps.into_pair(), control, limits, spliced)).await
+            let to = match (pumps.moving(), quiet) {
+                (copy::Moving::Quiet, Some(quiet)) => quiet,
+                _ => kernel,
+            };
+            Box::pin(self.on_kernel(to, pumps.into_pair(), control, limits, spliced)).await
         })
     }
 

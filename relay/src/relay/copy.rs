@@ -32,8 +32,20 @@ pub struct HandOver {
     /// that (longer each time it is found quiet).
     pub after: Duration,
     /// The least it must have carried since the last look, in bytes a second (both ways
-    /// together), to move; 0 moves any console.
+    /// together), to move as busy; 0 moves any console.
     pub min_rate: u64,
+    /// A console under `min_rate` that carried bytes since a look after its first moves
+    /// too, as quiet (to a back-end of its own: [`Pumps::moving`]).
+    pub quiet: bool,
+}
+
+/// Why a console leaves the userspace relay, which picks the back-end it moves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moving {
+    /// It carried `min_rate`.
+    Busy,
+    /// It keeps carrying bytes, under `min_rate`.
+    Quiet,
 }
 
 /// A console's two directions in userspace, built before its future: a console's task
@@ -55,6 +67,7 @@ pub fn pumps<V: Peer, H: Peer>(pair: Established<V, H>, control: &Control, limit
         bytes: control.shared.clone(),
         reported: [false; 2],
         hand_over: hand_over.map(Waiting::new),
+        moving: None,
     }
 }
 
@@ -84,6 +97,8 @@ pub struct Pumps<V, H> {
     reported: [bool; 2],
     /// A hand-over still to come.
     hand_over: Option<Waiting>,
+    /// Why it moves, once [`run`] has let go of it.
+    moving: Option<Moving>,
 }
 
 /// A hand-over waiting for its time, for the console to be busy enough, then for a
@@ -96,6 +111,9 @@ struct Waiting {
     seen: u64,
     /// The rate that makes it busy (the rule's `min_rate`).
     min_rate: u64,
+    /// The rule's `quiet`, and whether the console has been looked at once already.
+    quiet: bool,
+    looked_once: bool,
     /// When to look next, after `looked` (on the console's one clock:
     /// [`Carrier::next_wake`]).
     at_ms: u32,
@@ -104,9 +122,8 @@ struct Waiting {
     every_ms: u32,
     longest_ms: u32,
     retry_ms: u32,
-    /// The console carried `min_rate` over the last look: only a quiet moment is still
-    /// awaited.
-    busy: bool,
+    /// The console qualified at the last look: only a quiet moment is still awaited.
+    ready: Option<Moving>,
 }
 
 fn millis(d: Duration) -> u32 {
@@ -114,6 +131,12 @@ fn millis(d: Duration) -> u32 {
 }
 
 impl<V: Peer, H: Peer> Pumps<V, H> {
+    /// Why the console moves, once [`run`] has let go of it (busy, unless it moved as
+    /// quiet).
+    pub fn moving(&self) -> Moving {
+        self.moving.unwrap_or(Moving::Busy)
+    }
+
     /// The streams, once [`run`] has let go of them.
     pub fn into_pair(self) -> Established<V, H> {
         Established { viewer: Prefixed::bare(self.viewer), hypervisor: Prefixed::bare(self.hypervisor) }
@@ -149,11 +172,13 @@ impl Waiting {
             looked: Instant::now(),
             seen: 0,
             min_rate: rule.min_rate,
+            quiet: rule.quiet,
+            looked_once: false,
             at_ms: millis(rule.after),
             every_ms: millis(rule.after),
             longest_ms: millis(rule.after * QUIET_LOOKS.1),
             retry_ms: millis(HAND_OVER_RETRY.0),
-            busy: rule.min_rate == 0,
+            ready: (rule.min_rate == 0).then_some(Moving::Busy),
         }
     }
 
@@ -165,20 +190,25 @@ impl Waiting {
         Duration::from_millis(self.every_ms.into())
     }
 
-    /// Looks at what the console carried since the last look; true once it is busy
-    /// enough to move. Typing and small screen updates stay in userspace: the ring does
-    /// about as well as copy for them, and sockmap, which does, has a rare loss on Debian's
-    /// kernels (README.md).
-    fn look(&mut self, (up, down): (u64, u64)) -> bool {
+    /// Looks at what the console carried since the last look; `Some` once it may move.
+    /// Busy: it carried `min_rate`. Quiet (with the rule's `quiet`): it carried less, but
+    /// something, at a look after its first; the first look's window is mostly the
+    /// opening screen, so a console silent after it stays here, where it holds least.
+    fn look(&mut self, (up, down): (u64, u64)) -> Option<Moving> {
         let carried = (up + down).saturating_sub(self.seen);
         let now = Instant::now();
         let elapsed = now.duration_since(self.looked).as_secs_f64();
         (self.seen, self.looked) = (up + down, now);
-        self.busy = carried as f64 >= self.min_rate as f64 * elapsed;
-        if !self.busy {
+        let looked_before = std::mem::replace(&mut self.looked_once, true);
+        self.ready = if carried as f64 >= self.min_rate as f64 * elapsed {
+            Some(Moving::Busy)
+        } else if self.quiet && looked_before && carried > 0 {
+            Some(Moving::Quiet)
+        } else {
             self.every_ms = self.every_ms.saturating_mul(QUIET_LOOKS.0).min(self.longest_ms);
-        }
-        self.busy
+            None
+        };
+        self.ready
     }
 }
 
@@ -217,15 +247,16 @@ impl<V: Peer, H: Peer> Carrier for Pumps<V, H> {
             self.hand_over = None;
             return false;
         }
-        let wait = if !pending.busy && !pending.look(self.bytes.snapshot()) {
+        let wait = if pending.ready.is_none() && pending.look(self.bytes.snapshot()).is_none() {
             pending.every()
         } else if self.up.empty() && self.down.empty() {
+            self.moving = pending.ready;
             self.hand_over = None;
             return true;
         } else {
             let wait = Duration::from_millis(pending.retry_ms.into());
             pending.retry_ms = millis((wait * 2).min(HAND_OVER_RETRY.1));
-            // Busy for good now: `looked` only anchors the next try.
+            // Ready for good now: `looked` only anchors the next try.
             pending.looked = now;
             wait
         };
@@ -238,8 +269,8 @@ impl<V: Peer, H: Peer> Carrier for Pumps<V, H> {
 mod tests {
     use super::*;
 
-    fn waiting(after: Duration, min_rate: u64) -> Waiting {
-        Waiting::new(HandOver { after, min_rate })
+    fn waiting(after: Duration, min_rate: u64, quiet: bool) -> Waiting {
+        Waiting::new(HandOver { after, min_rate, quiet })
     }
 
     #[test]
@@ -250,20 +281,46 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_quiet_console_is_looked_at_less_and_less_often_then_moves_once_busy() {
         let second = Duration::from_secs(1);
-        let mut w = waiting(second, 1000);
+        let mut w = waiting(second, 1000, false);
         // 500 bytes a second: under the bar; the next look comes twice as late each time,
         // up to 8 seconds.
         let mut total = 0;
         for expected in [2, 4, 8, 8] {
             tokio::time::advance(w.every()).await;
             total += 500 * w.every().as_secs();
-            assert!(!w.look((total, 0)), "quiet at {total} bytes");
+            assert_eq!(w.look((total, 0)), None, "quiet at {total} bytes");
             assert_eq!(w.every(), second * expected);
         }
         // 1000 bytes a second since the last look, both ways together: busy.
         tokio::time::advance(w.every()).await;
         total += 500 * w.every().as_secs();
-        assert!(w.look((total, 500 * w.every().as_secs())));
-        assert!(w.busy);
+        assert_eq!(w.look((total, 500 * w.every().as_secs())), Some(Moving::Busy));
+        assert_eq!(w.ready, Some(Moving::Busy));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_quiet_tier_a_console_moves_as_quiet_once_it_carries_bytes_after_its_first_look() {
+        let second = Duration::from_secs(1);
+        // Its opening screen in the first look's window, then silence: it stays.
+        let mut w = waiting(second, 1000, true);
+        tokio::time::advance(second).await;
+        assert_eq!(w.look((0, 600)), None, "the first look never moves a console as quiet");
+        for _ in 0..3 {
+            tokio::time::advance(w.every()).await;
+            assert_eq!(w.look((0, 600)), None, "silent since: it stays");
+        }
+        // A keystroke's echo since the last look: it moves as quiet.
+        tokio::time::advance(w.every()).await;
+        assert_eq!(w.look((8, 608)), Some(Moving::Quiet));
+        // Busy at the first look moves it as busy, quiet tier or not.
+        let mut w = waiting(second, 1000, true);
+        tokio::time::advance(second).await;
+        assert_eq!(w.look((0, 2000)), Some(Moving::Busy));
+        // Without the tier, bytes under the bar never move it.
+        let mut w = waiting(second, 1000, false);
+        for total in [100, 200, 300, 400] {
+            tokio::time::advance(w.every()).await;
+            assert_eq!(w.look((0, total)), None);
+        }
     }
 }

@@ -45,6 +45,9 @@ const DESCRIPTOR_CHECKS: [(&str, Check); 2] = checks!(conformance_descriptors:
     a_tls_console_short_of_descriptors_keeps_every_byte,
 );
 
+/// relay's default, `auto`, choosing between the kernel back-ends (run once, after them).
+const AUTO_CHECKS: [(&str, Check); 1] = checks!(conformance: auto_moves_each_raw_console_by_what_it_carries);
+
 /// TLS consoles, whose TLS must move into these kernels (kTLS).
 const TLS_CHECKS: [(&str, Check); 5] = checks!(conformance_tls:
     tls_consoles_each_cipher_byte_exact_each_way,
@@ -65,7 +68,9 @@ fn main() -> std::process::ExitCode {
     let only = option("VMCHECK_ONLY");
     let repeat: usize = option("VMCHECK_REPEAT").and_then(|n| n.parse().ok()).unwrap_or(1);
     // A check name that matches none must fail the run, not pass it with nothing run.
-    let unknown = only.as_ref().filter(|o| !CHECKS.iter().chain(&TLS_CHECKS).chain(&DESCRIPTOR_CHECKS).any(|(check, _)| check == o));
+    let unknown = only
+        .as_ref()
+        .filter(|o| !CHECKS.iter().chain(&TLS_CHECKS).chain(&DESCRIPTOR_CHECKS).chain(&AUTO_CHECKS).any(|(check, _)| check == o));
     if let Some(name) = unknown {
         println!("vmcheck: {kernel}: FAIL: no check named {name:?}");
     }
@@ -75,13 +80,16 @@ fn main() -> std::process::ExitCode {
     println!("vmcheck: {kernel} kTLS: {}: {ktls:?}", if ktls_failed { "FAIL" } else { "PASS" });
     let failed = runtime.block_on(async {
         let mut failed = usize::from(ktls_failed) + usize::from(unknown.is_some());
-        for backend in [Backend::Copy, Backend::Uring, Backend::Sockmap] {
+        for backend in [Backend::Copy, Backend::Uring, Backend::Sockmap, Backend::Auto] {
             let name = format!("{backend:?}").to_lowercase();
             if wanted.as_ref().is_some_and(|w| !w.split(',').any(|b| b == name)) {
                 continue;
             }
-            let checks =
-                CHECKS.into_iter().chain(TLS_CHECKS).chain(DESCRIPTOR_CHECKS).filter(|(check, _)| only.as_ref().is_none_or(|o| o == check));
+            let all: &[(&str, Check)] = match backend {
+                Backend::Auto => &AUTO_CHECKS,
+                _ => &[CHECKS.as_slice(), &TLS_CHECKS, &DESCRIPTOR_CHECKS].concat(),
+            };
+            let checks = all.iter().copied().filter(|(check, _)| only.as_ref().is_none_or(|o| o == check));
             for (check, run) in checks.flat_map(|c| std::iter::repeat_n(c, repeat)) {
                 let started = Instant::now();
                 let task = tokio::spawn(async move { run(start(backend, |_| {}).await, backend).await });
