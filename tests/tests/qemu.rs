@@ -6,7 +6,7 @@ use relay_tests::env;
 use relay_tests::hypervisor::{Qemu, VncAuth};
 use relay_tests::relay_server::{TestRelay, new_token, with_hypervisor_password};
 use relay_tests::viewer::{busy_for, distinct_colours, framebuffer, handshake, resized_framebuffer};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 #[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
@@ -76,6 +76,48 @@ async fn connect_door_console_keeps_working_after_moving_to_the_kernel() {
     let stats = relay.ctl(relay::control::proto::Request::Stats).await.unwrap();
     let moved = if stats["relay"]["raw"] == "copy" { 0 } else { 1 };
     assert_eq!(stats["relay"]["hand_overs"], moved, "{shown} bytes of screens in 1.5 s: {stats}");
+}
+
+/// A typing console (key events, a few hundred bytes a second) on relay's default `auto`
+/// moves to sockmap, where relay may load its program, at its second look: QEMU still
+/// takes the keys and sends a whole screen after the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(relay_no_qemu, ignore = "qemu-system-x86_64 is not installed: cargo xtask deps")]
+async fn a_typing_console_moves_to_sockmap_and_keeps_its_screen() {
+    env::qemu();
+    let qemu = Qemu::start(VncAuth::None).await.unwrap();
+    // The opening screen in raw pixels (1.2 MB in the first look's 0.2 s) would make the
+    // console busy; the bar is raised over it, so only the typing decides.
+    let relay = TestRelay::start_with(|c| {
+        c.relay.kernel_after_ms = 200;
+        c.relay.kernel_min_bytes_per_sec = 50_000_000;
+    })
+    .await;
+    let token = relay.token("vm-q6", qemu.addr()).await;
+    let mut viewer = relay.connect_door(&token).await.expect("200 from the CONNECT door");
+    let init = handshake(&mut viewer, b"RFB 003.008\n", None).await.expect("RFB through relay");
+    let mut size = (init.width, init.height);
+    let before = resized_framebuffer(&mut viewer, (&mut size.0, &mut size.1)).await.expect("a full framebuffer update on copy");
+    // Shift pressed and released every 40 ms for 1.2 s (KeyEvent: type 4, down, padding,
+    // keysym): past the first look (0.2 s) and the second (0.6 s).
+    for _ in 0..30 {
+        for down in [1u8, 0] {
+            viewer.write_all(&[4, down, 0, 0, 0, 0, 0xff, 0xe1]).await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+    }
+    let stats = async || relay.ctl(relay::control::proto::Request::Stats).await.unwrap();
+    let moved = if stats().await["relay"]["raw_quiet"] == "sockmap" { 1 } else { 0 };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while stats().await["relay"]["hand_overs"] != moved && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let stats = stats().await;
+    assert_eq!(stats["relay"]["hand_overs"], moved, "the typing console moved: {stats}");
+    assert_eq!(stats["relay"]["sockmap_sockets"], 2 * moved, "to sockmap: {stats}");
+    let after = resized_framebuffer(&mut viewer, (&mut size.0, &mut size.1)).await.expect("a full framebuffer update after the move");
+    assert_eq!(after.len(), before.len());
+    assert!(distinct_colours(&after) >= 2, "the firmware screen is not blank");
 }
 
 /// QEMU killed under live consoles, one per door, on relay's default configuration (the
