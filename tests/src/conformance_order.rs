@@ -7,6 +7,7 @@
 use crate::conformance::{console, start};
 use crate::fake_hypervisor::{FakeVnc, Script, pattern};
 use crate::relay_server::TestRelay;
+use crate::viewer::handshake;
 use relay::config::Backend;
 use relay::control::proto::Request;
 use std::pin::Pin;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Past the hand-over time, a console moves to the kernel only once it carries
@@ -69,8 +70,8 @@ pub async fn only_a_busy_console_moves_to_the_kernel(default: TestRelay, backend
 }
 
 /// `auto` with both kernel back-ends: a streaming console moves to the ring, a typing one
-/// to sockmap (at a look after its first), and one silent after its opening screen stays
-/// on copy; each keeps every byte on its back-end.
+/// to sockmap (at a look after its first), one silent after its opening screen stays on
+/// copy, and so does a typing WebSocket console; each keeps every byte on its back-end.
 pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, _: Backend) {
     drop(default);
     let relay = start(Backend::Auto, |c| c.relay.kernel_after_ms = 200).await;
@@ -86,14 +87,22 @@ pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, 
     // An opening screen (8 KiB each way: under the busy bar), then silence.
     let mut silent = console(&relay, "vm-silent", &hv).await;
     echo_exact(&mut silent, &pattern(0, 4096)).await;
-    // Keystrokes, 256 bytes each way every 20 ms, for 1.2 s: past the second look.
+    // Keystrokes, 256 bytes each way every 20 ms, for 1.2 s: past the second look; on the
+    // CONNECT door and, alongside, on the WebSocket door, whose framing sockmap cannot do.
     let mut typing = console(&relay, "vm-typing", &hv).await;
+    let token = relay.token("vm-typing-ws", hv.addr()).await;
+    let mut typing_ws = relay.websocket(&format!("/?token={token}"), &[]).await.expect("upgrade");
+    handshake(&mut typing_ws, b"RFB 003.008\n", None).await.unwrap();
     for i in 0..60u8 {
         echo_exact(&mut typing, &[i; 256]).await;
+        echo_exact(&mut typing_ws, &[i; 256]).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seen = until_moved(1).await;
-    assert_eq!((seen.hand_overs, seen.sockmap_sockets), (1, 2), "the typing console moved to sockmap: {seen:?}");
+    assert_eq!((seen.hand_overs, seen.sockmap_sockets), (1, 2), "the raw typing console moved to sockmap: {seen:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(backends().await.hand_overs, 1, "the WebSocket typing console stays on copy");
+    echo_exact(&mut typing_ws, &pattern(3, 10_000)).await;
     // 64 KiB blocks, several MB/s, for 1.2 s: to the ring, between blocks.
     let mut streaming = console(&relay, "vm-streaming", &hv).await;
     let started = Instant::now();
@@ -112,10 +121,15 @@ pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, 
     }
 }
 
-async fn echo_exact(s: &mut TcpStream, block: &[u8]) {
-    let (mut r, mut w) = s.split();
+async fn echo_exact<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, block: &[u8]) {
+    let (mut r, mut w) = tokio::io::split(s);
     let mut back = vec![0u8; block.len()];
-    let (wrote, read) = tokio::join!(w.write_all(block), r.read_exact(&mut back));
+    // A WebSocket viewer sends its frames on flush.
+    let write = async {
+        w.write_all(block).await?;
+        w.flush().await
+    };
+    let (wrote, read) = tokio::join!(write, r.read_exact(&mut back));
     wrote.unwrap();
     read.unwrap();
     assert!(back == block, "{} bytes echoed byte for byte", block.len());

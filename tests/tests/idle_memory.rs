@@ -1,6 +1,7 @@
 //! What an idle console costs relay in memory: a region's proxy holds thousands of consoles
 //! that mostly wait. relay runs as a process of its own, so that its resident memory is
-//! its own (the viewers and the fake hypervisor are in this test's process).
+//! its own (the viewers and the fake hypervisor are in this test's process). Also what
+//! loading the sockmap program, which `auto` does for quiet consoles, leaves resident.
 
 use relay::control::client::call;
 use relay::control::proto::Request;
@@ -64,4 +65,37 @@ async fn an_idle_console_costs_a_few_kib() {
     drop(consoles);
     drop(relay);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// relay's resident memory a moment after start-up, on `auto` with `quiet_backend` as
+/// given, and where quiet raw consoles went.
+async fn started_kib(quiet_backend: &str) -> (u64, String) {
+    let dir = scratch_dir(&format!("start-memory-{quiet_backend}"));
+    let config = dir.join("relay.toml");
+    let text = format!(
+        "[listen]\nwebsocket = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:0\"\ncontrol = \"{}\"\n\n\
+         [relay]\nquiet_backend = \"{quiet_backend}\"\n\n[store]\nbackend = \"memory\"\n",
+        dir.join("control.sock").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let relay = RelayProcess::start(&config).await.unwrap();
+    let stats: serde_json::Value = call(&relay.control, Request::Stats).await.unwrap();
+    let kib = resident_kib(relay.pid().unwrap());
+    drop(relay);
+    let _ = std::fs::remove_dir_all(dir);
+    (kib, stats["relay"]["raw_quiet"].as_str().unwrap_or_default().to_string())
+}
+
+/// Loading the program parses the kernel's BTF; relay gives that memory back once the
+/// program is loaded (without it, relay on `auto` started 19 MiB larger).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(relay_no_sockmap, ignore = "loading the eBPF program needs root and the eBPF toolchain (cargo xtask build-ebpf)")]
+async fn loading_sockmap_leaves_little_resident() {
+    relay_tests::env::sockmap();
+    let (with, quiet) = started_kib("sockmap").await;
+    assert_eq!(quiet, "sockmap", "auto loaded sockmap for quiet consoles");
+    let (without, quiet) = started_kib("copy").await;
+    assert_eq!(quiet, "copy");
+    eprintln!("relay at start-up: {with} KiB with sockmap loaded, {without} KiB without");
+    assert!(with <= without + 6 * 1024, "sockmap left {} KiB more resident", with.saturating_sub(without));
 }

@@ -172,6 +172,7 @@ impl Relays {
             hand_over: (config.kernel_after_ms > 0).then(|| copy::HandOver {
                 after: Duration::from_millis(config.kernel_after_ms),
                 min_rate: config.kernel_min_bytes_per_sec,
+                // Sockmap only where its program loaded, and it then stays loaded (above).
                 quiet: raw_quiet != Choice::Copy,
             }),
             hand_overs: AtomicU64::new(0),
@@ -335,16 +336,15 @@ impl Relays {
         let Some(rule) = self.hand_over else {
             return Box::pin(self.on_kernel(kernel, pair, control, limits, spliced));
         };
-        // A raw console that keeps carrying a little has a back-end of its own.
-        let quiet = (raw && self.raw_quiet == Choice::Sockmap && self.sockmap.is_some()).then_some(Choice::Sockmap);
-        let mut pumps = copy::pumps(pair, &control, &limits, Some(copy::HandOver { quiet: quiet.is_some(), ..rule }));
+        // Only a raw console may move as quiet, to a back-end of its own (`raw_quiet`).
+        let mut pumps = copy::pumps(pair, &control, &limits, Some(copy::HandOver { quiet: raw && rule.quiet, ..rule }));
         Box::pin(async move {
             if let Some(ended) = copy::run(&mut pumps, &mut control, &limits).await {
                 return (ended, Choice::Copy);
             }
-            let to = match (pumps.moving(), quiet) {
-                (copy::Moving::Quiet, Some(quiet)) => quiet,
-                _ => kernel,
+            let to = match pumps.moving() {
+                copy::Moving::Quiet => self.raw_quiet,
+                copy::Moving::Busy => kernel,
             };
             Box::pin(self.on_kernel(to, pumps.into_pair(), control, limits, spliced)).await
         })
