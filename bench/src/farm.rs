@@ -20,8 +20,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Bytes;
 
 /// How long the consoles run before the window, past their first interval: relay's `auto`
-/// moves a console that keeps carrying a little at its second look, 3 s after it opened
-/// (`kernel_after_ms`, then twice that), so the window sees every console where it stays.
+/// moves a console that keeps carrying a little at its second look, 2 s after it opened
+/// (`kernel_after_ms`, then as long again), so the window sees every console where it stays.
 pub const SETTLE: Duration = Duration::from_secs(4);
 
 /// The paths of the farm, in report order: (key, label, relay back-end or a peer).

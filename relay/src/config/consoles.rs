@@ -141,13 +141,14 @@ pub struct Relay {
     /// over at once.
     pub kernel_after_ms: u64,
     /// Past `kernel_after_ms`, a console moves only once it carried at least this many
-    /// bytes a second (both ways together) since the last look (after `kernel_after_ms`,
-    /// then twice as long each time, up to 8×): typing and small screen updates stay on
+    /// bytes a second (both ways together) since the last look (the count starts half-way
+    /// through `kernel_after_ms`, past the opening screen; looks at `kernel_after_ms`,
+    /// then twice as far apart each time, up to 8×): typing and small screen updates stay on
     /// copy, where a farm of them had the shortest tail. 0 moves every console.
     pub kernel_min_bytes_per_sec: u64,
     /// `auto`: where raw consoles under `kernel_min_bytes_per_sec` go once they are seen
-    /// carrying bytes at a look after their first (the first one's traffic is mostly the
-    /// opening screen); a console silent at its looks stays on copy, which holds least.
+    /// carrying bytes at a look after their first (2 × `kernel_after_ms` after they
+    /// opened); a console silent at its looks stays on copy, which holds least.
     pub quiet_backend: QuietBackend,
     /// After both handshakes, move TLS legs' records into the kernel (kTLS) where it
     /// offers the negotiated version and cipher.

@@ -114,6 +114,9 @@ struct Waiting {
     /// The rule's `quiet`, and whether the console has been looked at once already.
     quiet: bool,
     looked_once: bool,
+    /// The next look only starts the count: it comes half-way through the hand-over
+    /// time, so that the opening screen, sent at once, does not make a console busy.
+    opening: bool,
     /// When to look next, after `looked` (on the console's one clock:
     /// [`Carrier::next_wake`]).
     at_ms: u32,
@@ -174,8 +177,9 @@ impl Waiting {
             min_rate: rule.min_rate,
             quiet: rule.quiet,
             looked_once: false,
-            at_ms: millis(rule.after),
-            every_ms: millis(rule.after),
+            opening: rule.min_rate > 0,
+            at_ms: millis(rule.after / 2),
+            every_ms: millis(rule.after / 2),
             longest_ms: millis(rule.after * QUIET_LOOKS.1),
             retry_ms: millis(HAND_OVER_RETRY.0),
             ready: (rule.min_rate == 0).then_some(Moving::Busy),
@@ -194,11 +198,18 @@ impl Waiting {
     /// Busy: it carried `min_rate`. Quiet (with the rule's `quiet`): it carried less, but
     /// something, at a look after its first; the first look's window is mostly the
     /// opening screen, so a console silent after it stays here, where it holds least.
+    /// The first look after the opening one covers the hand-over time's second half
+    /// only: a full screen in raw pixels is over a megabyte (QEMU's 640×480), sent in the
+    /// first milliseconds, and would send a console that then idles to the ring, where it
+    /// holds more than here. A stream carries on through the second half.
     fn look(&mut self, (up, down): (u64, u64)) -> Option<Moving> {
         let carried = (up + down).saturating_sub(self.seen);
         let now = Instant::now();
         let elapsed = now.duration_since(self.looked).as_secs_f64();
         (self.seen, self.looked) = (up + down, now);
+        if std::mem::take(&mut self.opening) {
+            return None;
+        }
         let looked_before = std::mem::replace(&mut self.looked_once, true);
         self.ready = if carried as f64 >= self.min_rate as f64 * elapsed {
             Some(Moving::Busy)
@@ -269,8 +280,29 @@ impl<V: Peer, H: Peer> Carrier for Pumps<V, H> {
 mod tests {
     use super::*;
 
-    fn waiting(after: Duration, min_rate: u64, quiet: bool) -> Waiting {
-        Waiting::new(HandOver { after, min_rate, quiet })
+    /// A console's hand-over past its opening look, `opening` bytes carried by then.
+    async fn waiting(after: Duration, min_rate: u64, quiet: bool, opening: u64) -> Waiting {
+        let mut w = Waiting::new(HandOver { after, min_rate, quiet });
+        assert_eq!(w.every(), after / 2);
+        tokio::time::advance(w.every()).await;
+        assert_eq!(w.look((0, opening)), None, "the opening look only starts the count");
+        assert_eq!(w.every(), after / 2, "the first real look comes at the hand-over time");
+        w
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_opening_screen_does_not_make_a_console_busy_but_a_stream_does() {
+        let second = Duration::from_secs(1);
+        // 1.2 MB in the first half-second, then a few keystrokes: not busy at 1 MB/s.
+        let mut w = waiting(second, 1_000_000, true, 1_200_000).await;
+        tokio::time::advance(w.every()).await;
+        assert_eq!(w.look((40, 1_200_000)), None, "the screen before the opening look is not counted");
+        // 1 MB/s on: busy at the hand-over time.
+        let mut w = waiting(second, 1_000_000, true, 600_000).await;
+        tokio::time::advance(w.every()).await;
+        assert_eq!(w.look((0, 1_100_000)), Some(Moving::Busy));
+        // Without a bar every console moves at once: no look at all.
+        assert_eq!(Waiting::new(HandOver { after: second, min_rate: 0, quiet: true }).ready, Some(Moving::Busy));
     }
 
     #[test]
@@ -281,13 +313,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_quiet_console_is_looked_at_less_and_less_often_then_moves_once_busy() {
         let second = Duration::from_secs(1);
-        let mut w = waiting(second, 1000, false);
+        let mut w = waiting(second, 1000, false, 0).await;
         // 500 bytes a second: under the bar; the next look comes twice as late each time,
         // up to 8 seconds.
         let mut total = 0;
-        for expected in [2, 4, 8, 8] {
+        for expected in [1, 2, 4, 8, 8] {
             tokio::time::advance(w.every()).await;
-            total += 500 * w.every().as_secs();
+            total += 500 * w.every().as_millis() as u64 / 1000;
             assert_eq!(w.look((total, 0)), None, "quiet at {total} bytes");
             assert_eq!(w.every(), second * expected);
         }
@@ -302,8 +334,8 @@ mod tests {
     async fn with_a_quiet_tier_a_console_moves_as_quiet_once_it_carries_bytes_after_its_first_look() {
         let second = Duration::from_secs(1);
         // Its opening screen in the first look's window, then silence: it stays.
-        let mut w = waiting(second, 1000, true);
-        tokio::time::advance(second).await;
+        let mut w = waiting(second, 1000, true, 600).await;
+        tokio::time::advance(w.every()).await;
         assert_eq!(w.look((0, 600)), None, "the first look never moves a console as quiet");
         for _ in 0..3 {
             tokio::time::advance(w.every()).await;
@@ -313,11 +345,11 @@ mod tests {
         tokio::time::advance(w.every()).await;
         assert_eq!(w.look((8, 608)), Some(Moving::Quiet));
         // Busy at the first look moves it as busy, quiet tier or not.
-        let mut w = waiting(second, 1000, true);
-        tokio::time::advance(second).await;
+        let mut w = waiting(second, 1000, true, 0).await;
+        tokio::time::advance(w.every()).await;
         assert_eq!(w.look((0, 2000)), Some(Moving::Busy));
         // Without the tier, bytes under the bar never move it.
-        let mut w = waiting(second, 1000, false);
+        let mut w = waiting(second, 1000, false, 0).await;
         for total in [100, 200, 300, 400] {
             tokio::time::advance(w.every()).await;
             assert_eq!(w.look((0, total)), None);
