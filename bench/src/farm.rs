@@ -75,7 +75,10 @@ pub struct FarmResult {
     /// Each round's p99, in µs, and machine cores (the other figures are the rounds'
     /// medians).
     pub p99_rounds: Vec<f64>,
-    pub machine_rounds: Vec<f64>,
+    /// Machine cores by round number (a round that failed is missing).
+    pub machine_rounds: Vec<(usize, f64)>,
+    /// Which round this is, for one round's result.
+    pub round: usize,
     pub error: Option<String>,
 }
 
@@ -108,7 +111,7 @@ pub async fn run(
                 Err(e) => Err(e.into()),
             };
             match outcome {
-                Ok(r) => measured[i].push(r),
+                Ok(r) => measured[i].push(FarmResult { round, ..r }),
                 Err(e) => {
                     eprintln!("relay-bench: farm through {label}: {e:#}");
                     errors[i] = Some(format!("{e:#}"));
@@ -146,7 +149,7 @@ fn median_of(rounds: &[FarmResult]) -> Option<FarmResult> {
         proxy_cores: m(|r| r.proxy_cores),
         machine_cores: m(|r| r.machine_cores),
         p99_rounds: rounds.iter().map(|r| r.p99_us).collect(),
-        machine_rounds: rounds.iter().map(|r| r.machine_cores).collect(),
+        machine_rounds: rounds.iter().map(|r| (r.round, r.machine_cores)).collect(),
         ..Default::default()
     })
 }

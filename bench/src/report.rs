@@ -425,8 +425,8 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
          millisecond's consoles at once). Each path measured for {:.0} s on a proxy started for it, after a warm-up of {} s past the first interval (relay's `auto` moves a console that keeps carrying bytes at its second look, 2 s after it opened), in {rounds} rounds over the paths (the \
          consoles stay open until the last round trip is in: their closing is not in the window); each figure is its median over the rounds, and the last two columns list every round's p99 and machine cost. Machine CPU is \
          every core's busy time (the bench's own client and hypervisor, and kernel work outside any process, included), \
-         so compare it with direct's; per 1,000 consoles, the proxy's cost over direct (per round: over direct's in the \
-         same round).\n",
+         so compare it with direct's; per 1,000 consoles, the proxy's cost over direct: over direct's in the same \
+         round, the median of the rounds.\n",
         shape.consoles,
         shape.message,
         shape.interval.as_millis(),
@@ -449,10 +449,17 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
         }
         let vs = direct.filter(|d| d.p99_us > 0.0).map_or("–".into(), |d| format!("{:.2}×", r.p99_us / d.p99_us));
         let per_1000 = |cores: f64| cores * 1000.0 / shape.consoles as f64;
-        let over = direct.map_or("–".into(), |d| format!("{:.2}", per_1000(r.machine_cores - d.machine_cores)));
-        let over_rounds = direct.map_or("–".into(), |d| {
-            r.machine_rounds.iter().zip(&d.machine_rounds).map(|(m, dm)| format!("{:.2}", per_1000(m - dm))).collect::<Vec<_>>().join(", ")
+        // Each round's cost over direct's in the same round, then their median: the machine's
+        // load drifts between rounds more than the paths differ, so a difference of two
+        // medians (taken from different rounds) mixes that drift in.
+        let over_each: Option<Vec<f64>> = direct.map(|d| {
+            r.machine_rounds
+                .iter()
+                .filter_map(|(round, m)| d.machine_rounds.iter().find(|(dr, _)| dr == round).map(|(_, dm)| per_1000(m - dm)))
+                .collect()
         });
+        let over = over_each.as_deref().map_or("–".into(), |v| format!("{:.2}", median(v)));
+        let over_rounds = over_each.as_deref().map_or("–".into(), |v| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "));
         let _ = writeln!(
             w,
             "| {} | {:.0} ({:.0}) | {} | {} | {} | {vs} | {:.2} | {:.2} | {over} | {} | {over_rounds} |",
