@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Bytes;
 
 /// How long the consoles run before the window, past their first interval: relay's `auto`
-/// moves a console that keeps carrying a little at its second look, 2 s after it opened
+/// moves a console that keeps carrying a little at its second real look, 2 s after it opened
 /// (`kernel_after_ms`, then as long again), so the window sees every console where it stays.
 pub const SETTLE: Duration = Duration::from_secs(4);
 

@@ -290,7 +290,7 @@ pub fn markdown(run: &Run, relay_bin: &Path) -> String {
          copy, uring or sockmap; each kernel back-end in a relay process of its own, with `kernel_after_ms = 0` so it carries \
          a console from its first byte; **auto** is relay's default: on copy first, moved to the io_uring back-end once a console has lived \
          1 s and carried at least 1 MB/s since the last look, so a bulk run starts on copy and moves about a second in; \
-         a raw console that still carries bytes, fewer, at its second look (2 s after it opened) moves to sockmap, as the farm's \
+         a raw console that still carries bytes, fewer, at its second real look (2 s after it opened) moves to sockmap, as the farm's \
          consoles do; idle consoles stay on copy). **relay WebSocket door**: `ws://…/?token=…` \
          with subprotocol `binary`, RFB in binary messages, on copy or uring. **socat**: `socat TCP-LISTEN:p,fork,reuseaddr TCP:hypervisor`. \
          **HAProxy**: `mode tcp`, one frontend, one backend server, defaults otherwise. **websockify**: `websockify p hypervisor`, \
@@ -422,7 +422,7 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
         "{} consoles at once, each sending a {}-byte message every {} ms (random phases) {answer}. \
          A thread of the bench wakes each console at its own instant on the kernel's high-resolution timers, grouping \
          at most {} µs of instants per wake-up (tokio's own timers fire on whole milliseconds and would send every \
-         millisecond's consoles at once). Each path measured for {:.0} s on a proxy started for it, after a warm-up of {} s past the first interval (relay's `auto` moves a console that keeps carrying bytes at its second look, 2 s after it opened), in {rounds} rounds over the paths (the \
+         millisecond's consoles at once). Each path measured for {:.0} s on a proxy started for it, after a warm-up of {} s past the first interval (relay's `auto` moves a console that keeps carrying bytes at its second real look, 2 s after it opened), in {rounds} rounds over the paths (the \
          consoles stay open until the last round trip is in: their closing is not in the window); each figure is its median over the rounds, and the last two columns list every round's p99 and machine cost. Machine CPU is \
          every core's busy time (the bench's own client and hypervisor, and kernel work outside any process, included), \
          so compare it with direct's; per 1,000 consoles, the proxy's cost over direct: over direct's in the same \
@@ -458,7 +458,7 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
                 .filter_map(|(round, m)| d.machine_rounds.iter().find(|(dr, _)| dr == round).map(|(_, dm)| per_1000(m - dm)))
                 .collect()
         });
-        let over = over_each.as_deref().map_or("–".into(), |v| format!("{:.2}", median(v)));
+        let over = over_each.as_deref().filter(|v| !v.is_empty()).map_or("–".into(), |v| format!("{:.2}", median(v)));
         let over_rounds = over_each.as_deref().map_or("–".into(), |v| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "));
         let _ = writeln!(
             w,

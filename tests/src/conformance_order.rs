@@ -31,7 +31,8 @@ pub async fn only_a_busy_console_moves_to_the_kernel(default: TestRelay, backend
     .await;
     let hv = FakeVnc::start(Script::echo()).await;
     let hand_overs = async || relay.ctl(Request::Stats).await.unwrap()["relay"]["hand_overs"].clone();
-    // Keystrokes: 256 bytes each way every 20 ms (25 KB/s) for 1.2 s, six looks.
+    // Keystrokes: 256 bytes each way every 20 ms (25 KB/s) for 1.2 s: the opening look and
+    // three real ones.
     let mut typing = console(&relay, "vm-typing", &hv).await;
     let mut echo = [0u8; 256];
     for i in 0..60u8 {
@@ -113,7 +114,7 @@ pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, 
     }
     let seen = until_moved(2).await;
     assert_eq!((seen.hand_overs, seen.sockmap_sockets), (2, 2), "the streaming console moved to the ring: {seen:?}");
-    // The silent console has been looked at four times by now, and stays.
+    // The silent console has had four real looks or more by now, and stays.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(backends().await.hand_overs, 2, "the silent console stays on copy");
     for s in [&mut silent, &mut typing, &mut streaming] {
@@ -146,8 +147,10 @@ pub async fn a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order(
     let s = console(&relay, "vm-move", &hv).await;
     // Bursts of 1 MiB for well past the hand-over time, each followed by a quiet moment once
     // its echo is back (on a loaded, emulated machine relay may trail the writer by
-    // seconds, and a console that is never quiet rightly stays on copy). The viewer reads
-    // nothing until after the hand-over time, so the move waits for relay's buffers to empty.
+    // seconds, and a console that is never quiet rightly stays on copy). The stream starts
+    // past the opening look (100 ms), so the look at 200 ms finds the console busy; the
+    // viewer reads nothing until after that, so the move waits for relay's buffers to empty.
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let started = Instant::now();
     let more = move |written| written < 4 * BLOCK || started.elapsed() < Duration::from_millis(3000);
     let bursts = Writes { chunk: 1 << 20, pause: Duration::from_millis(40), more };

@@ -109,9 +109,11 @@ async fn a_console_moved_mid_stream_keeps_every_byte_in_order(default: TestRelay
     let hv = FakeVnc::start(Script::echo()).await;
     let ws = console(&relay, "vm-ws-move", &hv).await;
     let (mut r, mut w) = tokio::io::split(ws);
-    // 1 MiB every 10 ms: the stream outlasts the hand-over time several times over. The
-    // viewer reads nothing until after it, so both directions hold bytes read and not yet
-    // written then.
+    // 1 MiB every 10 ms: the stream outlasts the hand-over time several times over. It
+    // starts past the opening look (100 ms), so the look at 200 ms finds the console busy;
+    // the viewer reads nothing until after that, so both directions hold bytes read and not
+    // yet written then.
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let total = 96 << 20;
     let writer = tokio::spawn(async move {
         let block = pattern(0, total);

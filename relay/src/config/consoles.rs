@@ -115,7 +115,7 @@ pub enum Backend {
     Copy,
 }
 
-/// Under `auto`, where a raw console goes that still carries bytes at its second look but
+/// Under `auto`, where a raw console goes that still carries bytes at its second real look but
 /// under `kernel_min_bytes_per_sec` (typing, small screen updates).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -147,8 +147,9 @@ pub struct Relay {
     /// copy, where a farm of them had the shortest tail. 0 moves every console.
     pub kernel_min_bytes_per_sec: u64,
     /// `auto`: where raw consoles under `kernel_min_bytes_per_sec` go once they are seen
-    /// carrying bytes at a look after their first (2 × `kernel_after_ms` after they
-    /// opened); a console silent at its looks stays on copy, which holds least.
+    /// carrying bytes at a real look after their first (2 × `kernel_after_ms` after they
+    /// opened, at the earliest); a console silent at its looks stays on copy, which holds
+    /// least.
     pub quiet_backend: QuietBackend,
     /// After both handshakes, move TLS legs' records into the kernel (kTLS) where it
     /// offers the negotiated version and cipher.

@@ -171,15 +171,20 @@ impl<V: Peer, H: Peer> Pumps<V, H> {
 
 impl Waiting {
     fn new(rule: HandOver) -> Waiting {
+        // With a bar to judge and time to split (not at 1 ms), the opening look comes
+        // half-way, and the first real one at the hand-over time.
+        let after = millis(rule.after).max(1);
+        let opening = rule.min_rate > 0 && after >= 2;
+        let first = if opening { after / 2 } else { after };
         Waiting {
             looked: Instant::now(),
             seen: 0,
             min_rate: rule.min_rate,
             quiet: rule.quiet,
             looked_once: false,
-            opening: rule.min_rate > 0,
-            at_ms: millis(rule.after / 2),
-            every_ms: millis(rule.after / 2),
+            opening,
+            at_ms: first,
+            every_ms: if opening { after - first } else { after },
             longest_ms: millis(rule.after * QUIET_LOOKS.1),
             retry_ms: millis(HAND_OVER_RETRY.0),
             ready: (rule.min_rate == 0).then_some(Moving::Busy),
@@ -196,12 +201,14 @@ impl Waiting {
 
     /// Looks at what the console carried since the last look; `Some` once it may move.
     /// Busy: it carried `min_rate`. Quiet (with the rule's `quiet`): it carried less, but
-    /// something, at a look after its first; the first look's window is mostly the
-    /// opening screen, so a console silent after it stays here, where it holds least.
-    /// The first look after the opening one covers the hand-over time's second half
-    /// only: a full screen in raw pixels is over a megabyte (QEMU's 640×480), sent in the
-    /// first milliseconds, and would send a console that then idles to the ring, where it
-    /// holds more than here. A stream carries on through the second half.
+    /// something, at a real look after its first (2 × the hand-over time at the
+    /// earliest): an opening screen that runs past the opening look (a slow link, a short
+    /// hand-over time) does not move a console silent after it out of here, where it
+    /// holds least. The opening look only starts the count, so the first real look
+    /// covers the hand-over time's second half: a full screen in raw pixels is over a
+    /// megabyte (QEMU's 720×400: 1.15 MB), sent in the first milliseconds, and would send
+    /// a console that then idles to the ring, where it holds more. A stream carries on
+    /// through the second half.
     fn look(&mut self, (up, down): (u64, u64)) -> Option<Moving> {
         let carried = (up + down).saturating_sub(self.seen);
         let now = Instant::now();
@@ -296,13 +303,20 @@ mod tests {
         // 1.2 MB in the first half-second, then a few keystrokes: not busy at 1 MB/s.
         let mut w = waiting(second, 1_000_000, true, 1_200_000).await;
         tokio::time::advance(w.every()).await;
-        assert_eq!(w.look((40, 1_200_000)), None, "the screen before the opening look is not counted");
+        assert_eq!(w.look((40, 1_200_040)), None, "the screen before the opening look is not counted");
         // 1 MB/s on: busy at the hand-over time.
         let mut w = waiting(second, 1_000_000, true, 600_000).await;
         tokio::time::advance(w.every()).await;
         assert_eq!(w.look((0, 1_100_000)), Some(Moving::Busy));
-        // Without a bar every console moves at once: no look at all.
-        assert_eq!(Waiting::new(HandOver { after: second, min_rate: 0, quiet: true }).ready, Some(Moving::Busy));
+        // Without a bar every console moves at the hand-over time, without a look.
+        let w = Waiting::new(HandOver { after: second, min_rate: 0, quiet: true });
+        assert_eq!((w.ready, w.every(), w.opening), (Some(Moving::Busy), second, false));
+        // At 1 ms there is no half to look at: the looks still back off.
+        let mut w = Waiting::new(HandOver { after: Duration::from_millis(1), min_rate: 1000, quiet: false });
+        assert!(!w.opening);
+        tokio::time::advance(w.every()).await;
+        assert_eq!(w.look((0, 0)), None);
+        assert_eq!(w.every(), Duration::from_millis(2));
     }
 
     #[test]
@@ -333,17 +347,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn with_a_quiet_tier_a_console_moves_as_quiet_once_it_carries_bytes_after_its_first_look() {
         let second = Duration::from_secs(1);
-        // Its opening screen in the first look's window, then silence: it stays.
+        // The end of its opening screen in the first real look's window, then silence: it
+        // stays.
         let mut w = waiting(second, 1000, true, 600).await;
         tokio::time::advance(w.every()).await;
-        assert_eq!(w.look((0, 600)), None, "the first look never moves a console as quiet");
+        assert_eq!(w.look((0, 700)), None, "the first real look never moves a console as quiet");
         for _ in 0..3 {
             tokio::time::advance(w.every()).await;
-            assert_eq!(w.look((0, 600)), None, "silent since: it stays");
+            assert_eq!(w.look((0, 700)), None, "silent since: it stays");
         }
         // A keystroke's echo since the last look: it moves as quiet.
         tokio::time::advance(w.every()).await;
-        assert_eq!(w.look((8, 608)), Some(Moving::Quiet));
+        assert_eq!(w.look((8, 708)), Some(Moving::Quiet));
         // Busy at the first look moves it as busy, quiet tier or not.
         let mut w = waiting(second, 1000, true, 0).await;
         tokio::time::advance(w.every()).await;
