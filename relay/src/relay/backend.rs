@@ -342,10 +342,12 @@ impl Relays {
             if let Some(ended) = copy::run(&mut pumps, &mut control, &limits).await {
                 return (ended, Choice::Copy);
             }
-            let to = match pumps.moving() {
-                copy::Moving::Quiet => self.raw_quiet,
-                copy::Moving::Busy => kernel,
+            let (to, why) = match pumps.moving() {
+                copy::Moving::Quiet => (self.raw_quiet, "quiet"),
+                copy::Moving::Busy => (kernel, "busy"),
             };
+            let (up, down) = control.shared.snapshot();
+            debug!(session = control.session, to = to.name(), why, bytes_to_hypervisor = up, bytes_to_viewer = down, "console leaves copy");
             Box::pin(self.on_kernel(to, pumps.into_pair(), control, limits, spliced)).await
         })
     }
