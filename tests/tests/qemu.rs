@@ -61,11 +61,7 @@ async fn connect_door_console_keeps_working_after_moving_to_the_kernel() {
     env::qemu();
     let qemu = Qemu::start(VncAuth::None).await.unwrap();
     let relay = TestRelay::start().await;
-    let token = relay.token("vm-q4", qemu.addr()).await;
-    let mut viewer = relay.connect_door(&token).await.expect("200 from the CONNECT door");
-    let init = handshake(&mut viewer, b"RFB 003.008\n", None).await.expect("RFB through relay");
-    let mut size = (init.width, init.height);
-    let before = resized_framebuffer(&mut viewer, (&mut size.0, &mut size.1)).await.expect("a full framebuffer update on copy");
+    let (mut viewer, mut size, before) = console_with_a_screen(&relay, &qemu, "vm-q4").await;
     // Whole screens for past the hand-over time (over 1 MB/s, the default bar for a move);
     // then, with nothing in flight, the console moves.
     let shown = busy_for(&mut viewer, (&mut size.0, &mut size.1), std::time::Duration::from_millis(1500)).await.expect("screens on copy");
@@ -94,14 +90,11 @@ async fn a_typing_console_moves_to_sockmap_and_keeps_its_screen() {
     // those full screens, past the opening look, would rightly make the console busy.
     let mut direct = tokio::net::TcpStream::connect(qemu.addr()).await.unwrap();
     let init = handshake(&mut direct, b"RFB 003.008\n", None).await.expect("RFB from QEMU");
-    resized_framebuffer(&mut direct, (&mut init.width.clone(), &mut init.height.clone())).await.expect("a drawn screen");
+    let (mut width, mut height) = (init.width, init.height);
+    resized_framebuffer(&mut direct, (&mut width, &mut height)).await.expect("a drawn screen");
     drop(direct);
     let relay = TestRelay::start().await;
-    let token = relay.token("vm-q6", qemu.addr()).await;
-    let mut viewer = relay.connect_door(&token).await.expect("200 from the CONNECT door");
-    let init = handshake(&mut viewer, b"RFB 003.008\n", None).await.expect("RFB through relay");
-    let mut size = (init.width, init.height);
-    let before = resized_framebuffer(&mut viewer, (&mut size.0, &mut size.1)).await.expect("a full framebuffer update on copy");
+    let (mut viewer, mut size, before) = console_with_a_screen(&relay, &qemu, "vm-q6").await;
     // Shift pressed and released every 40 ms for 2.4 s (KeyEvent: type 4, down, padding,
     // keysym): past the quiet look.
     for _ in 0..60 {
@@ -161,4 +154,15 @@ async fn a_killed_hypervisor_is_the_end_on_both_doors() {
     let ended = relay.ended(2).await.ended;
     let by_hypervisor = ended[&Cause::HypervisorClosed] + ended[&Cause::HypervisorReset];
     assert_eq!(by_hypervisor, 2, "both consoles ended by the hypervisor: {ended:?}");
+}
+
+/// A CONNECT-door console of `qemu` through `relay`, past RFB, and its first drawn screen
+/// (raw pixels, in the size QEMU last announced).
+async fn console_with_a_screen(relay: &TestRelay, qemu: &Qemu, instance: &str) -> (tokio::net::TcpStream, (u16, u16), Vec<u8>) {
+    let token = relay.token(instance, qemu.addr()).await;
+    let mut viewer = relay.connect_door(&token).await.expect("200 from the CONNECT door");
+    let init = handshake(&mut viewer, b"RFB 003.008\n", None).await.expect("RFB through relay");
+    let mut size = (init.width, init.height);
+    let screen = resized_framebuffer(&mut viewer, (&mut size.0, &mut size.1)).await.expect("a full framebuffer update on copy");
+    (viewer, size, screen)
 }

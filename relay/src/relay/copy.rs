@@ -311,6 +311,7 @@ mod tests {
         // Without a bar every console moves at the hand-over time, without a look.
         let w = Waiting::new(HandOver { after: second, min_rate: 0, quiet: true });
         assert_eq!((w.ready, w.every(), w.opening), (Some(Moving::Busy), second, false));
+        assert_eq!(w.at(), w.looked + second, "not at half of it");
         // At 1 ms there is no half to look at: the looks still back off.
         let mut w = Waiting::new(HandOver { after: Duration::from_millis(1), min_rate: 1000, quiet: false });
         assert!(!w.opening);
