@@ -59,6 +59,14 @@ pub struct Shape {
     pub window: Duration,
 }
 
+/// What one round of one path measured, for comparisons within a round.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundFigures {
+    pub round: usize,
+    pub p99_us: f64,
+    pub machine_cores: f64,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct FarmResult {
     pub key: &'static str,
@@ -72,11 +80,9 @@ pub struct FarmResult {
     /// Cores busy on average in the window: the proxy's process tree, and the machine.
     pub proxy_cores: f64,
     pub machine_cores: f64,
-    /// Each round's p99, in µs, and machine cores (the other figures are the rounds'
-    /// medians).
-    pub p99_rounds: Vec<f64>,
-    /// Machine cores by round number (a round that failed is missing).
-    pub machine_rounds: Vec<(usize, f64)>,
+    /// Each round's own figures (the others are the rounds' medians); a round that failed
+    /// is missing, so they are matched to other paths' by round number.
+    pub rounds: Vec<RoundFigures>,
     /// Which round this is, for one round's result.
     pub round: usize,
     pub error: Option<String>,
@@ -148,8 +154,7 @@ fn median_of(rounds: &[FarmResult]) -> Option<FarmResult> {
         offered: m(|r| r.offered),
         proxy_cores: m(|r| r.proxy_cores),
         machine_cores: m(|r| r.machine_cores),
-        p99_rounds: rounds.iter().map(|r| r.p99_us).collect(),
-        machine_rounds: rounds.iter().map(|r| (r.round, r.machine_cores)).collect(),
+        rounds: rounds.iter().map(|r| RoundFigures { round: r.round, p99_us: r.p99_us, machine_cores: r.machine_cores }).collect(),
         ..Default::default()
     })
 }

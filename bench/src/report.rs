@@ -426,43 +426,43 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
          consoles stay open until the last round trip is in: their closing is not in the window); each figure is its median over the rounds, and the last two columns list every round's p99 and machine cost. Machine CPU is \
          every core's busy time (the bench's own client and hypervisor, and kernel work outside any process, included), \
          so compare it with direct's; per 1,000 consoles, the proxy's cost over direct: over direct's in the same \
-         round, the median of the rounds.\n",
+         round, the median of the rounds. Against HAProxy: each round's p99 over HAProxy's, and each round's cost \
+         over direct over HAProxy's, in the same round; the medians of those ratios.\n",
         shape.consoles,
         shape.message,
         shape.interval.as_millis(),
         shape.slot.as_micros(),
         shape.window.as_secs_f64(),
         crate::farm::SETTLE.as_secs(),
-        rounds = results.iter().map(|r| r.p99_rounds.len()).max().unwrap_or(0),
+        rounds = results.iter().map(|r| r.rounds.len()).max().unwrap_or(0),
     );
     let _ = writeln!(
         w,
-        "| path | round trips/s (offered) | p50 | p99 | p99.9 | p99 vs direct | proxy cores | machine cores | machine over direct, per 1,000 consoles | p99 per round | machine over direct per round |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| path | round trips/s (offered) | p50 | p99 | p99.9 | p99 vs direct | proxy cores | machine cores | machine over direct, per 1,000 consoles | against HAProxy: p99, machine over direct | p99 per round | machine over direct per round |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
-    let direct = results.iter().find(|r| r.key == "direct" && r.error.is_none());
+    let ok = |key: &str| results.iter().find(|r| r.key == key && r.error.is_none());
+    let (direct, haproxy) = (ok("direct"), ok("haproxy"));
     let us = |v: f64| if v >= 1000.0 { format!("{:.1} ms", v / 1000.0) } else { format!("{v:.0} µs") };
+    let per_1000 = |cores: f64| cores * 1000.0 / shape.consoles as f64;
     for r in results {
         if let Some(e) = &r.error {
             let what = if e.starts_with("not selected") { "skipped" } else { "failed" };
-            let _ = writeln!(w, "| {} | {what}: {e} | | | | | | | | | |", r.label);
+            let _ = writeln!(w, "| {} | {what}: {e} | | | | | | | | | | |", r.label);
             continue;
         }
         let vs = direct.filter(|d| d.p99_us > 0.0).map_or("–".into(), |d| format!("{:.2}×", r.p99_us / d.p99_us));
-        let per_1000 = |cores: f64| cores * 1000.0 / shape.consoles as f64;
         // Each round's cost over direct's in the same round, then their median: the machine's
         // load drifts between rounds more than the paths differ, so a difference of two
         // medians (taken from different rounds) mixes that drift in.
-        let over_each: Option<Vec<f64>> = direct.map(|d| {
-            r.machine_rounds
-                .iter()
-                .filter_map(|(round, m)| d.machine_rounds.iter().find(|(dr, _)| dr == round).map(|(_, dm)| per_1000(m - dm)))
-                .collect()
-        });
-        let over = over_each.as_deref().filter(|v| !v.is_empty()).map_or("–".into(), |v| format!("{:.2}", median(v)));
-        let over_rounds = over_each.as_deref().map_or("–".into(), |v| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "));
+        let over_each: Vec<f64> =
+            direct.map_or(Vec::new(), |d| per_round(r, d).map(|(m, dm)| per_1000(m.machine_cores - dm.machine_cores)).collect());
+        let over = if over_each.is_empty() { "–".into() } else { format!("{:.2}", median(&over_each)) };
+        let over_rounds =
+            if over_each.is_empty() { "–".into() } else { over_each.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ") };
+        let against = haproxy.map_or("–".into(), |h| against_haproxy(r, h, direct));
         let _ = writeln!(
             w,
-            "| {} | {:.0} ({:.0}) | {} | {} | {} | {vs} | {:.2} | {:.2} | {over} | {} | {over_rounds} |",
+            "| {} | {:.0} ({:.0}) | {} | {} | {} | {vs} | {:.2} | {:.2} | {over} | {against} | {} | {over_rounds} |",
             r.label,
             r.achieved,
             r.offered,
@@ -471,9 +471,36 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
             us(r.p999_us),
             r.proxy_cores,
             r.machine_cores,
-            r.p99_rounds.iter().map(|v| us(*v)).collect::<Vec<_>>().join(", ")
+            r.rounds.iter().map(|f| us(f.p99_us)).collect::<Vec<_>>().join(", ")
         );
     }
+}
+
+/// `a`'s rounds paired with `b`'s of the same number.
+fn per_round<'a>(
+    a: &'a crate::farm::FarmResult,
+    b: &'a crate::farm::FarmResult,
+) -> impl Iterator<Item = (&'a crate::farm::RoundFigures, &'a crate::farm::RoundFigures)> {
+    a.rounds.iter().filter_map(|f| b.rounds.iter().find(|g| g.round == f.round).map(|g| (f, g)))
+}
+
+/// The farm's targets are ratios to HAProxy: each round's p99 over HAProxy's, and its
+/// machine cost over direct over HAProxy's, both in the same round, then the medians of
+/// those ratios (rounds differ more than the paths do).
+fn against_haproxy(r: &crate::farm::FarmResult, haproxy: &crate::farm::FarmResult, direct: Option<&crate::farm::FarmResult>) -> String {
+    let p99: Vec<f64> = per_round(r, haproxy).filter(|(_, h)| h.p99_us > 0.0).map(|(f, h)| f.p99_us / h.p99_us).collect();
+    let machine: Vec<f64> = match direct.filter(|d| d.key != r.key) {
+        Some(d) => per_round(r, haproxy)
+            .filter_map(|(f, h)| {
+                let dm = d.rounds.iter().find(|g| g.round == f.round)?.machine_cores;
+                let base = h.machine_cores - dm;
+                (base > 0.0).then(|| (f.machine_cores - dm) / base)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let ratio = |v: &[f64]| if v.is_empty() { "–".to_string() } else { format!("{:.2}×", median(v)) };
+    format!("{}, {}", ratio(&p99), ratio(&machine))
 }
 
 /// Openings per second per token source, beside relay's own store.
