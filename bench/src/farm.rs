@@ -88,6 +88,31 @@ pub struct FarmResult {
     pub error: Option<String>,
 }
 
+impl FarmResult {
+    /// This path's rounds paired with `other`'s of the same number (a round that failed on
+    /// either is left out).
+    pub fn paired<'a>(&'a self, other: &'a FarmResult) -> impl Iterator<Item = (&'a RoundFigures, &'a RoundFigures)> {
+        self.rounds.iter().filter_map(|f| other.rounds.iter().find(|g| g.round == f.round).map(|g| (f, g)))
+    }
+
+    /// Each round's p99 over `base`'s in the same round.
+    pub fn p99_ratios(&self, base: &FarmResult) -> Vec<f64> {
+        self.paired(base).filter(|(_, b)| b.p99_us > 0.0).map(|(f, b)| f.p99_us / b.p99_us).collect()
+    }
+
+    /// Each round's machine cost over `direct`'s, over `base`'s cost over direct's, all
+    /// three in the same round.
+    pub fn cost_ratios(&self, base: &FarmResult, direct: &FarmResult) -> Vec<f64> {
+        self.paired(base)
+            .filter_map(|(f, b)| {
+                let d = direct.rounds.iter().find(|g| g.round == f.round)?.machine_cores;
+                let over = b.machine_cores - d;
+                (over > 0.0).then(|| (f.machine_cores - d) / over)
+            })
+            .collect()
+    }
+}
+
 /// Runs the farm through every path, one after another, each on a proxy started for it,
 /// in `rounds` rounds over all paths (a burst of other work then spreads over the paths);
 /// each figure is the median round's. `only` (when not empty) names the paths to measure
@@ -332,4 +357,29 @@ async fn console(mut conn: Conn, message: Bytes, mix: Mix, index: usize, ticks: 
         bail!("an echo came back changed");
     }
     Ok((conn, samples))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FarmResult, RoundFigures};
+
+    fn path(rounds: &[(usize, f64, f64)]) -> FarmResult {
+        let rounds = rounds.iter().map(|&(round, p99_us, machine_cores)| RoundFigures { round, p99_us, machine_cores }).collect();
+        FarmResult { rounds, ..Default::default() }
+    }
+
+    #[test]
+    fn ratios_to_haproxy_pair_rounds_by_number_and_skip_failed_ones() {
+        let direct = path(&[(1, 100.0, 1.0), (2, 100.0, 2.0), (3, 100.0, 1.0)]);
+        let haproxy = path(&[(1, 1000.0, 1.5), (2, 1000.0, 2.5), (3, 2000.0, 1.5)]);
+        // Round 2 failed on this path: round 3 is compared with round 3, not round 2.
+        let relay = path(&[(1, 500.0, 1.4), (3, 1000.0, 1.2)]);
+        assert_eq!(relay.p99_ratios(&haproxy), vec![0.5, 0.5]);
+        let cost = relay.cost_ratios(&haproxy, &direct);
+        assert_eq!(cost.len(), 2);
+        assert!((cost[0] - 0.8).abs() < 1e-9 && (cost[1] - 0.4).abs() < 1e-9, "{cost:?}");
+        // A round where HAProxy cost nothing over direct gives no ratio.
+        let flat = path(&[(1, 1000.0, 1.0)]);
+        assert!(relay.cost_ratios(&flat, &direct).is_empty());
+    }
 }

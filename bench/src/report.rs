@@ -455,7 +455,7 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
         // load drifts between rounds more than the paths differ, so a difference of two
         // medians (taken from different rounds) mixes that drift in.
         let over_each: Vec<f64> =
-            direct.map_or(Vec::new(), |d| per_round(r, d).map(|(m, dm)| per_1000(m.machine_cores - dm.machine_cores)).collect());
+            direct.map_or(Vec::new(), |d| r.paired(d).map(|(m, dm)| per_1000(m.machine_cores - dm.machine_cores)).collect());
         let over = if over_each.is_empty() { "–".into() } else { format!("{:.2}", median(&over_each)) };
         let over_rounds =
             if over_each.is_empty() { "–".into() } else { over_each.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ") };
@@ -476,31 +476,13 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
     }
 }
 
-/// `a`'s rounds paired with `b`'s of the same number.
-fn per_round<'a>(
-    a: &'a crate::farm::FarmResult,
-    b: &'a crate::farm::FarmResult,
-) -> impl Iterator<Item = (&'a crate::farm::RoundFigures, &'a crate::farm::RoundFigures)> {
-    a.rounds.iter().filter_map(|f| b.rounds.iter().find(|g| g.round == f.round).map(|g| (f, g)))
-}
-
 /// The farm's targets are ratios to HAProxy: each round's p99 over HAProxy's, and its
 /// machine cost over direct over HAProxy's, both in the same round, then the medians of
 /// those ratios (rounds differ more than the paths do).
 fn against_haproxy(r: &crate::farm::FarmResult, haproxy: &crate::farm::FarmResult, direct: Option<&crate::farm::FarmResult>) -> String {
-    let p99: Vec<f64> = per_round(r, haproxy).filter(|(_, h)| h.p99_us > 0.0).map(|(f, h)| f.p99_us / h.p99_us).collect();
-    let machine: Vec<f64> = match direct.filter(|d| d.key != r.key) {
-        Some(d) => per_round(r, haproxy)
-            .filter_map(|(f, h)| {
-                let dm = d.rounds.iter().find(|g| g.round == f.round)?.machine_cores;
-                let base = h.machine_cores - dm;
-                (base > 0.0).then(|| (f.machine_cores - dm) / base)
-            })
-            .collect(),
-        None => Vec::new(),
-    };
+    let cost = direct.filter(|d| d.key != r.key).map_or(Vec::new(), |d| r.cost_ratios(haproxy, d));
     let ratio = |v: &[f64]| if v.is_empty() { "–".to_string() } else { format!("{:.2}×", median(v)) };
-    format!("{}, {}", ratio(&p99), ratio(&machine))
+    format!("{}, {}", ratio(&r.p99_ratios(haproxy)), ratio(&cost))
 }
 
 /// Openings per second per token source, beside relay's own store.
