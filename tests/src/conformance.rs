@@ -17,9 +17,9 @@ use tokio::net::TcpStream;
 
 use crate::conformance_order::{BLOCK, Writes, echo_numbered_words};
 pub use crate::conformance_order::{
-    a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order, auto_moves_each_raw_console_by_what_it_carries,
-    hundreds_of_fall_backs_and_resumes_keep_every_byte_in_order, only_a_busy_console_moves_to_the_kernel,
-    uneven_reads_and_writes_keep_every_byte_in_order,
+    a_console_moved_to_the_kernel_mid_stream_keeps_every_byte_in_order, a_typing_console_moves_to_the_ring_when_quiet_backend_is_uring,
+    auto_moves_each_raw_console_by_what_it_carries, hundreds_of_fall_backs_and_resumes_keep_every_byte_in_order,
+    only_a_busy_console_moves_to_the_kernel, uneven_reads_and_writes_keep_every_byte_in_order,
 };
 pub use crate::conformance_tls::{
     tls_close_notify_arrives_after_the_data_both_ways, tls_consoles_each_cipher_byte_exact_each_way, tls_key_update_mid_stream,

@@ -122,6 +122,30 @@ pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, 
     }
 }
 
+/// `auto` with `quiet_backend = "uring"`: a typing console moves to the ring instead of
+/// sockmap (which is then not loaded at all), and keeps every byte there.
+pub async fn a_typing_console_moves_to_the_ring_when_quiet_backend_is_uring(default: TestRelay, _: Backend) {
+    drop(default);
+    let relay = start(Backend::Auto, |c| {
+        c.relay.kernel_after_ms = 200;
+        c.relay.quiet_backend = relay::config::QuietBackend::Uring;
+    })
+    .await;
+    let hv = FakeVnc::start(Script::echo()).await;
+    let mut typing = console(&relay, "vm-typing-ring", &hv).await;
+    for i in 0..60u8 {
+        echo_exact(&mut typing, &[i; 256]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relay.stats().await.relay.hand_overs < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = relay.stats().await.relay;
+    assert_eq!((seen.raw_quiet.name(), seen.hand_overs, seen.sockmap_sockets), ("uring", 1, 0), "to the ring: {seen:?}");
+    echo_exact(&mut typing, &pattern(7, 100_000)).await;
+}
+
 async fn echo_exact<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, block: &[u8]) {
     let (mut r, mut w) = tokio::io::split(s);
     let mut back = vec![0u8; block.len()];

@@ -79,3 +79,11 @@ async fn auto_moves_each_raw_console_by_what_it_carries() {
     let relay = start(Backend::Auto, |_| {}).await;
     relay_tests::conformance::auto_moves_each_raw_console_by_what_it_carries(relay, Backend::Auto).await
 }
+
+/// `quiet_backend = "uring"`: typing consoles go to the ring rather than sockmap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(relay_no_uring, ignore = "io_uring is disabled on this machine")]
+async fn a_typing_console_moves_to_the_ring_when_quiet_backend_is_uring() {
+    let relay = start(Backend::Auto, |_| {}).await;
+    relay_tests::conformance::a_typing_console_moves_to_the_ring_when_quiet_backend_is_uring(relay, Backend::Auto).await
+}

@@ -126,6 +126,9 @@ pub enum QuietBackend {
     Sockmap,
     /// Stay in userspace.
     Copy,
+    /// The io_uring ring, where the kernel has it: in the farm its tail was the shortest of
+    /// relay's paths, for about HAProxy's machine CPU (docs/architecture.md, sockmap).
+    Uring,
 }
 
 /// The established byte relay.
@@ -144,7 +147,7 @@ pub struct Relay {
     /// bytes a second (both ways together) since the last look (the count starts half-way
     /// through `kernel_after_ms`, past the opening screen; looks at `kernel_after_ms`,
     /// then twice as far apart each time, up to 8×): typing and small screen updates stay on
-    /// copy, where a farm of them had the shortest tail. 0 moves every console.
+    /// copy (under `auto`, see `quiet_backend`). 0 moves every console.
     pub kernel_min_bytes_per_sec: u64,
     /// `auto`: where raw consoles under `kernel_min_bytes_per_sec` go once they are seen
     /// carrying bytes at a real look after their first (2 × `kernel_after_ms` after they

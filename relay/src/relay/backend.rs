@@ -156,14 +156,15 @@ impl Relays {
             Backend::Uring | Backend::Auto if has_ktls && uring.is_some() => Choice::Uring,
             _ => Choice::Copy,
         };
-        let raw_quiet = match config.backend {
-            Backend::Auto if sockmap.is_some() && config.quiet_backend == QuietBackend::Sockmap => Choice::Sockmap,
+        let raw_quiet = match (config.backend, config.quiet_backend) {
+            (Backend::Auto, QuietBackend::Sockmap) if sockmap.is_some() => Choice::Sockmap,
+            (Backend::Auto, QuietBackend::Uring) if uring.is_some() => Choice::Uring,
             _ => Choice::Copy,
         };
         // Only the back-ends in use stay loaded.
         let relays = Relays {
             sockmap: sockmap.filter(|_| raw == Choice::Sockmap || raw_quiet == Choice::Sockmap),
-            uring: uring.filter(|_| raw == Choice::Uring || kernel_tls == Choice::Uring),
+            uring: uring.filter(|_| raw == Choice::Uring || raw_quiet == Choice::Uring || kernel_tls == Choice::Uring),
             raw,
             raw_quiet,
             kernel_tls,
@@ -184,7 +185,7 @@ impl Relays {
             .filter_map(|(name, why)| why.as_ref().map(|w| format!("{name} unavailable: {w}")))
             .collect();
         if config.backend == Backend::Auto && !wants_sockmap {
-            notes.push("sockmap not loaded: auto uses io_uring where it has it, and quiet_backend = copy".into());
+            notes.push(format!("sockmap not loaded: auto uses io_uring where it has it, and quiet_backend = {}", relays.raw_quiet.name()));
         }
         if let Some(uring) = &relays.uring {
             let plain = match (uring.deferred(), config.uring_defer_taskrun) {
