@@ -35,7 +35,8 @@ impl Needs {
         let extra_per_console = match relay.backend {
             Backend::Copy => 0,
             Backend::Uring if !splices => 0,
-            // Auto takes sockmap for quiet raw consoles, and for busy ones without io_uring.
+            // Auto takes sockmap for quiet raw consoles (by default), and for busy ones
+            // without io_uring.
             Backend::Uring | Backend::Sockmap | Backend::Auto => 4,
         };
         Needs { connections, extra_per_console, kernel_own: if splices { ring_descriptors } else { 0 } }

@@ -123,7 +123,7 @@ pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, 
 }
 
 /// `auto` with `quiet_backend = "uring"`: a typing console moves to the ring instead of
-/// sockmap (which is then not loaded at all), and keeps every byte there.
+/// sockmap, and keeps every byte there.
 pub async fn a_typing_console_moves_to_the_ring_when_quiet_backend_is_uring(default: TestRelay, _: Backend) {
     drop(default);
     let relay = start(Backend::Auto, |c| {

@@ -126,8 +126,9 @@ pub enum QuietBackend {
     Sockmap,
     /// Stay in userspace.
     Copy,
-    /// The io_uring ring, where the kernel has it: in the farm its tail was the shortest of
-    /// relay's paths, for about HAProxy's machine CPU (docs/architecture.md, sockmap).
+    /// The io_uring ring, where the kernel has it: in the typing farm its tail was the
+    /// shortest of relay's paths, for about HAProxy's machine CPU (docs/architecture.md,
+    /// sockmap).
     Uring,
 }
 

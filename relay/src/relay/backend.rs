@@ -173,7 +173,7 @@ impl Relays {
             hand_over: (config.kernel_after_ms > 0).then(|| copy::HandOver {
                 after: Duration::from_millis(config.kernel_after_ms),
                 min_rate: config.kernel_min_bytes_per_sec,
-                // Sockmap only where its program loaded, and it then stays loaded (above).
+                // Only where the quiet back-end is there (sockmap's program loaded, or a ring).
                 quiet: raw_quiet != Choice::Copy,
             }),
             hand_overs: AtomicU64::new(0),
