@@ -100,14 +100,20 @@ impl FarmResult {
         self.paired(base).filter(|(_, b)| b.p99_us > 0.0).map(|(f, b)| f.p99_us / b.p99_us).collect()
     }
 
+    /// Each round's machine cores over `direct`'s in the same round, by round number.
+    pub fn over_direct(&self, direct: &FarmResult) -> Vec<(usize, f64)> {
+        self.paired(direct).map(|(f, d)| (f.round, f.machine_cores - d.machine_cores)).collect()
+    }
+
     /// Each round's machine cost over `direct`'s, over `base`'s cost over direct's, all
     /// three in the same round.
     pub fn cost_ratios(&self, base: &FarmResult, direct: &FarmResult) -> Vec<f64> {
-        self.paired(base)
-            .filter_map(|(f, b)| {
-                let d = direct.rounds.iter().find(|g| g.round == f.round)?.machine_cores;
-                let over = b.machine_cores - d;
-                (over > 0.0).then(|| (f.machine_cores - d) / over)
+        let base_over = base.over_direct(direct);
+        self.over_direct(direct)
+            .into_iter()
+            .filter_map(|(round, over)| {
+                let (_, b) = base_over.iter().find(|(r, _)| *r == round)?;
+                (*b > 0.0).then(|| over / b)
             })
             .collect()
     }

@@ -454,8 +454,7 @@ fn farm_section(w: &mut String, shape: &crate::farm::Shape, results: &[crate::fa
         // Each round's cost over direct's in the same round, then their median: the machine's
         // load drifts between rounds more than the paths differ, so a difference of two
         // medians (taken from different rounds) mixes that drift in.
-        let over_each: Vec<f64> =
-            direct.map_or(Vec::new(), |d| r.paired(d).map(|(m, dm)| per_1000(m.machine_cores - dm.machine_cores)).collect());
+        let over_each: Vec<f64> = direct.map_or(Vec::new(), |d| r.over_direct(d).into_iter().map(|(_, over)| per_1000(over)).collect());
         let over = if over_each.is_empty() { "–".into() } else { format!("{:.2}", median(&over_each)) };
         let over_rounds =
             if over_each.is_empty() { "–".into() } else { over_each.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ") };
