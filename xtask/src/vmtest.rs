@@ -5,8 +5,9 @@
 //!
 //! Options: `--kernel PACKAGE` (repeatable; default: the images `linux-image-amd64` and
 //! `linux-image-6.12-amd64` depend on, Debian 12's 6.1 and 6.12) and `--backends
-//! copy,uring,sockmap,auto` (default: all four, auto's one check choosing between the
-//! kernel back-ends; `none` runs no check), and `--bench`: also
+//! copy,uring,sockmap,auto` (default: all four; auto's checks: choosing between the
+//! kernel back-ends, and typing consoles to the ring with `quiet_backend = "uring"`;
+//! `none` runs no check), and `--bench`: also
 //! measure a TLS console's cost with TLS in rustls, in the kernel relayed by copy, and
 //! spliced by the ring. For chasing a rare failure: `--only CHECK` (one check by name),
 //! `--repeat N` (each check N times) and `--log FILTER` (relay's log filter, default `warn`).

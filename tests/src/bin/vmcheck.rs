@@ -45,8 +45,12 @@ const DESCRIPTOR_CHECKS: [(&str, Check); 2] = checks!(conformance_descriptors:
     a_tls_console_short_of_descriptors_keeps_every_byte,
 );
 
-/// relay's default, `auto`, choosing between the kernel back-ends (run once, after them).
-const AUTO_CHECKS: [(&str, Check); 1] = checks!(conformance: auto_moves_each_raw_console_by_what_it_carries);
+/// relay's default, `auto`, choosing between the kernel back-ends (run once, after them),
+/// and with `quiet_backend = "uring"` sending typing consoles to the ring.
+const AUTO_CHECKS: [(&str, Check); 2] = checks!(conformance:
+    auto_moves_each_raw_console_by_what_it_carries,
+    a_typing_console_moves_to_the_ring_when_quiet_backend_is_uring,
+);
 
 /// TLS consoles, whose TLS must move into these kernels (kTLS).
 const TLS_CHECKS: [(&str, Check); 5] = checks!(conformance_tls:
