@@ -298,11 +298,13 @@ fn print_stats(s: Stats) {
         "relay: kernel_after_ms {}, hand_overs {}, kernel_tls_legs {}, descriptor_waits {}",
         r.kernel_after_ms, r.hand_overs, r.kernel_tls_legs, r.descriptor_waits
     );
-    if r.raw.name() == "sockmap" || r.raw_quiet.name() == "sockmap" {
+    if r.sockmap_loaded {
         println!(
             "relay: sockmap flows {}, sockets {}, resumes {}, wake-ups {}",
             r.sockmap_flows, r.sockmap_sockets, r.sockmap_resumes, r.sockmap_wakeups
         );
+    } else {
+        println!("relay: sockmap not loaded");
     }
     // The counters as the JSON reply names them.
     if let Ok(Value::Object(counters)) = serde_json::to_value(&s.counters) {

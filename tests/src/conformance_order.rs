@@ -123,7 +123,7 @@ pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, 
 }
 
 /// `auto` with `quiet_backend = "uring"`: a typing console moves to the ring instead of
-/// sockmap, and keeps every byte there.
+/// sockmap (whose program is then not loaded at all), and keeps every byte there.
 pub async fn a_typing_console_moves_to_the_ring_when_quiet_backend_is_uring(default: TestRelay, _: Backend) {
     drop(default);
     let relay = start(Backend::Auto, |c| {
@@ -142,7 +142,7 @@ pub async fn a_typing_console_moves_to_the_ring_when_quiet_backend_is_uring(defa
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seen = relay.stats().await.relay;
-    assert_eq!((seen.raw_quiet.name(), seen.hand_overs, seen.sockmap_sockets), ("uring", 1, 0), "to the ring: {seen:?}");
+    assert_eq!((seen.raw_quiet.name(), seen.hand_overs, seen.sockmap_loaded), ("uring", 1, false), "to the ring: {seen:?}");
     echo_exact(&mut typing, &pattern(7, 100_000)).await;
 }
 

@@ -59,6 +59,9 @@ pub struct BackendsView {
     pub kernel_after_ms: u64,
     /// Consoles moved from `copy` to a kernel back-end.
     pub hand_overs: u64,
+    /// Whether sockmap's program is loaded: only where a kind of console would use it.
+    #[serde(default)]
+    pub sockmap_loaded: bool,
     /// Live sockmap map entries: flows, and sockets in the verdict map (zero when idle).
     pub sockmap_flows: usize,
     pub sockmap_sockets: usize,
@@ -232,6 +235,7 @@ impl Relays {
             kernel_tls: self.kernel_tls,
             kernel_after_ms: self.hand_over.map_or(0, |h| h.after.as_millis() as u64),
             hand_overs: self.hand_overs.load(Ordering::Relaxed),
+            sockmap_loaded: self.sockmap.is_some(),
             sockmap_flows,
             sockmap_sockets,
             sockmap_resumes: self.sockmap.as_ref().map_or(0, |s| s.resumes.load(Ordering::Relaxed)),
