@@ -298,7 +298,9 @@ fn print_stats(s: Stats) {
         "relay: kernel_after_ms {}, hand_overs {}, kernel_tls_legs {}, descriptor_waits {}",
         r.kernel_after_ms, r.hand_overs, r.kernel_tls_legs, r.descriptor_waits
     );
-    if r.sockmap_loaded {
+    // A relay from before `sockmap_loaded` leaves it out (false): there, sockmap stays
+    // loaded exactly when a kind of console runs on it.
+    if r.sockmap_loaded || r.raw.name() == "sockmap" || r.raw_quiet.name() == "sockmap" {
         println!(
             "relay: sockmap flows {}, sockets {}, resumes {}, wake-ups {}",
             r.sockmap_flows, r.sockmap_sockets, r.sockmap_resumes, r.sockmap_wakeups
