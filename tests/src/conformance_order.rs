@@ -78,13 +78,7 @@ pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, 
     let relay = start(Backend::Auto, |c| c.relay.kernel_after_ms = 200).await;
     let hv = FakeVnc::start(Script::echo()).await;
     let backends = async || relay.stats().await.relay;
-    let until_moved = async |n: u64| {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while backends().await.hand_overs < n && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        backends().await
-    };
+    let until_moved = async |n: u64| until_moved(&relay, n).await;
     // An opening screen (8 KiB each way: under the busy bar), then silence.
     let mut silent = console(&relay, "vm-silent", &hv).await;
     echo_exact(&mut silent, &pattern(0, 4096)).await;
@@ -137,13 +131,18 @@ pub async fn a_typing_console_moves_to_the_ring_when_quiet_backend_is_uring(defa
         echo_exact(&mut typing, &[i; 256]).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while relay.stats().await.relay.hand_overs < 1 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let seen = relay.stats().await.relay;
+    let seen = until_moved(&relay, 1).await;
     assert_eq!((seen.raw_quiet.name(), seen.hand_overs, seen.sockmap_loaded), ("uring", 1, false), "to the ring: {seen:?}");
     echo_exact(&mut typing, &pattern(7, 100_000)).await;
+}
+
+/// The back-ends' stats once `n` consoles have moved from copy, or after 5 s.
+async fn until_moved(relay: &TestRelay, n: u64) -> relay::relay::backend::BackendsView {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relay.stats().await.relay.hand_overs < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.stats().await.relay
 }
 
 async fn echo_exact<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, block: &[u8]) {
