@@ -11,6 +11,7 @@ use crate::control::replies::{
     AccessUrls, Cluster, Deleted, InstanceReset, PasswordChanged, SessionList, Stats, TokenChecked, TokenCreated, TokenList, Touched,
 };
 use crate::fleet::FleetSessions;
+use crate::relay::backend::{BackendsView, Choice};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -298,16 +299,7 @@ fn print_stats(s: Stats) {
         "relay: kernel_after_ms {}, hand_overs {}, kernel_tls_legs {}, descriptor_waits {}",
         r.kernel_after_ms, r.hand_overs, r.kernel_tls_legs, r.descriptor_waits
     );
-    // A relay from before `sockmap_loaded` leaves it out (false): there, sockmap stays
-    // loaded exactly when a kind of console runs on it.
-    if r.sockmap_loaded || r.raw.name() == "sockmap" || r.raw_quiet.name() == "sockmap" {
-        println!(
-            "relay: sockmap flows {}, sockets {}, resumes {}, wake-ups {}",
-            r.sockmap_flows, r.sockmap_sockets, r.sockmap_resumes, r.sockmap_wakeups
-        );
-    } else {
-        println!("relay: sockmap not loaded");
-    }
+    println!("{}", sockmap_line(r));
     // The counters as the JSON reply names them.
     if let Ok(Value::Object(counters)) = serde_json::to_value(&s.counters) {
         for (name, n) in counters {
@@ -316,6 +308,20 @@ fn print_stats(s: Stats) {
     }
     let ended: Vec<String> = s.ended.iter().filter(|(_, n)| **n > 0).map(|(cause, n)| format!("{} {n}", cause.name())).collect();
     println!("ended: {}", if ended.is_empty() { "none".to_string() } else { ended.join(", ") });
+}
+
+/// sockmap's counters, or that its program is not loaded.
+fn sockmap_line(r: &BackendsView) -> String {
+    // A relay from before `sockmap_loaded` leaves it out (false): there, sockmap stays
+    // loaded exactly when a kind of console runs on it.
+    if r.sockmap_loaded || r.raw == Choice::Sockmap || r.raw_quiet == Choice::Sockmap {
+        format!(
+            "relay: sockmap flows {}, sockets {}, resumes {}, wake-ups {}",
+            r.sockmap_flows, r.sockmap_sockets, r.sockmap_resumes, r.sockmap_wakeups
+        )
+    } else {
+        "relay: sockmap not loaded".into()
+    }
 }
 
 fn print_password(p: PasswordChanged) {
@@ -331,4 +337,39 @@ fn print_reset(r: InstanceReset) {
         println!("tokens NOT revoked: {e}; run the reset with --revoke again once the store is back");
     }
     println!("fleet: {}", describe(&r.fleet));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `stats` reply's back-ends, as a relay with these choices (and `extra`) sends it.
+    fn view(raw: &str, raw_quiet: &str, extra: Value) -> BackendsView {
+        let mut v = serde_json::json!({
+            "raw": raw, "raw_quiet": raw_quiet, "framed": "copy", "kernel_tls": "copy",
+            "kernel_after_ms": 1000, "hand_overs": 3, "sockmap_flows": 2, "sockmap_sockets": 2,
+            "kernel_tls_legs": 0,
+        });
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn sockmap_counters_show_only_where_its_program_is_loaded() {
+        let counters = "relay: sockmap flows 2, sockets 2, resumes 0, wake-ups 0";
+        let loaded = serde_json::json!({"sockmap_loaded": true});
+        assert_eq!(sockmap_line(&view("uring", "sockmap", loaded.clone())), counters);
+        // The field decides, whatever the back-ends' names say.
+        assert_eq!(sockmap_line(&view("uring", "uring", loaded)), counters);
+        let unloaded = serde_json::json!({"sockmap_loaded": false});
+        assert_eq!(sockmap_line(&view("uring", "uring", unloaded)), "relay: sockmap not loaded");
+    }
+
+    #[test]
+    fn a_relay_from_before_sockmap_loaded_still_shows_its_counters() {
+        let old = view("uring", "sockmap", serde_json::json!({}));
+        assert!(!old.sockmap_loaded);
+        assert_eq!(sockmap_line(&old), "relay: sockmap flows 2, sockets 2, resumes 0, wake-ups 0");
+        assert_eq!(sockmap_line(&view("copy", "copy", serde_json::json!({}))), "relay: sockmap not loaded");
+    }
 }

@@ -78,7 +78,6 @@ pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, 
     let relay = start(Backend::Auto, |c| c.relay.kernel_after_ms = 200).await;
     let hv = FakeVnc::start(Script::echo()).await;
     let backends = async || relay.stats().await.relay;
-    let until_moved = async |n: u64| until_moved(&relay, n).await;
     // An opening screen (8 KiB each way: under the busy bar), then silence.
     let mut silent = console(&relay, "vm-silent", &hv).await;
     echo_exact(&mut silent, &pattern(0, 4096)).await;
@@ -93,8 +92,12 @@ pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, 
         echo_exact(&mut typing_ws, &[i; 256]).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let seen = until_moved(1).await;
-    assert_eq!((seen.hand_overs, seen.sockmap_sockets), (1, 2), "the raw typing console moved to sockmap: {seen:?}");
+    let seen = until_moved(&relay, 1).await;
+    assert_eq!(
+        (seen.hand_overs, seen.sockmap_sockets, seen.sockmap_loaded),
+        (1, 2, true),
+        "the raw typing console moved to sockmap: {seen:?}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(backends().await.hand_overs, 1, "the WebSocket typing console stays on copy");
     echo_exact(&mut typing_ws, &pattern(3, 10_000)).await;
@@ -106,7 +109,7 @@ pub async fn auto_moves_each_raw_console_by_what_it_carries(default: TestRelay, 
         echo_exact(&mut streaming, &pattern(offset, 64 << 10)).await;
         offset += 64 << 10;
     }
-    let seen = until_moved(2).await;
+    let seen = until_moved(&relay, 2).await;
     assert_eq!((seen.hand_overs, seen.sockmap_sockets), (2, 2), "the streaming console moved to the ring: {seen:?}");
     // The silent console has had four real looks or more by now, and stays.
     tokio::time::sleep(Duration::from_millis(400)).await;
